@@ -1,0 +1,56 @@
+# ChittyCan. `make run` starts the gateway on an embedded default; `make test` runs the suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PORT ?= 8080
+
+.PHONY: help install install-dev run test lint fmt typecheck check bench clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
+
+$(VENV)/.installed: requirements/base.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -r requirements/base.txt
+	$(PIP) install -q --no-deps -e .
+	$(PY) scripts/fetch_tokenizers.py
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt
+	$(PIP) install -q -r requirements/dev.txt
+	bash scripts/install_anthropic_legacy.sh
+	touch $@
+
+install: $(VENV)/.installed ## create the virtualenv and install the gateway
+
+install-dev: $(VENV)/.installed-dev ## install what the tests and linters need
+
+run: install ## run the gateway on 127.0.0.1:$(PORT): SQLite, in-process cache, offline mock model
+	CHITTYCAN_MODE=$${CHITTYCAN_MODE:-dev} CHITTYCAN_ADMIN_REQUIRE_OTP=$${CHITTYCAN_ADMIN_REQUIRE_OTP:-false} \
+	  $(PY) manage.py migrate --no-input -v 0
+	CHITTYCAN_MODE=$${CHITTYCAN_MODE:-dev} $(PY) manage.py quickstart --port $(PORT)
+	CHITTYCAN_MODE=$${CHITTYCAN_MODE:-dev} CHITTYCAN_ADMIN_REQUIRE_OTP=$${CHITTYCAN_ADMIN_REQUIRE_OTP:-false} \
+	  $(VENV)/bin/can serve --port $(PORT)
+
+test: install-dev ## run the whole suite against PostgreSQL and Redis (started if down)
+	bash scripts/test.sh
+
+lint: install-dev ## ruff, formatting, mypy, Django checks
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy .
+	$(PY) manage.py check
+	$(PY) manage.py makemigrations --check --dry-run
+
+fmt: install-dev ## format and fix what ruff can
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install-dev ## benchmark the gateway against a fast fake upstream (see README)
+	bash scripts/bench.sh
+
+clean: ## remove the virtualenv and local data
+	rm -rf $(VENV) var

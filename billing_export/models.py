@@ -1,0 +1,1 @@
+"""Export runs to Stripe (see billing_export/services.py)."""

@@ -1,0 +1,25 @@
+"""ASGI entry point: the hot /v1 routes go to Channels consumers, everything else to Django."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chittycan.settings")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+django_asgi_app = get_asgi_application()
+
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.urls import re_path  # noqa: E402
+
+from chittycan.routing import hot_routes, websocket_routes  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": URLRouter([*hot_routes(), re_path(r"", django_asgi_app)]),  # type: ignore[arg-type]
+        "websocket": URLRouter(websocket_routes()),
+    }
+)
+
+__all__ = ["application"]

@@ -1,0 +1,176 @@
+"""ChittyCan settings. Everything comes from the environment: see docs/configuration.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dj_database_url
+
+from chittycan.env import env_bool, env_choice, env_float, env_int, env_secret, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("CHITTYCAN_VAR_DIR", str(BASE_DIR / "var")))
+
+_DEV_SECRET = "chittycan-insecure-development-secret-change-me"
+SECRET_KEY = env_secret("SECRET_KEY", _DEV_SECRET)
+DEBUG = env_bool("DEBUG", False)
+ALLOWED_HOSTS = [h.strip() for h in env_str("ALLOWED_HOSTS", "*").split(",") if h.strip()]
+CSRF_TRUSTED_ORIGINS = [o.strip() for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "django_otp.plugins.otp_static",
+    "rest_framework",
+    "channels",
+    "tenants",
+    "gateway",
+    "billing_export",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "chittycan.urls"
+ASGI_APPLICATION = "chittycan.asgi.application"
+WSGI_APPLICATION = "chittycan.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Databases -------------------------------------------------------------------------------
+# Embedded default: SQLite under var/. Production: DATABASE_URL=postgres://...
+DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'chittycan.sqlite3'}")
+DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60))}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+_test_db = env_str("CHITTYCAN_TEST_DB_NAME")
+if _test_db:
+    DATABASES["default"]["TEST"] = {"NAME": _test_db}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis, cache, channels, celery ---------------------------------------------------------
+# Empty REDIS_URL = embedded mode: in-process counters, cache and queues, eager Celery.
+REDIS_URL = env_str("REDIS_URL", "")
+REDIS_PREFIX = env_str("CHITTYCAN_REDIS_PREFIX", "cc")
+
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_PREFIX}:asgi"},
+        }
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", REDIS_URL or "memory://")
+CELERY_RESULT_BACKEND = env_str("CELERY_RESULT_BACKEND", "") or None
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", not REDIS_URL)
+CELERY_TASK_EAGER_PROPAGATES = True
+CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 300)
+CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 360)
+CELERY_TIMEZONE = "UTC"
+
+# --- Auth, admin, 2FA ------------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+# Staff must pass a TOTP second factor in the admin. Only an explicit development setting turns it off.
+CHITTYCAN_ADMIN_REQUIRE_OTP = env_bool("CHITTYCAN_ADMIN_REQUIRE_OTP", True)
+OTP_TOTP_ISSUER = "ChittyCan"
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 100,
+}
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+
+EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "chittycan@localhost")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"json": {"()": "chittycan.logging.JsonFormatter"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json"}},
+    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.request": {"level": "ERROR"}},
+}
+
+# --- Gateway ---------------------------------------------------------------------------------
+# prod: route by configuration. dev: every model goes to Ollama (OLLAMA_BASE_URL) or the mock model.
+CHITTYCAN_MODE = env_choice("CHITTYCAN_MODE", "prod", ("prod", "dev"))
+OLLAMA_BASE_URL = env_str("OLLAMA_BASE_URL", "")
+CHITTYCAN_DEV_OLLAMA_MODEL = env_str("CHITTYCAN_DEV_OLLAMA_MODEL", "llama3.2")
+
+# HMAC secret for API key hashes; defaults to SECRET_KEY. Changing it invalidates every key.
+CHITTYCAN_KEY_SECRET = env_secret("CHITTYCAN_KEY_SECRET", SECRET_KEY)
+# Fernet key material for provider credentials at rest; defaults to one derived from SECRET_KEY.
+CHITTYCAN_ENCRYPTION_KEY = env_secret("CHITTYCAN_ENCRYPTION_KEY", "")
+
+CHITTYCAN_MAX_BODY_BYTES = env_int("CHITTYCAN_MAX_BODY_BYTES", 32 * 1024 * 1024)
+CHITTYCAN_AUTH_CACHE_TTL = env_float("CHITTYCAN_AUTH_CACHE_TTL", 30.0)
+CHITTYCAN_ROUTES_TTL = env_float("CHITTYCAN_ROUTES_TTL", 30.0)
+CHITTYCAN_UPSTREAM_CONNECT_TIMEOUT = env_float("CHITTYCAN_UPSTREAM_CONNECT_TIMEOUT", 5.0)
+CHITTYCAN_UPSTREAM_TIMEOUT = env_float("CHITTYCAN_UPSTREAM_TIMEOUT", 600.0)
+CHITTYCAN_UPSTREAM_MAX_RETRIES = env_int("CHITTYCAN_UPSTREAM_MAX_RETRIES", 2)
+CHITTYCAN_HTTP_TRANSPORT = env_choice("CHITTYCAN_HTTP_TRANSPORT", "aiohttp", ("aiohttp", "httpx"))
+CHITTYCAN_HTTP_MAX_CONNECTIONS = env_int("CHITTYCAN_HTTP_MAX_CONNECTIONS", 512)
+
+# Passthrough: a request bearing a provider's own key (sk-...) is forwarded with it and metered
+# under the passthrough tenant. Off by default.
+CHITTYCAN_PASSTHROUGH = env_bool("CHITTYCAN_PASSTHROUGH", False)
+CHITTYCAN_PASSTHROUGH_TENANT = env_str("CHITTYCAN_PASSTHROUGH_TENANT", "passthrough")
+CHITTYCAN_PASSTHROUGH_PROVIDER = env_str("CHITTYCAN_PASSTHROUGH_PROVIDER", "openai")
+
+# Usage ledger writer.
+CHITTYCAN_USAGE_BATCH_SIZE = env_int("CHITTYCAN_USAGE_BATCH_SIZE", 500)
+CHITTYCAN_USAGE_FLUSH_INTERVAL = env_float("CHITTYCAN_USAGE_FLUSH_INTERVAL", 0.2)
+CHITTYCAN_USAGE_SPOOL_DIR = Path(env_str("CHITTYCAN_USAGE_SPOOL_DIR", str(VAR_DIR / "spool")))
+CHITTYCAN_USAGE_RETENTION_DAYS = env_int("CHITTYCAN_USAGE_RETENTION_DAYS", 90)
+
+CHITTYCAN_SERVER = env_choice("CHITTYCAN_SERVER", "uvicorn", ("uvicorn", "granian", "daphne"))

@@ -1,0 +1,151 @@
+"""The hot ``/v1`` routes as Channels ``AsyncHttpConsumer``s, reached before Django's handler.
+
+``GatewayConsumer`` reads the body (refusing oversized ones early), runs the pipeline as a task and
+watches the connection meanwhile: if the client goes away, the task is cancelled, which closes the
+upstream request and still records the partial usage. It skips the channel layer and Django's
+per-message ``close_old_connections`` (the hot path runs no ORM query).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from channels.generic.http import AsyncHttpConsumer
+
+from gateway import pipeline, runtime
+from gateway.context import RequestContext
+from gateway.errors import GatewayError, PayloadTooLarge
+
+log = logging.getLogger(__name__)
+
+_JSON = (b"content-type", b"application/json")
+
+
+class GatewayConsumer(AsyncHttpConsumer):
+    endpoint = ""
+    channel_layer_alias = None  # no channel layer on the HTTP hot path
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.headers: dict[bytes, bytes] = {}
+        self._started = False
+        self._finished = False
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scope = scope
+        self.base_send = send
+        self.headers = dict(scope.get("headers") or ())
+        runtime.ensure_started()
+        from django.conf import settings
+
+        ctx = RequestContext(request_id=pipeline.new_request_id(), endpoint=self.endpoint)
+        limit = settings.CHITTYCAN_MAX_BODY_BYTES
+        try:
+            if scope.get("method") != "POST":
+                raise GatewayError(
+                    f"Method {scope.get('method')} not allowed; use POST.",
+                    status=405,
+                    code="method_not_allowed",
+                    type="invalid_request_error",
+                )
+            declared = self.headers.get(b"content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise PayloadTooLarge(f"The request body exceeds the {limit} byte limit.")
+            body = await self._read_body(receive, limit)
+        except GatewayError as err:
+            status, payload, headers = self.error_response(err, ctx)
+            await self.send_json(status, payload, headers)
+            return
+        if body is None:
+            return  # the client left before sending the whole body
+        task = asyncio.ensure_future(self.run(ctx, body))
+        watcher = asyncio.ensure_future(self._wait_disconnect(receive))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not task.done():
+                task.cancel()
+            watcher.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # a bug: never leak it as a hung connection
+                log.exception("pipeline failed", extra={"request_id": ctx.request_id})
+                if not self._started:
+                    internal = GatewayError(f"Internal error ({type(exc).__name__}); request id {ctx.request_id}.")
+                    status, payload, headers = self.error_response(internal, ctx)
+                    await self.send_json(status, payload, headers)
+                else:
+                    await self.finish()
+
+    async def _read_body(self, receive: Any, limit: int) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body exceeds the {limit} byte limit.")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def _wait_disconnect(receive: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def run(self, ctx: RequestContext, body: bytes) -> None:
+        raise NotImplementedError
+
+    def error_response(self, err: GatewayError, ctx: RequestContext) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        return pipeline.error_response(err, ctx)
+
+    # --- the Responder protocol the pipeline writes through ---------------------------------
+
+    async def send_json(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+        self._started = True
+        await self.send_headers(status=status, headers=[_JSON, *headers])
+        await self.send_body(body)
+        self._finished = True
+
+    async def start_stream(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self._started = True
+        await self.send_headers(status=200, headers=headers)
+
+    async def write(self, data: bytes) -> None:
+        await self.send_body(data, more_body=True)
+
+    async def finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            await self.send_body(b"")
+
+
+class ChatCompletionsConsumer(GatewayConsumer):
+    endpoint = "chat"
+
+    async def run(self, ctx: RequestContext, body: bytes) -> None:
+        await pipeline.handle_generation(self, ctx, body)
+
+
+class CompletionsConsumer(GatewayConsumer):
+    endpoint = "completions"
+
+    async def run(self, ctx: RequestContext, body: bytes) -> None:
+        await pipeline.handle_generation(self, ctx, body)
+
+
+class EmbeddingsConsumer(GatewayConsumer):
+    endpoint = "embeddings"
+
+    async def run(self, ctx: RequestContext, body: bytes) -> None:
+        await pipeline.handle_embeddings(self, ctx, body)

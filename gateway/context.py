@@ -1,0 +1,95 @@
+"""What a request carries through the pipeline stages."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.auth import KeyInfo
+    from gateway.routing import DeploymentRoute, ModelRoute
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts the OpenAI way: ``prompt_tokens`` includes cached and cache-write tokens."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    cache_write_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning_tokens: int = 0
+    source: str = "upstream"  # upstream | estimated | cache
+
+    @classmethod
+    def from_openai(cls, usage: dict[str, Any] | None) -> Usage | None:
+        if not usage:
+            return None
+        prompt_details = usage.get("prompt_tokens_details") or {}
+        completion_details = usage.get("completion_tokens_details") or {}
+        return cls(
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            cached_tokens=int(prompt_details.get("cached_tokens") or 0),
+            cache_write_tokens=int(prompt_details.get("cache_write_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+        )
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": self.reasoning_tokens,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        }
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    endpoint: str  # chat | completions | embeddings | messages
+    started: float = field(default_factory=time.perf_counter)
+    created_at: float = field(default_factory=time.time)
+    body: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    client_wants_usage: bool = False
+    requested_model: str = ""
+    end_user: str = ""
+    key: KeyInfo | None = None
+    route: ModelRoute | None = None
+    deployment: DeploymentRoute | None = None
+    passthrough_key: str = ""
+    # Filled while dispatching and relaying.
+    usage: Usage | None = None
+    cost_micro: int = 0
+    reserved_micro: int = 0
+    reservations: list[Any] = field(default_factory=list)
+    reached_provider: bool = False
+    status: str = "ok"
+    http_status: int = 200
+    error_type: str = ""
+    ttft_ms: int | None = None
+    attempts: int = 0
+    route_reason: str = ""
+    cache_hit: bool = False
+    estimated_prompt_tokens: int = 0
+    output_text_chars: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*
+    _mark: float = 0.0
+
+    def stage(self, name: str) -> None:
+        """Close the current stage: its duration in ms is kept with the usage record."""
+        now = time.perf_counter()
+        self.timings[name] = round((now - (self._mark or self.started)) * 1000, 3)
+        self._mark = now
+
+    def elapsed_ms(self) -> int:
+        return int((time.perf_counter() - self.started) * 1000)

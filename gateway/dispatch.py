@@ -1,0 +1,128 @@
+"""Stage 7, dispatch: call the route's deployments in order with retries and fallback.
+
+Only retryable errors are retried (with exponential backoff and jitter, honouring a short
+``retry-after``) or failed over to the next deployment; a stream is retried only before its first
+chunk, that is before any byte could have reached the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from gateway.context import RequestContext
+from gateway.errors import GatewayError, UpstreamError
+from gateway.providers import UpstreamCall, get_provider
+from gateway.routing import DeploymentRoute
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 2.0
+
+
+def _delay(attempt: int, err: UpstreamError) -> float | None:
+    """Seconds to wait before retrying the same deployment, or None to move on to the next."""
+    if err.code == "upstream_auth_failed":
+        return None
+    for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        raw = err.headers.get(header)
+        if raw:
+            try:
+                wanted = float(raw) * scale
+            except ValueError:
+                break
+            return wanted if wanted <= MAX_BACKOFF else None
+    backoff: float = 0.1 * 2.0**attempt
+    return min(MAX_BACKOFF, backoff) * (0.75 + random.random() * 0.5)
+
+
+def make_call(ctx: RequestContext, deployment: DeploymentRoute, body: dict[str, Any] | None = None) -> UpstreamCall:
+    upstream_body = dict(body if body is not None else ctx.body)
+    upstream_body["model"] = deployment.upstream_model
+    return UpstreamCall(
+        provider=deployment.provider,
+        upstream_model=deployment.upstream_model,
+        body=upstream_body,
+        api_key=ctx.passthrough_key,
+    )
+
+
+async def _attempts(ctx: RequestContext, attempt_fn: Callable[[DeploymentRoute], Awaitable[Any]]) -> Any:
+    assert ctx.route is not None
+    deployments = ctx.route.ordered_deployments()
+    if not deployments:
+        raise GatewayError(f"The model {ctx.route.name} has no active deployment.", status=503, code="no_deployment")
+    last: UpstreamError | None = None
+    for index, deployment in enumerate(deployments):
+        retries = deployment.provider.max_retries
+        for attempt in range(retries + 1):
+            ctx.attempts += 1
+            ctx.deployment = deployment
+            try:
+                result = await attempt_fn(deployment)
+            except UpstreamError as exc:
+                last = exc
+                log.info(
+                    "upstream attempt failed",
+                    extra={"request_id": ctx.request_id, "provider": deployment.provider.slug, "error": exc.message},
+                )
+                if not exc.retryable:
+                    raise
+                wait = _delay(attempt, exc) if attempt < retries else None
+                if wait is None:
+                    break
+                await asyncio.sleep(wait)
+                continue
+            ctx.route_reason = "primary" if index == 0 else f"fallback:{index}"
+            return result
+    assert last is not None
+    raise last
+
+
+async def call(ctx: RequestContext, operation: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A non-streaming operation (``chat``, ``completions``, ``embeddings``)."""
+
+    async def attempt(deployment: DeploymentRoute) -> dict[str, Any]:
+        provider = get_provider(deployment.provider.kind)
+        ctx.reached_provider = True
+        result: dict[str, Any] = await getattr(provider, operation)(make_call(ctx, deployment, body))
+        return result
+
+    result: dict[str, Any] = await _attempts(ctx, attempt)
+    return result
+
+
+async def open_stream(
+    ctx: RequestContext, operation: str, body: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
+    """Start a streaming operation; returns its first chunk and the iterator for the rest."""
+
+    async def attempt(deployment: DeploymentRoute) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
+        provider = get_provider(deployment.provider.kind)
+        ctx.reached_provider = True
+        stream: AsyncIterator[dict[str, Any]] = getattr(provider, f"{operation}_stream")(
+            make_call(ctx, deployment, body)
+        )
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise UpstreamError("upstream closed the stream without sending anything", retryable=True) from None
+        except BaseException:
+            await _close(stream)
+            raise
+        return first, stream
+
+    opened: tuple[dict[str, Any], AsyncIterator[dict[str, Any]]] = await _attempts(ctx, attempt)
+    return opened
+
+
+async def _close(stream: AsyncIterator[Any]) -> None:
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+close_stream = _close

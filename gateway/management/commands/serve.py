@@ -1,0 +1,74 @@
+"""``can serve``: the production server for the ASGI app (uvicorn by default; granian, daphne)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandParser
+
+
+class Command(BaseCommand):
+    help = "Run the gateway (ASGI) with uvicorn, granian or daphne."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--host", default=os.environ.get("CHITTYCAN_HOST", "127.0.0.1"))
+        parser.add_argument("--port", type=int, default=int(os.environ.get("CHITTYCAN_PORT", "8080")))
+        parser.add_argument("--server", choices=["uvicorn", "granian", "daphne"], default=settings.CHITTYCAN_SERVER)
+        parser.add_argument("--workers", type=int, default=int(os.environ.get("CHITTYCAN_WORKERS", "1")))
+        parser.add_argument("--access-log", action="store_true", help="log every request (slower)")
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        host, port, workers = opts["host"], opts["port"], opts["workers"]
+        app = "chittycan.asgi:application"
+        if opts["server"] == "uvicorn":
+            argv = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                app,
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--lifespan",
+                "off",
+                "--no-server-header",
+            ]
+            if not opts["access_log"]:
+                argv.append("--no-access-log")
+        elif opts["server"] == "granian":
+            argv = [
+                sys.executable,
+                "-m",
+                "granian",
+                "--interface",
+                "asgi",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+                "--loop",
+                "uvloop",
+                "--no-ws",
+                app,
+            ]
+            if opts["access_log"]:
+                argv.append("--access-log")
+        else:
+            argv = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), app]
+            if not opts["access_log"]:
+                argv.extend(["--access-log", os.devnull])
+        self.stdout.write(f"ChittyCan gateway on http://{host}:{port} ({opts['server']}, {workers} worker(s))")
+        sys.stdout.flush()
+        os.execv(sys.executable, argv)

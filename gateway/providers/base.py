@@ -1,0 +1,122 @@
+"""The contract every upstream adapter fulfils.
+
+The gateway's internal format is OpenAI's: a provider takes an OpenAI-format request body (with
+``model`` already set to the upstream's model name) and returns OpenAI-format responses and stream
+chunks. A provider raises ``UpstreamError`` on failure; ``retryable`` tells dispatch whether to
+retry or fail over (only before any byte reached the client).
+
+To add a provider: subclass ``Provider`` in ``gateway/providers/<kind>.py``, implement the
+operations it supports, and add it to ``REGISTRY`` in ``gateway/providers/__init__.py``.
+See docs/providers.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from gateway.errors import InvalidRequest, UpstreamError, upstream_status_error
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """An immutable snapshot of a ``Provider`` row, credentials decrypted."""
+
+    id: int
+    slug: str
+    kind: str
+    base_url: str
+    api_key: str = field(default="", repr=False)
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0
+    max_retries: int = 2
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    """One attempt against one deployment."""
+
+    provider: ProviderConfig
+    upstream_model: str
+    body: dict[str, Any]
+    api_key: str = ""  # overrides the provider's key (passthrough mode)
+    headers: dict[str, str] = field(default_factory=dict)  # extra request headers (e.g. anthropic-beta)
+
+    @property
+    def key(self) -> str:
+        return self.api_key or self.provider.api_key
+
+    @property
+    def timeout(self) -> httpx.Timeout:
+        return httpx.Timeout(self.provider.read_timeout, connect=self.provider.connect_timeout)
+
+
+class Provider:
+    """Base adapter. Operations a kind does not support raise ``InvalidRequest``."""
+
+    kind = "base"
+
+    async def chat(self, call: UpstreamCall) -> dict[str, Any]:
+        """Return an OpenAI ``chat.completion`` object, ``usage`` included."""
+        raise InvalidRequest(f"{self.kind} providers do not serve chat completions", param="model")
+
+    def chat_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+        """Yield OpenAI ``chat.completion.chunk`` objects; the last carries ``usage`` if known.
+
+        The caller asks upstream for usage; the provider must yield the usage chunk (empty
+        ``choices``) when the upstream sends one.
+        """
+        raise InvalidRequest(f"{self.kind} providers do not serve chat completions", param="model")
+
+    async def completions(self, call: UpstreamCall) -> dict[str, Any]:
+        raise InvalidRequest(f"{self.kind} providers do not serve legacy completions", param="model")
+
+    def completions_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+        raise InvalidRequest(f"{self.kind} providers do not serve legacy completions", param="model")
+
+    async def embeddings(self, call: UpstreamCall) -> dict[str, Any]:
+        """Return an OpenAI embeddings list with float vectors (the pipeline encodes base64)."""
+        raise InvalidRequest(f"{self.kind} providers do not serve embeddings", param="model")
+
+
+def error_message_from_body(body: bytes) -> tuple[str, str | None]:
+    """Pull a readable message and code out of whatever error body an upstream sent."""
+    import orjson
+
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        text = body.decode("utf-8", "replace").strip()
+        return (text[:500] or "upstream returned an empty error body"), None
+    if isinstance(data, dict):
+        err = data.get("error", data)
+        if isinstance(err, str):
+            return err, None
+        if isinstance(err, dict):
+            message = err.get("message") or err.get("detail") or str(err)
+            code = err.get("code") or err.get("type")
+            return str(message), (str(code) if code is not None else None)
+    return str(data)[:500], None
+
+
+def raise_for_status(response: httpx.Response, body: bytes) -> None:
+    if response.status_code < 400:
+        return
+    message, code = error_message_from_body(body)
+    err = upstream_status_error(response.status_code, message, code=code)
+    for header in ("retry-after", "retry-after-ms"):
+        if header in response.headers:
+            err.headers[header] = response.headers[header]
+    raise err
+
+
+def connection_error(exc: Exception) -> UpstreamError:
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamError(f"upstream timed out: {type(exc).__name__}", retryable=True, status=504, code="timeout")
+    return UpstreamError(
+        f"upstream unreachable: {type(exc).__name__}", retryable=True, status=502, code="connect_error"
+    )

@@ -1,0 +1,251 @@
+"""A deterministic offline model: the quickstart, dev mode and CI cost nothing.
+
+The same request always gets the same answer. Token usage is counted with the real tokenizer, so
+costs and budgets behave as they would against a paid model. If the request offers tools (and
+``tool_choice`` is not ``none``) and the last message is not a tool result, the mock calls the
+first tool (or the named one) with arguments built from the tool's JSON schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from gateway import tokens
+from gateway.errors import InvalidRequest
+from gateway.providers.base import Provider, UpstreamCall
+
+_WORDS = (
+    "the gateway answers offline with a deterministic reply so tests and demos cost nothing "
+    "while tokens usage and cost are counted as for a real model"
+).split()
+
+
+def _last_user_text(messages: list[Any]) -> str:
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _reply_text(seed: str, max_tokens: int | None) -> tuple[str, str]:
+    """The reply and its finish reason; ``length`` when max_tokens cut it short."""
+    digest = hashlib.sha256(seed.encode()).digest()
+    n_words = 12 + digest[0] % 12
+    words = [_WORDS[(digest[i % len(digest)] + i) % len(_WORDS)] for i in range(n_words)]
+    text = "Mock reply: " + " ".join(words) + "."
+    if max_tokens is not None and max_tokens > 0:
+        enc_words = text.split(" ")
+        if len(enc_words) > max_tokens:
+            return " ".join(enc_words[:max_tokens]), "length"
+    return text, "stop"
+
+
+def _example_for(schema: Any) -> Any:
+    if not isinstance(schema, dict):
+        return "example"
+    kind = schema.get("type")
+    if "enum" in schema and schema["enum"]:
+        return schema["enum"][0]
+    if kind == "object":
+        props = schema.get("properties") or {}
+        required = schema.get("required") or list(props)
+        return {name: _example_for(props.get(name)) for name in required if name in props}
+    if kind == "array":
+        return [_example_for(schema.get("items"))]
+    if kind in ("integer", "number"):
+        return 1
+    if kind == "boolean":
+        return True
+    return "example"
+
+
+def _tool_to_call(body: dict[str, Any]) -> dict[str, Any] | None:
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and t.get("type", "function") == "function"]
+    choice = body.get("tool_choice")
+    if not tools or choice == "none":
+        return None
+    messages = body.get("messages") or []
+    if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "tool":
+        return None
+    chosen = tools[0]
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        wanted = (choice.get("function") or {}).get("name")
+        chosen = next((t for t in tools if (t.get("function") or {}).get("name") == wanted), chosen)
+    fn = chosen.get("function") or {}
+    digest = hashlib.sha256(orjson.dumps(messages)).hexdigest()[:24]
+    return {
+        "id": f"call_{digest}",
+        "type": "function",
+        "function": {
+            "name": fn.get("name", "tool"),
+            "arguments": orjson.dumps(_example_for(fn.get("parameters"))).decode(),
+        },
+    }
+
+
+class MockProvider(Provider):
+    kind = "mock"
+    #: Seconds between streamed chunks; 0 in tests and benchmarks.
+    chunk_delay = 0.0
+
+    def _answer(self, call: UpstreamCall) -> tuple[dict[str, Any], str, int, int]:
+        body = call.body
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise InvalidRequest("messages must be a list", param="messages")
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        prompt_tokens = tokens.count_messages(messages, call.upstream_model, body.get("tools"))
+        tool_call = _tool_to_call(body)
+        if tool_call is not None:
+            message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [tool_call]}
+            completion = tokens.count_text(tool_call["function"]["name"] + tool_call["function"]["arguments"])
+            return message, "tool_calls", prompt_tokens, completion
+        seed = orjson.dumps(messages).decode()
+        text, finish = _reply_text(seed, max_tokens if isinstance(max_tokens, int) else None)
+        message = {"role": "assistant", "content": text, "refusal": None}
+        return message, finish, prompt_tokens, tokens.count_text(text, call.upstream_model)
+
+    @staticmethod
+    def _usage(prompt: int, completion: int) -> dict[str, Any]:
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        }
+
+    async def chat(self, call: UpstreamCall) -> dict[str, Any]:
+        n = int(call.body.get("n") or 1)
+        message, finish, prompt, completion = self._answer(call)
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": call.upstream_model,
+            "system_fingerprint": "fp_chittycan_mock",
+            "choices": [{"index": i, "message": message, "finish_reason": finish, "logprobs": None} for i in range(n)],
+            "usage": self._usage(prompt, completion * n),
+        }
+
+    async def chat_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+        message, finish, prompt, completion = self._answer(call)
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": call.upstream_model,
+            "system_fingerprint": "fp_chittycan_mock",
+        }
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+            return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+
+        yield chunk({"role": "assistant", "content": ""})
+        if message.get("tool_calls"):
+            tc = message["tool_calls"][0]
+            yield chunk(
+                {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": tc["id"],
+                            "type": "function",
+                            "function": {"name": tc["function"]["name"], "arguments": ""},
+                        }
+                    ]
+                }
+            )
+            args = tc["function"]["arguments"]
+            for i in range(0, len(args), 8):
+                await self._pause()
+                yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 8]}}]})
+        else:
+            words = message["content"].split(" ")
+            for i, word in enumerate(words):
+                await self._pause()
+                yield chunk({"content": word if i == 0 else " " + word})
+        yield chunk({}, finish)
+        yield {**base, "choices": [], "usage": self._usage(prompt, completion)}
+
+    async def _pause(self) -> None:
+        if self.chunk_delay:
+            await asyncio.sleep(self.chunk_delay)
+
+    async def completions(self, call: UpstreamCall) -> dict[str, Any]:
+        prompt = call.body.get("prompt", "")
+        prompt_text = prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
+        max_tokens = call.body.get("max_tokens")
+        text, finish = _reply_text(prompt_text, max_tokens if isinstance(max_tokens, int) else 16)
+        p, c = tokens.count_text(prompt_text), tokens.count_text(text)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": call.upstream_model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+            "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+        }
+
+    async def completions_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+        full = await self.completions(call)
+        base = {k: full[k] for k in ("id", "object", "created", "model")}
+        words = full["choices"][0]["text"].split(" ")
+        for i, word in enumerate(words):
+            await self._pause()
+            yield {
+                **base,
+                "choices": [
+                    {"index": 0, "text": word if i == 0 else " " + word, "finish_reason": None, "logprobs": None}
+                ],
+            }
+        yield {
+            **base,
+            "choices": [
+                {"index": 0, "text": "", "finish_reason": full["choices"][0]["finish_reason"], "logprobs": None}
+            ],
+        }
+        yield {**base, "choices": [], "usage": full["usage"]}
+
+    async def embeddings(self, call: UpstreamCall) -> dict[str, Any]:
+        raw = call.body.get("input")
+        inputs: list[Any] = raw if isinstance(raw, list) and raw and not isinstance(raw[0], int) else [raw]
+        dims = int(call.body.get("dimensions") or 1536)
+        data = []
+        total = 0
+        for index, item in enumerate(inputs):
+            text = item if isinstance(item, str) else orjson.dumps(item).decode()
+            total += len(item) if isinstance(item, list) else tokens.count_text(text, call.upstream_model)
+            data.append({"object": "embedding", "index": index, "embedding": _vector(text, dims)})
+        return {
+            "object": "list",
+            "data": data,
+            "model": call.upstream_model,
+            "usage": {"prompt_tokens": total, "total_tokens": total},
+        }
+
+
+def _vector(text: str, dims: int) -> list[float]:
+    """A unit vector derived from the text: same text, same vector."""
+    out: list[float] = []
+    counter = 0
+    while len(out) < dims:
+        block = hashlib.sha256(f"{counter}:{text}".encode()).digest()
+        out.extend(v / 2**31 - 1.0 for v in struct.unpack("<8I", block))
+        counter += 1
+    out = out[:dims]
+    norm = math.sqrt(sum(v * v for v in out)) or 1.0
+    return [v / norm for v in out]

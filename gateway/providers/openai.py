@@ -1,0 +1,113 @@
+"""Any OpenAI-compatible server: OpenAI, Groq, OpenRouter, Together, vLLM, LM Studio, Ollama's /v1."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+
+from gateway.errors import UpstreamError
+from gateway.http import client
+from gateway.providers.base import Provider, UpstreamCall, connection_error, raise_for_status
+from gateway.sse import parse_events
+
+
+def _in_stream_error(obj: dict[str, Any]) -> UpstreamError | None:
+    """OpenAI nests errors under ``error``; vLLM sends a flat ``{"object": "error", ...}``."""
+    err = obj.get("error")
+    if err is None and obj.get("object") == "error":
+        err = obj
+    if err is None:
+        return None
+    if isinstance(err, dict):
+        message = str(err.get("message") or err)
+        code = err.get("code")
+        return UpstreamError(message, retryable=False, code=str(code) if code is not None else "upstream_error")
+    return UpstreamError(str(err), retryable=False)
+
+
+class OpenAIProvider(Provider):
+    kind = "openai"
+
+    def _headers(self, call: UpstreamCall) -> dict[str, str]:
+        headers = {"content-type": "application/json", **call.provider.extra_headers, **call.headers}
+        if call.key:
+            headers["authorization"] = f"Bearer {call.key}"
+        return headers
+
+    def _url(self, call: UpstreamCall, path: str) -> str:
+        return call.provider.base_url.rstrip("/") + path
+
+    async def _post(self, call: UpstreamCall, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            response = await client().post(
+                self._url(call, path), content=orjson.dumps(body), headers=self._headers(call), timeout=call.timeout
+            )
+        except httpx.HTTPError as exc:
+            raise connection_error(exc) from exc
+        raise_for_status(response, response.content)
+        try:
+            data = orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise UpstreamError("upstream returned a body that is not JSON", retryable=True) from exc
+        if not isinstance(data, dict):
+            raise UpstreamError("upstream returned an unexpected body", retryable=True)
+        err = _in_stream_error(data)
+        if err is not None:
+            raise err
+        return data
+
+    async def _stream(self, call: UpstreamCall, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        http = client()
+        request = http.build_request(
+            "POST", self._url(call, path), content=orjson.dumps(body), headers=self._headers(call), timeout=call.timeout
+        )
+        try:
+            response = await http.send(request, stream=True)
+        except httpx.HTTPError as exc:
+            raise connection_error(exc) from exc
+        try:
+            if response.status_code >= 400:
+                raise_for_status(response, await response.aread())
+            async for event in parse_events(response.aiter_bytes()):
+                if event.data.startswith("[DONE]"):
+                    return
+                try:
+                    obj = orjson.loads(event.data)
+                except orjson.JSONDecodeError as exc:
+                    raise UpstreamError("upstream sent a malformed stream chunk", retryable=False) from exc
+                if not isinstance(obj, dict):
+                    continue
+                err = _in_stream_error(obj)
+                if err is not None:
+                    raise err
+                yield obj
+        except httpx.HTTPError as exc:
+            raise connection_error(exc) from exc
+        finally:
+            await response.aclose()
+
+    @staticmethod
+    def _streaming_body(call: UpstreamCall) -> dict[str, Any]:
+        body = dict(call.body)
+        body["stream"] = True
+        # Always ask for usage so the cost is exact; the pipeline strips it if the client did not ask.
+        body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+        return body
+
+    async def chat(self, call: UpstreamCall) -> dict[str, Any]:
+        return await self._post(call, "/chat/completions", call.body)
+
+    def chat_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(call, "/chat/completions", self._streaming_body(call))
+
+    async def completions(self, call: UpstreamCall) -> dict[str, Any]:
+        return await self._post(call, "/completions", call.body)
+
+    def completions_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(call, "/completions", self._streaming_body(call))
+
+    async def embeddings(self, call: UpstreamCall) -> dict[str, Any]:
+        return await self._post(call, "/embeddings", call.body)

@@ -1,0 +1,220 @@
+"""Stage 4, route: from a public model name to the ordered deployments that may serve it.
+
+The route table is an immutable snapshot of providers, models, deployments and prices, loaded from
+the database off the event loop and kept for ``CHITTYCAN_ROUTES_TTL`` seconds or until a config
+change is announced (see ``gateway.invalidation``). The hot path never queries the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from gateway.providers.base import ProviderConfig
+
+
+@dataclass(frozen=True, slots=True)
+class PriceInfo:
+    effective_from: datetime
+    input_per_mtok: Decimal
+    cached_input_per_mtok: Decimal
+    cache_write_per_mtok: Decimal
+    output_per_mtok: Decimal
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentRoute:
+    id: int | None
+    provider: ProviderConfig
+    upstream_model: str
+    priority: int = 0
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    id: int | None
+    name: str
+    kind: str
+    owned_by: str
+    created: int
+    context_window: int
+    max_output_tokens: int
+    deployments: tuple[DeploymentRoute, ...]
+    prices: tuple[PriceInfo, ...] = ()  # newest first
+    aliases: tuple[str, ...] = ()
+
+    def price_at(self, when: datetime | None = None) -> PriceInfo | None:
+        when = when or timezone.now()
+        for price in self.prices:
+            if price.effective_from <= when:
+                return price
+        return None
+
+    def ordered_deployments(self) -> list[DeploymentRoute]:
+        """Lowest priority first; among equals, a weighted random order."""
+        groups: dict[int, list[DeploymentRoute]] = {}
+        for dep in self.deployments:
+            groups.setdefault(dep.priority, []).append(dep)
+        ordered: list[DeploymentRoute] = []
+        for priority in sorted(groups):
+            pool = list(groups[priority])
+            while pool:
+                if len(pool) == 1:
+                    ordered.append(pool.pop())
+                    break
+                pick = random.choices(range(len(pool)), weights=[max(d.weight, 0) or 1 for d in pool])[0]
+                ordered.append(pool.pop(pick))
+        return ordered
+
+
+@dataclass(slots=True)
+class RouteTable:
+    models: dict[str, ModelRoute] = field(default_factory=dict)  # public names and aliases
+    loaded_at: float = 0.0
+
+    def resolve(self, name: str) -> ModelRoute | None:
+        return self.models.get(name)
+
+    def public_models(self) -> list[ModelRoute]:
+        seen: dict[str, ModelRoute] = {}
+        for route in self.models.values():
+            seen.setdefault(route.name, route)
+        return sorted(seen.values(), key=lambda r: r.name)
+
+
+def _provider_config(provider: object) -> ProviderConfig:
+    from gateway.models import Provider
+
+    assert isinstance(provider, Provider)
+    return ProviderConfig(
+        id=provider.pk,
+        slug=provider.slug,
+        kind=provider.kind,
+        base_url=provider.base_url,
+        api_key=provider.api_key,
+        extra_headers=dict(provider.extra_headers or {}),
+        connect_timeout=provider.connect_timeout,
+        read_timeout=provider.read_timeout,
+        max_retries=provider.max_retries,
+    )
+
+
+def load_route_table() -> RouteTable:
+    """Build the snapshot from the database (synchronous; call off the event loop)."""
+    from gateway.models import LLMModel
+
+    table = RouteTable(loaded_at=time.monotonic())
+    models = LLMModel.objects.filter(is_active=True).prefetch_related("deployments__provider", "prices")
+    for model in models:
+        deployments = tuple(
+            DeploymentRoute(
+                id=d.pk,
+                provider=_provider_config(d.provider),
+                upstream_model=d.upstream_model,
+                priority=d.priority,
+                weight=d.weight,
+            )
+            for d in model.deployments.all()
+            if d.is_active and d.provider.is_active
+        )
+        prices = tuple(
+            PriceInfo(
+                effective_from=p.effective_from,
+                input_per_mtok=p.input_per_mtok,
+                cached_input_per_mtok=p.cached_input_per_mtok
+                if p.cached_input_per_mtok is not None
+                else p.input_per_mtok,
+                cache_write_per_mtok=p.cache_write_per_mtok if p.cache_write_per_mtok is not None else p.input_per_mtok,
+                output_per_mtok=p.output_per_mtok,
+            )
+            for p in sorted(model.prices.all(), key=lambda p: p.effective_from, reverse=True)
+        )
+        route = ModelRoute(
+            id=model.pk,
+            name=model.name,
+            kind=model.kind,
+            owned_by=model.owned_by,
+            created=int(model.created_at.timestamp()),
+            context_window=model.context_window,
+            max_output_tokens=model.max_output_tokens,
+            deployments=deployments,
+            prices=prices,
+            aliases=tuple(model.aliases or ()),
+        )
+        table.models[model.name] = route
+        for alias in model.aliases or ():
+            table.models.setdefault(alias, route)
+    return table
+
+
+_table: RouteTable | None = None
+_lock: asyncio.Lock | None = None
+
+
+async def route_table() -> RouteTable:
+    global _table, _lock
+    table = _table
+    if table is not None and time.monotonic() - table.loaded_at < settings.CHITTYCAN_ROUTES_TTL:
+        return table
+    if _lock is None:
+        _lock = asyncio.Lock()
+    async with _lock:
+        if _table is table:  # nobody reloaded while we waited
+            _table = await sync_to_async(load_route_table, thread_sensitive=False)()
+        assert _table is not None
+        return _table
+
+
+def invalidate() -> None:
+    global _table, _lock
+    _table = None
+    _lock = None
+
+
+_DEV_MOCK = ProviderConfig(id=0, slug="dev-mock", kind="mock", base_url="")
+
+
+def dev_route(name: str, known: ModelRoute | None) -> ModelRoute:
+    """Dev mode: every model goes to Ollama when OLLAMA_BASE_URL is set, otherwise to the mock.
+
+    Prices stay those of the model asked for (when known), so a team sees what it would cost.
+    """
+    if settings.OLLAMA_BASE_URL:
+        provider = ProviderConfig(
+            id=0, slug="dev-ollama", kind="openai", base_url=settings.OLLAMA_BASE_URL.rstrip("/") + "/v1"
+        )
+        deployment = DeploymentRoute(id=None, provider=provider, upstream_model=settings.CHITTYCAN_DEV_OLLAMA_MODEL)
+    else:
+        deployment = DeploymentRoute(id=None, provider=_DEV_MOCK, upstream_model=name)
+    if known is not None:
+        return ModelRoute(
+            id=known.id,
+            name=known.name,
+            kind=known.kind,
+            owned_by=known.owned_by,
+            created=known.created,
+            context_window=known.context_window,
+            max_output_tokens=known.max_output_tokens,
+            deployments=(deployment,),
+            prices=known.prices,
+            aliases=known.aliases,
+        )
+    return ModelRoute(
+        id=None,
+        name=name,
+        kind="chat",
+        owned_by="chittycan-dev",
+        created=0,
+        context_window=128_000,
+        max_output_tokens=4096,
+        deployments=(deployment,),
+    )

@@ -1,0 +1,98 @@
+"""Per-process runtime: the async Redis client and the background tasks a gateway process runs.
+
+Background tasks start lazily on the first request (daphne has no ASGI lifespan), are tracked,
+and restart if they die. Everything is per event loop so tests can run several loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import redis.asyncio as aioredis
+from django.conf import settings
+
+log = logging.getLogger(__name__)
+
+_redis: dict[int, aioredis.Redis] = {}
+_tasks: dict[tuple[int, str], asyncio.Task[None]] = {}
+_starters: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = []
+
+
+def redis_client() -> aioredis.Redis:
+    """The async Redis client for this event loop. Only valid when REDIS_URL is set."""
+    loop_id = id(asyncio.get_running_loop())
+    conn = _redis.get(loop_id)
+    if conn is None:
+        conn = _redis[loop_id] = aioredis.Redis.from_url(
+            settings.REDIS_URL,
+            socket_timeout=1.0,
+            socket_connect_timeout=1.0,
+            health_check_interval=30,
+            max_connections=256,
+        )
+    return conn
+
+
+def background(
+    name: str,
+) -> Callable[[Callable[[], Coroutine[Any, Any, None]]], Callable[[], Coroutine[Any, Any, None]]]:
+    """Register a coroutine function to run for the life of each gateway process."""
+
+    def register(fn: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], Coroutine[Any, Any, None]]:
+        _starters.append((name, fn))
+        return fn
+
+    return register
+
+
+async def _supervise(name: str, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    while True:
+        try:
+            await fn()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("background task %s failed; restarting in 1 s", name)
+            await asyncio.sleep(1.0)
+
+
+def ensure_started() -> None:
+    loop = asyncio.get_running_loop()
+    loop_id = id(loop)
+    for name, fn in _starters:
+        task = _tasks.get((loop_id, name))
+        if task is None or task.done():
+            _tasks[(loop_id, name)] = loop.create_task(_supervise(name, fn), name=f"chittycan:{name}")
+
+
+async def stop_background() -> None:
+    loop_id = id(asyncio.get_running_loop())
+    for (lid, name), task in list(_tasks.items()):
+        if lid == loop_id:
+            task.cancel()
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                log.debug("background task %s stopped", name)
+            del _tasks[(lid, name)]
+
+
+@background("invalidation")
+async def _listen_for_invalidation() -> None:
+    if not settings.REDIS_URL:
+        return
+    from gateway import invalidation
+
+    pubsub = redis_client().pubsub()
+    await pubsub.subscribe(invalidation.channel())
+    try:
+        while True:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
+            if message is not None:
+                invalidation.drop_local()
+    finally:
+        await pubsub.aclose()

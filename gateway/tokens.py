@@ -1,0 +1,88 @@
+"""Offline token counting with tiktoken.
+
+The BPE files are installed by ``scripts/fetch_tokenizers.py`` (``make install``) into
+``gateway/tokenizers/``; ``TIKTOKEN_CACHE_DIR`` points there before tiktoken is imported, so
+nothing is downloaded at run time. Counts are exact for OpenAI models and estimates for others
+(Claude, Llama, ...): use them for reservations and for usage an upstream did not report.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizers"
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TOKENIZER_DIR))
+
+import tiktoken  # noqa: E402  (must follow TIKTOKEN_CACHE_DIR)
+
+log = logging.getLogger(__name__)
+
+# Chat formatting overhead per the OpenAI cookbook: about 3 tokens a message, 3 to prime the reply.
+TOKENS_PER_MESSAGE = 3
+TOKENS_REPLY_PRIMING = 3
+_CL100K_PREFIXES = ("gpt-3.5", "gpt-4-", "text-embedding-3", "text-embedding-ada")
+_FILES = {
+    "o200k_base": "fb374d419588a4632f3f557e76b4b70aebbca790",
+    "cl100k_base": "9b5ad71b2ce5302211f9c61530b329a4922fc6a4",
+}
+
+
+def encoding_name_for(model: str) -> str:
+    name = model.lower()
+    if name == "gpt-4" or name.startswith(_CL100K_PREFIXES):
+        return "cl100k_base"
+    return "o200k_base"
+
+
+@functools.cache
+def _encoding(name: str) -> tiktoken.Encoding | None:
+    if not (TOKENIZER_DIR / _FILES[name]).exists():
+        log.error("tokenizer %s is not installed (run make install); estimating from characters", name)
+        return None
+    return tiktoken.get_encoding(name)
+
+
+def count_text(text: str, model: str = "") -> int:
+    if not text:
+        return 0
+    enc = _encoding(encoding_name_for(model))
+    if enc is None:
+        return max(1, len(text) // 4)
+    return len(enc.encode(text, disallowed_special=()))
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                if isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                elif part.get("type") in ("image_url", "image", "input_audio", "file", "document"):
+                    parts.append(" " * 340)  # ~85 tokens: a low-detail image tile
+        return "\n".join(parts)
+    return ""
+
+
+def count_messages(messages: list[Any], model: str = "", tools: list[Any] | None = None) -> int:
+    """Prompt tokens for a chat request (an estimate for non-OpenAI models)."""
+    import orjson
+
+    total = TOKENS_REPLY_PRIMING
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        total += TOKENS_PER_MESSAGE
+        total += count_text(_content_text(message.get("content")), model)
+        for call in message.get("tool_calls") or []:
+            fn = (call.get("function") or {}) if isinstance(call, dict) else {}
+            total += count_text(str(fn.get("name", "")) + str(fn.get("arguments", "")), model)
+    if tools:
+        total += count_text(orjson.dumps(tools).decode(), model)
+    return total

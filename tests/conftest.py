@@ -1,0 +1,175 @@
+"""Test harness: a real gateway (ASGI server on a free port) against fake upstreams on loopback,
+with the real PostgreSQL and Redis, driven by the official SDKs.
+
+Run through ``make test`` (which starts PostgreSQL and Redis if needed and sets DATABASE_URL and
+REDIS_URL). Tests that need the gateway use ``transactional_db`` so what they create is committed
+and visible to the server's threads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from django.conf import settings
+
+from tests.fakes.openai_upstream import FakeOpenAI
+from tests.fakes.server import ServerThread
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    db = settings.DATABASES["default"]["ENGINE"]
+    if "postgresql" not in db or not settings.REDIS_URL:
+        raise pytest.UsageError(
+            "The suite runs against real PostgreSQL and Redis: run it with `make test`, or set "
+            "DATABASE_URL=postgres://... and REDIS_URL=redis://... yourself."
+        )
+
+
+@pytest.fixture(scope="session")
+def fake_openai() -> Iterator[tuple[FakeOpenAI, ServerThread]]:
+    app = FakeOpenAI()
+    server = ServerThread(app, name="fake-openai").start()
+    yield app, server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway_server(django_db_setup: Any, django_db_blocker: Any) -> Iterator[ServerThread]:
+    """The real gateway ASGI app, served by uvicorn in a thread against the test database."""
+    django_db_blocker.unblock()  # the server's own threads use the database between tests too
+    from chittycan.asgi import application
+
+    server = ServerThread(application, name="gateway").start()
+    yield server
+    from gateway import http, runtime
+
+    async def shutdown() -> None:
+        await runtime.stop_background()
+        await http.aclose()
+
+    server.call_soon(shutdown)
+    server.stop()
+
+
+def _flush_redis() -> None:
+    import redis
+
+    conn = redis.Redis.from_url(settings.REDIS_URL)
+    for key in conn.scan_iter(f"{settings.REDIS_PREFIX}:*", count=1000):
+        conn.delete(key)
+    conn.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(request: pytest.FixtureRequest) -> Iterator[None]:
+    from gateway import invalidation
+
+    _flush_redis()
+    invalidation.drop_local()
+    if "fake_openai" in request.fixturenames:
+        request.getfixturevalue("fake_openai")[0].reset()
+    yield
+    invalidation.drop_local()
+
+
+# --- data helpers -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def make_tenant(transactional_db: Any) -> Callable[..., Any]:
+    from tenants import services
+
+    def make(slug: str, parent: Any = None, **kwargs: Any) -> Any:
+        return services.tenant_create(slug=slug, parent=parent, **kwargs)
+
+    return make
+
+
+@pytest.fixture
+def make_key(transactional_db: Any) -> Callable[..., str]:
+    from tenants import services
+
+    def make(tenant: Any, **kwargs: Any) -> str:
+        _, plaintext = services.key_issue(tenant=tenant, **kwargs)
+        return plaintext
+
+    return make
+
+
+def add_model(
+    name: str,
+    provider: Any,
+    *,
+    kind: str = "chat",
+    upstream: str | None = None,
+    prices: tuple[str, ...] = ("2.50", "1.25", "10.00"),
+    priority: int = 0,
+    max_output_tokens: int = 4096,
+    aliases: list[str] | None = None,
+) -> Any:
+    from gateway.models import Deployment, LLMModel, Price
+
+    model, _ = LLMModel.objects.get_or_create(
+        name=name, defaults={"kind": kind, "max_output_tokens": max_output_tokens, "aliases": aliases or []}
+    )
+    Deployment.objects.create(model=model, provider=provider, upstream_model=upstream or name, priority=priority)
+    if not model.prices.exists():
+        inp, cached, out = (Decimal(p) for p in prices)
+        Price.objects.create(
+            model=model,
+            effective_from=time_zero(),
+            input_per_mtok=inp,
+            cached_input_per_mtok=cached,
+            output_per_mtok=out,
+        )
+    return model
+
+
+def time_zero() -> Any:
+    from datetime import UTC, datetime
+
+    return datetime(2020, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def upstream(transactional_db: Any, fake_openai: tuple[FakeOpenAI, ServerThread]) -> FakeOpenAI:
+    """An OpenAI-compatible provider pointing at the fake, with chat, embedding and completion models."""
+    from gateway.models import Provider
+
+    app, server = fake_openai
+    provider = Provider(slug="fake-openai", kind="openai", base_url=f"{server.url}/v1", max_retries=1)
+    provider.api_key = "sk-upstream-secret"
+    provider.save()
+    add_model("gpt-4o", provider, upstream="gpt-4o-2024-08-06")
+    add_model("text-embedding-3-small", provider, kind="embedding", prices=("0.02", "0.02", "0"))
+    add_model("gpt-3.5-turbo-instruct", provider, kind="completion", prices=("1.50", "1.50", "2.00"))
+    return app
+
+
+@pytest.fixture
+def tenant_key(make_tenant: Callable[..., Any], make_key: Callable[..., str]) -> tuple[Any, str]:
+    tenant = make_tenant("acme")
+    return tenant, make_key(tenant, name="test")
+
+
+@pytest.fixture
+def openai_client(gateway_server: ServerThread, tenant_key: tuple[Any, str]) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{gateway_server.url}/v1", api_key=tenant_key[1], max_retries=0)
+
+
+def wait_usage(count: int, timeout: float = 10.0, **filters: Any) -> list[Any]:
+    """Wait until the ledger holds ``count`` rows matching ``filters`` (the writer is asynchronous)."""
+    from gateway.models import UsageRecord
+
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = list(UsageRecord.objects.filter(**filters).order_by("created_at"))
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)

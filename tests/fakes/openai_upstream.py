@@ -1,0 +1,304 @@
+"""A fake OpenAI-compatible upstream speaking the real wire format, with scriptable misbehaviour.
+
+By default it answers like OpenAI: chat completions (JSON or SSE with ``include_usage``), tool
+calls when tools are offered, legacy completions, embeddings (float or base64) and models. Tests
+queue ``Reply`` objects to make the next request on a path fail, stall, stream custom frames or
+reset mid-stream; every request is recorded, and so is every client disconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import struct
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    json: Any = None  # a whole JSON body (non-streaming)
+    frames: list[bytes] | None = None  # raw SSE bytes to stream, sent one by one
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # before the response starts
+    frame_delay: float = 0.0  # between frames
+    reset_after: int | None = None  # abort the connection after this many frames
+    raw_body: bytes | None = None  # exact bytes (e.g. an HTML error page)
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+def usage_for(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+class FakeOpenAI:
+    """The ASGI app. ``text`` is what it answers; usage is 10 prompt tokens per message + 7 out."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.replies: dict[str, deque[Reply]] = defaultdict(deque)
+        self.disconnects = 0
+        self.completed_streams = 0
+        self.text = "Hello from the fake upstream!"
+        self.cached_tokens = 0
+
+    def push(self, path: str, *replies: Reply) -> None:
+        self.replies[path].extend(replies)
+
+    def reset(self) -> None:
+        self.requests.clear()
+        self.replies.clear()
+        self.disconnects = 0
+        self.completed_streams = 0
+        self.cached_tokens = 0
+
+    def prompt_tokens(self, body: dict[str, Any]) -> int:
+        return 10 * len(body.get("messages") or [1])
+
+    # --- ASGI ---------------------------------------------------------------------------------
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = raw
+        path = scope["path"]
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        self.requests.append(Recorded(path, headers, body))
+        queue = self.replies.get(path)
+        reply = queue.popleft() if queue else self.default_reply(path, body if isinstance(body, dict) else {})
+        await self.respond(reply, receive, send)
+
+    async def respond(self, reply: Reply, receive: Any, send: Any) -> None:
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        hdrs = [(k.encode(), v.encode()) for k, v in reply.headers.items()]
+        if reply.frames is None:
+            payload = reply.raw_body if reply.raw_body is not None else orjson.dumps(reply.json)
+            if not any(k == b"content-type" for k, _ in hdrs):
+                hdrs.append((b"content-type", b"application/json"))
+            await send({"type": "http.response.start", "status": reply.status, "headers": hdrs})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        hdrs.append((b"content-type", b"text/event-stream"))
+        await send({"type": "http.response.start", "status": reply.status, "headers": hdrs})
+        disconnected = asyncio.Event()
+
+        async def watch() -> None:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    disconnected.set()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            for i, frame in enumerate(reply.frames):
+                if reply.reset_after is not None and i >= reply.reset_after:
+                    raise ConnectionResetError("fake upstream reset the stream")
+                if disconnected.is_set():
+                    self.disconnects += 1
+                    return
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+                if reply.frame_delay:
+                    try:
+                        await asyncio.wait_for(disconnected.wait(), reply.frame_delay)
+                    except TimeoutError:
+                        pass
+            await send({"type": "http.response.body", "body": b""})
+            self.completed_streams += 1
+        finally:
+            watcher.cancel()
+
+    # --- default, realistic behaviour ---------------------------------------------------------
+
+    def default_reply(self, path: str, body: dict[str, Any]) -> Reply:
+        if path.endswith("/chat/completions"):
+            return self.chat_stream_reply(body) if body.get("stream") else Reply(json=self.chat_json(body))
+        if path.endswith("/completions"):
+            return self.completion_reply(body)
+        if path.endswith("/embeddings"):
+            return Reply(json=self.embeddings_json(body))
+        if path.endswith("/models"):
+            return Reply(
+                json={
+                    "object": "list",
+                    "data": [{"id": "fake-model", "object": "model", "created": 1, "owned_by": "fake"}],
+                }
+            )
+        return Reply(
+            status=404,
+            json={
+                "error": {"message": f"no route {path}", "type": "invalid_request_error", "param": None, "code": None}
+            },
+        )
+
+    def tool_calls(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        tools = body.get("tools") or []
+        if not tools or body.get("tool_choice") == "none":
+            return []
+        messages = body.get("messages") or []
+        if messages and messages[-1].get("role") == "tool":
+            return []
+        calls = []
+        for i, tool in enumerate(tools[: 2 if body.get("parallel_tool_calls", True) else 1]):
+            name = tool["function"]["name"]
+            calls.append(
+                {
+                    "id": f"call_fake{i}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": orjson.dumps({"city": "Paris", "n": i}).decode()},
+                }
+            )
+        return calls
+
+    def chat_json(self, body: dict[str, Any]) -> dict[str, Any]:
+        calls = self.tool_calls(body)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": None if calls else self.text,
+            "refusal": None,
+            "annotations": [],
+        }
+        if calls:
+            message["tool_calls"] = calls
+        n = body.get("n") or 1
+        return {
+            "id": "chatcmpl-fake123",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "fake"),
+            "system_fingerprint": "fp_fake",
+            "service_tier": "default",
+            "choices": [
+                {"index": i, "message": message, "logprobs": None, "finish_reason": "tool_calls" if calls else "stop"}
+                for i in range(n)
+            ],
+            "usage": usage_for(self.prompt_tokens(body), 7 * n, self.cached_tokens),
+        }
+
+    def chat_stream_reply(self, body: dict[str, Any]) -> Reply:
+        base = {
+            "id": "chatcmpl-fake123",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model", "fake"),
+            "system_fingerprint": "fp_fake",
+        }
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            return sse(
+                {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+            )
+
+        frames = [chunk({"role": "assistant", "content": "", "refusal": None})]
+        calls = self.tool_calls(body)
+        if calls:
+            for i, call in enumerate(calls):
+                frames.append(
+                    chunk(
+                        {
+                            "tool_calls": [
+                                {
+                                    "index": i,
+                                    "id": call["id"],
+                                    "type": "function",
+                                    "function": {"name": call["function"]["name"], "arguments": ""},
+                                }
+                            ]
+                        }
+                    )
+                )
+                args = call["function"]["arguments"]
+                for j in range(0, len(args), 5):  # split mid-token, as real upstreams do
+                    frames.append(chunk({"tool_calls": [{"index": i, "function": {"arguments": args[j : j + 5]}}]}))
+            frames.append(chunk({}, "tool_calls"))
+        else:
+            words = self.text.split(" ")
+            for i, word in enumerate(words):
+                frames.append(chunk({"content": word if i == 0 else " " + word}))
+            frames.append(chunk({}, "stop"))
+        if include_usage:
+            frames.append(
+                sse({**base, "choices": [], "usage": usage_for(self.prompt_tokens(body), 7, self.cached_tokens)})
+            )
+        frames.append(b"data: [DONE]\n\n")
+        return Reply(frames=frames)
+
+    def completion_reply(self, body: dict[str, Any]) -> Reply:
+        base = {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": body.get("model")}
+        if not body.get("stream"):
+            return Reply(
+                json={
+                    **base,
+                    "choices": [{"index": 0, "text": " world", "finish_reason": "stop", "logprobs": None}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+                }
+            )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        frames = [
+            sse({**base, "choices": [{"index": 0, "text": t, "finish_reason": None, "logprobs": None}]})
+            for t in (" wor", "ld")
+        ]
+        frames.append(sse({**base, "choices": [{"index": 0, "text": "", "finish_reason": "stop", "logprobs": None}]}))
+        if include_usage:
+            frames.append(
+                sse({**base, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+            )
+        frames.append(b"data: [DONE]\n\n")
+        return Reply(frames=frames)
+
+    def embeddings_json(self, body: dict[str, Any]) -> dict[str, Any]:
+        inputs = body.get("input")
+        items = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
+        dims = body.get("dimensions") or 8
+        data = []
+        for i, _ in enumerate(items):
+            vector = [round(0.1 * (i + 1) + 0.01 * d, 4) for d in range(dims)]
+            emb: Any = vector
+            if body.get("encoding_format") == "base64":
+                emb = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {
+            "object": "list",
+            "data": data,
+            "model": body.get("model"),
+            "usage": {"prompt_tokens": 4 * len(items), "total_tokens": 4 * len(items)},
+        }
