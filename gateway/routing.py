@@ -189,9 +189,7 @@ def dev_route(name: str, known: ModelRoute | None) -> ModelRoute:
     Prices stay those of the model asked for (when known), so a team sees what it would cost.
     """
     if settings.OLLAMA_BASE_URL:
-        provider = ProviderConfig(
-            id=0, slug="dev-ollama", kind="openai", base_url=settings.OLLAMA_BASE_URL.rstrip("/") + "/v1"
-        )
+        provider = ProviderConfig(id=0, slug="dev-ollama", kind="ollama", base_url=settings.OLLAMA_BASE_URL)
         deployment = DeploymentRoute(id=None, provider=provider, upstream_model=settings.CHITTYCAN_DEV_OLLAMA_MODEL)
     else:
         deployment = DeploymentRoute(id=None, provider=_DEV_MOCK, upstream_model=name)

@@ -173,3 +173,22 @@ def wait_usage(count: int, timeout: float = 10.0, **filters: Any) -> list[Any]:
         if len(rows) >= count or time.monotonic() > deadline:
             return rows
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def fake_ollama_server() -> Iterator[tuple[Any, ServerThread]]:
+    from tests.fakes.ollama_upstream import FakeOllama
+
+    app = FakeOllama()
+    server = ServerThread(app, name="fake-ollama").start()
+    yield app, server
+    server.stop()
+
+
+@pytest.fixture
+def fake_ollama(fake_ollama_server: tuple[Any, ServerThread]) -> Any:
+    """The fake native Ollama server, its recorded requests cleared (``.url`` is its base URL)."""
+    app, server = fake_ollama_server
+    app.reset()
+    app.url = server.url
+    return app
