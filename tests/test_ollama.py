@@ -22,7 +22,7 @@ def ollama_models(transactional_db, fake_ollama):
     return fake_ollama
 
 
-def test_chat_non_stream_maps_options_and_usage(ollama_models, openai_client):
+def test_chat_non_stream_maps_options_and_usage(ollama_models, openai_client, tenant_key):
     res = openai_client.chat.completions.with_raw_response.create(
         model="llama-local",
         messages=[
@@ -60,13 +60,13 @@ def test_chat_non_stream_maps_options_and_usage(ollama_models, openai_client):
         "num_ctx": 8192,
     }
     assert sent.body["format"] == "json" and sent.body["keep_alive"] == "5m"
-    [row] = wait_usage(1)
+    [row] = wait_usage(1, tenant_id=tenant_key[0].pk)
     # 26 in at $0.10/M + 5 out at $0.20/M = 2.6 + 1 micro-USD -> rounded by the one rule
     assert (row.prompt_tokens, row.completion_tokens, row.provider) == (26, 5, "local-ollama")
     assert row.status == "ok" and row.usage_source == "upstream"
 
 
-def test_chat_stream_ndjson_to_sse(ollama_models, openai_client):
+def test_chat_stream_ndjson_to_sse(ollama_models, openai_client, tenant_key):
     chunks = list(
         openai_client.chat.completions.create(
             model="llama-local",
@@ -83,7 +83,7 @@ def test_chat_stream_ndjson_to_sse(ollama_models, openai_client):
     assert finishes == ["length"]
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
     assert ollama_models.requests[-1].body["stream"] is True
-    [row] = wait_usage(1)
+    [row] = wait_usage(1, tenant_id=tenant_key[0].pk)
     assert row.stream and (row.prompt_tokens, row.completion_tokens) == (26, 3)
 
 
@@ -145,7 +145,7 @@ def test_vision_data_uri_goes_to_images_and_http_url_is_refused(ollama_models, o
     assert "data URI" in exc.value.message
 
 
-def test_embeddings_float_and_base64(ollama_models, openai_client):
+def test_embeddings_float_and_base64(ollama_models, openai_client, tenant_key):
     floats = openai_client.embeddings.create(model="embed-local", input=["a", "b"], encoding_format="float")
     assert [d.embedding for d in floats.data] == [[0.25, 0.375, 0.5, 0.625], [0.5, 0.625, 0.75, 0.875]]
     assert floats.usage.prompt_tokens == 6
@@ -154,11 +154,11 @@ def test_embeddings_float_and_base64(ollama_models, openai_client):
     # The SDK's default asks for base64 and decodes float32; Ollama only returns floats.
     default = openai_client.embeddings.create(model="embed-local", input="a")
     assert default.data[0].embedding == [0.25, 0.375, 0.5, 0.625]
-    rows = wait_usage(2)
+    rows = wait_usage(2, tenant_id=tenant_key[0].pk)
     assert [r.prompt_tokens for r in rows] == [6, 3]
 
 
-def test_ollama_errors_are_mapped(ollama_models, openai_client):
+def test_ollama_errors_are_mapped(ollama_models, openai_client, tenant_key):
     with pytest.raises(openai.NotFoundError) as exc:
         openai_client.chat.completions.create(model="missing-local", messages=[{"role": "user", "content": "x"}])
     assert "not found" in exc.value.message
@@ -181,7 +181,7 @@ def test_ollama_errors_are_mapped(ollama_models, openai_client):
         for chunk in stream:
             received.append(chunk.choices[0].delta.content)
     assert "Hel" in received and "while running the model" in str(stream_exc.value)
-    rows = wait_usage(2)
+    rows = wait_usage(2, tenant_id=tenant_key[0].pk)
     assert [r.status for r in rows] == ["upstream_error", "upstream_error"]
     assert rows[1].completion_tokens > 0 and rows[1].usage_source == "estimated"
 
