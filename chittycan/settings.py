@@ -29,10 +29,12 @@ INSTALLED_APPS = [
     "django_otp.plugins.otp_totp",
     "django_otp.plugins.otp_static",
     "rest_framework",
+    "rest_framework.authtoken",
     "channels",
     "tenants",
     "gateway",
     "billing_export",
+    "control",
 ]
 
 MIDDLEWARE = [
@@ -172,6 +174,22 @@ CHITTYCAN_USAGE_BATCH_SIZE = env_int("CHITTYCAN_USAGE_BATCH_SIZE", 500)
 CHITTYCAN_USAGE_FLUSH_INTERVAL = env_float("CHITTYCAN_USAGE_FLUSH_INTERVAL", 0.2)
 CHITTYCAN_USAGE_SPOOL_DIR = Path(env_str("CHITTYCAN_USAGE_SPOOL_DIR", str(VAR_DIR / "spool")))
 CHITTYCAN_USAGE_RETENTION_DAYS = env_int("CHITTYCAN_USAGE_RETENTION_DAYS", 90)
+# Writer retries while the database is down: exponential backoff from BASE up to MAX seconds.
+CHITTYCAN_USAGE_RETRY_BASE = env_float("CHITTYCAN_USAGE_RETRY_BASE", 0.25)
+CHITTYCAN_USAGE_RETRY_MAX = env_float("CHITTYCAN_USAGE_RETRY_MAX", 30.0)
+CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL = env_float("CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL", 30.0)
+# Rows another writer read but did not acknowledge for this long are taken over (it crashed).
+CHITTYCAN_USAGE_CLAIM_IDLE_MS = env_int("CHITTYCAN_USAGE_CLAIM_IDLE_MS", 60_000)
+# Budget alerts: webhook timeout and where links in alert emails point.
+CHITTYCAN_ALERT_WEBHOOK_TIMEOUT = env_float("CHITTYCAN_ALERT_WEBHOOK_TIMEOUT", 10.0)
+
+# Periodic jobs (celery beat). See docs/usage-and-analytics.md.
+CELERY_BEAT_SCHEDULE = {
+    "usage-rollup": {"task": "gateway.tasks.rollup_usage", "schedule": 300.0},
+    "usage-prune": {"task": "gateway.tasks.prune_usage", "schedule": 3600.0},
+    "usage-spool-replay": {"task": "gateway.tasks.replay_usage_spool", "schedule": 60.0},
+    "budget-alerts": {"task": "gateway.tasks.check_budget_alerts", "schedule": 60.0},
+}
 
 CHITTYCAN_SERVER = env_choice("CHITTYCAN_SERVER", "uvicorn", ("uvicorn", "granian", "daphne"))
 

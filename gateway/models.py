@@ -5,11 +5,23 @@ from __future__ import annotations
 from decimal import Decimal
 
 from django.db import models
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from gateway.crypto import decrypt, encrypt
 
-__all__ = ["Deployment", "LLMModel", "Price", "Provider", "UsageRecord"]
+__all__ = [
+    "AlertSent",
+    "DailyUsage",
+    "Deployment",
+    "HourlyUsage",
+    "LLMModel",
+    "Price",
+    "Provider",
+    "RollupCursor",
+    "RollupHour",
+    "UsageRecord",
+]
 
 
 class Provider(models.Model):
@@ -159,13 +171,136 @@ class UsageRecord(models.Model):
     cache_hit = models.BooleanField(default=False)
     end_user = models.CharField(max_length=200, blank=True, default="")
     timings = models.JSONField(default=dict, blank=True, help_text="Per-stage milliseconds")
+    recorded_at = models.DateTimeField(
+        db_default=Now(), editable=False, help_text="When the row reached the ledger (rollups find late rows by it)"
+    )
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [
             models.Index(fields=["tenant", "created_at"], name="usage_tenant_time"),
             models.Index(fields=["api_key", "created_at"], name="usage_key_time"),
+            models.Index(fields=["recorded_at"], name="usage_recorded"),
         ]
 
     def __str__(self) -> str:
         return self.request_id
+
+
+# --- rollups ------------------------------------------------------------------------------------
+
+
+class UsageTotals(models.Model):
+    """The sums a rollup keeps. Averages are sums divided by counts, so buckets add up exactly."""
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.DO_NOTHING, db_constraint=False, related_name="+")
+    api_key = models.ForeignKey(
+        "tenants.ApiKey", null=True, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+"
+    )
+    model = models.CharField(max_length=200, help_text="Served model (the requested name if none was served)")
+    provider = models.CharField(max_length=100, blank=True, default="")
+    calls = models.PositiveBigIntegerField(default=0)
+    errors = models.PositiveBigIntegerField(default=0, help_text="Rows whose status is not ok")
+    cache_hits = models.PositiveBigIntegerField(default=0)
+    stream_calls = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    cached_tokens = models.PositiveBigIntegerField(default=0)
+    cache_write_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    reasoning_tokens = models.PositiveBigIntegerField(default=0)
+    cost_micro = models.BigIntegerField(default=0, help_text="Integer micro-USD")
+    latency_ms_sum = models.PositiveBigIntegerField(default=0)
+    ttft_ms_sum = models.PositiveBigIntegerField(default=0)
+    ttft_count = models.PositiveBigIntegerField(default=0, help_text="Calls with a time to first token")
+
+    class Meta:
+        abstract = True
+
+
+class HourlyUsage(UsageTotals):
+    """Usage per UTC hour, tenant, key, model and provider; recomputed from the ledger."""
+
+    hour = models.DateTimeField(help_text="Start of the UTC hour")
+
+    class Meta:
+        ordering = ["-hour"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["hour", "tenant", "api_key", "model", "provider"],
+                name="hourly_usage_unique",
+                nulls_distinct=False,
+            ),
+        ]
+        indexes = [models.Index(fields=["tenant", "hour"], name="hourly_usage_tenant")]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}:00 tenant {self.tenant_id} {self.model}"
+
+
+class DailyUsage(UsageTotals):
+    """Usage per calendar day in the tenant's time zone; recomputed from the hourly rollups."""
+
+    date = models.DateField(help_text="Calendar day in the tenant's time zone")
+
+    class Meta:
+        ordering = ["-date"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["date", "tenant", "api_key", "model", "provider"],
+                name="daily_usage_unique",
+                nulls_distinct=False,
+            ),
+        ]
+        indexes = [models.Index(fields=["tenant", "date"], name="daily_usage_tenant")]
+
+    def __str__(self) -> str:
+        return f"{self.date} tenant {self.tenant_id} {self.model}"
+
+
+class RollupHour(models.Model):
+    """Bookkeeping per UTC hour. A sealed hour's raw rows were pruned: its rollup is the record."""
+
+    hour = models.DateTimeField(unique=True)
+    computed_at = models.DateTimeField(default=timezone.now)
+    sealed = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-hour"]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}:00{' sealed' if self.sealed else ''}"
+
+
+class RollupCursor(models.Model):
+    """How far (by ``UsageRecord.recorded_at``) the rollup job has looked for new ledger rows."""
+
+    name = models.CharField(max_length=50, unique=True)
+    position = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} @ {self.position:%Y-%m-%d %H:%M:%S}"
+
+
+class AlertSent(models.Model):
+    """One budget threshold crossed in one period. Unique, so each threshold alerts once per period."""
+
+    budget = models.ForeignKey("tenants.Budget", on_delete=models.CASCADE, related_name="alerts_sent")
+    period_key = models.CharField(max_length=20, help_text="2026-11, 2026-11-22 or total")
+    threshold = models.PositiveSmallIntegerField(help_text="Percent of the limit")
+    spend_micro = models.BigIntegerField(help_text="Spend when the threshold was found crossed")
+    limit_micro = models.BigIntegerField()
+    created_at = models.DateTimeField(default=timezone.now)
+    notify = models.BooleanField(default=True, help_text="False when a higher threshold crossed at the same time")
+    email_sent_at = models.DateTimeField(null=True, blank=True)
+    webhook_sent_at = models.DateTimeField(null=True, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["budget", "period_key", "threshold"], name="alert_once_per_period"),
+        ]
+
+    def __str__(self) -> str:
+        return f"budget {self.budget_id} {self.period_key} {self.threshold}%"

@@ -5,14 +5,28 @@ per process, in a consumer group) inserts rows in batches, acknowledging them on
 database committed; rows of a crashed writer are claimed by another. Inserts are idempotent by
 request id (``ON CONFLICT DO NOTHING``), so a replay never doubles a row. Without Redis (embedded
 mode) rows queue in memory and the same writer inserts them.
+
+Failure handling:
+
+- Database unreachable (``OperationalError``/``InterfaceError``): nothing is acknowledged, the
+  entries stay in the consumer's pending list and the writer retries with exponential backoff
+  (``CHITTYCAN_USAGE_RETRY_MAX`` seconds at most). Nothing is lost and, thanks to the unique
+  request id, nothing is doubled when the database comes back.
+- A row the database rejects for good (bad data): the batch is split until the bad row is
+  isolated; it moves to the dead-letter stream ``<prefix>:usage:dead`` and the rest are written.
+- Redis unreachable at hand-off: the row is appended to a local spool file (fsynced), which every
+  writer replays periodically (``CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL``), not only at start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
+import random
 import socket
+import time
 from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +35,7 @@ from typing import Any
 import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 
 from gateway.context import RequestContext
 from gateway.runtime import background, redis_client
@@ -31,13 +46,24 @@ GROUP = "writers"
 _memory_queue: deque[dict[str, Any]] = deque()
 _memory_event: asyncio.Event | None = None
 
+#: Errors that mean "the database is unavailable right now": retry, never drop.
+TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (OperationalError, InterfaceError)
+
 
 def stream_key() -> str:
     return f"{settings.REDIS_PREFIX}:usage"
 
 
+def dead_letter_key() -> str:
+    return f"{settings.REDIS_PREFIX}:usage:dead"
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _setting(name: str, default: float) -> float:
+    return float(getattr(settings, name, default))
 
 
 def row_from_context(ctx: RequestContext) -> dict[str, Any]:
@@ -96,57 +122,153 @@ async def hand_off_or_spool(row: dict[str, Any]) -> None:
         await sync_to_async(spool_row, thread_sensitive=False)(row)
 
 
-def _spool_path() -> Path:
+# --- spool ------------------------------------------------------------------------------------
+# Appenders and the replayer serialise on an exclusive flock of the spool file. The replayer
+# deletes a file while holding its lock; an appender that gets the lock afterwards notices the
+# path no longer names its inode and starts a fresh file, so no appended row can be lost.
+
+
+def _spool_dir() -> Path:
     directory: Path = settings.CHITTYCAN_USAGE_SPOOL_DIR
     directory.mkdir(parents=True, exist_ok=True)
-    return directory / f"usage-{socket.gethostname()}-{os.getpid()}.jsonl"
+    return directory
+
+
+def _spool_path() -> Path:
+    return _spool_dir() / f"usage-{socket.gethostname()}-{os.getpid()}.jsonl"
 
 
 def spool_row(row: dict[str, Any]) -> None:
-    with open(_spool_path(), "ab") as fh:
-        fh.write(orjson.dumps(row) + b"\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    path = _spool_path()
+    data = orjson.dumps(row) + b"\n"
+    while True:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if not same_file:
+                continue  # a replayer took this file while we waited; append to a new one
+            os.write(fd, data)
+            os.fsync(fd)
+            return
+        finally:
+            os.close(fd)  # closing releases the lock
+
+
+def _read_spool_rows(data: bytes, path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for number, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            # A torn last line (crash mid-write) or damage: keep it aside for a human, go on.
+            log.error("unreadable spool line %s:%d moved to the rejects file", path.name, number)
+            with open(path.with_name("rejects.jsonl.bad"), "ab") as bad:
+                bad.write(line + b"\n")
+    return rows
 
 
 def replay_spool() -> int:
-    """Write every spooled row to the database, then remove the spool files. Returns rows replayed."""
+    """Write every spooled row to the database and delete the replayed files. Returns rows replayed.
+
+    Safe to run from several processes at once (files are locked, inserts are idempotent). If the
+    database is down the files stay where they are for the next run and the error propagates.
+    """
     directory: Path = settings.CHITTYCAN_USAGE_SPOOL_DIR
     if not directory.exists():
         return 0
     replayed = 0
     for path in sorted(directory.glob("usage-*.jsonl")):
-        working = path.with_suffix(".replaying")
         try:
-            path.rename(working)
+            fd = os.open(path, os.O_RDWR)
         except FileNotFoundError:
             continue
-        rows = [orjson.loads(line) for line in working.read_bytes().splitlines() if line.strip()]
         try:
-            write_rows(rows)
-        except Exception:
-            working.rename(path.with_name(f"{path.stem}-retry-{os.getpid()}.jsonl"))
-            raise
-        working.unlink()
-        replayed += len(rows)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # another replayer (or an appender) holds it; next round
+            try:
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    continue
+            except FileNotFoundError:
+                continue
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                rows = _read_spool_rows(fh.read(), path)
+            _, rejected = write_rows_resilient(rows)
+            if rejected:
+                with open(path.with_name("rejects.jsonl.bad"), "ab") as bad:
+                    bad.write(b"".join(orjson.dumps(r) + b"\n" for r in rejected))
+            path.unlink()
+            replayed += len(rows)
+        finally:
+            os.close(fd)
+    if replayed:
+        log.info("replayed %d spooled usage rows", replayed)
     return replayed
 
 
+# --- database -----------------------------------------------------------------------------------
+
+
+def _usage_fields() -> set[str]:
+    from gateway.models import UsageRecord
+
+    return {f.attname for f in UsageRecord._meta.concrete_fields if f.attname not in ("id", "recorded_at")}
+
+
+def _to_record(row: dict[str, Any], fields: set[str]) -> Any:
+    from gateway.models import UsageRecord
+
+    data = {k: v for k, v in row.items() if k in fields}
+    data["created_at"] = datetime.fromtimestamp(float(data["created_at"]), tz=UTC)
+    return UsageRecord(**data)
+
+
 def write_rows(rows: list[dict[str, Any]]) -> int:
-    """Insert rows, skipping request ids already present. Returns how many were new."""
+    """Insert rows, skipping request ids already present. Returns how many were new.
+
+    Raises on any database error; see ``write_rows_resilient`` for the writer's policy.
+    """
     from gateway.models import UsageRecord
 
     if not rows:
         return 0
-    objs = []
-    for row in rows:
-        data = dict(row)
-        data["created_at"] = datetime.fromtimestamp(float(data["created_at"]), tz=UTC)
-        objs.append(UsageRecord(**data))
+    fields = _usage_fields()
+    objs = [_to_record(row, fields) for row in rows]
     ids = [o.request_id for o in objs]
     before = set(UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True))
     UsageRecord.objects.bulk_create(objs, ignore_conflicts=True, batch_size=500)
     return len(set(ids) - before)
+
+
+def write_rows_resilient(rows: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
+    """Write rows; isolate rows the database rejects for good. Returns (new rows, rejected rows).
+
+    Transient errors (database down) propagate so the caller retries the whole batch later.
+    """
+    close_old_connections()  # drop a connection an outage broke, so this attempt reconnects
+    try:
+        return write_rows(rows), []
+    except TRANSIENT_DB_ERRORS:
+        close_old_connections()
+        raise
+    except (DatabaseError, ValueError, TypeError, KeyError) as exc:
+        if len(rows) == 1:
+            log.error("usage row rejected: %s", exc, extra={"request_id": rows[0].get("request_id")})
+            return 0, rows
+    half = len(rows) // 2
+    written_a, rejected_a = write_rows_resilient(rows[:half])
+    written_b, rejected_b = write_rows_resilient(rows[half:])
+    return written_a + written_b, rejected_a + rejected_b
+
+
+# --- Redis stream consumer --------------------------------------------------------------------
 
 
 async def _ensure_group() -> None:
@@ -159,28 +281,46 @@ async def _ensure_group() -> None:
             raise
 
 
-def _decode(entries: list[Any]) -> tuple[list[bytes], list[dict[str, Any]]]:
+def _decode(entries: list[Any]) -> tuple[list[bytes], list[dict[str, Any]], list[bytes]]:
+    """Entry ids, rows, and the raw payloads that are not valid rows (dead letters)."""
     ids: list[bytes] = []
     rows: list[dict[str, Any]] = []
+    bad: list[bytes] = []
     for entry_id, fields in entries:
         ids.append(entry_id)
-        raw = fields.get(b"row")
-        if raw:
-            rows.append(orjson.loads(raw))
-    return ids, rows
+        raw = (fields or {}).get(b"row")
+        if not raw:
+            continue  # an entry deleted while pending shows up with no fields
+        try:
+            row = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            bad.append(raw)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad.append(raw)
+    return ids, rows, bad
 
 
-async def _write_and_ack(ids: list[bytes], rows: list[dict[str, Any]]) -> None:
+async def _write_and_ack(ids: list[bytes], rows: list[dict[str, Any]], bad: list[bytes]) -> None:
+    rejected: list[dict[str, Any]] = []
     if rows:
-        await sync_to_async(write_rows, thread_sensitive=False)(rows)
+        _, rejected = await sync_to_async(write_rows_resilient, thread_sensitive=False)(rows)
+    conn = redis_client()
+    for payload in [*bad, *(orjson.dumps(r) for r in rejected)]:
+        await conn.xadd(dead_letter_key(), {b"row": payload})
     if ids:
-        conn = redis_client()
         await conn.xack(stream_key(), GROUP, *ids)
         await conn.xdel(stream_key(), *ids)
 
 
 async def drain_redis_once(count: int | None = None, block_ms: int = 1000) -> int:
-    """Read one batch for this consumer (its own pending entries first) and write it."""
+    """Read one batch for this consumer (its own pending entries first) and write it.
+
+    Raises a transient database error without acknowledging anything: the entries stay pending
+    and the next call retries them first.
+    """
     await _ensure_group()
     conn = redis_client()
     batch = count or settings.CHITTYCAN_USAGE_BATCH_SIZE
@@ -189,15 +329,16 @@ async def drain_redis_once(count: int | None = None, block_ms: int = 1000) -> in
     pending: Any = await conn.xreadgroup(GROUP, name, {stream_key(): "0"}, count=batch)
     entries: list[Any] = pending[0][1] if pending else []
     if not entries:
-        # Entries another consumer took and never acked for a minute (it crashed): take them over.
-        claimed: Any = await conn.xautoclaim(stream_key(), GROUP, name, min_idle_time=60_000, count=batch)
+        # Entries another consumer took and never acked for a while (it crashed): take them over.
+        idle_ms = int(_setting("CHITTYCAN_USAGE_CLAIM_IDLE_MS", 60_000))
+        claimed: Any = await conn.xautoclaim(stream_key(), GROUP, name, min_idle_time=idle_ms, count=batch)
         entries = claimed[1] if claimed else []
     if not entries:
         fresh: Any = await conn.xreadgroup(GROUP, name, {stream_key(): ">"}, count=batch, block=block_ms)
         entries = fresh[0][1] if fresh else []
-    ids, rows = _decode(entries)
-    await _write_and_ack(ids, rows)
-    return len(rows)
+    ids, rows, bad = _decode(entries)
+    await _write_and_ack(ids, rows, bad)
+    return len(ids)
 
 
 async def drain_memory_once() -> int:
@@ -206,29 +347,76 @@ async def drain_memory_once() -> int:
         rows.append(_memory_queue.popleft())
     if rows:
         try:
-            await sync_to_async(write_rows, thread_sensitive=False)(rows)
+            await sync_to_async(write_rows_resilient, thread_sensitive=False)(rows)
         except Exception:
             _memory_queue.extendleft(reversed(rows))
             raise
     return len(rows)
 
 
+def backoff_seconds(failures: int) -> float:
+    """Exponential backoff with full jitter, capped by CHITTYCAN_USAGE_RETRY_MAX."""
+    cap = _setting("CHITTYCAN_USAGE_RETRY_MAX", 30.0)
+    base = _setting("CHITTYCAN_USAGE_RETRY_BASE", 0.25)
+    ceiling: float = min(cap, base * (2 ** min(failures, 16)))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+class _SpoolTimer:
+    def __init__(self) -> None:
+        self.next_at = 0.0
+
+    async def maybe_replay(self) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            return
+        self.next_at = now + _setting("CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL", 30.0)
+        try:
+            await sync_to_async(replay_spool, thread_sensitive=False)()
+        except TRANSIENT_DB_ERRORS:
+            log.warning("database unavailable; spooled usage rows kept for the next replay")
+
+
 @background("usage-writer")
 async def writer_loop() -> None:
     global _memory_event
-    await sync_to_async(replay_spool, thread_sensitive=False)()
-    if settings.REDIS_URL:
-        while True:
-            written = await drain_redis_once()
-            if not written:
-                await asyncio.sleep(settings.CHITTYCAN_USAGE_FLUSH_INTERVAL)
-    _memory_event = asyncio.Event()
+    spool = _SpoolTimer()
+    failures = 0
+    if not settings.REDIS_URL:
+        _memory_event = asyncio.Event()
     while True:
-        if not _memory_queue:
-            _memory_event.clear()
-            try:
-                await asyncio.wait_for(_memory_event.wait(), timeout=1.0)
-            except TimeoutError:
-                continue
-        await asyncio.sleep(settings.CHITTYCAN_USAGE_FLUSH_INTERVAL)  # let a batch build up
-        await drain_memory_once()
+        await spool.maybe_replay()
+        try:
+            if settings.REDIS_URL:
+                written = await drain_redis_once()
+                if not written:
+                    await asyncio.sleep(settings.CHITTYCAN_USAGE_FLUSH_INTERVAL)
+            else:
+                await _memory_round()
+            failures = 0
+        except TRANSIENT_DB_ERRORS:
+            failures += 1
+            delay = backoff_seconds(failures)
+            log.warning("database unavailable; usage rows stay queued, retry in %.2f s", delay)
+            await asyncio.sleep(delay)
+        except Exception as exc:
+            import redis
+
+            if not isinstance(exc, redis.RedisError):
+                raise
+            failures += 1
+            delay = backoff_seconds(failures)
+            log.warning("usage queue (Redis) unavailable; retry in %.2f s", delay)
+            await asyncio.sleep(delay)
+
+
+async def _memory_round() -> None:
+    assert _memory_event is not None
+    if not _memory_queue:
+        _memory_event.clear()
+        try:
+            await asyncio.wait_for(_memory_event.wait(), timeout=1.0)
+        except TimeoutError:
+            return
+    await asyncio.sleep(settings.CHITTYCAN_USAGE_FLUSH_INTERVAL)  # let a batch build up
+    await drain_memory_once()

@@ -1,0 +1,33 @@
+"""Who may manage which tenants through the management API."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+__all__ = ["TenantMembership"]
+
+
+class TenantMembership(models.Model):
+    """A user's role on a tenant; it covers the tenant's whole subtree.
+
+    Admins read and change the subtree (child tenants, keys, budgets); members only read it.
+    Staff users see everything without a membership.
+    """
+
+    class Role(models.TextChoices):
+        ADMIN = "admin"
+        MEMBER = "member"
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tenant_memberships")
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="memberships")
+    role = models.CharField(max_length=10, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["tenant", "user"]
+        constraints = [models.UniqueConstraint(fields=["user", "tenant"], name="membership_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.role} of {self.tenant}"

@@ -1,0 +1,248 @@
+"""The usage pipeline: rows reach PostgreSQL in batches, idempotent by request id, and survive a
+PostgreSQL outage (kept pending in the Redis stream) and a Redis outage (spooled to disk)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+
+import orjson
+import pytest
+import redis
+from django.conf import settings
+from django.db import OperationalError, connection
+
+from gateway import runtime, usage
+from gateway.models import UsageRecord
+from tests.conftest import wait_usage
+
+
+def _row(tenant_id, request_id=None, **extra):
+    row = {
+        "request_id": request_id or f"req_{uuid.uuid4().hex}",
+        "created_at": time.time(),
+        "tenant_id": tenant_id,
+        "api_key_id": None,
+        "endpoint": "chat",
+        "requested_model": "gpt-4o",
+        "served_model": "gpt-4o-2024-08-06",
+        "provider": "fake-openai",
+        "prompt_tokens": 10,
+        "completion_tokens": 7,
+        "cost_micro": 95,
+        "status": "ok",
+    }
+    row.update(extra)
+    return row
+
+
+def _redis():
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+def _run(coro_fn, *args, **kwargs):
+    """Run a coroutine on a fresh loop with its own Redis client."""
+
+    async def main():
+        try:
+            return await coro_fn(*args, **kwargs)
+        finally:
+            conn = runtime._redis.pop(id(asyncio.get_running_loop()), None)
+            if conn is not None:
+                await conn.aclose()
+
+    return asyncio.run(main())
+
+
+def _in_new_thread(fn):
+    """Call ``fn`` in a new thread (so it needs a new database connection); return or raise its result."""
+    out = {}
+
+    def target():
+        try:
+            out["value"] = fn()
+        except BaseException as exc:
+            out["error"] = exc
+        finally:
+            from django.db import connections
+
+            connections.close_all()
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(30)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _admin_connection():
+    """A connection to the maintenance database (a database cannot refuse connections to itself)."""
+    import psycopg
+
+    params = connection.settings_dict
+    return psycopg.connect(
+        host=params["HOST"] or None,
+        port=params["PORT"] or None,
+        user=params["USER"] or None,
+        password=params["PASSWORD"] or None,
+        dbname="postgres",
+        autocommit=True,
+    )
+
+
+@contextmanager
+def postgres_outage():
+    """Make the test database refuse every new connection and drop all but this test's own."""
+    name = connection.settings_dict["NAME"]
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        own_pid = cur.fetchone()[0]
+    with _admin_connection() as admin:
+        admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> %s",
+            [name, own_pid],
+        )
+    try:
+        yield
+    finally:
+        with _admin_connection() as admin:
+            admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+
+def test_rows_are_idempotent_by_request_id(make_tenant):
+    tenant = make_tenant("ledger-a")
+    rows = [_row(tenant.pk) for _ in range(5)]
+    assert usage.write_rows(rows) == 5
+    assert usage.write_rows([*rows, _row(tenant.pk, request_id=rows[0]["request_id"])]) == 0
+    assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 5
+
+
+def test_batch_from_stream_is_written_and_acknowledged(make_tenant):
+    tenant = make_tenant("ledger-b")
+    rows = [_row(tenant.pk) for _ in range(30)]
+
+    async def hand_all():
+        for row in rows:
+            await usage.hand_off(row)
+        return await usage.drain_redis_once(count=100, block_ms=10)
+
+    assert _run(hand_all) == 30
+    assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 30
+    assert _redis().xlen(usage.stream_key()) == 0
+
+
+def test_poison_row_goes_to_dead_letter_and_does_not_block_the_batch(make_tenant):
+    tenant = make_tenant("ledger-c")
+    good = [_row(tenant.pk) for _ in range(3)]
+    poison = _row(None)  # no tenant: the database refuses it for good
+
+    async def go():
+        for row in [good[0], poison, *good[1:]]:
+            await usage.hand_off(row)
+        await usage.drain_redis_once(count=100, block_ms=10)
+
+    _run(go)
+    assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 3
+    [(_, fields)] = _redis().xrange(usage.dead_letter_key())
+    assert orjson.loads(fields[b"row"])["request_id"] == poison["request_id"]
+    assert _redis().xlen(usage.stream_key()) == 0
+
+
+def test_rows_of_a_crashed_writer_are_claimed_once(make_tenant, settings):
+    """A writer that committed but died before acknowledging: the rows are re-delivered, not doubled."""
+    tenant = make_tenant("ledger-d")
+    rows = [_row(tenant.pk) for _ in range(6)]
+
+    async def go():
+        await usage._ensure_group()
+        for row in rows:
+            await usage.hand_off(row)
+        conn = runtime.redis_client()
+        await conn.xreadgroup(usage.GROUP, "crashed-writer", {usage.stream_key(): ">"}, count=100)
+
+    _run(go)
+    usage.write_rows(rows[:4])  # it had committed these before dying
+    settings.CHITTYCAN_USAGE_CLAIM_IDLE_MS = 0
+    assert _run(usage.drain_redis_once, count=100, block_ms=10) == 6
+    assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 6
+    assert _redis().xpending(usage.stream_key(), usage.GROUP)["pending"] == 0
+
+
+def test_postgres_outage_keeps_rows_pending_then_writes_exactly_n(upstream, gateway_server, openai_client, tenant_key):
+    tenant = tenant_key[0]
+    # Warm the key and route caches, so the hot path needs no database during the outage.
+    openai_client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "warm"}])
+    assert len(wait_usage(1, tenant_id=tenant.pk)) == 1
+    n = 15
+    request_ids = []
+    with postgres_outage():
+        for i in range(n):
+            res = openai_client.chat.completions.with_raw_response.create(
+                model="gpt-4o", messages=[{"role": "user", "content": f"during outage {i}"}]
+            )
+            assert res.http_response.status_code == 200
+            request_ids.append(res.headers["x-request-id"])
+        # The writer cannot reach the database: a new connection is refused ...
+        with pytest.raises(OperationalError):
+            _in_new_thread(lambda: UsageRecord.objects.count())
+        time.sleep(1.0)  # ... so it retries with backoff while the rows wait in the stream.
+        assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 1
+        assert _redis().xlen(usage.stream_key()) == n
+    rows = wait_usage(n + 1, timeout=60, tenant_id=tenant.pk)
+    assert len(rows) == n + 1
+    time.sleep(0.5)  # anything doubled would show up by now
+    stored = set(UsageRecord.objects.filter(tenant_id=tenant.pk).values_list("request_id", flat=True))
+    assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == n + 1
+    assert set(request_ids) <= stored
+    assert _redis().xlen(usage.stream_key()) == 0
+
+
+def test_redis_outage_spools_and_replay_survives_a_database_outage(make_tenant, settings, tmp_path):
+    tenant = make_tenant("ledger-e")
+    settings.CHITTYCAN_USAGE_SPOOL_DIR = tmp_path
+    rows = [_row(tenant.pk) for _ in range(8)]
+    real_url = settings.REDIS_URL
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+
+    async def spool_all():
+        for row in rows:
+            await usage.hand_off_or_spool(row)
+
+    _run(spool_all)
+    settings.REDIS_URL = real_url
+    [spool_file] = list(tmp_path.glob("usage-*.jsonl"))
+    assert len(spool_file.read_bytes().splitlines()) == 8
+
+    with postgres_outage(), pytest.raises(OperationalError):
+        _in_new_thread(usage.replay_spool)
+    assert spool_file.exists()  # kept for the next replay
+    assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 0
+
+    usage.write_rows(rows[:2])  # some rows already made it (e.g. a replay that died after commit)
+    assert _in_new_thread(usage.replay_spool) == 8
+    assert not spool_file.exists()
+    assert _in_new_thread(usage.replay_spool) == 0
+    assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 8
+
+
+def test_spool_append_after_replay_starts_a_new_file(make_tenant, settings, tmp_path):
+    tenant = make_tenant("ledger-f")
+    settings.CHITTYCAN_USAGE_SPOOL_DIR = tmp_path
+    usage.spool_row(_row(tenant.pk))
+    assert usage.replay_spool() == 1
+    usage.spool_row(_row(tenant.pk))
+    assert usage.replay_spool() == 1
+    assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 2
+
+
+def test_backoff_grows_and_is_capped(settings):
+    settings.CHITTYCAN_USAGE_RETRY_BASE = 0.5
+    settings.CHITTYCAN_USAGE_RETRY_MAX = 8.0
+    assert 0.5 <= usage.backoff_seconds(1) <= 1.0
+    assert 2.0 <= usage.backoff_seconds(3) <= 4.0
+    assert 4.0 <= usage.backoff_seconds(30) <= 8.0
