@@ -192,3 +192,12 @@ def fake_ollama(fake_ollama_server: tuple[Any, ServerThread]) -> Any:
     app.reset()
     app.url = server.url
     return app
+
+
+def exact_usage(tenant: Any, count: int, settle: float = 0.3) -> list[Any]:
+    """The tenant's ledger rows once ``count`` arrived, re-read after ``settle`` seconds so a test
+    asserting "exactly N rows" also catches a late extra one. Filtering by tenant keeps rows that a
+    previous test's requests hand to the asynchronous writer late out of the count."""
+    wait_usage(count, tenant_id=tenant.pk)
+    time.sleep(settle)
+    return wait_usage(count, timeout=0, tenant_id=tenant.pk)
