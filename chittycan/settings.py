@@ -19,7 +19,7 @@ CSRF_TRUSTED_ORIGINS = [o.strip() for o in env_str("CSRF_TRUSTED_ORIGINS", "").s
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    "chittycan.apps.ChittyCanAdminConfig",  # django.contrib.admin with the OTP site (chittycan/admin_site.py)
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -190,6 +190,16 @@ CELERY_BEAT_SCHEDULE = {
     "usage-spool-replay": {"task": "gateway.tasks.replay_usage_spool", "schedule": 60.0},
     "budget-alerts": {"task": "gateway.tasks.check_budget_alerts", "schedule": 60.0},
 }
+
+# Budgets and rate limits (docs/budgets.md). When Redis is unreachable: "refuse" answers 503 with
+# retry-after; "degrade" enforces budgets in PostgreSQL alone and rate limits per process.
+CHITTYCAN_REDIS_FAILURE_POLICY = env_choice("CHITTYCAN_REDIS_FAILURE_POLICY", "refuse", ("refuse", "degrade"))
+CHITTYCAN_REDIS_RETRY_AFTER = env_int("CHITTYCAN_REDIS_RETRY_AFTER", 5)
+# A reservation's lease (renewed while its request runs); a crashed process's expire after it.
+CHITTYCAN_RESERVATION_LEASE = env_float("CHITTYCAN_RESERVATION_LEASE", 120.0)
+CHITTYCAN_RESERVATION_SWEEP_INTERVAL = env_float("CHITTYCAN_RESERVATION_SWEEP_INTERVAL", 5.0)
+# How often Celery beat runs the budget reconciler (seconds).
+CHITTYCAN_RECONCILE_INTERVAL = env_float("CHITTYCAN_RECONCILE_INTERVAL", 300.0)
 
 CHITTYCAN_SERVER = env_choice("CHITTYCAN_SERVER", "uvicorn", ("uvicorn", "granian", "daphne"))
 

@@ -1,23 +1,37 @@
 """Stages 3, 5 and 8: admission before the upstream call, settlement after it.
 
-``admit`` computes the request's worst-case cost (every input token at the highest input rate
-plus the largest possible output) so budget reservations can never be overrun, and
-``settle`` brings them to the actual cost. Passthrough mode's tenant and routes live here too.
+``admit`` checks the rate limits (``gateway.limits``), computes the request's worst-case cost
+(every input token, padded by 10 %, at the highest input rate plus the largest possible output)
+and reserves it on every budget counter of the key and of each ancestor tenant, plus one request
+on every plan quota, all or nothing (``gateway.counters``). ``settle`` brings the reservation to
+the actual cost, exactly once. See docs/budgets.md.
+
+When Redis is unreachable, ``CHITTYCAN_REDIS_FAILURE_POLICY`` decides: ``refuse`` answers 503
+with ``retry-after``; ``degrade`` enforces budgets in PostgreSQL alone (row locks) and rate limits
+per process. There is no fail-open path. Passthrough mode's tenant and routes live here too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from gateway import pricing
+from gateway import budgets, counters, limits, pricing
 from gateway.auth import KeyInfo, load_key
 from gateway.context import RequestContext
-from gateway.errors import ServiceUnavailable
+from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.providers.base import ProviderConfig
 from gateway.routing import DeploymentRoute, ModelRoute
+from gateway.runtime import background
+
+log = logging.getLogger(__name__)
 
 #: Input estimates are padded by 10 % (plus a few tokens) so a reservation covers tokenizer drift.
 INPUT_MARGIN = 1.10
@@ -30,13 +44,193 @@ def reservation_micro(ctx: RequestContext, max_output_tokens: int) -> int:
     return pricing.worst_case_micro(ctx.route.price_at(), prompt, max_output_tokens)
 
 
+@dataclass(slots=True)
+class Ticket:
+    """What ``admit`` took and ``settle`` must give back (kept in ``ctx.reservations``)."""
+
+    reservation: counters.Reservation | None = None
+    rate: limits.RateTicket | None = None
+    settled: bool = False
+
+
+def _policy_error() -> ServiceUnavailable:
+    wait = str(settings.CHITTYCAN_REDIS_RETRY_AFTER)
+    return ServiceUnavailable(
+        "Budget and rate-limit enforcement is unavailable (Redis unreachable); retry later.",
+        code="enforcement_unavailable",
+        headers={"retry-after": wait},
+    )
+
+
+def _degrading() -> bool:
+    """Redis is unreachable: refuse (raise 503) or go on with the PostgreSQL-only path."""
+    if settings.CHITTYCAN_REDIS_FAILURE_POLICY != "degrade":
+        raise _policy_error()
+    return True
+
+
+def _usd(micro: int) -> str:
+    return pricing.format_usd(micro).rstrip("0").rstrip(".") if micro else "0"
+
+
+def _refusal(key: KeyInfo, refused: counters.Refused) -> QuotaExceeded:
+    counter = refused.counter
+    slugs = {t.id: t.slug for t in key.lineage}
+    if counter.scope == "q":
+        who = slugs.get(counter.scope_id, str(counter.scope_id))
+        return QuotaExceeded(
+            f"The monthly request quota of {counter.limit} for tenant {who} is used up "
+            f"({counter.period_key[1:]}). Upgrade the plan or wait for the next month."
+        )
+    who = f"tenant {slugs.get(counter.scope_id, counter.scope_id)}" if counter.scope == "t" else "this API key"
+    period = {"d": "day", "m": "month", "t": "total"}[counter.period_key[0]]
+    left = max(0, (counter.limit or 0) - refused.current)
+    return QuotaExceeded(
+        f"Hard budget exceeded for {who}: limit ${_usd(counter.limit or 0)} per {period}, "
+        f"${_usd(left)} left, and this request may cost up to ${_usd(refused.amount)} "
+        f"(lower max_tokens to reserve less)."
+    )
+
+
+async def _rate_limit(ctx: RequestContext, key: KeyInfo, tokens: int) -> limits.RateTicket | None:
+    result: limits.RateResult | None
+    if settings.REDIS_URL and not counters.redis_suspect():
+        try:
+            result = await limits.hit(key, tokens, use_redis=True)
+        except counters.CounterUnavailable:
+            counters.redis_failed()
+            _degrading()
+            result = await limits.hit(key, tokens, use_redis=False)
+    elif settings.REDIS_URL:
+        _degrading()
+        result = await limits.hit(key, tokens, use_redis=False)
+    else:
+        result = await limits.hit(key, tokens, use_redis=False)
+    if result is None:
+        return None
+    ctx.extra_headers.extend(result.headers)
+    if not result.allowed:
+        assert result.refused is not None
+        what = "requests" if result.refused.kind == "r" else "tokens"
+        scope = "this API key" if result.refused.name.startswith("k") else "the tenant"
+        raise RateLimited(
+            f"Rate limit reached for {scope}: {result.refused.limit} {what} per minute. "
+            f"Try again in {result.retry_after} s.",
+            headers={"retry-after": str(result.retry_after)},
+        )
+    return result.ticket
+
+
+async def _reserve(
+    ctx: RequestContext, key: KeyInfo, parts: list[counters.Part]
+) -> counters.Reservation | counters.Refused:
+    if settings.REDIS_URL and not counters.redis_suspect():
+        try:
+            if counters.degraded():
+                await counters.redis_recovered()
+            return await counters.primary().reserve(ctx.request_id, key.root_id, parts)
+        except counters.CounterUnavailable:
+            counters.redis_failed()
+    if settings.REDIS_URL:
+        _degrading()
+        return await counters.postgres().reserve(ctx.request_id, key.root_id, parts)
+    return await counters.primary().reserve(ctx.request_id, key.root_id, parts)
+
+
 async def admit(ctx: RequestContext, max_output_tokens: int) -> None:
+    """Rate limits, then the worst-case reservation on every budget and quota counter."""
     ctx.reserved_micro = reservation_micro(ctx, max_output_tokens)
+    key = ctx.key
+    assert key is not None
+    ticket = Ticket()
+    ticket.rate = await _rate_limit(ctx, key, ctx.estimated_prompt_tokens + max_output_tokens)
+    when = datetime.fromtimestamp(ctx.created_at, UTC)
+    wanted = budgets.counters_for(key, when)
+    if wanted:
+        parts = [counters.Part(c, 1 if c.kind == "q" else ctx.reserved_micro) for c in wanted]
+        try:
+            outcome = await _reserve(ctx, key, parts)
+        except BaseException:
+            await _release_rate(ticket)
+            raise
+        if isinstance(outcome, counters.Refused):
+            await _release_rate(ticket)
+            raise _refusal(key, outcome)
+        ticket.reservation = outcome
+        _active[ctx.request_id] = outcome
+    ctx.reservations.append(ticket)
+
+
+async def _release_rate(ticket: Ticket) -> None:
+    if ticket.rate is not None:
+        try:
+            await limits.adjust(ticket.rate, 0)
+        except counters.CounterUnavailable:
+            counters.redis_failed()
 
 
 async def settle(ctx: RequestContext) -> None:
-    """Bring reservations to the actual cost. Idempotent by request id."""
+    """Bring reservations to the actual cost. Idempotent by request id (and per context)."""
     ctx.reserved_micro = 0
+    for ticket in ctx.reservations:
+        if not isinstance(ticket, Ticket) or ticket.settled:
+            continue
+        ticket.settled = True
+        reached = ctx.reached_provider
+        actual = ctx.cost_micro if reached else 0
+        if ticket.rate is not None:
+            used = ctx.usage.prompt_tokens + ctx.usage.completion_tokens if ctx.usage is not None and reached else 0
+            try:
+                await limits.adjust(ticket.rate, used)
+            except counters.CounterUnavailable:
+                counters.redis_failed()
+        res = ticket.reservation
+        if res is None:
+            continue
+        _active.pop(res.request_id, None)
+        try:
+            await counters.store_by_name(res.store).settle(res, actual, 1 if reached else 0)
+        except counters.CounterUnavailable:
+            # The counters are dropped and rebuilt from the ledger once Redis is back.
+            counters.redis_failed()
+            log.warning("could not settle a reservation (Redis down)", extra={"request_id": ctx.request_id})
+
+
+# --- leases and the sweeper -------------------------------------------------------------------
+
+_active: dict[str, counters.Reservation] = {}
+
+
+async def renew_leases() -> None:
+    """Extend the lease of every reservation this process holds (long streams keep theirs)."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for res in list(_active.values()):
+        groups.setdefault((res.store, res.root), []).append(res.request_id)
+    for (store, root), ids in groups.items():
+        try:
+            await counters.store_by_name(store).renew(root, ids)
+        except counters.CounterUnavailable:
+            counters.redis_failed()
+
+
+@background("budget-leases")
+async def _lease_loop() -> None:
+    interval = float(settings.CHITTYCAN_RESERVATION_SWEEP_INTERVAL)
+    last_renew = last_pg = time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        now = time.monotonic()
+        if now - last_renew >= settings.CHITTYCAN_RESERVATION_LEASE / 3:
+            last_renew = now
+            await renew_leases()
+        try:
+            if not (settings.REDIS_URL and counters.redis_suspect()):
+                await counters.primary().sweep()
+        except counters.CounterUnavailable:
+            counters.redis_failed()
+        if settings.REDIS_URL and (counters.degraded() or now - last_pg >= 60):
+            last_pg = now
+            await counters.postgres().sweep()
 
 
 # --- passthrough mode -------------------------------------------------------------------------

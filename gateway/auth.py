@@ -15,6 +15,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from gateway.budgets import BudgetInfo, load_budgets
 from gateway.errors import AuthenticationFailed, PermissionDenied
 from tenants import keys
 
@@ -44,6 +45,12 @@ class KeyInfo:
     rpm_limit: int | None
     tpm_limit: int | None
     expires_at: float | None
+    budgets: tuple[BudgetInfo, ...] = ()  # the key's, its tenant's and every ancestor's
+
+    @property
+    def root_id(self) -> int:
+        """The top of the tenant tree: the hash tag all of this tree's counters share."""
+        return self.lineage[-1].id
 
     def allows_model(self, name: str, aliases: tuple[str, ...] = ()) -> bool:
         return self.models is None or name in self.models or any(a in self.models for a in aliases)
@@ -100,6 +107,7 @@ def load_key(prefix: str) -> KeyInfo | None:
         rpm_limit=key.rpm_limit,
         tpm_limit=key.tpm_limit,
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
+        budgets=load_budgets(chain, key.pk),
     )
 
 

@@ -9,7 +9,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
-__all__ = ["ApiKey", "AuditEvent", "Budget", "Plan", "Tenant"]
+__all__ = ["ApiKey", "AuditEvent", "Budget", "BudgetCounter", "BudgetReservation", "Plan", "Tenant"]
 
 
 def _validate_time_zone(value: str) -> None:
@@ -196,3 +196,30 @@ class Budget(models.Model):
     def __str__(self) -> str:
         scope = f"tenant {self.tenant}" if self.tenant_id else f"key {self.api_key}"
         return f"{scope}: {self.limit_micro / 1_000_000:.2f} USD per {self.period}"
+
+
+class BudgetCounter(models.Model):
+    """PostgreSQL-only budget enforcement (Redis unreachable, policy ``degrade``): one row per
+    counter, e.g. ``t12:m2026-11`` (tenant 12, November in its time zone). ``value`` is settled
+    spend plus open reservations, in micro-USD (or requests for ``q`` quota counters). Rows are
+    re-synced from the usage ledger the first time a process touches them in an outage."""
+
+    name = models.CharField(max_length=100, unique=True)
+    value = models.BigIntegerField(default=0)
+    synced_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.value}"
+
+
+class BudgetReservation(models.Model):
+    """An open (or lease-expired) reservation made by the PostgreSQL path, by request id."""
+
+    request_id = models.CharField(max_length=64, unique=True)
+    parts = models.JSONField(default=list, help_text='[[counter name, amount, kind "m"|"q"], ...]')
+    expires_at = models.DateTimeField(db_index=True)
+    swept = models.BooleanField(default=False, help_text="Released by the sweeper; a late settle charges actual")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return self.request_id

@@ -1,0 +1,254 @@
+"""Budgets and plan quotas as counters: which counters a request touches, their periods, and what
+the ledger says they should hold.
+
+A counter is named ``<scope><id>:<period>``:
+
+- ``t12:m2026-11``  money spent by tenant 12's whole subtree in November (tenant 12's time zone)
+- ``k7:d2026-11-22`` money spent by key 7 on 22 November (its tenant's time zone)
+- ``t12:total``      money spent by tenant 12's subtree, ever
+- ``q12:m2026-11``   requests made by tenant 12's subtree in November (plan quota)
+
+Amounts are integer micro-USD (requests for ``q`` counters). Hard budgets and quotas carry a
+limit; soft budgets are counted (for alerts and ``spend_status``) but never refuse.
+PostgreSQL's usage ledger (``gateway.models.UsageRecord``) is the truth: ``ledger_value``
+computes what a counter must hold from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+from zoneinfo import ZoneInfo
+
+if TYPE_CHECKING:
+    from gateway.auth import KeyInfo
+    from tenants.models import Budget
+
+DAY_TTL = 3 * 86_400
+MONTH_TTL = 63 * 86_400
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetInfo:
+    """A budget as the hot path sees it (loaded with the key, cached with it)."""
+
+    id: int
+    scope: str  # "tenant" | "key"
+    scope_id: int
+    period: str  # day | month | total
+    limit_micro: int
+    hard: bool
+    time_zone: str
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    name: str
+    kind: str  # "m" money (micro-USD) | "q" requests
+    limit: int | None  # None: counted, never refuses (soft budget)
+    ttl: int  # seconds the Redis key lives; 0 = for ever
+    time_zone: str
+    budget_id: int | None = None
+
+    @property
+    def scope(self) -> str:
+        return self.name[0]
+
+    @property
+    def scope_id(self) -> int:
+        return int(self.name[1:].split(":", 1)[0])
+
+    @property
+    def period_key(self) -> str:
+        return self.name.split(":", 1)[1]
+
+
+@lru_cache(maxsize=512)
+def _zone(name: str) -> ZoneInfo:
+    return ZoneInfo(name)
+
+
+def period_key(period: str, time_zone: str, when: datetime) -> str:
+    """``d2026-11-22``, ``m2026-11`` or ``total``: the calendar period ``when`` falls in, locally."""
+    if period == "total":
+        return "total"
+    local = when.astimezone(_zone(time_zone))
+    if period == "day":
+        return f"d{local:%Y-%m-%d}"
+    if period == "month":
+        return f"m{local:%Y-%m}"
+    raise ValueError(f"unknown budget period {period!r}")
+
+
+def period_bounds(key: str, time_zone: str) -> tuple[datetime | None, datetime | None]:
+    """The UTC instants a period key starts (inclusive) and ends (exclusive); None for ``total``."""
+    if key == "total":
+        return None, None
+    zone = _zone(time_zone)
+    if key.startswith("d"):
+        day = date.fromisoformat(key[1:])
+        nxt = day + timedelta(days=1)
+    elif key.startswith("m"):
+        year, month = (int(p) for p in key[1:].split("-"))
+        day = date(year, month, 1)
+        nxt = date(year + (month == 12), month % 12 + 1, 1)
+    else:
+        raise ValueError(f"bad period key {key!r}")
+    start = datetime(day.year, day.month, day.day, tzinfo=zone).astimezone(UTC)
+    end = datetime(nxt.year, nxt.month, nxt.day, tzinfo=zone).astimezone(UTC)
+    return start, end
+
+
+def _ttl(period: str) -> int:
+    return {"day": DAY_TTL, "month": MONTH_TTL}.get(period, 0)
+
+
+def counters_for(key: KeyInfo, when: datetime) -> list[Counter]:
+    """Every counter a request made with ``key`` at ``when`` moves: the key's budgets, every
+    budget of its tenant and of each ancestor, and the plan request quotas along the chain."""
+    found: dict[str, Counter] = {}
+    for budget in key.budgets:
+        prefix = "k" if budget.scope == "key" else "t"
+        name = f"{prefix}{budget.scope_id}:{period_key(budget.period, budget.time_zone, when)}"
+        limit = budget.limit_micro if budget.hard else None
+        previous = found.get(name)
+        if previous is not None and previous.limit is not None and (limit is None or previous.limit < limit):
+            continue
+        found[name] = Counter(name, "m", limit, _ttl(budget.period), budget.time_zone, budget.id)
+    for tenant in key.lineage:
+        if tenant.monthly_request_quota is not None:
+            name = f"q{tenant.id}:{period_key('month', tenant.time_zone, when)}"
+            found[name] = Counter(name, "q", int(tenant.monthly_request_quota), MONTH_TTL, tenant.time_zone)
+    return sorted(found.values(), key=lambda c: c.name)
+
+
+# --- the ledger side (synchronous: call off the event loop) -------------------------------------
+
+
+def subtree_ids(tenant_id: int) -> list[int]:
+    """A tenant and all its descendants."""
+    from tenants.models import Tenant
+
+    ids = [tenant_id]
+    frontier = [tenant_id]
+    while frontier:
+        frontier = [
+            pk for pk in Tenant.objects.filter(parent_id__in=frontier).values_list("pk", flat=True) if pk not in ids
+        ]
+        ids.extend(frontier)
+    return ids
+
+
+def _matches(counter: Counter, subtree: list[int] | None, row: dict[str, Any]) -> bool:
+    start, end = period_bounds(counter.period_key, counter.time_zone)
+    raw = row.get("created_at")
+    created = datetime.fromtimestamp(float(raw), tz=UTC) if isinstance(raw, int | float) else raw
+    if start is not None and end is not None and not (isinstance(created, datetime) and start <= created < end):
+        return False
+    if counter.scope == "k":
+        return bool(row.get("api_key_id") == counter.scope_id)
+    return subtree is not None and row.get("tenant_id") in subtree
+
+
+def ledger_value(counter: Counter, unwritten: list[dict[str, Any]] | None = None) -> int:
+    """What the counter must hold according to the ledger (plus rows handed off but not yet
+    written, when given): the sum of ``cost_micro``, or the number of requests for quotas."""
+    from django.db.models import Count, Sum
+
+    from gateway.models import UsageRecord
+
+    rows = UsageRecord.objects.all()
+    subtree: list[int] | None = None
+    if counter.scope == "k":
+        rows = rows.filter(api_key_id=counter.scope_id)
+    else:
+        subtree = subtree_ids(counter.scope_id)
+        rows = rows.filter(tenant_id__in=subtree)
+    start, end = period_bounds(counter.period_key, counter.time_zone)
+    if start is not None and end is not None:
+        rows = rows.filter(created_at__gte=start, created_at__lt=end)
+    if counter.kind == "q":
+        value = int(rows.aggregate(n=Count("id"))["n"] or 0)
+    else:
+        value = int(rows.aggregate(s=Sum("cost_micro"))["s"] or 0)
+    for row in unwritten or ():
+        if _matches(counter, subtree, row):
+            value += 1 if counter.kind == "q" else int(row.get("cost_micro") or 0)
+    return value
+
+
+def budget_counter(budget: Budget, when: datetime | None = None) -> Counter:
+    """The counter of a Budget row for the period ``when`` (default now) falls in."""
+    tenant = budget.tenant if budget.tenant_id else budget.api_key.tenant  # type: ignore[union-attr]
+    assert tenant is not None
+    prefix = "t" if budget.tenant_id else "k"
+    scope_id = budget.tenant_id if budget.tenant_id else budget.api_key_id
+    name = f"{prefix}{scope_id}:{period_key(budget.period, tenant.time_zone, when or datetime.now(UTC))}"
+    return Counter(name, "m", budget.limit_micro if budget.hard else None, _ttl(budget.period), tenant.time_zone)
+
+
+@dataclass(frozen=True, slots=True)
+class SpendStatus:
+    budget_id: int
+    counter: str
+    period_start: datetime | None
+    period_end: datetime | None
+    limit_micro: int
+    hard: bool
+    spent_micro: int  # settled spend in the ledger for the current period
+    reserved_micro: int  # live counter minus ledger: open reservations and rows not yet written (>= 0)
+
+    @property
+    def remaining_micro(self) -> int:
+        return max(0, self.limit_micro - self.spent_micro - self.reserved_micro)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.spent_micro / self.limit_micro if self.limit_micro else 100.0
+
+
+def spend_status(budget: Budget, when: datetime | None = None) -> SpendStatus:
+    """Current spend against a budget (for alerts, the API and the dashboard). Synchronous.
+
+    ``spent_micro`` comes from the ledger (the truth); ``reserved_micro`` is what the live counter
+    holds beyond it (in-flight requests), read from whichever counter store is active.
+    """
+    from gateway import counters
+
+    counter = budget_counter(budget, when)
+    spent = ledger_value(counter)
+    live = counters.peek_sync(counter)
+    start, end = period_bounds(counter.period_key, counter.time_zone)
+    return SpendStatus(
+        budget_id=budget.pk,
+        counter=counter.name,
+        period_start=start,
+        period_end=end,
+        limit_micro=budget.limit_micro,
+        hard=budget.hard,
+        spent_micro=spent,
+        reserved_micro=max(0, (live if live is not None else spent) - spent),
+    )
+
+
+def load_budgets(tenant_chain: list[Any], api_key_id: int | None) -> tuple[BudgetInfo, ...]:
+    """Budgets of a key and of every tenant in its chain (one query; used by ``auth.load_key``)."""
+    from django.db.models import Q
+
+    from tenants.models import Budget
+
+    zones = {t.pk: t.time_zone for t in tenant_chain}
+    key_zone = tenant_chain[0].time_zone
+    query = Q(tenant_id__in=list(zones))
+    if api_key_id is not None:
+        query |= Q(api_key_id=api_key_id)
+    found = []
+    for b in Budget.objects.filter(query).order_by("pk"):
+        if b.tenant_id:
+            found.append(BudgetInfo(b.pk, "tenant", b.tenant_id, b.period, b.limit_micro, b.hard, zones[b.tenant_id]))
+        else:
+            assert b.api_key_id is not None
+            found.append(BudgetInfo(b.pk, "key", b.api_key_id, b.period, b.limit_micro, b.hard, key_zone))
+    return tuple(found)

@@ -1,0 +1,630 @@
+"""Budget counter stores: reserve the worst case on every counter at once, settle to the actual.
+
+One small interface, three implementations:
+
+- ``RedisCounters`` (production): one Lua script per operation, a single round trip, all or
+  nothing across every counter of the request. All keys of one tenant tree share the hash tag
+  ``{<root tenant id>}`` so Redis Cluster can run the scripts. Amounts are integers (INCRBY).
+- ``PostgresCounters``: the same semantics with row locks (``SELECT ... FOR UPDATE`` on the
+  ``BudgetCounter`` rows in name order, then ``UPDATE``), used while Redis is unreachable and
+  ``CHITTYCAN_REDIS_FAILURE_POLICY=degrade``.
+- ``MemoryCounters``: embedded mode (no ``REDIS_URL``), one process.
+
+Every store keeps reservations by request id with a lease. ``settle`` applies ``actual -
+reserved`` to each counter and forgets the reservation; settling again finds nothing and changes
+nothing. A reservation whose lease expired (its process crashed) is released by the sweeper and
+remembered as *swept*: a late settle then charges the actual amount.
+
+A counter that does not exist yet (first use, new period, new budget, Redis restarted, or counters
+dropped after an outage) is built from the ledger (``budgets.ledger_value``) plus open
+reservations before the request is admitted. Redis counters are therefore rebuilt from
+PostgreSQL at start and after an outage without a separate step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from gateway.budgets import Counter, ledger_value
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    counter: Counter
+    amount: int
+
+
+@dataclass(slots=True)
+class Refused:
+    """Why a reservation was refused: the first counter that would go over its limit."""
+
+    counter: Counter
+    current: int
+    amount: int
+
+
+@dataclass(slots=True)
+class Reservation:
+    store: str  # redis | postgres | memory
+    root: int
+    request_id: str
+    counters: list[str] = field(default_factory=list)
+
+
+class CounterUnavailable(Exception):
+    """The store cannot be reached (Redis down); the failure policy decides what happens."""
+
+
+# --- key names --------------------------------------------------------------------------------
+
+
+def _tree(root: int) -> str:
+    return f"{settings.REDIS_PREFIX}:bud:{{{root}}}"
+
+
+def counter_key(root: int, name: str) -> str:
+    return f"{_tree(root)}:c:{name}"
+
+
+def _res_key(root: int) -> str:
+    return f"{_tree(root)}:res"
+
+
+def _lease_key(root: int) -> str:
+    return f"{_tree(root)}:lease"
+
+
+def _swept_key(root: int) -> str:
+    return f"{_tree(root)}:swept"
+
+
+# --- Lua ---------------------------------------------------------------------------------------
+# KEYS[1] reservations hash, KEYS[2] lease zset, KEYS[3..] counters.
+# ARGV[1] request id, ARGV[2] lease expiry (ms), then per counter: amount, limit (-1: none), ttl, kind.
+# Returns {1} admitted, {2} already reserved (idempotent), {0, i, current} refused on counter i,
+# {3, i, j, ...} counters i, j... do not exist yet (build them from the ledger, then retry).
+RESERVE_LUA = """
+local rid = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], rid) == 1 then return {2} end
+local n = #KEYS - 2
+local missing = {}
+for i = 1, n do
+  if redis.call('EXISTS', KEYS[2 + i]) == 0 then missing[#missing + 1] = i end
+end
+if #missing > 0 then return {3, unpack(missing)} end
+for i = 1, n do
+  local limit = tonumber(ARGV[2 + (i - 1) * 4 + 2])
+  if limit >= 0 then
+    local current = tonumber(redis.call('GET', KEYS[2 + i]))
+    if current + tonumber(ARGV[2 + (i - 1) * 4 + 1]) > limit then return {0, i, current} end
+  end
+end
+local parts = {}
+for i = 1, n do
+  local base = 2 + (i - 1) * 4
+  redis.call('INCRBY', KEYS[2 + i], ARGV[base + 1])
+  local ttl = tonumber(ARGV[base + 3])
+  if ttl > 0 then redis.call('EXPIRE', KEYS[2 + i], ttl) end
+  parts[i] = {KEYS[2 + i], ARGV[base + 1], ARGV[base + 4]}
+end
+redis.call('HSET', KEYS[1], rid, cjson.encode(parts))
+redis.call('ZADD', KEYS[2], ARGV[2], rid)
+return {1}
+"""
+
+# KEYS[1] reservations, KEYS[2] lease, KEYS[3] swept, KEYS[4..] the request's counters.
+# ARGV[1] request id, ARGV[2] actual micro-USD, ARGV[3] actual requests (0 or 1).
+# Open reservation: counter += actual - reserved. Swept: counter += actual. Neither: nothing.
+# A counter that no longer exists is left alone (it is rebuilt from the ledger when next used).
+SETTLE_LUA = """
+local rid = ARGV[1]
+local raw = redis.call('HGET', KEYS[1], rid)
+local swept = false
+if not raw then
+  raw = redis.call('HGET', KEYS[3], rid)
+  if not raw then return 0 end
+  swept = true
+end
+for _, p in ipairs(cjson.decode(raw)) do
+  local actual = tonumber(ARGV[2])
+  if p[3] == 'q' then actual = tonumber(ARGV[3]) end
+  local delta = actual
+  if not swept then delta = actual - tonumber(p[2]) end
+  if delta ~= 0 and redis.call('EXISTS', p[1]) == 1 then redis.call('INCRBY', p[1], delta) end
+end
+redis.call('HDEL', KEYS[1], rid)
+redis.call('HDEL', KEYS[3], rid)
+redis.call('ZREM', KEYS[2], rid)
+return 1
+"""
+
+# KEYS[1] reservations, KEYS[2] lease, KEYS[3] swept, KEYS[4..] the reservation's counters.
+# ARGV[1] request id, ARGV[2] now (ms). Releases one reservation if its lease is still expired.
+RELEASE_LUA = """
+local rid = ARGV[1]
+local expiry = redis.call('ZSCORE', KEYS[2], rid)
+if not expiry or tonumber(expiry) > tonumber(ARGV[2]) then return 0 end
+local raw = redis.call('HGET', KEYS[1], rid)
+redis.call('ZREM', KEYS[2], rid)
+if not raw then return 0 end
+for _, p in ipairs(cjson.decode(raw)) do
+  if redis.call('EXISTS', p[1]) == 1 then redis.call('DECRBY', p[1], p[2]) end
+end
+redis.call('HDEL', KEYS[1], rid)
+redis.call('HSET', KEYS[3], rid, raw)
+return 1
+"""
+
+# KEYS[1] reservations, KEYS[2..] counters to build. ARGV per counter: ledger value, ttl.
+# Sets each counter that still does not exist to ledger + its open reservations.
+BUILD_LUA = """
+local open = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 2, #all, 2 do
+  for _, p in ipairs(cjson.decode(all[i])) do
+    open[p[1]] = (open[p[1]] or 0) + tonumber(p[2])
+  end
+end
+local built = 0
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    local value = tonumber(ARGV[(i - 2) * 2 + 1]) + (open[KEYS[i]] or 0)
+    redis.call('SET', KEYS[i], string.format('%d', value))
+    local ttl = tonumber(ARGV[(i - 2) * 2 + 2])
+    if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
+    built = built + 1
+  end
+end
+return built
+"""
+
+# KEYS[1] leases, KEYS[2] leases... ARGV[1] new expiry (ms), ARGV[2..] request ids (all in KEYS[1]).
+RENEW_LUA = """
+local n = 0
+for i = 2, #ARGV do n = n + redis.call('ZADD', KEYS[1], 'XX', 'CH', ARGV[1], ARGV[i]) end
+return n
+"""
+
+
+def _lease_seconds() -> float:
+    return float(settings.CHITTYCAN_RESERVATION_LEASE)
+
+
+# --- Redis ---------------------------------------------------------------------------------------
+
+
+class RedisCounters:
+    name = "redis"
+
+    def __init__(self) -> None:
+        self._scripts: dict[tuple[int, str], Any] = {}
+
+    def _script(self, lua: str) -> Any:
+        from gateway.runtime import redis_client
+
+        conn = redis_client()
+        slot = (id(conn), lua)
+        script = self._scripts.get(slot)
+        if script is None:
+            script = self._scripts[slot] = conn.register_script(lua)
+        return script
+
+    async def _run(self, lua: str, keys: list[str], args: list[Any]) -> Any:
+        import redis
+
+        try:
+            return await self._script(lua)(keys=keys, args=args)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise CounterUnavailable(str(exc)) from exc
+
+    async def reserve(self, request_id: str, root: int, parts: list[Part]) -> Reservation | Refused:
+        keys = [_res_key(root), _lease_key(root), *(counter_key(root, p.counter.name) for p in parts)]
+        args: list[Any] = [request_id, int((time.time() + _lease_seconds()) * 1000)]
+        for p in parts:
+            limit = p.counter.limit if p.counter.limit is not None else -1
+            args.extend((p.amount, limit, p.counter.ttl, p.counter.kind))
+        for _ in range(3):
+            result = await self._run(RESERVE_LUA, keys, args)
+            status = int(result[0])
+            if status in (1, 2):
+                return Reservation("redis", root, request_id, [p.counter.name for p in parts])
+            if status == 0:
+                index = int(result[1]) - 1
+                return Refused(parts[index].counter, int(result[2]), parts[index].amount)
+            await self.build(root, [parts[int(i) - 1].counter for i in result[1:]])
+        raise CounterUnavailable("budget counters could not be built")
+
+    async def build(self, root: int, missing: list[Counter]) -> None:
+        values = await sync_to_async(_ledger_values, thread_sensitive=False)(missing, True)
+        args: list[Any] = []
+        for counter, value in zip(missing, values, strict=True):
+            args.extend((value, counter.ttl))
+        await self._run(BUILD_LUA, [_res_key(root), *(counter_key(root, c.name) for c in missing)], args)
+
+    async def settle(self, reservation: Reservation, actual_micro: int, actual_requests: int) -> bool:
+        root = reservation.root
+        keys = [
+            _res_key(root),
+            _lease_key(root),
+            _swept_key(root),
+            *(counter_key(root, n) for n in reservation.counters),
+        ]
+        done = await self._run(SETTLE_LUA, keys, [reservation.request_id, actual_micro, actual_requests])
+        return bool(done)
+
+    async def renew(self, root: int, request_ids: list[str]) -> None:
+        expiry = int((time.time() + _lease_seconds()) * 1000)
+        await self._run(RENEW_LUA, [_lease_key(root)], [expiry, *request_ids])
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Release every reservation whose lease expired (its process died). Returns how many."""
+        from gateway.runtime import redis_client
+
+        conn = redis_client()
+        now_ms = int((now if now is not None else time.time()) * 1000)
+        released = 0
+        try:
+            async for raw_key in conn.scan_iter(match=f"{settings.REDIS_PREFIX}:bud:*:lease", count=500):
+                lease = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
+                root = int(lease.split("{", 1)[1].split("}", 1)[0])
+                expired = await conn.zrangebyscore(lease, "-inf", now_ms, start=0, num=500)
+                for rid_raw in expired:
+                    rid = rid_raw.decode() if isinstance(rid_raw, bytes) else str(rid_raw)
+                    raw = await conn.hget(_res_key(root), rid)
+                    names = [p[0] for p in orjson.loads(raw)] if raw else []
+                    keys = [_res_key(root), lease, _swept_key(root), *names]
+                    released += int(await self._script(RELEASE_LUA)(keys=keys, args=[rid, now_ms]))
+        except Exception as exc:
+            import redis
+
+            if isinstance(exc, redis.RedisError | OSError):
+                raise CounterUnavailable(str(exc)) from exc
+            raise
+        return released
+
+    async def drop_all(self) -> int:
+        """Forget every counter (they are rebuilt from the ledger when next used). Reservations stay."""
+        import redis
+
+        from gateway.runtime import redis_client
+
+        conn = redis_client()
+        dropped = 0
+        try:
+            async for key in conn.scan_iter(match=f"{settings.REDIS_PREFIX}:bud:*:c:*", count=1000):
+                dropped += int(await conn.delete(key))
+        except (redis.RedisError, OSError) as exc:
+            raise CounterUnavailable(str(exc)) from exc
+        return dropped
+
+
+def _unwritten_rows() -> list[dict[str, Any]]:
+    """Usage rows handed off to the Redis stream but not yet in the ledger."""
+    import redis
+
+    from gateway import usage
+    from gateway.models import UsageRecord
+
+    conn = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
+    try:
+        entries: Any = conn.xrange(usage.stream_key(), count=100_000)
+    finally:
+        conn.close()
+    rows = [orjson.loads(fields[b"row"]) for _, fields in entries or () if fields and fields.get(b"row")]
+    if not rows:
+        return []
+    written = set(
+        UsageRecord.objects.filter(request_id__in=[r["request_id"] for r in rows]).values_list("request_id", flat=True)
+    )
+    return [r for r in rows if r["request_id"] not in written]
+
+
+def _ledger_values(counters: list[Counter], include_stream: bool) -> list[int]:
+    from django.db import close_old_connections
+
+    close_old_connections()
+    unwritten = _unwritten_rows() if include_stream and settings.REDIS_URL else []
+    return [ledger_value(c, unwritten) for c in counters]
+
+
+# --- PostgreSQL --------------------------------------------------------------------------------
+
+
+class PostgresCounters:
+    """Row-locked counters in PostgreSQL. Rows are re-synced from the ledger the first time this
+    process touches them after ``since`` (the moment it lost Redis)."""
+
+    name = "postgres"
+
+    def __init__(self) -> None:
+        self.since: datetime = datetime.now(UTC)
+
+    async def reserve(self, request_id: str, root: int, parts: list[Part]) -> Reservation | Refused:
+        return await sync_to_async(self._reserve, thread_sensitive=False)(request_id, root, parts)
+
+    def _sync_rows(self, names: list[str], counters: dict[str, Counter]) -> dict[str, Any]:
+        from tenants.models import BudgetCounter, BudgetReservation
+
+        BudgetCounter.objects.bulk_create(
+            [BudgetCounter(name=n, value=0, synced_at=datetime(2000, 1, 1, tzinfo=UTC)) for n in names],
+            ignore_conflicts=True,
+        )
+        rows = {r.name: r for r in BudgetCounter.objects.select_for_update().filter(name__in=names).order_by("name")}
+        stale = [n for n in names if rows[n].synced_at < self.since and n in counters]
+        if stale:
+            open_amounts: dict[str, int] = {}
+            for res in BudgetReservation.objects.filter(swept=False):
+                for name, amount, _kind in res.parts:
+                    open_amounts[name] = open_amounts.get(name, 0) + int(amount)
+            now = datetime.now(UTC)
+            for n in stale:
+                rows[n].value = ledger_value(counters[n]) + open_amounts.get(n, 0)
+                rows[n].synced_at = now
+                rows[n].save(update_fields=["value", "synced_at"])
+        return rows
+
+    def _reserve(self, request_id: str, root: int, parts: list[Part]) -> Reservation | Refused:
+        from django.db import close_old_connections, transaction
+
+        from tenants.models import BudgetReservation
+
+        close_old_connections()
+        names = sorted(p.counter.name for p in parts)
+        with transaction.atomic():
+            if BudgetReservation.objects.filter(request_id=request_id).exists():
+                return Reservation("postgres", root, request_id, names)
+            rows = self._sync_rows(names, {p.counter.name: p.counter for p in parts})
+            for p in parts:
+                row = rows[p.counter.name]
+                if p.counter.limit is not None and row.value + p.amount > p.counter.limit:
+                    return Refused(p.counter, row.value, p.amount)
+            for p in parts:
+                row = rows[p.counter.name]
+                row.value += p.amount
+                row.save(update_fields=["value"])
+            BudgetReservation.objects.create(
+                request_id=request_id,
+                parts=[[p.counter.name, p.amount, p.counter.kind] for p in parts],
+                expires_at=datetime.now(UTC) + timedelta(seconds=_lease_seconds()),
+            )
+        return Reservation("postgres", root, request_id, names)
+
+    async def settle(self, reservation: Reservation, actual_micro: int, actual_requests: int) -> bool:
+        return await sync_to_async(_pg_settle, thread_sensitive=False)(
+            reservation.request_id, actual_micro, actual_requests
+        )
+
+    async def renew(self, root: int, request_ids: list[str]) -> None:
+        await sync_to_async(_pg_renew, thread_sensitive=False)(request_ids)
+
+    async def sweep(self, now: float | None = None) -> int:
+        return await sync_to_async(pg_sweep, thread_sensitive=False)(now)
+
+
+def _pg_apply(parts: list[Any], actual_micro: int, actual_requests: int, swept: bool) -> None:
+    from django.db.models import F
+
+    from tenants.models import BudgetCounter
+
+    for name, amount, kind in sorted(parts):
+        actual = actual_requests if kind == "q" else actual_micro
+        delta = actual if swept else actual - int(amount)
+        if delta:
+            BudgetCounter.objects.filter(name=name).update(value=F("value") + delta)
+
+
+def _pg_settle(request_id: str, actual_micro: int, actual_requests: int) -> bool:
+    from django.db import close_old_connections, transaction
+
+    from tenants.models import BudgetReservation
+
+    close_old_connections()
+    with transaction.atomic():
+        res = BudgetReservation.objects.select_for_update().filter(request_id=request_id).first()
+        if res is None:
+            return False
+        _pg_apply(res.parts, actual_micro, actual_requests, res.swept)
+        res.delete()
+    return True
+
+
+def _pg_renew(request_ids: list[str]) -> None:
+    from tenants.models import BudgetReservation
+
+    BudgetReservation.objects.filter(request_id__in=request_ids, swept=False).update(
+        expires_at=datetime.now(UTC) + timedelta(seconds=_lease_seconds())
+    )
+
+
+def pg_sweep(now: float | None = None) -> int:
+    """Release PostgreSQL reservations whose lease expired. Returns how many."""
+    from django.db import close_old_connections, transaction
+    from django.db.models import F
+
+    from tenants.models import BudgetCounter, BudgetReservation
+
+    close_old_connections()
+    moment = datetime.fromtimestamp(now, UTC) if now is not None else datetime.now(UTC)
+    released = 0
+    for pk in BudgetReservation.objects.filter(swept=False, expires_at__lte=moment).values_list("pk", flat=True):
+        with transaction.atomic():
+            res = BudgetReservation.objects.select_for_update().filter(pk=pk, swept=False).first()
+            if res is None:
+                continue
+            for name, amount, _kind in sorted(res.parts):
+                BudgetCounter.objects.filter(name=name).update(value=F("value") - int(amount))
+            res.swept = True
+            res.save(update_fields=["swept"])
+            released += 1
+    return released
+
+
+# --- in-process (embedded mode) ------------------------------------------------------------------
+
+
+class MemoryCounters:
+    """One process, one event loop: check-and-add runs without an await in between, so it is atomic."""
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.values: dict[str, int] = {}
+        self.open: dict[str, tuple[list[tuple[str, int, str]], float]] = {}
+        self.swept: dict[str, list[tuple[str, int, str]]] = {}
+        self._building: asyncio.Lock | None = None
+
+    async def reserve(self, request_id: str, root: int, parts: list[Part]) -> Reservation | Refused:
+        names = [p.counter.name for p in parts]
+        missing = [p.counter for p in parts if p.counter.name not in self.values]
+        if missing:
+            values = await sync_to_async(_ledger_values, thread_sensitive=False)(missing, False)
+            for counter, value in zip(missing, values, strict=True):
+                if counter.name not in self.values:
+                    opened = sum(a for ps, _ in self.open.values() for n, a, _k in ps if n == counter.name)
+                    self.values[counter.name] = value + opened
+        if request_id in self.open:
+            return Reservation("memory", root, request_id, names)
+        for p in parts:
+            current = self.values[p.counter.name]
+            if p.counter.limit is not None and current + p.amount > p.counter.limit:
+                return Refused(p.counter, current, p.amount)
+        for p in parts:
+            self.values[p.counter.name] += p.amount
+        self.open[request_id] = ([(p.counter.name, p.amount, p.counter.kind) for p in parts], time.time())
+        return Reservation("memory", root, request_id, names)
+
+    async def settle(self, reservation: Reservation, actual_micro: int, actual_requests: int) -> bool:
+        rid = reservation.request_id
+        swept = False
+        if rid in self.open:
+            parts = self.open.pop(rid)[0]
+        elif rid in self.swept:
+            parts, swept = self.swept.pop(rid), True
+        else:
+            return False
+        for name, amount, kind in parts:
+            actual = actual_requests if kind == "q" else actual_micro
+            if name in self.values:
+                self.values[name] += actual if swept else actual - amount
+        return True
+
+    async def renew(self, root: int, request_ids: list[str]) -> None:
+        now = time.time()
+        for rid in request_ids:
+            if rid in self.open:
+                self.open[rid] = (self.open[rid][0], now)
+
+    async def sweep(self, now: float | None = None) -> int:
+        moment = now if now is not None else time.time()
+        released = 0
+        for rid, (parts, started) in list(self.open.items()):
+            if started + _lease_seconds() <= moment:
+                for name, amount, _kind in parts:
+                    if name in self.values:
+                        self.values[name] -= amount
+                self.swept[rid] = self.open.pop(rid)[0]
+                released += 1
+        return released
+
+
+# --- choosing a store ---------------------------------------------------------------------------
+
+_redis_store = RedisCounters()
+_memory_store = MemoryCounters()
+_pg_store: PostgresCounters | None = None
+_redis_down_until = 0.0
+_degraded_since: float | None = None
+
+#: After Redis fails, skip it for this long before trying again (no per-request timeouts).
+RETRY_AFTER_FAILURE = 1.0
+
+
+def primary() -> RedisCounters | MemoryCounters:
+    return _redis_store if settings.REDIS_URL else _memory_store
+
+
+def postgres() -> PostgresCounters:
+    """The PostgreSQL store; its re-sync moment is when this process last lost Redis."""
+    global _pg_store
+    if _pg_store is None:
+        _pg_store = PostgresCounters()
+    return _pg_store
+
+
+def redis_failed() -> None:
+    """Record that Redis just failed: skip it briefly; remember the outage for the recovery step."""
+    global _redis_down_until, _degraded_since, _pg_store
+    _redis_down_until = time.monotonic() + RETRY_AFTER_FAILURE
+    if _degraded_since is None:
+        _degraded_since = time.time()
+        _pg_store = PostgresCounters()  # re-sync PostgreSQL rows touched from now on
+        log.warning("Redis unreachable: budget enforcement follows CHITTYCAN_REDIS_FAILURE_POLICY")
+
+
+def degraded() -> bool:
+    """This process lost Redis and has not yet rebuilt its counters since."""
+    return _degraded_since is not None
+
+
+def redis_suspect() -> bool:
+    return time.monotonic() < _redis_down_until
+
+
+async def redis_recovered() -> None:
+    """After an outage, drop every Redis counter: spend during the outage is only in PostgreSQL,
+    so each counter is rebuilt from the ledger when next used."""
+    global _degraded_since
+    if _degraded_since is None:
+        return
+    dropped = await _redis_store.drop_all()
+    _degraded_since = None
+    log.warning("Redis is back: %d budget counters dropped, rebuilt from the ledger on next use", dropped)
+
+
+def store_by_name(name: str) -> RedisCounters | PostgresCounters | MemoryCounters:
+    if name == "redis":
+        return _redis_store
+    if name == "postgres":
+        return postgres()
+    return _memory_store
+
+
+def peek_sync(counter: Counter, root: int | None = None) -> int | None:
+    """The live value of a counter in the primary store, or None if it is not built or unreachable."""
+    if not settings.REDIS_URL:
+        return _memory_store.values.get(counter.name)
+    import redis
+
+    if root is None:
+        root = _root_of(counter)
+    try:
+        conn = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            raw = conn.get(counter_key(root, counter.name))
+        finally:
+            conn.close()
+    except (redis.RedisError, OSError):
+        return None
+    return int(raw) if raw is not None else None
+
+
+def _root_of(counter: Counter) -> int:
+    from tenants.models import ApiKey, Tenant
+
+    if counter.scope == "k":
+        tenant = ApiKey.objects.select_related("tenant").get(pk=counter.scope_id).tenant
+    else:
+        tenant = Tenant.objects.get(pk=counter.scope_id)
+    chain = [tenant, *tenant.ancestors()]
+    return int(chain[-1].pk)

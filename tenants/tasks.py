@@ -1,0 +1,150 @@
+"""Celery tasks for budgets: the drift reconciler and the reservation sweeper.
+
+``reconcile_budgets`` compares every live budget and quota counter with what PostgreSQL's ledger
+says it must hold (settled spend, plus rows handed off but not yet written, plus open
+reservations) and reports any difference. Celery beat runs it every
+``CHITTYCAN_RECONCILE_INTERVAL`` seconds; ``repair=True`` also corrects the counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from asgiref.sync import async_to_sync
+from celery import shared_task
+from django.conf import settings
+
+from chittycan.celery import app
+from gateway import budgets, counters
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Drift:
+    counter: str
+    root: int
+    live: int
+    expected: int
+
+    @property
+    def drift(self) -> int:
+        return self.live - self.expected
+
+
+def live_counters(when: datetime | None = None) -> list[tuple[int, budgets.Counter]]:
+    """Every budget and plan-quota counter of the current periods, with its tree's root id."""
+    from tenants.models import Budget, Tenant
+
+    now = when or datetime.now(UTC)
+    roots: dict[int, int] = {}
+
+    def root_of(tenant: Tenant) -> int:
+        if tenant.pk not in roots:
+            chain = [tenant, *tenant.ancestors()]
+            roots[tenant.pk] = int(chain[-1].pk)
+        return roots[tenant.pk]
+
+    found: list[tuple[int, budgets.Counter]] = []
+    for budget in Budget.objects.select_related("tenant", "api_key__tenant"):
+        owner = budget.tenant if budget.tenant_id else budget.api_key.tenant  # type: ignore[union-attr]
+        assert owner is not None
+        found.append((root_of(owner), budgets.budget_counter(budget, now)))
+    for tenant in Tenant.objects.filter(plan__monthly_request_quota__isnull=False).select_related("plan"):
+        assert tenant.plan is not None and tenant.plan.monthly_request_quota is not None
+        name = f"q{tenant.pk}:{budgets.period_key('month', tenant.time_zone, now)}"
+        quota = int(tenant.plan.monthly_request_quota)
+        counter = budgets.Counter(name, "q", quota, budgets.MONTH_TTL, tenant.time_zone)
+        found.append((root_of(tenant), counter))
+    return found
+
+
+def _open_amounts(conn: Any, root: int) -> dict[str, int]:
+    amounts: dict[str, int] = {}
+    for raw in conn.hvals(counters._res_key(root)):
+        for key, amount, _kind in orjson.loads(raw):
+            amounts[key] = amounts.get(key, 0) + int(amount)
+    return amounts
+
+
+def measure_drift() -> list[Drift]:
+    """One pass: every Redis counter that exists and differs from the ledger."""
+    import redis
+
+    if not settings.REDIS_URL:
+        return []
+    conn = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+    try:
+        unwritten = counters._unwritten_rows()
+        drifts: list[Drift] = []
+        open_by_root: dict[int, dict[str, int]] = {}
+        for root, counter in live_counters():
+            key = counters.counter_key(root, counter.name)
+            raw = conn.get(key)
+            if raw is None:
+                continue  # not built yet: it is built from the ledger when first used
+            if root not in open_by_root:
+                open_by_root[root] = _open_amounts(conn, root)
+            expected = budgets.ledger_value(counter, unwritten) + open_by_root[root].get(key, 0)
+            live = int(raw)
+            if live != expected:
+                drifts.append(Drift(counter.name, root, live, expected))
+        return drifts
+    finally:
+        conn.close()
+
+
+def reconcile(*, repair: bool = False, settle_time: float = 1.0) -> list[Drift]:
+    """Report counters that disagree with the ledger twice in a row (``settle_time`` apart, so a
+    request finishing between the two reads is not reported). ``repair`` corrects them."""
+    import redis
+
+    first = {(d.root, d.counter): d for d in measure_drift()}
+    if not first:
+        return []
+    time.sleep(settle_time)
+    persistent = [d for d in measure_drift() if (d.root, d.counter) in first and first[(d.root, d.counter)] == d]
+    for d in persistent:
+        log.error("budget counter drift", extra={"counter": d.counter, "live": d.live, "expected": d.expected})
+    if repair and persistent:
+        conn = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+        try:
+            for d in persistent:
+                conn.incrby(counters.counter_key(d.root, d.counter), -d.drift)
+        finally:
+            conn.close()
+    return persistent
+
+
+@shared_task(name="tenants.reconcile_budgets")
+def reconcile_budgets(repair: bool = False) -> list[dict[str, Any]]:
+    return [{**asdict(d), "drift": d.drift} for d in reconcile(repair=repair)]
+
+
+@shared_task(name="tenants.sweep_reservations")
+def sweep_reservations() -> int:
+    """Release reservations whose lease expired (gateway processes also do this themselves)."""
+    released = counters.pg_sweep()
+    if settings.REDIS_URL:
+        from gateway import runtime
+
+        async def sweep() -> int:
+            try:
+                return await counters.primary().sweep()
+            finally:
+                await runtime.redis_client().aclose()
+
+        released += async_to_sync(sweep)()
+    return released
+
+
+@app.on_after_finalize.connect
+def _schedule(sender: Any, **_: Any) -> None:
+    interval = float(settings.CHITTYCAN_RECONCILE_INTERVAL)
+    sender.add_periodic_task(interval, reconcile_budgets.s(), name="reconcile budget counters")
+    sender.add_periodic_task(60.0, sweep_reservations.s(), name="sweep expired budget reservations")
