@@ -1,0 +1,249 @@
+"""Admin for providers (write-only credentials), public models with their deployments and prices,
+and the read-only usage ledger, rollups and budget alerts."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from django import forms
+from django.contrib import admin
+from django.db.models import Count, Model, QuerySet
+from django.forms import ModelForm
+from django.http import HttpRequest
+
+from gateway.models import (
+    AlertSent,
+    DailyUsage,
+    Deployment,
+    HourlyUsage,
+    LLMModel,
+    Price,
+    Provider,
+    UsageRecord,
+)
+from tenants.admin import AuditedAdmin, TypedAdmin, usd
+
+# --- providers -----------------------------------------------------------------------------------
+
+
+class ProviderForm(forms.ModelForm):
+    """The credential is write-only: typed in, encrypted through ``Provider.api_key``, never shown."""
+
+    api_key = forms.CharField(
+        label="API key",
+        required=False,
+        strip=True,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Stored encrypted and never displayed. Leave empty to keep the current key.",
+    )
+    clear_api_key = forms.BooleanField(label="Remove the stored API key", required=False)
+
+    class Meta:
+        model = Provider
+        fields = [
+            "slug",
+            "kind",
+            "base_url",
+            "extra_headers",
+            "connect_timeout",
+            "read_timeout",
+            "max_retries",
+            "is_active",
+        ]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("api_key") and data.get("clear_api_key"):
+            raise forms.ValidationError("Either type a new API key or remove the stored one, not both.")
+        return data
+
+
+@admin.register(Provider)
+class ProviderAdmin(AuditedAdmin[Provider]):
+    form = ProviderForm
+    list_display = ["slug", "kind", "base_url", "has_credential", "deployment_count", "is_active"]
+    list_filter = ["kind", "is_active"]
+    search_fields = ["slug", "base_url"]
+    fieldsets = [
+        (None, {"fields": ["slug", "kind", "base_url", "is_active"]}),
+        ("Credentials", {"fields": ["has_credential", "api_key", "clear_api_key", "extra_headers"]}),
+        ("Timeouts and retries", {"fields": ["connect_timeout", "read_timeout", "max_retries"]}),
+    ]
+    readonly_fields = ["has_credential"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Provider]:
+        return super().get_queryset(request).annotate(n_deployments=Count("deployments"))
+
+    @admin.display(description="API key set", boolean=True)
+    def has_credential(self, obj: Provider) -> bool:
+        return bool(obj.api_key_encrypted)
+
+    @admin.display(description="deployments", ordering="n_deployments")
+    def deployment_count(self, obj: Provider) -> int:
+        return int(getattr(obj, "n_deployments", 0))
+
+    def save_model(self, request: HttpRequest, obj: Provider, form: ModelForm, change: bool) -> None:
+        if form.cleaned_data.get("api_key"):
+            obj.api_key = form.cleaned_data["api_key"]
+        elif form.cleaned_data.get("clear_api_key"):
+            obj.api_key = ""
+        super().save_model(request, obj, form, change)
+
+
+# --- models, deployments, prices -----------------------------------------------------------------
+
+
+class DeploymentInline(admin.TabularInline):
+    model = Deployment
+    fields = ["provider", "upstream_model", "priority", "weight", "is_active"]
+    autocomplete_fields = ["provider"]
+    extra = 0
+
+
+class PriceInline(admin.TabularInline):
+    model = Price
+    fields = ["effective_from", "input_per_mtok", "cached_input_per_mtok", "cache_write_per_mtok", "output_per_mtok"]
+    extra = 0
+
+
+class LLMModelForm(forms.ModelForm):
+    class Meta:
+        model = LLMModel
+        fields = ["name", "kind", "aliases", "owned_by", "context_window", "max_output_tokens", "is_active"]
+
+    def clean_aliases(self) -> list[str]:
+        value = self.cleaned_data.get("aliases") or []
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise forms.ValidationError('A list of names, e.g. ["gpt-4o-latest"].')
+        taken: set[str] = set()
+        for name, aliases in LLMModel.objects.exclude(pk=self.instance.pk).values_list("name", "aliases"):
+            taken.add(name)
+            taken.update(aliases or [])
+        clash = [a for a in value if a in taken]
+        if clash:
+            raise forms.ValidationError(f"Already the name or an alias of another model: {', '.join(clash)}")
+        return list(dict.fromkeys(value))
+
+
+@admin.register(LLMModel)
+class LLMModelAdmin(AuditedAdmin[LLMModel]):
+    form = LLMModelForm
+    list_display = ["name", "kind", "aliases", "deployment_count", "current_price", "max_output_tokens", "is_active"]
+    list_filter = ["kind", "is_active", "deployments__provider"]
+    search_fields = ["name"]
+    inlines = [DeploymentInline, PriceInline]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[LLMModel]:
+        return super().get_queryset(request).annotate(n_deployments=Count("deployments")).prefetch_related("prices")
+
+    @admin.display(description="deployments", ordering="n_deployments")
+    def deployment_count(self, obj: LLMModel) -> int:
+        return int(getattr(obj, "n_deployments", 0))
+
+    @admin.display(description="price now (USD / 1M in, out)")
+    def current_price(self, obj: LLMModel) -> str:
+        from django.utils import timezone
+
+        now = timezone.now()
+        current = [p for p in obj.prices.all() if p.effective_from <= now]
+        if not current:
+            return "-"
+        price = max(current, key=lambda p: p.effective_from)
+        return f"{price.input_per_mtok.normalize():f} / {price.output_per_mtok.normalize():f}"
+
+
+# --- the ledger and its rollups (read-only) ------------------------------------------------------
+
+
+_M = TypeVar("_M", bound=Model)
+
+
+class ReadOnlyAdmin(TypedAdmin[_M]):
+    """Written by the gateway, never by hand: view only."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(UsageRecord)
+class UsageRecordAdmin(ReadOnlyAdmin[UsageRecord]):
+    list_display = [
+        "request_id",
+        "created_at",
+        "tenant_slug",
+        "key_prefix",
+        "endpoint",
+        "requested_model",
+        "served_model",
+        "provider",
+        "total_tokens",
+        "cost",
+        "latency_ms",
+        "status",
+        "stream",
+        "cache_hit",
+    ]
+    list_filter = ["status", "endpoint", "stream", "cache_hit", "usage_source", "provider", "served_model"]
+    date_hierarchy = "created_at"
+    search_fields = ["request_id", "requested_model", "served_model", "end_user"]
+    show_full_result_count = False  # counting a big ledger is slow; the pager still works
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[UsageRecord]:
+        # Tenants are never deleted (only deactivated), so joining them loses no ledger rows.
+        return super().get_queryset(request).select_related("tenant", "api_key")
+
+    @admin.display(description="tenant", ordering="tenant__slug")
+    def tenant_slug(self, obj: UsageRecord) -> str:
+        tenant = getattr(obj, "tenant", None) if obj.tenant_id else None
+        return tenant.slug if tenant is not None else f"#{obj.tenant_id}"
+
+    @admin.display(description="key")
+    def key_prefix(self, obj: UsageRecord) -> str:
+        return obj.api_key.prefix if obj.api_key_id and obj.api_key else "-"
+
+    @admin.display(description="tokens")
+    def total_tokens(self, obj: UsageRecord) -> int:
+        return obj.prompt_tokens + obj.completion_tokens
+
+    @admin.display(description="cost (USD)", ordering="cost_micro")
+    def cost(self, obj: UsageRecord) -> str:
+        return f"{usd(obj.cost_micro)} ({obj.cost_micro} µ$)"
+
+
+class UsageTotalsAdmin(ReadOnlyAdmin[_M]):
+    list_display_links = None
+    list_filter = ["provider"]
+    search_fields = ["model"]
+
+    @admin.display(description="cost (USD)", ordering="cost_micro")
+    def cost(self, obj: Any) -> str:
+        return usd(obj.cost_micro)
+
+
+@admin.register(HourlyUsage)
+class HourlyUsageAdmin(UsageTotalsAdmin[HourlyUsage]):
+    list_display = ["hour", "tenant_id", "api_key_id", "model", "provider", "calls", "errors", "cost"]
+    date_hierarchy = "hour"
+
+
+@admin.register(DailyUsage)
+class DailyUsageAdmin(UsageTotalsAdmin[DailyUsage]):
+    list_display = ["date", "tenant_id", "api_key_id", "model", "provider", "calls", "errors", "cost"]
+    date_hierarchy = "date"
+
+
+@admin.register(AlertSent)
+class AlertSentAdmin(ReadOnlyAdmin[AlertSent]):
+    list_display = ["created_at", "budget", "period_key", "threshold", "spend", "email_sent_at", "webhook_sent_at"]
+    list_select_related = ["budget__tenant", "budget__api_key"]
+    date_hierarchy = "created_at"
+
+    @admin.display(description="spend / limit (USD)")
+    def spend(self, obj: AlertSent) -> str:
+        return f"{usd(obj.spend_micro)} / {usd(obj.limit_micro)}"

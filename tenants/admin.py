@@ -1,0 +1,466 @@
+"""Admin for tenants (a tree), plans, API keys, budgets and the audit log.
+
+Every write made here writes an audit row and tells the gateway processes after commit. Keys are
+issued, revoked and rotated through ``tenants.services``; a new key's plaintext is shown once, in
+a message after saving, and is never stored.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from django import forms
+from django.contrib import admin, messages
+from django.db import transaction
+from django.db.models import Count, Model, Q, QuerySet
+from django.forms import ModelForm
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+
+from gateway import invalidation
+from tenants import services
+from tenants.models import ApiKey, AuditEvent, Budget, Plan, Tenant
+
+MICRO = Decimal(1_000_000)
+ADMIN_LABEL = "admin"
+ENDPOINTS = ("chat", "completions", "embeddings", "messages", "models")
+
+
+def usd(micro: int | None) -> str:
+    """Micro-USD as dollars: at least cents, up to every micro-dollar, never through a float."""
+    if micro is None:
+        return "-"
+    text = f"{Decimal(micro) / MICRO:,.6f}".rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"${whole}.{frac.ljust(2, '0')}"
+
+
+_M = TypeVar("_M", bound=Model)
+
+if TYPE_CHECKING:
+
+    class TypedAdmin(admin.ModelAdmin[_M]):
+        pass
+
+else:
+
+    class TypedAdmin(admin.ModelAdmin, Generic[_M]):
+        """``ModelAdmin[Model]`` for mypy, without needing django-stubs-ext at run time."""
+
+
+class AuditedAdmin(TypedAdmin[_M]):
+    """Each save and delete writes an audit row and announces the change to the gateway after commit."""
+
+    def _audit(self, request: HttpRequest, obj: Model, action: str, data: dict[str, Any] | None = None) -> None:
+        tenant = obj if isinstance(obj, Tenant) else getattr(obj, "tenant", None)
+        services.audit(
+            f"{obj._meta.model_name}.{action}",
+            tenant=tenant if isinstance(tenant, Tenant) and tenant.pk else None,
+            target=str(obj)[:200],
+            data=data or {},
+            actor=request.user if request.user.is_authenticated else None,
+            actor_label=ADMIN_LABEL,
+        )
+        transaction.on_commit(invalidation.announce)
+
+    def save_model(self, request: HttpRequest, obj: Any, form: ModelForm, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        self._audit(request, obj, "update" if change else "create", {"fields": sorted(form.changed_data)})
+
+    def save_formset(self, request: HttpRequest, form: ModelForm, formset: Any, change: bool) -> None:
+        super().save_formset(request, form, formset, change)
+        touched = [str(o) for o in formset.new_objects + [o for o, _ in formset.changed_objects]]
+        removed = [str(o) for o in formset.deleted_objects]
+        if touched or removed:
+            self._audit(request, form.instance, "update", {"saved": touched, "deleted": removed})
+
+    def delete_model(self, request: HttpRequest, obj: Any) -> None:
+        self._audit(request, obj, "delete")
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
+        for obj in queryset:
+            self._audit(request, obj, "delete")
+        super().delete_queryset(request, queryset)
+
+
+# --- tenants -------------------------------------------------------------------------------------
+
+
+class SubtreeFilter(admin.SimpleListFilter):
+    title = "organisation (whole subtree)"
+    parameter_name = "subtree"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(str(pk), slug) for pk, slug in Tenant.objects.filter(parent=None).values_list("id", "slug")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        if not self.value():
+            return queryset
+        children: dict[int | None, list[int]] = defaultdict(list)
+        for pk, parent in Tenant.objects.values_list("id", "parent_id"):
+            children[parent].append(pk)
+        todo, ids = [int(self.value() or 0)], set()
+        while todo:
+            node = todo.pop()
+            if node not in ids:
+                ids.add(node)
+                todo.extend(children[node])
+        return queryset.filter(pk__in=ids)
+
+
+class BudgetForm(forms.ModelForm):
+    """Budgets are edited in USD (up to 6 decimals) and stored as integer micro-USD."""
+
+    limit_usd = forms.DecimalField(
+        label="Limit (USD)", min_value=Decimal(0), decimal_places=6, max_digits=18, help_text="e.g. 500.00"
+    )
+
+    class Meta:
+        model = Budget
+        fields = [
+            "tenant",
+            "api_key",
+            "period",
+            "limit_usd",
+            "hard",
+            "alert_thresholds",
+            "alert_emails",
+            "webhook_url",
+            "webhook_secret",
+        ]
+        widgets = {"webhook_secret": forms.PasswordInput(render_value=True)}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is not None:
+            self.fields["limit_usd"].initial = Decimal(self.instance.limit_micro) / MICRO
+
+    def clean_alert_thresholds(self) -> list[int]:
+        value = self.cleaned_data.get("alert_thresholds") or []
+        if not isinstance(value, list) or not all(isinstance(v, int) and 0 < v <= 1000 for v in value):
+            raise forms.ValidationError("A list of percentages, e.g. [50, 80, 100].")
+        return sorted(set(value))
+
+    def clean_alert_emails(self) -> list[str]:
+        value = self.cleaned_data.get("alert_emails") or []
+        if not isinstance(value, list) or not all(isinstance(v, str) and "@" in v for v in value):
+            raise forms.ValidationError('A list of email addresses, e.g. ["ops@example.com"].')
+        return value
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("limit_usd") is not None:
+            self.instance.limit_micro = int(data["limit_usd"] * MICRO)
+        if "tenant" in self.fields and "api_key" in self.fields:
+            if bool(data.get("tenant")) == bool(data.get("api_key")):
+                raise forms.ValidationError("A budget belongs to a tenant or to one API key: choose exactly one.")
+        return data
+
+    def save(self, commit: bool = True) -> Budget:
+        self.instance.limit_micro = int(self.cleaned_data["limit_usd"] * MICRO)
+        return super().save(commit)  # type: ignore[no-any-return]
+
+
+class TenantBudgetInline(admin.TabularInline):
+    model = Budget
+    form = BudgetForm
+    fk_name = "tenant"
+    fields = ["period", "limit_usd", "hard", "alert_thresholds", "alert_emails", "webhook_url", "webhook_secret"]
+    extra = 0
+
+
+@admin.register(Tenant)
+class TenantAdmin(AuditedAdmin[Tenant]):
+    list_display = [
+        "slug",
+        "name",
+        "kind",
+        "lineage",
+        "plan",
+        "time_zone",
+        "children_count",
+        "active_keys",
+        "is_active",
+    ]
+    list_filter = [SubtreeFilter, "kind", "plan", "is_active"]
+    # organisation > team > project: three levels of parents come with each row.
+    list_select_related = ["plan", "parent__parent__parent"]
+    search_fields = ["slug", "name", "stripe_customer_id"]
+    autocomplete_fields = ["parent"]
+    readonly_fields = ["lineage", "children_list", "created_at"]
+    fieldsets = [
+        (None, {"fields": ["slug", "name", "kind", "parent", "lineage", "children_list", "is_active"]}),
+        ("Billing and limits", {"fields": ["plan", "time_zone", "stripe_customer_id", "rpm_limit", "tpm_limit"]}),
+        ("Models", {"fields": ["allowed_models"]}),
+        (None, {"fields": ["created_at"]}),
+    ]
+    inlines = [TenantBudgetInline]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                n_children=Count("children", distinct=True),
+                n_keys=Count("api_keys", filter=Q(api_keys__revoked_at__isnull=True), distinct=True),
+            )
+        )
+
+    @admin.display(description="lineage")
+    def lineage(self, obj: Tenant) -> str:
+        if obj.pk is None:
+            return "-"
+        return " › ".join([*(t.slug for t in reversed(obj.ancestors())), obj.slug])
+
+    @admin.display(description="children", ordering="n_children")
+    def children_count(self, obj: Tenant) -> int:
+        return int(getattr(obj, "n_children", 0) or obj.children.count())
+
+    @admin.display(description="active keys", ordering="n_keys")
+    def active_keys(self, obj: Tenant) -> int:
+        return int(getattr(obj, "n_keys", 0))
+
+    @admin.display(description="children")
+    def children_list(self, obj: Tenant) -> str:
+        kids = list(obj.children.order_by("slug")) if obj.pk else []
+        if not kids:
+            return "-"
+        return format_html_join(
+            ", ",
+            '<a href="{}">{}</a>',
+            ((reverse("admin:tenants_tenant_change", args=[k.pk]), k.slug) for k in kids),
+        )
+
+    def has_delete_permission(self, request: HttpRequest, obj: Tenant | None = None) -> bool:
+        # Tenants own keys and ledger history: deactivate them instead.
+        return False
+
+    def save_model(self, request: HttpRequest, obj: Tenant, form: ModelForm, change: bool) -> None:
+        if not change:
+            created = services.tenant_create(
+                slug=obj.slug,
+                name=obj.name,
+                parent=obj.parent,
+                kind=obj.kind,
+                plan=obj.plan,
+                time_zone=obj.time_zone,
+                stripe_customer_id=obj.stripe_customer_id,
+                actor_label=ADMIN_LABEL,
+            )
+            obj.pk = created.pk
+            obj.created_at = created.created_at
+            obj._state.adding = False
+            obj._state.db = created._state.db
+            # Fields tenant_create does not take (limits, allowed models, active) are saved below.
+            obj.save()
+            return
+        super().save_model(request, obj, form, change)
+
+
+# --- plans ---------------------------------------------------------------------------------------
+
+
+@admin.register(Plan)
+class PlanAdmin(AuditedAdmin[Plan]):
+    list_display = ["slug", "name", "monthly_request_quota", "rpm_limit", "tpm_limit", "tenant_count"]
+    search_fields = ["slug", "name"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Plan]:
+        return super().get_queryset(request).annotate(n_tenants=Count("tenants"))
+
+    @admin.display(description="tenants", ordering="n_tenants")
+    def tenant_count(self, obj: Plan) -> int:
+        return int(getattr(obj, "n_tenants", 0))
+
+
+# --- API keys ------------------------------------------------------------------------------------
+
+
+class KeyStatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("active", "active"), ("revoked", "revoked"), ("expired", "expired")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        now = timezone.now()
+        if self.value() == "active":
+            return queryset.filter(revoked_at__isnull=True).filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+        if self.value() == "revoked":
+            return queryset.filter(revoked_at__isnull=False)
+        if self.value() == "expired":
+            return queryset.filter(revoked_at__isnull=True, expires_at__lte=now)
+        return queryset
+
+
+class ApiKeyForm(forms.ModelForm):
+    class Meta:
+        model = ApiKey
+        fields = ["tenant", "user", "name", "scopes", "rpm_limit", "tpm_limit", "expires_at"]
+
+    def clean_scopes(self) -> dict[str, list[str]]:
+        value = self.cleaned_data.get("scopes") or {}
+        if not isinstance(value, dict) or set(value) - {"models", "endpoints"}:
+            raise forms.ValidationError('{"models": [...], "endpoints": [...]}; leave a list out for "all".')
+        for kind, items in value.items():
+            if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
+                raise forms.ValidationError(f"{kind} must be a list of names")
+        unknown = [e for e in value.get("endpoints", []) if e not in ENDPOINTS]
+        if unknown:
+            raise forms.ValidationError(f"unknown endpoint {', '.join(unknown)}; known: {', '.join(ENDPOINTS)}")
+        return {k: v for k, v in value.items() if v}
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(AuditedAdmin[ApiKey]):
+    form = ApiKeyForm
+    list_display = ["prefix", "name", "tenant", "status", "scopes_display", "expires_at", "created_at"]
+    list_filter = [KeyStatusFilter, "created_at"]
+    list_select_related = ["tenant", "user"]
+    search_fields = ["prefix", "name", "tenant__slug"]
+    autocomplete_fields = ["tenant"]
+    raw_id_fields = ["user"]
+    actions = ["revoke_keys", "rotate_keys"]
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[Any]:
+        if obj is None:
+            return ["tenant", "user", "name", "scopes", "rpm_limit", "tpm_limit", "expires_at"]
+        return [
+            "prefix",
+            "tenant",
+            "user",
+            "name",
+            "scopes",
+            "rpm_limit",
+            "tpm_limit",
+            "expires_at",
+            "status",
+            "revoked_at",
+            "rotated_from",
+            "created_at",
+        ]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:
+        if obj is None:
+            return []
+        return ["prefix", "tenant", "status", "revoked_at", "rotated_from", "created_at"]
+
+    def lookup_allowed(self, lookup: str, value: str, request: HttpRequest | None = None) -> bool:
+        if "hashed_secret" in lookup:
+            return False
+        return super().lookup_allowed(lookup, value, request)
+
+    @admin.display(description="status")
+    def status(self, obj: ApiKey) -> str:
+        if obj.revoked_at is not None:
+            return "revoked"
+        if obj.expires_at is not None and obj.expires_at <= timezone.now():
+            return "expired"
+        return "active"
+
+    @admin.display(description="scopes")
+    def scopes_display(self, obj: ApiKey) -> str:
+        scopes = obj.scopes or {}
+        parts = [f"{k}: {', '.join(scopes[k])}" for k in ("models", "endpoints") if scopes.get(k)]
+        return "; ".join(parts) or "all"
+
+    def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
+        return False  # revoke instead: the key's usage history stays attributable
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: ModelForm, change: bool) -> None:
+        if change:
+            super().save_model(request, obj, form, change)
+            return
+        issued, plaintext = services.key_issue(
+            tenant=obj.tenant,
+            name=obj.name,
+            scopes=obj.scopes,
+            expires_at=obj.expires_at,
+            user=obj.user,
+            rpm_limit=obj.rpm_limit,
+            tpm_limit=obj.tpm_limit,
+            actor_label=ADMIN_LABEL,
+        )
+        obj.pk = issued.pk
+        obj.prefix = issued.prefix
+        obj.hashed_secret = issued.hashed_secret
+        obj.created_at = issued.created_at
+        obj._state.adding = False
+        obj._state.db = issued._state.db
+        self._show_key_once(request, issued, plaintext)
+
+    def _show_key_once(self, request: HttpRequest, api_key: ApiKey, plaintext: str) -> None:
+        messages.warning(
+            request,
+            format_html(
+                'New API key for {}: <code class="chittycan-new-key">{}</code> Copy it now: '
+                "it is shown once and cannot be recovered.",
+                api_key.tenant.slug,
+                plaintext,
+            ),
+        )
+
+    @admin.action(description="Revoke selected keys")
+    def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        count = 0
+        for api_key in queryset.filter(revoked_at__isnull=True).select_related("tenant"):
+            services.key_revoke(api_key=api_key, actor_label=ADMIN_LABEL)
+            count += 1
+        self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
+
+    @admin.action(description="Rotate selected keys (new key shown once, old key revoked)")
+    def rotate_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        for api_key in queryset.filter(revoked_at__isnull=True).select_related("tenant", "user"):
+            new_key, plaintext = services.key_rotate(api_key=api_key, actor_label=ADMIN_LABEL)
+            self._show_key_once(request, new_key, plaintext)
+        if queryset.filter(revoked_at__isnull=False).exists():
+            self.message_user(request, "Revoked keys were skipped.", messages.INFO)
+
+
+# --- budgets -------------------------------------------------------------------------------------
+
+
+@admin.register(Budget)
+class BudgetAdmin(AuditedAdmin[Budget]):
+    form = BudgetForm
+    list_display = ["scope", "period", "limit_usd_display", "limit_micro", "hard", "alert_thresholds"]
+    list_filter = ["period", "hard"]
+    list_select_related = ["tenant", "api_key", "api_key__tenant"]
+    search_fields = ["tenant__slug", "api_key__prefix"]
+    autocomplete_fields = ["tenant", "api_key"]
+
+    @admin.display(description="scope")
+    def scope(self, obj: Budget) -> str:
+        return f"tenant {obj.tenant.slug}" if obj.tenant else f"key {obj.api_key.prefix if obj.api_key else '?'}"
+
+    @admin.display(description="limit (USD)", ordering="limit_micro")
+    def limit_usd_display(self, obj: Budget) -> str:
+        return usd(obj.limit_micro)
+
+
+# --- audit log -----------------------------------------------------------------------------------
+
+
+@admin.register(AuditEvent)
+class AuditEventAdmin(TypedAdmin[AuditEvent]):
+    list_display = ["at", "action", "target", "tenant", "actor", "actor_label"]
+    list_filter = ["action", "actor_label"]
+    list_select_related = ["tenant", "actor"]
+    search_fields = ["action", "target", "tenant__slug"]
+    date_hierarchy = "at"
+    readonly_fields = ["at", "action", "target", "tenant", "actor", "actor_label", "data"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
+        return False
