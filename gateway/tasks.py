@@ -1,0 +1,55 @@
+"""Celery tasks for the usage ledger: thin wrappers that call a service and retry.
+
+The beat schedule is ``CELERY_BEAT_SCHEDULE`` in settings (see docs/usage-and-analytics.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+from django.db import OperationalError, transaction
+
+from gateway import alerts, rollups, usage
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
+def rollup_usage() -> dict[str, Any]:
+    result = rollups.rollup_usage()
+    return {"hours": len(result.hours), "days": result.days}
+
+
+@shared_task(autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
+def prune_usage() -> dict[str, Any]:
+    result = rollups.prune_usage()
+    return {"cutoff": result.cutoff.isoformat(), "hours": result.hours, "rows": result.rows}
+
+
+@shared_task(autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
+def replay_usage_spool() -> int:
+    """Replays the spool files on this worker's host (each gateway process also does it itself)."""
+    return usage.replay_spool()
+
+
+@shared_task(autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
+def check_budget_alerts() -> int:
+    with transaction.atomic():
+        due = alerts.check_budgets()
+        for alert in due:
+            alert_id = alert.pk
+            transaction.on_commit(lambda alert_id=alert_id: deliver_budget_alert.delay(alert_id))
+    return len(due)
+
+
+@shared_task(
+    autoretry_for=(alerts.DeliveryError, OperationalError),
+    retry_backoff=5,
+    retry_backoff_max=3600,
+    retry_jitter=True,
+    max_retries=10,
+)
+def deliver_budget_alert(alert_id: int) -> None:
+    alerts.deliver(alert_id)

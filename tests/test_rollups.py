@@ -1,0 +1,145 @@
+"""Hourly and daily rollups are recomputed idempotently from the ledger; pruning raw rows past
+retention changes neither the rollups nor the spend computed from the ledger."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime, timedelta
+
+from django.conf import settings
+
+from gateway import analytics, rollups, tasks, usage
+from gateway.models import DailyUsage, HourlyUsage, RollupHour, UsageRecord
+
+NOW = datetime(2026, 11, 22, 12, 30, tzinfo=UTC)
+
+
+def _row(tenant, when, *, cost=100, model="gpt-4o", key=None, status="ok", cache_hit=False, ttft=None, latency=50):
+    return {
+        "request_id": f"req_{uuid.uuid4().hex}",
+        "created_at": when.timestamp(),
+        "tenant_id": tenant.pk,
+        "api_key_id": key,
+        "endpoint": "chat",
+        "requested_model": model,
+        "served_model": model,
+        "provider": "fake-openai",
+        "prompt_tokens": 10,
+        "cached_tokens": 2,
+        "completion_tokens": 7,
+        "cost_micro": cost,
+        "status": status,
+        "cache_hit": cache_hit,
+        "ttft_ms": ttft,
+        "latency_ms": latency,
+    }
+
+
+def _snapshot():
+    fields = ("tenant_id", "api_key_id", "model", "provider", *rollups.SUM_FIELDS)
+    hourly = sorted(HourlyUsage.objects.values_list("hour", *fields))
+    daily = sorted(DailyUsage.objects.values_list("date", *fields))
+    return hourly, daily
+
+
+def test_hourly_and_daily_rollups_are_exact_and_idempotent(make_tenant):
+    ny = make_tenant("rollup-ny", time_zone="America/New_York")
+    child = make_tenant("rollup-ny-team", parent=ny, kind="team", time_zone="America/New_York")
+    h1 = datetime(2026, 11, 22, 3, 10, tzinfo=UTC)  # 22:10 on Nov 21 in New York
+    h2 = datetime(2026, 11, 22, 5, 20, tzinfo=UTC)  # 00:20 on Nov 22 in New York
+    usage.write_rows(
+        [
+            _row(ny, h1, cost=100, ttft=20, latency=40),
+            _row(ny, h1 + timedelta(minutes=5), cost=250, status="upstream_error", latency=60),
+            _row(ny, h1, cost=40, model="gpt-4o-mini", cache_hit=True),
+            _row(child, h2, cost=7, ttft=30),
+        ]
+    )
+    result = rollups.rollup_usage()
+    assert result.hours == [h1.replace(minute=0), h2.replace(minute=0)]
+
+    big = HourlyUsage.objects.get(tenant_id=ny.pk, hour=h1.replace(minute=0), model="gpt-4o")
+    assert (big.calls, big.errors, big.cost_micro, big.latency_ms_sum) == (2, 1, 350, 100)
+    assert (big.prompt_tokens, big.cached_tokens, big.completion_tokens) == (20, 4, 14)
+    assert (big.ttft_ms_sum, big.ttft_count, big.cache_hits) == (20, 1, 0)
+    mini = HourlyUsage.objects.get(tenant_id=ny.pk, model="gpt-4o-mini")
+    assert (mini.calls, mini.cache_hits, mini.cost_micro) == (1, 1, 40)
+
+    # Daily buckets follow the tenant's calendar, not UTC.
+    assert DailyUsage.objects.get(tenant_id=ny.pk, date=date(2026, 11, 21), model="gpt-4o").cost_micro == 350
+    assert DailyUsage.objects.get(tenant_id=child.pk, date=date(2026, 11, 22)).cost_micro == 7
+    assert not DailyUsage.objects.filter(tenant_id=ny.pk, date=date(2026, 11, 22)).exists()
+
+    before = _snapshot()
+    rollups.rollup_usage()
+    rollups.rebuild(h1.replace(minute=0), h2 + timedelta(hours=1))
+    assert _snapshot() == before
+
+    # A late row (spooled during an outage) for an old hour lands in that hour's bucket.
+    usage.write_rows([_row(ny, h1 + timedelta(minutes=30), cost=1000)])
+    rollups.rollup_usage()
+    big = HourlyUsage.objects.get(tenant_id=ny.pk, hour=h1.replace(minute=0), model="gpt-4o")
+    assert (big.calls, big.cost_micro) == (3, 1350)
+    assert DailyUsage.objects.get(tenant_id=ny.pk, date=date(2026, 11, 21), model="gpt-4o").cost_micro == 1350
+    assert sum(HourlyUsage.objects.values_list("cost_micro", flat=True)) == sum(
+        UsageRecord.objects.values_list("cost_micro", flat=True)
+    )
+
+
+def test_prune_keeps_rollups_and_ledger_spend_unchanged(make_tenant):
+    tenant = make_tenant("rollup-prune")
+    now = datetime.now(UTC)
+    old = now - timedelta(days=settings.CHITTYCAN_USAGE_RETENTION_DAYS + 5)
+    recent = now - timedelta(days=3)
+    usage.write_rows([_row(tenant, old, cost=300), _row(tenant, old + timedelta(hours=2), cost=5)])
+    usage.write_rows([_row(tenant, recent, cost=11), _row(tenant, recent, cost=13)])
+    rollups.rollup_usage()
+    snapshot = _snapshot()
+    ids = [tenant.pk]
+    total_before = analytics.spend_micro(tenant_ids=ids)
+    old_window = analytics.spend_micro(tenant_ids=ids, start=old - timedelta(days=1), end=old + timedelta(days=1))
+    assert (total_before, old_window) == (329, 305)
+
+    result = rollups.prune_usage(now=now)
+    assert (result.rows, result.hours) == (2, 2)
+    assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 2  # the recent rows stay
+    assert not UsageRecord.objects.filter(created_at__lt=result.cutoff).exists()
+    assert _snapshot() == snapshot
+    assert RollupHour.objects.filter(sealed=True).count() == 2
+    assert analytics.spend_micro(tenant_ids=ids) == total_before
+    assert (
+        analytics.spend_micro(tenant_ids=ids, start=old - timedelta(days=1), end=old + timedelta(days=1)) == old_window
+    )
+    by_model = analytics.usage_breakdown(tenant_ids=ids, start=None, end=None, group_by="model")
+    assert by_model == [
+        {"model": "gpt-4o", "calls": 4, "errors": 0, "prompt_tokens": 40, "completion_tokens": 28, "cost_micro": 329}
+    ]
+
+    # Running it all again changes nothing.
+    assert rollups.prune_usage(now=now).rows == 0
+    rollups.rollup_usage()
+    assert _snapshot() == snapshot
+
+    # A row that arrives for a sealed hour is added to that hour once, then pruned.
+    usage.write_rows([_row(tenant, old + timedelta(minutes=1), cost=1)])
+    rollups.rollup_usage()
+    rollups.rollup_usage()
+    hour = HourlyUsage.objects.get(tenant_id=tenant.pk, hour=old.replace(minute=0, second=0, microsecond=0))
+    assert (hour.calls, hour.cost_micro) == (2, 301)
+    assert not UsageRecord.objects.filter(created_at__lt=result.cutoff).exists()
+    assert analytics.spend_micro(tenant_ids=ids) == total_before + 1
+
+
+def test_tasks_are_scheduled_and_run(make_tenant):
+    tenant = make_tenant("rollup-task")
+    usage.write_rows([_row(tenant, datetime.now(UTC) - timedelta(minutes=5), cost=42)])
+    scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert {
+        "gateway.tasks.rollup_usage",
+        "gateway.tasks.prune_usage",
+        "gateway.tasks.replay_usage_spool",
+        "gateway.tasks.check_budget_alerts",
+    } <= scheduled
+    assert tasks.rollup_usage.apply().get()["hours"] >= 1
+    assert HourlyUsage.objects.get(tenant_id=tenant.pk).cost_micro == 42
+    assert tasks.prune_usage.apply().get()["rows"] == 0
