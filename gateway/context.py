@@ -83,6 +83,7 @@ class RequestContext:
     output_text_chars: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*
+    upstream_headers: dict[str, str] = field(default_factory=dict)  # client headers to forward (anthropic-beta)
     _mark: float = 0.0
 
     def stage(self, name: str) -> None:

@@ -47,6 +47,8 @@ def make_call(ctx: RequestContext, deployment: DeploymentRoute, body: dict[str, 
         upstream_model=deployment.upstream_model,
         body=upstream_body,
         api_key=ctx.passthrough_key,
+        headers=dict(ctx.upstream_headers),
+        max_output_tokens=ctx.route.max_output_tokens if ctx.route is not None else 4096,
     )
 
 

@@ -45,6 +45,7 @@ class UpstreamCall:
     body: dict[str, Any]
     api_key: str = ""  # overrides the provider's key (passthrough mode)
     headers: dict[str, str] = field(default_factory=dict)  # extra request headers (e.g. anthropic-beta)
+    max_output_tokens: int = 4096  # the model's cap: Anthropic's max_tokens when the client gave none
 
     @property
     def key(self) -> str:
@@ -81,6 +82,18 @@ class Provider:
     async def embeddings(self, call: UpstreamCall) -> dict[str, Any]:
         """Return an OpenAI embeddings list with float vectors (the pipeline encodes base64)."""
         raise InvalidRequest(f"{self.kind} providers do not serve embeddings", param="model")
+
+    async def messages(self, call: UpstreamCall) -> dict[str, Any]:
+        """Anthropic Messages in and out (``/v1/messages``). By default translated through ``chat``."""
+        from gateway.translate.bridge import messages_via_chat
+
+        return await messages_via_chat(self, call)
+
+    def messages_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+        """Yield Anthropic stream events (dicts with ``type``). By default translated from ``chat_stream``."""
+        from gateway.translate.bridge import messages_stream_via_chat
+
+        return messages_stream_via_chat(self, call)
 
 
 def error_message_from_body(body: bytes) -> tuple[str, str | None]:
