@@ -1,0 +1,281 @@
+"""`can apply` / `can export`: idempotent sync, validation messages, dry run, prune, round trip, budgets."""
+
+from __future__ import annotations
+
+import io
+import textwrap
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import yaml
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from chittycan import config
+from gateway.models import Deployment, LLMModel, Price, Provider
+from tenants.models import AuditEvent, Budget, Plan, Tenant
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chittycan.yaml"
+SECRETS = {
+    "OPENAI_API_KEY": "sk-openai-test",
+    "ANTHROPIC_API_KEY": "sk-ant-test",
+    "GROQ_API_KEY": "gsk-test",
+    "ACME_BUDGET_WEBHOOK_SECRET": "whsec-test",
+}
+
+BASE = """
+providers:
+  - slug: up
+    kind: openai
+    base_url: https://up.example/v1
+    api_key: ${UP_KEY}
+models:
+  - name: m1
+    aliases: [m1-latest]
+    deployments:
+      - provider: up
+        upstream_model: m1-2025
+    prices:
+      - effective_from: "2025-01-01"
+        input: "1.00"
+        output: "2.00"
+plans:
+  - slug: pro
+    rpm: 100
+tenants:
+  - slug: org
+    plan: pro
+    time_zone: Europe/Berlin
+    stripe_customer: cus_123
+    budgets:
+      - period: month
+        limit_usd: "12.345678"
+        hard: false
+        thresholds: [50, 90]
+        emails: [a@example.com]
+        webhook: https://hooks.example/x
+        webhook_secret: ${HOOK_SECRET}
+  - slug: team
+    parent: org
+    rpm: 10
+    tpm: 1000
+"""
+
+
+def run(tmp_path: Path, text: str, *args: str, env: dict[str, str] | None = None, monkeypatch=None) -> str:
+    path = tmp_path / "chittycan.yaml"
+    path.write_text(textwrap.dedent(text))
+    out, err = io.StringIO(), io.StringIO()
+    call_command("apply", "-f", str(path), *args, stdout=out, stderr=err)
+    return out.getvalue() + err.getvalue()
+
+
+@pytest.fixture
+def env(monkeypatch):
+    monkeypatch.setenv("UP_KEY", "sk-up-1")
+    monkeypatch.setenv("HOOK_SECRET", "hook-1")
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def test_apply_creates_everything_and_second_apply_changes_nothing(db, tmp_path, env):
+    out = run(tmp_path, BASE)
+    assert "applied" in out
+    provider = Provider.objects.get(slug="up")
+    assert provider.api_key == "sk-up-1" and "sk-up-1" not in provider.api_key_encrypted
+    model = LLMModel.objects.get(name="m1")
+    assert model.aliases == ["m1-latest"]
+    [dep] = model.deployments.all()
+    assert (dep.provider_id, dep.upstream_model) == (provider.pk, "m1-2025")
+    [price] = model.prices.all()
+    assert (price.input_per_mtok, price.output_per_mtok) == (Decimal("1.00"), Decimal("2.00"))
+    org, team = Tenant.objects.get(slug="org"), Tenant.objects.get(slug="team")
+    assert team.parent_id == org.pk and team.kind == "team" and org.kind == "organisation"
+    assert (org.plan.slug, org.time_zone, org.stripe_customer_id) == ("pro", "Europe/Berlin", "cus_123")
+    assert (team.rpm_limit, team.tpm_limit) == (10, 1000)
+    budget = Budget.objects.get(tenant=org)
+    assert budget.limit_micro == 12_345_678 and not budget.hard
+    assert (budget.alert_thresholds, budget.alert_emails) == ([50, 90], ["a@example.com"])
+    assert (budget.webhook_url, budget.webhook_secret) == ("https://hooks.example/x", "hook-1")
+    audits = AuditEvent.objects.filter(actor_label="apply")
+    assert audits.filter(action="tenant.create", target="team").exists()
+    assert audits.filter(action="budget.create").count() == 1
+    assert not any("sk-up-1" in str(a.data) for a in audits)
+
+    before = AuditEvent.objects.count()
+    out = run(tmp_path, BASE)
+    assert "no changes: the database already matches" in out
+    assert AuditEvent.objects.count() == before
+
+
+def test_apply_updates_only_what_changed(db, tmp_path, env):
+    run(tmp_path, BASE)
+    changed = BASE.replace('input: "1.00"', 'input: "1.50"').replace("rpm: 10\n", "rpm: 20\n")
+    out = run(tmp_path, changed)
+    assert "~ update price m1 from 2025-01-01: input_per_mtok 1.000000 -> 1.50" in out
+    assert "~ update tenant team: rpm_limit 10 -> 20" in out
+    assert "applied" in out and "2 changes" in out
+    assert Price.objects.get(model__name="m1").input_per_mtok == Decimal("1.5")
+
+
+def test_secret_from_env_changes_and_unset_keeps_stored(db, tmp_path, env):
+    run(tmp_path, BASE)
+    env.setenv("UP_KEY", "sk-up-2")
+    out = run(tmp_path, BASE)
+    assert "update provider up: api_key (secret) -> (secret)" in out and "sk-up" not in out
+    assert Provider.objects.get(slug="up").api_key == "sk-up-2"
+    env.delenv("UP_KEY")
+    out = run(tmp_path, BASE)
+    assert "UP_KEY is not set; the stored secret is kept" in out and "no changes" in out
+    assert Provider.objects.get(slug="up").api_key == "sk-up-2"
+
+
+def test_unset_secret_without_a_stored_one_is_an_error_and_writes_nothing(db, tmp_path, env):
+    env.delenv("UP_KEY")
+    with pytest.raises(CommandError, match="nothing was written"):
+        run(tmp_path, BASE)
+    assert not Provider.objects.filter(slug="up").exists()
+    assert not Tenant.objects.filter(slug="org").exists()
+
+
+def test_literal_secret_is_refused(db, tmp_path):
+    with pytest.raises(config.ConfigError) as exc:
+        config.load_text(BASE.replace("${UP_KEY}", "sk-literal"), env={"HOOK_SECRET": "x"})
+    [message] = exc.value.errors
+    assert message.startswith("chittycan.yaml: providers[0].api_key: must be an environment reference")
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (('input: "1.00"', "input: 1.00"), 'models[0].prices[0].input: must be a decimal string such as "2.50"'),
+        (('input: "1.00"', 'input: "abc"'), "models[0].prices[0].input: must be a decimal string"),
+        (('input: "1.00"', 'input: "0.0000001"'), "models[0].prices[0].input: has more than 6 decimal places"),
+        (("kind: openai", "kind: vllm"), "providers[0].kind: must be one of: openai, anthropic, ollama or mock"),
+        (("base_url:", "base_ur:"), "providers[0].base_ur: unknown field (did you mean base_url?)"),
+        (("provider: up", "provider: nope"), "models[0].deployments[0].provider: no provider nope in providers"),
+        (("parent: org", "parent: ghost"), "tenants[1].parent: no tenant ghost in tenants"),
+        (("time_zone: Europe/Berlin", "time_zone: Mars/Base"), "tenants[0].time_zone: must be an IANA time zone"),
+        (('limit_usd: "12.345678"', "limit_usd: 12"), None),
+        (('limit_usd: "12.345678"', 'limit_usd: "-1"'), "tenants[0].budgets[0].limit_usd: must be a non-negative"),
+        (("rpm: 10\n", "rpm: ten\n"), "tenants[1].rpm: must be an integer"),
+        (("plan: pro", "plan: gold"), "tenants[0].plan: no plan gold in plans"),
+        (("hard: false", "hard: maybe"), "tenants[0].budgets[0].hard: must be true or false"),
+    ],
+)
+def test_validation_errors_name_file_path_and_problem(db, tmp_path, env, edit, expected):
+    text = BASE.replace(*edit)
+    path = tmp_path / "chittycan.yaml"
+    path.write_text(text)
+    if expected is None:  # an integer is an exact amount too
+        config.load(str(path))
+        return
+    with pytest.raises(config.ConfigError) as exc:
+        config.load(str(path))
+    [message] = exc.value.errors
+    assert message.startswith(f"{path}: {expected}"), message
+    assert "(line " in message
+
+
+def test_every_error_is_reported_and_nothing_is_written(db, tmp_path, env):
+    bad = BASE.replace('output: "2.00"', "output: 2.5").replace("rpm: 100", "rpm: -3").replace("kind: openai", "")
+    err = io.StringIO()
+    path = tmp_path / "bad.yaml"
+    path.write_text(bad)
+    with pytest.raises(CommandError, match=r"3 errors; nothing was written"):
+        call_command("apply", "-f", str(path), stdout=io.StringIO(), stderr=err)
+    lines = err.getvalue().splitlines()
+    assert any("providers[0].kind: is required" in line for line in lines)
+    assert any("models[0].prices[0].output: must be a decimal string" in line for line in lines)
+    assert any("plans[0].rpm: must be greater than 0" in line for line in lines)
+    assert Provider.objects.filter(slug="up").count() == 0
+
+
+def test_duplicates_cycles_and_bad_yaml(db, tmp_path):
+    with pytest.raises(config.ConfigError) as exc:
+        config.load_text("tenants:\n  - slug: a\n    parent: b\n  - slug: b\n    parent: a\n  - slug: a\n", env={})
+    text = "\n".join(exc.value.errors)
+    assert "tenants[2].slug: duplicate tenant a" in text
+    assert "tenants[0].parent: a would be its own ancestor" in text
+    with pytest.raises(config.ConfigError, match=r"x.yaml: not valid YAML: .*\(line \d+, column \d+\)"):
+        config.load_text("models:\n  - name: [unclosed\n", filename="x.yaml", env={})
+    with pytest.raises(config.ConfigError, match=r"environment variable NOPE is not set"):
+        config.load_text("providers:\n  - slug: p\n    kind: mock\n    base_url: ${NOPE}\n", env={})
+
+
+def test_dry_run_reports_changes_and_writes_nothing(db, tmp_path, env):
+    before = AuditEvent.objects.count()
+    out = run(tmp_path, BASE, "--dry-run")
+    assert "+ create provider up" in out and "+ create tenant team" in out
+    assert "dry run:" in out and "nothing was written" in out
+    assert not Provider.objects.filter(slug="up").exists() and not Tenant.objects.filter(slug="org").exists()
+    assert AuditEvent.objects.count() == before
+
+
+def test_prune_removes_what_the_file_no_longer_lists(db, tmp_path, env):
+    run(tmp_path, BASE)
+    extra = Tenant.objects.create(slug="stray", name="Stray")
+    Price.objects.create(model=LLMModel.objects.get(name="m1"), effective_from="2024-01-01T00:00:00Z")
+    out = run(tmp_path, BASE)  # without --prune nothing is removed
+    assert "no changes" in out
+    assert LLMModel.objects.filter(name="gpt-4o").exists()  # from the default price table
+
+    start, end = BASE.index("    budgets:\n"), BASE.index("  - slug: team")
+    smaller = BASE[:start] + BASE[end:]  # org without its budget
+    out = run(tmp_path, smaller, "--prune")
+    assert "- delete model gpt-4o" in out
+    assert "- delete price m1 from 2024-01-01" in out
+    assert "- delete budget org per month" in out
+    assert "- deactivate tenant stray" in out
+    assert "- delete provider openai" in out
+    assert not LLMModel.objects.filter(name="gpt-4o").exists()
+    assert set(LLMModel.objects.values_list("name", flat=True)) == {"m1"}
+    assert not Budget.objects.filter(tenant__slug="org").exists()
+    extra.refresh_from_db()
+    assert not extra.is_active  # deactivated, not deleted: its keys and ledger rows stay
+    assert Plan.objects.filter(slug="pro").exists()
+    assert "no changes" in run(tmp_path, smaller, "--prune")
+
+
+def test_export_round_trip_is_a_no_op(db, tmp_path, env):
+    run(tmp_path, BASE)
+    exported = tmp_path / "exported.yaml"
+    call_command("export", "-o", str(exported), stdout=io.StringIO(), stderr=io.StringIO())
+    text = exported.read_text()
+    assert "sk-up-1" not in text and "hook-1" not in text
+    data = yaml.safe_load(text)
+    [up] = [p for p in data["providers"] if p["slug"] == "up"]
+    assert up["api_key"] == "${UP_API_KEY}"
+    [org] = [t for t in data["tenants"] if t["slug"] == "org"]
+    assert org["budgets"][0]["limit_usd"] == "12.345678"
+    assert org["budgets"][0]["webhook_secret"] == "${ORG_MONTH_WEBHOOK_SECRET}"
+    before = AuditEvent.objects.count()
+    out = io.StringIO()
+    call_command("apply", "-f", str(exported), stdout=out, stderr=io.StringIO())
+    assert "no changes" in out.getvalue()
+    assert AuditEvent.objects.count() == before
+    # ... and with the placeholders' variables set to the stored values, still nothing to do.
+    env.setenv("UP_API_KEY", "sk-up-1")
+    out = io.StringIO()
+    call_command("apply", "-f", str(exported), "--prune", stdout=out, stderr=io.StringIO())
+    assert "no changes" in out.getvalue()
+
+
+def test_example_file_applies_and_round_trips(db, tmp_path, env):
+    out = io.StringIO()
+    call_command("apply", "-f", str(EXAMPLE), stdout=out, stderr=io.StringIO())
+    assert "applied" in out.getvalue()
+    assert Provider.objects.get(slug="openai").api_key == "sk-openai-test"
+    assert Deployment.objects.filter(model__name="gpt-4o", provider__slug="mock", priority=10).exists()
+    assert Budget.objects.get(tenant__slug="acme", period="month").limit_micro == 5_000_000_000
+    assert Tenant.objects.get(slug="acme-research-search").ancestors()[1].slug == "acme"
+    out = io.StringIO()
+    call_command("apply", "-f", str(EXAMPLE), stdout=out, stderr=io.StringIO())
+    assert "no changes" in out.getvalue()
+    exported = tmp_path / "exported.yaml"
+    call_command("export", "-o", str(exported), stdout=io.StringIO(), stderr=io.StringIO())
+    out = io.StringIO()
+    call_command("apply", "-f", str(exported), "--prune", stdout=out, stderr=io.StringIO())
+    assert "no changes" in out.getvalue()
