@@ -92,16 +92,16 @@ def test_csv_reconciles_with_the_ledger_to_the_micro_dollar(make_tenant):
         created_at__gte=start, created_at__lt=datetime(2026, 11, 1, tzinfo=UTC), cost_micro__gt=0
     )
     ledger_total = sum(ledger.values_list("cost_micro", flat=True))
-    rows = run_csv(run)
-    assert sum(int(r["payload_value"]) for r in rows) == ledger_total == run.total_micro == run.total_value
-    got = {(r["payload_stripe_customer_id"], int(r["timestamp"])): int(r["payload_value"]) for r in rows}
+    csv_rows = run_csv(run)
+    assert sum(int(r["payload_value"]) for r in csv_rows) == ledger_total == run.total_micro == run.total_value
+    got = {(r["payload_stripe_customer_id"], int(r["timestamp"])): int(r["payload_value"]) for r in csv_rows}
     assert got == dict(expected)
-    assert len({r["identifier"] for r in rows}) == len(rows) == run.lines_count
-    assert all(r["event_name"] == "llm_cost_microusd" for r in rows)
-    assert all(r["payload_value"].isdigit() and len(r["payload_value"]) <= 15 for r in rows)
+    assert len({r["identifier"] for r in csv_rows}) == len(csv_rows) == run.lines_count
+    assert all(r["event_name"] == "llm_cost_microusd" for r in csv_rows)
+    assert all(r["payload_value"].isdigit() and len(r["payload_value"]) <= 15 for r in csv_rows)
     assert run.rows_count == ledger.count() == ExportedUsage.objects.count()
     assert set(ExportedUsage.objects.values_list("usage_id", flat=True)) == set(ledger.values_list("id", flat=True))
-    assert rows[0]["identifier"] == "cc-llm_cost_microusd-cus_ACME0001-20261001"
+    assert csv_rows[0]["identifier"] == "cc-llm_cost_microusd-cus_ACME0001-20261001"
     rec = selectors.period_reconciliation(services.parse_period("2026-10"))
     assert rec.pending_micro == 0 and rec.exported_micro == rec.lines_micro == ledger_total
 

@@ -10,9 +10,10 @@ library sends it), enough of Stripe's behaviour to test exactly-once delivery:
   ``idempotency_error``.
 - ``identifier`` dedupe: a second event with a known identifier -> 400 "An event already exists
   with identifier ...", as Stripe answers.
-- Faults, consumed in order by the next requests: ``hang`` (record the event and save the
-  idempotent response, then hold the request until ``release()``: a response lost in flight or a
-  pusher killed mid-request) and ``error`` (answer ``status`` before recording anything).
+- Faults, consumed in order by the next requests: ``pass`` (none: to aim at a later request),
+  ``hang`` (record the event and save the idempotent response, then hold the request until
+  ``release()``: a response lost in flight or a pusher killed mid-request) and ``error`` (answer
+  ``status`` before recording anything).
 
 ``events`` lists every recorded event; ``requests`` every request seen.
 """
@@ -33,7 +34,7 @@ MAX_FUTURE = 300
 
 @dataclass
 class Fault:
-    kind: str  # "hang" | "error"
+    kind: str  # "pass" | "hang" | "error"
     status: int = 500
     should_retry: bool | None = None
 
