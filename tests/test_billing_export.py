@@ -299,3 +299,53 @@ def test_the_cli_entry_point_runs_the_command(make_tenant, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert [r["payload_value"] for r in read_csv(out.read_bytes())] == ["77"]
+
+
+def test_concurrent_exports_bill_each_row_once(make_tenant):
+    import threading
+
+    from django.db import connection
+
+    acme = make_tenant("acme", stripe_customer_id="cus_ACME0001")
+    globex = make_tenant("globex", stripe_customer_id="cus_GLOBEX02")
+    base = datetime(2026, 10, 12, tzinfo=UTC)
+    for tenant in (acme, globex):
+        add_rows(tenant, [(base + timedelta(minutes=7 * i), 100 + i) for i in range(400)])
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def export() -> None:
+        try:
+            barrier.wait()
+            services.export_run_create(period="2026-10", granularity="hour")
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=export) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    runs = list(ExportRun.objects.order_by("id"))
+    assert len(runs) == 4 and sum(1 for r in runs if r.lines_count) == 1
+    assert sum(ExportLine.objects.values_list("value", flat=True)) == sum(
+        UsageRecord.objects.values_list("cost_micro", flat=True)
+    )
+    assert ExportedUsage.objects.count() == 800
+
+
+def test_a_failed_export_bills_nothing_and_is_recorded(make_tenant):
+    acme = make_tenant("acme", stripe_customer_id="cus_ACME0001")
+    day = datetime(2026, 10, 14, tzinfo=UTC)
+    add_rows(acme, [(day, 10**15 - 1), (day, 1)])  # 16 digits in one day: Stripe would refuse it
+    with pytest.raises(services.ExportError, match="more than 15 digits"):
+        services.export_run_create(period="2026-10")
+    failed = ExportRun.objects.get()
+    assert failed.status == ExportRun.Status.FAILED and "15 digits" in failed.error
+    assert not ExportLine.objects.exists() and not ExportedUsage.objects.exists()
+    # a finer bucket fits
+    run = services.export_run_create(period="2026-10", granularity="request")
+    assert run.lines_count == 2 and run.total_micro == 10**15
