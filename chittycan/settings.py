@@ -213,4 +213,8 @@ CHITTYCAN_STRIPE_CSV_MAX_BYTES = env_int("CHITTYCAN_STRIPE_CSV_MAX_BYTES", 4_900
 CHITTYCAN_STRIPE_API_KEY = env_secret("CHITTYCAN_STRIPE_API_KEY", "")
 CHITTYCAN_STRIPE_API_BASE = env_str("CHITTYCAN_STRIPE_API_BASE", "https://api.stripe.com")
 CHITTYCAN_STRIPE_TIMEOUT = env_float("CHITTYCAN_STRIPE_TIMEOUT", 30.0)
+# Hourly: export yesterday and push unaccepted lines (billing_export.tasks). Off: export by hand.
+CHITTYCAN_STRIPE_AUTO_PUSH = env_bool("CHITTYCAN_STRIPE_AUTO_PUSH", False)
+if CHITTYCAN_STRIPE_AUTO_PUSH:
+    CELERY_BEAT_SCHEDULE["stripe-export"] = {"task": "billing_export.tasks.export_and_push", "schedule": 3600.0}
 CHITTYCAN_STRIPE_MAX_NETWORK_RETRIES = env_int("CHITTYCAN_STRIPE_MAX_NETWORK_RETRIES", 2)
