@@ -212,3 +212,15 @@ def test_push_without_an_api_key_is_a_clear_error(fake_stripe, recent_usage, set
     with pytest.raises(CommandError, match="CHITTYCAN_STRIPE_API_KEY"):
         call_command("billing", "push", "--period", recent_usage)
     assert fake_stripe.requests == []
+
+
+def test_periodic_task_exports_yesterday_and_pushes(fake_stripe, recent_usage, settings):
+    from billing_export import tasks
+
+    first = tasks.export_and_push()
+    assert (first["period"], first["lines"], first["accepted"], first["failed"]) == (recent_usage, 3, 3, 0)
+    assert first["total_micro"] == ledger_total() == fake_stripe.total_value()
+    again = tasks.export_and_push()
+    assert (again["lines"], again["accepted"]) == (0, 0)
+    assert len(fake_stripe.events) == 3
+    assert "stripe-export" not in settings.CELERY_BEAT_SCHEDULE  # opt-in (CHITTYCAN_STRIPE_AUTO_PUSH)
