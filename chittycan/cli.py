@@ -17,6 +17,7 @@ OUR_COMMANDS = (
     "export",
     "keys",
     "tenants",
+    "otp",
     "analytics",
     "metrics",
     "billing",

@@ -290,3 +290,26 @@ def test_model_admin_edits_go_to_the_audit_log(admin_client, rows):
     assert event.actor.get_username() == "root" and event.actor_label == "admin"
     assert set(event.data["fields"]) >= {"name", "rpm_limit"}
     assert datetime.now(UTC) >= event.at
+
+
+def test_otp_enrol_prints_url_and_qr_and_the_device_logs_in(db):
+    import io
+    from urllib.parse import parse_qs, urlparse
+
+    from django.core.management import call_command
+
+    staff = get_user_model().objects.create_superuser("dana", "dana@example.com", PASSWORD)
+    out, err = io.StringIO(), io.StringIO()
+    call_command("otp", "enrol", "--user", "dana", stdout=out, stderr=err)
+    text = out.getvalue()
+    url = next(line for line in text.splitlines() if line.startswith("otpauth://totp/"))
+    assert "ChittyCan" in url and parse_qs(urlparse(url).query)["secret"][0]
+    assert "█" in text or "▀" in text or "▄" in text  # the terminal QR code
+    device = TOTPDevice.objects.get(user=staff)
+    client = Client()
+    assert otp_login(client, staff, device).status_code == 302
+    assert client.get(reverse("admin:index")).status_code == 200
+    call_command("otp", "enrol", "--user", "dana", "--replace", "--no-qr", stdout=io.StringIO(), stderr=err)
+    assert TOTPDevice.objects.filter(user=staff).count() == 1
+    call_command("otp", "remove", "--user", "dana", stdout=io.StringIO())
+    assert not TOTPDevice.objects.filter(user=staff).exists()
