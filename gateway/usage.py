@@ -25,6 +25,7 @@ import fcntl
 import logging
 import os
 import random
+import re
 import socket
 import time
 from collections import deque
@@ -235,16 +236,54 @@ def write_rows(rows: list[dict[str, Any]]) -> int:
 
     Raises on any database error; see ``write_rows_resilient`` for the writer's policy.
     """
+    from django.db import connection
+
     from gateway.models import UsageRecord
 
     if not rows:
         return 0
+    if connection.vendor == "postgresql":
+        return _write_rows_postgres(rows)
     fields = _usage_fields()
     objs = [_to_record(row, fields) for row in rows]
     ids = [o.request_id for o in objs]
     before = set(UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True))
     UsageRecord.objects.bulk_create(objs, ignore_conflicts=True, batch_size=500)
     return len(set(ids) - before)
+
+
+def _write_rows_postgres(rows: list[dict[str, Any]]) -> int:
+    """One ``INSERT ... SELECT FROM unnest(<one array per column>) ON CONFLICT DO NOTHING``.
+
+    Same rows as ``bulk_create`` but without building a model instance and compiling a value per
+    field per row: on the benchmark the ORM path cost ~0.2 ms of the gateway's CPU per request.
+    """
+    from django.db import connection
+
+    from gateway.models import UsageRecord
+
+    fields = [f for f in UsageRecord._meta.concrete_fields if f.attname not in ("id", "recorded_at") and f.column]
+    columns: list[list[Any]] = [[] for _ in fields]
+    for row in rows:
+        for values, field in zip(columns, fields, strict=True):
+            name = field.attname
+            value = row[name] if name in row else field.get_default()
+            if name == "created_at":
+                value = datetime.fromtimestamp(float(value), tz=UTC)
+            elif field.get_internal_type() == "JSONField":
+                value = orjson.dumps(value).decode()
+            values.append(value)
+    quote = connection.ops.quote_name
+    # Base types without length (varchar(64) -> varchar): an explicit cast would truncate silently,
+    # while the column's own assignment cast rejects an over-long value as bulk_create does.
+    arrays = ", ".join(f"%s::{re.sub(r'[(].*[)]', '', f.db_type(connection) or 'text')}[]" for f in fields)
+    sql = (
+        f"INSERT INTO {quote(UsageRecord._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+        f"SELECT * FROM unnest({arrays}) ON CONFLICT (request_id) DO NOTHING RETURNING 1"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, columns)
+        return len(cursor.fetchall())
 
 
 def write_rows_resilient(rows: list[dict[str, Any]]) -> tuple[int, list[dict[str, Any]]]:
