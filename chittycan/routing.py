@@ -14,6 +14,8 @@ def hot_routes() -> list[Any]:
         path("v1/chat/completions", consumers.ChatCompletionsConsumer.as_asgi()),
         path("v1/completions", consumers.CompletionsConsumer.as_asgi()),
         path("v1/embeddings", consumers.EmbeddingsConsumer.as_asgi()),
+        path("v1/messages", consumers.MessagesConsumer.as_asgi()),
+        path("v1/messages/count_tokens", consumers.CountTokensConsumer.as_asgi()),
     ]
 
 

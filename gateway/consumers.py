@@ -149,3 +149,28 @@ class EmbeddingsConsumer(GatewayConsumer):
 
     async def run(self, ctx: RequestContext, body: bytes) -> None:
         await pipeline.handle_embeddings(self, ctx, body)
+
+
+class MessagesConsumer(GatewayConsumer):
+    """``/v1/messages``: Anthropic wire format, errors in the Anthropic envelope."""
+
+    endpoint = "messages"
+
+    async def run(self, ctx: RequestContext, body: bytes) -> None:
+        from gateway import messages
+
+        await messages.handle_messages(self, ctx, body)
+
+    def error_response(self, err: GatewayError, ctx: RequestContext) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        from gateway import messages
+
+        return messages.error_response(err, ctx)
+
+
+class CountTokensConsumer(MessagesConsumer):
+    """``/v1/messages/count_tokens`` (Claude Code calls it); metered as the messages endpoint."""
+
+    async def run(self, ctx: RequestContext, body: bytes) -> None:
+        from gateway import messages
+
+        await messages.handle_count_tokens(self, ctx, body)

@@ -202,10 +202,14 @@ def test_stream_parallel_tool_calls_accumulate_with_the_sdk_stream_helper(anthro
 
 
 def test_in_stream_error_event_becomes_an_openai_stream_error(anthropic_upstream, openai_client):
-    start = {"type": "message_start", "message": {"id": "msg_x", "model": "m", "usage": {"input_tokens": 10}}}
+    message = {"id": "msg_x", "type": "message", "role": "assistant", "model": "m", "content": []}
+    start = {"type": "message_start", "message": {**message, "usage": {"input_tokens": 10, "output_tokens": 1}}}
     frames = [
         event("message_start", start),
-        event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text"}}),
+        event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
         event(
             "content_block_delta",
             {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}},

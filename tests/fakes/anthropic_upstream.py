@@ -100,9 +100,10 @@ class FakeAnthropic(FakeOpenAI):
         start["usage"] = {**self.usage(body), "output_tokens": 1}
         frames = [event("message_start", {"type": "message_start", "message": start})]
         for index, block in enumerate(content):
-            frames.extend(self.block_frames(index, block))
-            if index == 0:
-                frames.append(event("ping", {"type": "ping"}))
+            block_frames = self.block_frames(index, block)
+            if index == 0:  # where the real API sends its first ping
+                block_frames.insert(1, event("ping", {"type": "ping"}))
+            frames.extend(block_frames)
         delta = {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None}}
         frames.append(event("message_delta", {**delta, "usage": {"output_tokens": 7}}))
         frames.append(event("message_stop", {"type": "message_stop"}))
