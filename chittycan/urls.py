@@ -14,6 +14,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("v1/", v1_api.urls),
+    path("api/", include("control.urls")),
     path("healthz", healthz),
 ]
 

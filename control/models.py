@@ -6,7 +6,7 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
-__all__ = ["TenantMembership"]
+__all__ = ["ManagementToken", "TenantMembership"]
 
 
 class TenantMembership(models.Model):
@@ -31,3 +31,25 @@ class TenantMembership(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} {self.role} of {self.tenant}"
+
+
+class ManagementToken(models.Model):
+    """A bearer token for the management API (``ccm_...``), acting as its user.
+
+    Like API keys, only a public prefix and an HMAC of the whole token are stored; the token is
+    shown once when created (``can apitoken create``).
+    """
+
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="management_tokens")
+    name = models.CharField(max_length=200, blank=True, default="")
+    prefix = models.CharField(max_length=32, unique=True)
+    hashed_secret = models.CharField(max_length=64)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.prefix}… ({self.user})"
