@@ -40,6 +40,7 @@ from pydantic_core import PydanticCustomError
 
 from gateway import invalidation
 from gateway.models import Deployment, LLMModel, Price, Provider
+from tenants import services
 from tenants.models import AuditEvent, Budget, Plan, Tenant
 
 __all__ = ["Change", "ConfigError", "Document", "Result", "apply", "dump", "export", "load", "load_text"]
@@ -555,8 +556,10 @@ class _Applier:
         self._doomed_providers: list[Provider] = []
 
     # Each change is recorded and audited the moment it is made.
-    def record(self, change: Change, tenant: Tenant | None = None) -> None:
+    def record(self, change: Change, tenant: Tenant | None = None, *, audit: bool = True) -> None:
         self.changes.append(change)
+        if not audit:  # the service function that made the change wrote the audit row
+            return
         data: dict[str, Any] = {"source": self.filename}
         if change.fields:
             data["changes"] = {
@@ -788,13 +791,14 @@ class _Applier:
                 )
 
     def budgets(self, tenant: Tenant, spec: TenantSpec) -> None:
+        """Through ``tenants.services.budget_set``/``budget_delete`` (they write the audit rows)."""
         existing = {b.period: b for b in Budget.objects.filter(tenant=tenant)}
         wanted = set()
         i = next(n for n, t in enumerate(self.doc.tenants) if t.slug == spec.slug)
         for j, budget in enumerate(spec.budgets):
             wanted.add(budget.period)
-            row = existing.get(budget.period) or Budget(tenant=tenant, period=budget.period)
-            desired = {
+            row = existing.get(budget.period)
+            desired: dict[str, Any] = {
                 "limit_micro": int(budget.limit_usd * MICRO),
                 "hard": budget.hard,
                 "alert_thresholds": list(budget.thresholds),
@@ -802,30 +806,40 @@ class _Applier:
                 "webhook_url": budget.webhook,
             }
             target = f"{tenant.slug} per {budget.period}"
+            current_secret = row.webhook_secret if row is not None else ""
             new_secret, note = self.secret(
-                budget.webhook_secret, row.webhook_secret, f"tenants[{i}].budgets[{j}].webhook_secret"
+                budget.webhook_secret, current_secret, f"tenants[{i}].budgets[{j}].webhook_secret"
             )
             if note:
                 self.notes.append(note)
-            if new_secret is not None and row.pk is None:
-                row.webhook_secret, new_secret = new_secret, None
-            self.sync(row, desired, "budget", target, tenant=tenant)
-            if new_secret is not None:
-                row.webhook_secret = new_secret
-                row.save(update_fields=["webhook_secret"])
-                self.record(Change("update", "budget", target, {"webhook_secret": (_HIDDEN, _HIDDEN)}), tenant)
+            diff = {k: (getattr(row, k), v) for k, v in desired.items() if getattr(row, k) != v} if row else {}
+            if new_secret is not None and row is not None:
+                diff["webhook_secret"] = (_HIDDEN, _HIDDEN)
+            if row is not None and not diff:
+                continue
+            try:
+                services.budget_set(
+                    tenant=tenant,
+                    period=budget.period,
+                    webhook_secret=new_secret,
+                    actor_label=ACTOR,
+                    **desired,
+                )
+            except (DjangoValidationError, ValueError) as exc:
+                text = "; ".join(exc.messages) if isinstance(exc, DjangoValidationError) else str(exc)
+                raise ConfigError([f"{self.filename}: tenants[{i}].budgets[{j}]: {text}"]) from None
+            change = Change("create", "budget", target) if row is None else Change("update", "budget", target, diff)
+            self.record(change, audit=False)
         if self.prune:
             for period, row in existing.items():
                 if period not in wanted:
-                    row.delete()
-                    self.record(Change("delete", "budget", f"{tenant.slug} per {period}"), tenant=tenant)
+                    services.budget_delete(budget=row, actor_label=ACTOR)
+                    self.record(Change("delete", "budget", f"{tenant.slug} per {period}"), audit=False)
 
 
 def _tenant_of(obj: Any) -> Tenant | None:
     if isinstance(obj, Tenant):
         return obj if obj.pk else None
-    if isinstance(obj, Budget):
-        return obj.tenant
     return None
 
 

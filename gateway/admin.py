@@ -21,7 +21,7 @@ from gateway.models import (
     Provider,
     UsageRecord,
 )
-from tenants.admin import AuditedAdmin, TypedAdmin, usd
+from tenants.admin import AuditedAdmin, ReadOnlyAdmin, https_formfield, usd
 
 # --- providers -----------------------------------------------------------------------------------
 
@@ -40,6 +40,7 @@ class ProviderForm(forms.ModelForm):
 
     class Meta:
         model = Provider
+        formfield_callback = https_formfield
         fields = [
             "slug",
             "kind",
@@ -156,19 +157,6 @@ class LLMModelAdmin(AuditedAdmin[LLMModel]):
 
 
 _M = TypeVar("_M", bound=Model)
-
-
-class ReadOnlyAdmin(TypedAdmin[_M]):
-    """Written by the gateway, never by hand: view only."""
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
 
 
 @admin.register(UsageRecord)

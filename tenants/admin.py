@@ -8,12 +8,13 @@ a message after saving, and is never stored.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from django import forms
 from django.contrib import admin, messages
-from django.db import transaction
+from django.db import models, transaction
 from django.db.models import Count, Model, Q, QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
@@ -23,7 +24,7 @@ from django.utils.html import format_html, format_html_join
 
 from gateway import invalidation
 from tenants import services
-from tenants.models import ApiKey, AuditEvent, Budget, Plan, Tenant
+from tenants.models import ApiKey, AuditEvent, Budget, BudgetCounter, BudgetReservation, Plan, Tenant
 
 MICRO = Decimal(1_000_000)
 ADMIN_LABEL = "admin"
@@ -52,8 +53,20 @@ else:
         """``ModelAdmin[Model]`` for mypy, without needing django-stubs-ext at run time."""
 
 
+URL_FIELDS: Mapping[type[models.Field[Any, Any]], Mapping[str, Any]] = {models.URLField: {"assume_scheme": "https"}}
+
+
+def https_formfield(field: models.Field[Any, Any], **kwargs: Any) -> Any:
+    """Model form fields, with URLs read as https:// when typed without a scheme."""
+    if isinstance(field, models.URLField):
+        kwargs.setdefault("assume_scheme", "https")
+    return field.formfield(**kwargs)
+
+
 class AuditedAdmin(TypedAdmin[_M]):
     """Each save and delete writes an audit row and announces the change to the gateway after commit."""
+
+    formfield_overrides = URL_FIELDS
 
     def _audit(self, request: HttpRequest, obj: Model, action: str, data: dict[str, Any] | None = None) -> None:
         tenant = obj if isinstance(obj, Tenant) else getattr(obj, "tenant", None)
@@ -88,6 +101,19 @@ class AuditedAdmin(TypedAdmin[_M]):
         super().delete_queryset(request, queryset)
 
 
+class ReadOnlyAdmin(TypedAdmin[_M]):
+    """Written by the gateway, never by hand: view only."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 # --- tenants -------------------------------------------------------------------------------------
 
 
@@ -119,9 +145,17 @@ class BudgetForm(forms.ModelForm):
     limit_usd = forms.DecimalField(
         label="Limit (USD)", min_value=Decimal(0), decimal_places=6, max_digits=18, help_text="e.g. 500.00"
     )
+    new_webhook_secret = forms.CharField(
+        label="Webhook secret",
+        required=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only: type a new one to replace it; leave empty to keep the current one.",
+    )
+    clear_webhook_secret = forms.BooleanField(label="Remove the webhook secret", required=False)
 
     class Meta:
         model = Budget
+        formfield_callback = https_formfield
         fields = [
             "tenant",
             "api_key",
@@ -131,9 +165,7 @@ class BudgetForm(forms.ModelForm):
             "alert_thresholds",
             "alert_emails",
             "webhook_url",
-            "webhook_secret",
         ]
-        widgets = {"webhook_secret": forms.PasswordInput(render_value=True)}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -156,6 +188,10 @@ class BudgetForm(forms.ModelForm):
         data = super().clean() or {}
         if data.get("limit_usd") is not None:
             self.instance.limit_micro = int(data["limit_usd"] * MICRO)
+        if data.get("new_webhook_secret"):
+            self.instance.webhook_secret = data["new_webhook_secret"]
+        elif data.get("clear_webhook_secret"):
+            self.instance.webhook_secret = ""
         if "tenant" in self.fields and "api_key" in self.fields:
             if bool(data.get("tenant")) == bool(data.get("api_key")):
                 raise forms.ValidationError("A budget belongs to a tenant or to one API key: choose exactly one.")
@@ -170,7 +206,17 @@ class TenantBudgetInline(admin.TabularInline):
     model = Budget
     form = BudgetForm
     fk_name = "tenant"
-    fields = ["period", "limit_usd", "hard", "alert_thresholds", "alert_emails", "webhook_url", "webhook_secret"]
+    formfield_overrides = URL_FIELDS
+    fields = [
+        "period",
+        "limit_usd",
+        "hard",
+        "alert_thresholds",
+        "alert_emails",
+        "webhook_url",
+        "new_webhook_secret",
+        "clear_webhook_secret",
+    ]
     extra = 0
 
 
@@ -435,6 +481,45 @@ class BudgetAdmin(AuditedAdmin[Budget]):
     search_fields = ["tenant__slug", "api_key__prefix"]
     autocomplete_fields = ["tenant", "api_key"]
 
+    fields = [
+        "tenant",
+        "api_key",
+        "period",
+        "limit_usd",
+        "hard",
+        "alert_thresholds",
+        "alert_emails",
+        "webhook_url",
+        "new_webhook_secret",
+        "clear_webhook_secret",
+    ]
+
+    def save_model(self, request: HttpRequest, obj: Budget, form: ModelForm, change: bool) -> None:
+        if change and {"tenant", "api_key", "period"} & set(form.changed_data):
+            super().save_model(request, obj, form, change)  # moved to another scope or period
+            return
+        saved = services.budget_set(
+            tenant=obj.tenant,
+            api_key=obj.api_key,
+            period=obj.period,
+            limit_micro=obj.limit_micro,
+            hard=obj.hard,
+            alert_thresholds=obj.alert_thresholds,
+            alert_emails=obj.alert_emails,
+            webhook_url=obj.webhook_url,
+            webhook_secret=obj.webhook_secret,
+            actor_label=ADMIN_LABEL,
+        )
+        obj.pk, obj.created_at = saved.pk, saved.created_at
+        obj._state.adding, obj._state.db = False, saved._state.db
+
+    def delete_model(self, request: HttpRequest, obj: Budget) -> None:
+        services.budget_delete(budget=obj, actor_label=ADMIN_LABEL)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Budget]) -> None:
+        for budget in queryset.select_related("tenant", "api_key__tenant"):
+            services.budget_delete(budget=budget, actor_label=ADMIN_LABEL)
+
     @admin.display(description="scope")
     def scope(self, obj: Budget) -> str:
         return f"tenant {obj.tenant.slug}" if obj.tenant else f"key {obj.api_key.prefix if obj.api_key else '?'}"
@@ -444,23 +529,30 @@ class BudgetAdmin(AuditedAdmin[Budget]):
         return usd(obj.limit_micro)
 
 
+@admin.register(BudgetCounter)
+class BudgetCounterAdmin(ReadOnlyAdmin[BudgetCounter]):
+    """The PostgreSQL fallback's spend counters (see docs/budgets.md): for inspection only."""
+
+    list_display = ["name", "value", "synced_at"]
+    search_fields = ["name"]
+
+
+@admin.register(BudgetReservation)
+class BudgetReservationAdmin(ReadOnlyAdmin[BudgetReservation]):
+    list_display = ["request_id", "created_at", "expires_at", "swept"]
+    list_filter = ["swept"]
+    search_fields = ["request_id"]
+    date_hierarchy = "created_at"
+
+
 # --- audit log -----------------------------------------------------------------------------------
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(TypedAdmin[AuditEvent]):
+class AuditEventAdmin(ReadOnlyAdmin[AuditEvent]):
     list_display = ["at", "action", "target", "tenant", "actor", "actor_label"]
     list_filter = ["action", "actor_label"]
     list_select_related = ["tenant", "actor"]
     search_fields = ["action", "target", "tenant__slug"]
     date_hierarchy = "at"
     readonly_fields = ["at", "action", "target", "tenant", "actor", "actor_label", "data"]
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: AuditEvent | None = None) -> bool:
-        return False

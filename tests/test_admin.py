@@ -16,7 +16,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from gateway.models import LLMModel, Provider, UsageRecord
 from tenants import keys, services
-from tenants.models import ApiKey, Budget, Plan, Tenant
+from tenants.models import ApiKey, AuditEvent, Budget, Plan, Tenant
 
 PASSWORD = "correct horse battery staple"
 
@@ -240,13 +240,17 @@ def test_budget_in_usd_stored_in_micro_usd(admin_client, rows):
             "hard": "on",
             "alert_thresholds": "[50, 80, 100]",
             "alert_emails": '["ops@example.com"]',
-            "webhook_url": "",
-            "webhook_secret": "",
+            "webhook_url": "https://hooks.example/b",
+            "new_webhook_secret": "whsec-admin-typed",
         },
     )
     assert response.status_code == 302, response.content.decode()[:3000]
     budget = Budget.objects.get(tenant=rows["team"], period="day")
-    assert budget.limit_micro == 12_345_678
+    assert budget.limit_micro == 12_345_678 and budget.webhook_secret == "whsec-admin-typed"
+    event = AuditEvent.objects.get(action="budget.create", tenant=rows["team"])
+    assert event.actor_label == "admin" and event.data["limit_micro"] == 12_345_678
+    page = admin_client.get(reverse("admin:tenants_budget_change", args=[budget.pk])).content.decode()
+    assert "whsec-admin-typed" not in page and 'value="12.345678"' in page
     page = admin_client.get(reverse("admin:tenants_budget_changelist")).content.decode()
     assert "$12.345678" in page and "12345678" in page and "$12.50" in page
 
@@ -270,8 +274,6 @@ def test_model_admin_edits_go_to_the_audit_log(admin_client, rows):
     url = reverse("admin:gateway_llmmodel_change", args=[model.pk])
     response = admin_client.get(url)
     assert response.status_code == 200
-    from tenants.models import AuditEvent
-
     Tenant.objects.filter(pk=rows["team"].pk).update(rpm_limit=None)
     response = admin_client.post(
         reverse("admin:tenants_plan_change", args=[Plan.objects.get(slug="pro").pk]),
