@@ -11,6 +11,8 @@ import orjson
 
 from gateway.errors import InvalidRequest
 
+#: Larger than any model's output limit; keeps integers within what every upstream parses.
+_MAX_TOKENS = 2**31 - 1
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 
 
@@ -84,8 +86,10 @@ def _number_in(data: dict[str, Any], name: str, low: float, high: float) -> None
 
 def _common_sampling(data: dict[str, Any]) -> None:
     _positive_int(data, "n", maximum=128)
-    _positive_int(data, "max_tokens")
-    _positive_int(data, "max_completion_tokens")
+    _positive_int(data, "max_tokens", maximum=_MAX_TOKENS)
+    _positive_int(data, "max_completion_tokens", maximum=_MAX_TOKENS)
+    _typed(data, "seed", _is_int, "an integer")
+    _typed(data, "user", lambda v: isinstance(v, str), "a string")
     _number_in(data, "temperature", 0, 2)
     _number_in(data, "top_p", 0, 1)
     _number_in(data, "frequency_penalty", -2, 2)
@@ -96,6 +100,68 @@ def _common_sampling(data: dict[str, Any]) -> None:
             raise InvalidRequest("stop must be a string or a list of strings", param="stop")
 
 
+def _content_parts(content: list[Any], where: str) -> None:
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise InvalidRequest(f"{where}[{j}] must be an object with a string 'type'", param=f"{where}.[{j}]")
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise InvalidRequest(f"{where}[{j}].text must be a string", param=f"{where}.[{j}].text")
+
+
+def _tool_calls(calls: Any, where: str) -> None:
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"{where} must be an array", param=where)
+    for j, call in enumerate(calls):
+        fn = call.get("function", {}) if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name", ""), str):
+            raise InvalidRequest(f"{where}[{j}] must be an object with a 'function' object", param=f"{where}.[{j}]")
+
+
+def _tools(data: dict[str, Any]) -> None:
+    tools = data.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise InvalidRequest("tools must be an array", param="tools")
+        for j, tool in enumerate(tools):
+            if not isinstance(tool, dict) or not isinstance(tool.get("type", "function"), str):
+                raise InvalidRequest(f"tools[{j}] must be an object with a string 'type'", param=f"tools.[{j}]")
+            if tool.get("type", "function") != "function":
+                continue
+            fn = tool.get("function")
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise InvalidRequest(
+                    f"tools[{j}].function must be an object with a name", param=f"tools.[{j}].function"
+                )
+            parameters = fn.get("parameters")
+            if parameters is not None and not isinstance(parameters, dict):
+                raise InvalidRequest(
+                    f"tools[{j}].function.parameters must be a JSON Schema object",
+                    param=f"tools.[{j}].function.parameters",
+                )
+    choice = data.get("tool_choice")
+    if choice is not None:
+        fn = choice.get("function") if isinstance(choice, dict) else None
+        if not (
+            choice in ("none", "auto", "required")
+            or (
+                isinstance(choice, dict)
+                and isinstance(choice.get("type"), str)
+                and (fn is None or isinstance(fn, dict))
+            )
+        ):
+            raise InvalidRequest(
+                "tool_choice must be 'none', 'auto', 'required' or an object naming a tool", param="tool_choice"
+            )
+
+
+def _typed(data: dict[str, Any], name: str, check: Any, what: str) -> None:
+    value = data.get(name)
+    if value is not None and not check(value):
+        raise InvalidRequest(f"{name} must be {what}", param=name)
+
+
 def chat(data: dict[str, Any]) -> None:
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -104,7 +170,7 @@ def chat(data: dict[str, Any]) -> None:
         if not isinstance(message, dict):
             raise InvalidRequest(f"messages[{i}] must be an object", param=f"messages.[{i}]")
         role = message.get("role")
-        if role not in _ROLES:
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidRequest(
                 f"messages[{i}].role must be one of {', '.join(sorted(_ROLES))}", param=f"messages.[{i}].role"
             )
@@ -113,19 +179,39 @@ def chat(data: dict[str, Any]) -> None:
             raise InvalidRequest(
                 f"messages[{i}].content must be a string or an array of parts", param=f"messages.[{i}].content"
             )
-    tools = data.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise InvalidRequest("tools must be an array", param="tools")
+        if isinstance(content, list):
+            _content_parts(content, f"messages[{i}].content")
+        _tool_calls(message.get("tool_calls"), f"messages[{i}].tool_calls")
+    _tools(data)
     response_format = data.get("response_format")
     if response_format is not None and not isinstance(response_format, dict):
         raise InvalidRequest("response_format must be an object", param="response_format")
+    _typed(data, "logprobs", lambda v: isinstance(v, bool), "a boolean")
+    _typed(data, "parallel_tool_calls", lambda v: isinstance(v, bool), "a boolean")
+    _positive_int(data, "top_logprobs", minimum=0, maximum=20)
+    _typed(data, "metadata", lambda v: isinstance(v, dict), "an object")
     _common_sampling(data)
 
 
 def completions(data: dict[str, Any]) -> None:
     prompt = data.get("prompt")
-    if prompt is None or not isinstance(prompt, (str, list)):
-        raise InvalidRequest("prompt must be a string, an array of strings or an array of tokens", param="prompt")
+    if isinstance(prompt, list):
+        ok = bool(prompt) and (
+            all(isinstance(p, str) for p in prompt)
+            or all(_is_int(p) for p in prompt)
+            or all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt)
+        )
+    else:
+        ok = isinstance(prompt, str)
+    if not ok:
+        raise InvalidRequest(
+            "prompt must be a string, an array of strings, an array of tokens or an array of token arrays",
+            param="prompt",
+        )
+    _positive_int(data, "logprobs", minimum=0, maximum=5)
+    _positive_int(data, "best_of", maximum=128)
+    _typed(data, "echo", lambda v: isinstance(v, bool), "a boolean")
+    _typed(data, "suffix", lambda v: isinstance(v, str), "a string")
     _common_sampling(data)
 
 

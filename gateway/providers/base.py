@@ -127,8 +127,16 @@ def raise_for_status(response: httpx.Response, body: bytes) -> None:
     raise err
 
 
+def _is_timeout(exc: Exception) -> bool:
+    """httpx-aiohttp maps a refused connection to ``ConnectTimeout``; look at the real cause."""
+    if not isinstance(exc, httpx.TimeoutException):
+        return False
+    cause = exc.__cause__
+    return not (isinstance(cause, OSError) and not isinstance(cause, TimeoutError))
+
+
 def connection_error(exc: Exception) -> UpstreamError:
-    if isinstance(exc, httpx.TimeoutException):
+    if _is_timeout(exc):
         return UpstreamError(f"upstream timed out: {type(exc).__name__}", retryable=True, status=504, code="timeout")
     return UpstreamError(
         f"upstream unreachable: {type(exc).__name__}", retryable=True, status=502, code="connect_error"

@@ -36,16 +36,26 @@ def _last_user_text(messages: list[Any]) -> str:
             if isinstance(content, str):
                 return content
             if isinstance(content, list):
-                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+                return " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     return ""
 
 
-def _reply_text(seed: str, max_tokens: int | None) -> tuple[str, str]:
-    """The reply and its finish reason; ``length`` when max_tokens cut it short."""
+#: How much of the prompt the reply quotes, so a test can see its question was the one answered.
+SNIPPET_CHARS = 60
+
+
+def _reply_text(seed: str, max_tokens: int | None, prompt: str = "") -> tuple[str, str]:
+    """The reply and its finish reason; ``length`` when max_tokens cut it short.
+
+    The reply quotes the start of the prompt ("Say hello in 3 words." gets a reply that says
+    hello), then adds words picked deterministically from a hash of the whole request.
+    """
     digest = hashlib.sha256(seed.encode()).digest()
     n_words = 12 + digest[0] % 12
     words = [_WORDS[(digest[i % len(digest)] + i) % len(_WORDS)] for i in range(n_words)]
-    text = "Mock reply: " + " ".join(words) + "."
+    snippet = " ".join(prompt.split())[:SNIPPET_CHARS]
+    lead = f'Mock reply to "{snippet}":' if snippet else "Mock reply:"
+    text = lead + " " + " ".join(words) + "."
     if max_tokens is not None and max_tokens > 0:
         enc_words = text.split(" ")
         if len(enc_words) > max_tokens:
@@ -57,12 +67,15 @@ def _example_for(schema: Any) -> Any:
     if not isinstance(schema, dict):
         return "example"
     kind = schema.get("type")
-    if "enum" in schema and schema["enum"]:
-        return schema["enum"][0]
+    enum = schema.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[0]
     if kind == "object":
-        props = schema.get("properties") or {}
-        required = schema.get("required") or list(props)
-        return {name: _example_for(props.get(name)) for name in required if name in props}
+        props = schema.get("properties")
+        props = props if isinstance(props, dict) else {}
+        required = schema.get("required")
+        names = required if isinstance(required, list) else list(props)
+        return {name: _example_for(props[name]) for name in names if isinstance(name, str) and name in props}
     if kind == "array":
         return [_example_for(schema.get("items"))]
     if kind in ("integer", "number"):
@@ -114,7 +127,7 @@ class MockProvider(Provider):
             completion = tokens.count_text(tool_call["function"]["name"] + tool_call["function"]["arguments"])
             return message, "tool_calls", prompt_tokens, completion
         seed = orjson.dumps(messages).decode()
-        text, finish = _reply_text(seed, max_tokens if isinstance(max_tokens, int) else None)
+        text, finish = _reply_text(seed, max_tokens if isinstance(max_tokens, int) else None, _last_user_text(messages))
         message = {"role": "assistant", "content": text, "refusal": None}
         return message, finish, prompt_tokens, tokens.count_text(text, call.upstream_model)
 
@@ -189,7 +202,7 @@ class MockProvider(Provider):
         prompt = call.body.get("prompt", "")
         prompt_text = prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
         max_tokens = call.body.get("max_tokens")
-        text, finish = _reply_text(prompt_text, max_tokens if isinstance(max_tokens, int) else 16)
+        text, finish = _reply_text(prompt_text, max_tokens if isinstance(max_tokens, int) else 16, prompt_text)
         p, c = tokens.count_text(prompt_text), tokens.count_text(text)
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
