@@ -23,7 +23,7 @@ HI: Any = [{"role": "user", "content": "Hi"}]
 
 
 def main(base_url: str, api_key: str, model: str) -> dict[str, Any]:
-    client = anthropic.Anthropic(base_url=base_url, api_key=api_key, max_retries=0)
+    client: Any = anthropic.Anthropic(base_url=base_url, api_key=api_key, max_retries=0)  # typed by 2.x stubs
     created = client.messages.create(model=model, max_tokens=100, messages=HI)
     with client.messages.stream(model=model, max_tokens=100, messages=HI) as stream:
         streamed_text = "".join(stream.text_stream)
