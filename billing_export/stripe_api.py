@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import stripe
 from django.conf import settings
 
 from billing_export.models import ExportLine
+
+if TYPE_CHECKING:
+    import stripe  # imported lazily below: ~24 MiB that every gateway process would carry otherwise
 
 __all__ = ["SendOutcome", "StripeNotConfigured", "idempotency_key", "make_client", "send_meter_event"]
 
@@ -37,6 +39,8 @@ def make_client(api_key: str | None = None, api_base: str | None = None) -> stri
     if not key:
         raise StripeNotConfigured("set CHITTYCAN_STRIPE_API_KEY (a restricted key with meter event write access)")
     base = (api_base or settings.CHITTYCAN_STRIPE_API_BASE).rstrip("/")
+    import stripe
+
     return stripe.StripeClient(
         key,
         base_addresses={"api": base},
@@ -68,6 +72,8 @@ def send_meter_event(client: Any, line: ExportLine) -> SendOutcome:
             settings.CHITTYCAN_STRIPE_VALUE_KEY: str(line.value),
         },
     }
+    import stripe
+
     try:
         client.v1.billing.meter_events.create(params=params, options={"idempotency_key": idempotency_key(line)})
     except stripe.APIConnectionError as exc:
