@@ -35,6 +35,10 @@ INSTALLED_APPS = [
     "billing_export",
     "control",
 ]
+# daphne's AppConfig imports Twisted (~40 MiB resident) to install its reactor; only `runserver` and
+# the daphne server need that, so `can serve` with uvicorn or granian leaves it out.
+if env_str("CHITTYCAN_SERVING") in ("uvicorn", "granian"):
+    INSTALLED_APPS.remove("daphne")
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",

@@ -69,6 +69,7 @@ class Command(BaseCommand):
             argv = [sys.executable, "-m", "daphne", "-b", host, "-p", str(port), app]
             if not opts["access_log"]:
                 argv.extend(["--access-log", os.devnull])
+        os.environ["CHITTYCAN_SERVING"] = opts["server"]  # read by settings (see INSTALLED_APPS)
         self.stdout.write(f"ChittyCan gateway on http://{host}:{port} ({opts['server']}, {workers} worker(s))")
         sys.stdout.flush()
         os.execv(sys.executable, argv)
