@@ -23,6 +23,8 @@ OUR_COMMANDS = (
     "billing",
     "usage",
     "trace",
+    "apitoken",
+    "members",
 )
 
 

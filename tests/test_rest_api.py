@@ -288,3 +288,27 @@ def test_usage_and_spend_are_scoped(world):
     spend = alice.get("/api/tenants/org-a/spend/").json()
     assert [b["spent_micro"] for b in spend["budgets"]] == [1_250]
     assert charlie.get("/api/tenants/org-a/spend/").status_code == 404
+
+
+def test_cli_memberships_and_tokens(world):
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    get_user_model().objects.create_user("dana", password="pw-dana-123")
+    out = StringIO()
+    call_command("members", "add", "--user", "dana", "--tenant", "team-a1", "--role", "admin", stdout=out)
+    assert "dana is admin of team-a1" in out.getvalue()
+    out = StringIO()
+    call_command("apitoken", "create", "--user", "dana", "--name", "cli", stdout=out, stderr=StringIO())
+    plaintext = out.getvalue().strip()
+    assert plaintext.startswith("ccm_")
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Bearer {plaintext}")
+    assert _slugs(client.get("/api/tenants/")) == ["project-a1x", "team-a1"]
+    call_command("apitoken", "revoke", plaintext[:16], stdout=StringIO())
+    assert client.get("/api/tenants/").status_code == 401
+    call_command("members", "remove", "--user", "dana", "--tenant", "team-a1", stdout=StringIO())
+    with pytest.raises(CommandError, match="no user"):
+        call_command("apitoken", "create", "--user", "ghost", stdout=StringIO())
