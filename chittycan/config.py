@@ -641,6 +641,11 @@ class _Applier:
             }
             self.sync(plan, desired, "plan", spec.slug)
             out[spec.slug] = plan
+        if self.prune:
+            for plan in Plan.objects.exclude(slug__in=out):
+                target = plan.slug
+                plan.delete()  # tenants still on it (none in the file) are left without a plan
+                self.record(Change("delete", "plan", target))
         return out
 
     def providers(self) -> dict[str, Provider]:

@@ -216,7 +216,7 @@ def test_dry_run_reports_changes_and_writes_nothing(db, tmp_path, env):
 
 def test_prune_removes_what_the_file_no_longer_lists(db, tmp_path, env):
     run(tmp_path, BASE)
-    extra = Tenant.objects.create(slug="stray", name="Stray")
+    extra = Tenant.objects.create(slug="stray", name="Stray", plan=Plan.objects.create(slug="legacy", name="Legacy"))
     Price.objects.create(model=LLMModel.objects.get(name="m1"), effective_from="2024-01-01T00:00:00Z")
     out = run(tmp_path, BASE)  # without --prune nothing is removed
     assert "no changes" in out
@@ -235,7 +235,8 @@ def test_prune_removes_what_the_file_no_longer_lists(db, tmp_path, env):
     assert not Budget.objects.filter(tenant__slug="org").exists()
     extra.refresh_from_db()
     assert not extra.is_active  # deactivated, not deleted: its keys and ledger rows stay
-    assert Plan.objects.filter(slug="pro").exists()
+    assert Plan.objects.filter(slug="pro").exists() and not Plan.objects.filter(slug="legacy").exists()
+    assert "- delete plan legacy" in out
     assert "no changes" in run(tmp_path, smaller, "--prune")
 
 
@@ -279,3 +280,56 @@ def test_example_file_applies_and_round_trips(db, tmp_path, env):
     out = io.StringIO()
     call_command("apply", "-f", str(exported), "--prune", stdout=out, stderr=io.StringIO())
     assert "no changes" in out.getvalue()
+
+
+GATEWAY_FILE = """
+providers:
+  - slug: fake
+    kind: openai
+    base_url: ${FAKE_URL}/v1
+    api_key: ${FAKE_KEY}
+    max_retries: 0
+models:
+  - name: house-model
+    aliases: [house]
+    deployments:
+      - provider: fake
+        upstream_model: gpt-4o-2024-08-06
+    prices:
+      - effective_from: "2020-01-01"
+        input: "%s"
+        output: "20.00"
+tenants:
+  - slug: house
+    budgets:
+      - period: month
+        limit_usd: "100.00"
+"""
+
+
+def test_applied_configuration_is_served_by_the_running_gateway(
+    fake_openai, gateway_server, transactional_db, tmp_path, monkeypatch
+):
+    import openai
+
+    from tests.conftest import wait_usage
+
+    app, server = fake_openai
+    monkeypatch.setenv("FAKE_URL", server.url)
+    monkeypatch.setenv("FAKE_KEY", "sk-from-env")
+    run(tmp_path, GATEWAY_FILE % "5.00")
+    out = io.StringIO()
+    call_command("keys", "create", "--tenant", "house", stdout=out, stderr=io.StringIO())
+    client = openai.OpenAI(base_url=f"{gateway_server.url}/v1", api_key=out.getvalue().strip(), max_retries=0)
+    res = client.chat.completions.with_raw_response.create(model="house", messages=[{"role": "user", "content": "hi"}])
+    assert res.headers["x-chittycan-provider"] == "fake"
+    assert app.requests[-1].headers["authorization"] == "Bearer sk-from-env"
+    assert app.requests[-1].body["model"] == "gpt-4o-2024-08-06"
+    # 10 prompt tokens at $5/M + 7 completion at $20/M = 50 + 140 micro-USD
+    assert res.headers["x-chittycan-cost"] == "0.000190"
+    # A price change applied while the gateway runs is used for the next request.
+    assert "~ update price house-model" in run(tmp_path, GATEWAY_FILE % "1.00")
+    res = client.chat.completions.with_raw_response.create(model="house", messages=[{"role": "user", "content": "hi"}])
+    assert res.headers["x-chittycan-cost"] == "0.000150"
+    rows = wait_usage(2, tenant__slug="house")
+    assert [r.cost_micro for r in rows] == [190, 150]
