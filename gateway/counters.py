@@ -354,7 +354,7 @@ class PostgresCounters:
         return await sync_to_async(self._reserve, thread_sensitive=False)(request_id, root, parts)
 
     def _sync_rows(self, names: list[str], counters: dict[str, Counter]) -> dict[str, Any]:
-        from tenants.models import BudgetCounter, BudgetReservation
+        from tenants.models import BudgetCounter
 
         BudgetCounter.objects.bulk_create(
             [BudgetCounter(name=n, value=0, synced_at=datetime(2000, 1, 1, tzinfo=UTC)) for n in names],
@@ -363,13 +363,10 @@ class PostgresCounters:
         rows = {r.name: r for r in BudgetCounter.objects.select_for_update().filter(name__in=names).order_by("name")}
         stale = [n for n in names if rows[n].synced_at < self.since and n in counters]
         if stale:
-            open_amounts: dict[str, int] = {}
-            for res in BudgetReservation.objects.filter(swept=False):
-                for name, amount, _kind in res.parts:
-                    open_amounts[name] = open_amounts.get(name, 0) + int(amount)
+            pending = _pg_pending_amounts()
             now = datetime.now(UTC)
             for n in stale:
-                rows[n].value = ledger_value(counters[n]) + open_amounts.get(n, 0)
+                rows[n].value = ledger_value(counters[n]) + pending.get(n, 0)
                 rows[n].synced_at = now
                 rows[n].save(update_fields=["value", "synced_at"])
         return rows
@@ -412,6 +409,31 @@ class PostgresCounters:
         return await sync_to_async(pg_sweep, thread_sensitive=False)(now)
 
 
+def _pg_pending_amounts() -> dict[str, int]:
+    """What the PostgreSQL reservations add to the ledger, per counter: open reservations at their
+    reserved amount, settled ones at their actual amount until their usage row is in the ledger.
+
+    Settled ids are checked against the ledger *before* the caller sums the ledger, so a row written
+    in between is counted twice (refusing a little early) rather than not at all."""
+    from gateway.models import UsageRecord
+    from tenants.models import BudgetReservation
+
+    reservations = list(BudgetReservation.objects.filter(swept=False))
+    settled_ids = [r.request_id for r in reservations if r.settled_at is not None]
+    in_ledger = set(UsageRecord.objects.filter(request_id__in=settled_ids).values_list("request_id", flat=True))
+    amounts: dict[str, int] = {}
+    for res in reservations:
+        if res.settled_at is not None and res.request_id in in_ledger:
+            continue
+        for name, amount, kind in res.parts:
+            if res.settled_at is None:
+                value = int(amount)
+            else:
+                value = res.actual_requests if kind == "q" else res.actual_micro
+            amounts[name] = amounts.get(name, 0) + value
+    return amounts
+
+
 def _pg_apply(parts: list[Any], actual_micro: int, actual_requests: int, swept: bool) -> None:
     from django.db.models import F
 
@@ -431,18 +453,25 @@ def _pg_settle(request_id: str, actual_micro: int, actual_requests: int) -> bool
 
     close_old_connections()
     with transaction.atomic():
-        res = BudgetReservation.objects.select_for_update().filter(request_id=request_id).first()
+        res = (
+            BudgetReservation.objects.select_for_update().filter(request_id=request_id, settled_at__isnull=True).first()
+        )
         if res is None:
             return False
         _pg_apply(res.parts, actual_micro, actual_requests, res.swept)
-        res.delete()
+        # Kept (as settled, not swept) until its usage row reaches the ledger: see _pg_pending_amounts.
+        res.swept = False
+        res.settled_at = datetime.now(UTC)
+        res.actual_micro = actual_micro
+        res.actual_requests = actual_requests
+        res.save(update_fields=["swept", "settled_at", "actual_micro", "actual_requests"])
     return True
 
 
 def _pg_renew(request_ids: list[str]) -> None:
     from tenants.models import BudgetReservation
 
-    BudgetReservation.objects.filter(request_id__in=request_ids, swept=False).update(
+    BudgetReservation.objects.filter(request_id__in=request_ids, swept=False, settled_at__isnull=True).update(
         expires_at=datetime.now(UTC) + timedelta(seconds=_lease_seconds())
     )
 
@@ -452,14 +481,20 @@ def pg_sweep(now: float | None = None) -> int:
     from django.db import close_old_connections, transaction
     from django.db.models import F
 
+    from gateway.models import UsageRecord
     from tenants.models import BudgetCounter, BudgetReservation
 
     close_old_connections()
     moment = datetime.fromtimestamp(now, UTC) if now is not None else datetime.now(UTC)
+    # Settled reservations whose usage row is in the ledger have served their purpose.
+    settled = list(BudgetReservation.objects.filter(settled_at__isnull=False).values_list("request_id", flat=True))
+    done = UsageRecord.objects.filter(request_id__in=settled).values_list("request_id", flat=True)
+    BudgetReservation.objects.filter(request_id__in=list(done), settled_at__isnull=False).delete()
     released = 0
-    for pk in BudgetReservation.objects.filter(swept=False, expires_at__lte=moment).values_list("pk", flat=True):
+    expired = BudgetReservation.objects.filter(swept=False, settled_at__isnull=True, expires_at__lte=moment)
+    for pk in expired.values_list("pk", flat=True):
         with transaction.atomic():
-            res = BudgetReservation.objects.select_for_update().filter(pk=pk, swept=False).first()
+            res = expired.select_for_update().filter(pk=pk).first()
             if res is None:
                 continue
             for name, amount, _kind in sorted(res.parts):

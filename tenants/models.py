@@ -213,12 +213,17 @@ class BudgetCounter(models.Model):
 
 
 class BudgetReservation(models.Model):
-    """An open (or lease-expired) reservation made by the PostgreSQL path, by request id."""
+    """A reservation made by the PostgreSQL path, by request id: open, swept (lease expired) or
+    settled. Settled rows stay until the request's usage row is in the ledger, so a re-sync counts
+    them exactly once (as ``actual_micro``) while the ledger writer catches up."""
 
     request_id = models.CharField(max_length=64, unique=True)
     parts = models.JSONField(default=list, help_text='[[counter name, amount, kind "m"|"q"], ...]')
     expires_at = models.DateTimeField(db_index=True)
     swept = models.BooleanField(default=False, help_text="Released by the sweeper; a late settle charges actual")
+    settled_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    actual_micro = models.BigIntegerField(default=0)
+    actual_requests = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
 
     def __str__(self) -> str:
