@@ -220,8 +220,33 @@ class TenantBudgetInline(admin.TabularInline):
     extra = 0
 
 
+class TenantForm(forms.ModelForm):
+    class Meta:
+        model = Tenant
+        fields = [
+            "slug",
+            "name",
+            "kind",
+            "parent",
+            "is_active",
+            "plan",
+            "time_zone",
+            "stripe_customer_id",
+            "rpm_limit",
+            "tpm_limit",
+            "allowed_models",
+        ]
+
+    def clean_allowed_models(self) -> list[str]:
+        value = self.cleaned_data.get("allowed_models") or []
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise forms.ValidationError('A list of public model names, e.g. ["gpt-4o", "gpt-4o-mini"]; [] for all.')
+        return list(dict.fromkeys(value))
+
+
 @admin.register(Tenant)
 class TenantAdmin(AuditedAdmin[Tenant]):
+    form = TenantForm
     list_display = [
         "slug",
         "name",

@@ -315,3 +315,49 @@ def test_otp_enrol_prints_url_and_qr_and_the_device_logs_in(db):
     assert TOTPDevice.objects.filter(user=staff).count() == 1
     call_command("otp", "remove", "--user", "dana", stdout=io.StringIO())
     assert not TOTPDevice.objects.filter(user=staff).exists()
+
+
+def test_tenant_created_in_the_admin_goes_through_the_service(admin_client, rows):
+    form = {
+        "slug": "acme-web",
+        "name": "Acme Web",
+        "kind": "team",
+        "parent": rows["org"].pk,
+        "is_active": "on",
+        "plan": "",
+        "time_zone": "Europe/Paris",
+        "stripe_customer_id": "",
+        "rpm_limit": "30",
+        "tpm_limit": "",
+        "allowed_models": '["gpt-4o"]',
+        "budgets-TOTAL_FORMS": "1",
+        "budgets-INITIAL_FORMS": "0",
+        "budgets-MIN_NUM_FORMS": "0",
+        "budgets-MAX_NUM_FORMS": "1000",
+        "budgets-0-period": "month",
+        "budgets-0-limit_usd": "50.00",
+        "budgets-0-hard": "on",
+        "budgets-0-alert_thresholds": "[80, 100]",
+        "budgets-0-alert_emails": "[]",
+        "budgets-0-webhook_url": "",
+        "budgets-0-new_webhook_secret": "",
+    }
+    response = admin_client.post(reverse("admin:tenants_tenant_add"), form)
+    assert response.status_code == 302, response.content.decode()[:3000]
+    web = Tenant.objects.get(slug="acme-web")
+    assert (web.parent_id, web.time_zone, web.rpm_limit, web.allowed_models) == (
+        rows["org"].pk,
+        "Europe/Paris",
+        30,
+        ["gpt-4o"],
+    )
+    assert Budget.objects.get(tenant=web).limit_micro == 50_000_000
+    assert AuditEvent.objects.filter(action="tenant.create", target="acme-web", actor_label="admin").exists()
+    bad = {**form, "slug": "acme-bad", "allowed_models": '{"gpt-4o": 1}', "budgets-TOTAL_FORMS": "0"}
+    response = admin_client.post(reverse("admin:tenants_tenant_add"), bad)
+    assert response.status_code == 200 and "A list of public model names" in response.content.decode()
+    # A tenant cannot become its own ancestor.
+    org_form = {**form, "slug": "acme", "name": "Acme", "kind": "organisation", "parent": web.pk}
+    org_form.update({"budgets-TOTAL_FORMS": "0", "allowed_models": "[]"})
+    response = admin_client.post(reverse("admin:tenants_tenant_change", args=[rows["org"].pk]), org_form)
+    assert response.status_code == 200 and "cannot be its own ancestor" in response.content.decode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -29,10 +30,8 @@ class Command(BaseCommand):
         path = opts["file"]
         try:
             if path == "-":
-                import sys
-
-                doc = config.load_text(sys.stdin.read(), filename="<stdin>")
                 path = "<stdin>"
+                doc = config.load_text(sys.stdin.read(), filename=path)
             else:
                 doc = config.load(path)
             result = config.apply(doc, prune=opts["prune"], dry_run=opts["dry_run"], filename=path)
