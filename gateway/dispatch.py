@@ -52,6 +52,12 @@ def make_call(ctx: RequestContext, deployment: DeploymentRoute, body: dict[str, 
     )
 
 
+def _client_key_rejected(exc: UpstreamError) -> UpstreamError:
+    """Passthrough: the provider refused the client's own key, so the client hears it as a 401."""
+    message = exc.message.removeprefix("upstream rejected the gateway's credentials: ")
+    return UpstreamError(message, retryable=False, status=401, type="invalid_request_error", code="invalid_api_key")
+
+
 async def _attempts(ctx: RequestContext, attempt_fn: Callable[[DeploymentRoute], Awaitable[Any]]) -> Any:
     assert ctx.route is not None
     deployments = ctx.route.ordered_deployments()
@@ -71,6 +77,8 @@ async def _attempts(ctx: RequestContext, attempt_fn: Callable[[DeploymentRoute],
                     "upstream attempt failed",
                     extra={"request_id": ctx.request_id, "provider": deployment.provider.slug, "error": exc.message},
                 )
+                if ctx.passthrough_key and exc.code == "upstream_auth_failed":
+                    raise _client_key_rejected(exc) from exc
                 if not exc.retryable:
                     raise
                 wait = _delay(attempt, exc) if attempt < retries else None
