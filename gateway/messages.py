@@ -13,8 +13,9 @@ settle and record — one ledger row, priced the same way. What differs is the w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import orjson
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 Json = dict[str, Any]
 
 _FORWARDED_HEADERS = (b"anthropic-version", b"anthropic-beta")
+#: Seconds of upstream silence after which the client gets an ``event: ping`` (keeps proxies open).
+KEEPALIVE_SECONDS = 15.0
+_PING = event_frame("ping", {"type": "ping"})
 _ROLES = frozenset({"user", "assistant", "system"})
 
 
@@ -274,14 +278,46 @@ async def _relay_stream(responder: Responder, ctx: RequestContext) -> None:
 async def _relay_events(
     responder: Responder, ctx: RequestContext, events: AsyncIterator[Json], tracker: StreamUsage
 ) -> None:
-    async for event in events:
-        tracker.observe(event)
-        kind = str(event.get("type") or "")
-        await responder.write(event_frame(kind, event))
-        if kind == "error":  # an upstream's in-stream error, relayed as it came
-            error = event.get("error") if isinstance(event.get("error"), dict) else {}
-            ctx.status, ctx.error_type = "upstream_error", str((error or {}).get("type") or "error")
-            return
+    async with contextlib.aclosing(with_keepalive(events, KEEPALIVE_SECONDS)) as paced:
+        async for event in paced:
+            if event is None:
+                await responder.write(_PING)
+                continue
+            tracker.observe(event)
+            kind = str(event.get("type") or "")
+            await responder.write(event_frame(kind, event))
+            if kind == "error":  # an upstream's in-stream error, relayed as it came
+                error = event.get("error") if isinstance(event.get("error"), dict) else {}
+                ctx.status, ctx.error_type = "upstream_error", str((error or {}).get("type") or "error")
+                return
+
+
+async def _next_or_end(iterator: AsyncIterator[Json]) -> Json | None:
+    try:
+        return await anext(iterator)
+    except StopAsyncIteration:
+        return None
+
+
+async def with_keepalive(events: AsyncIterator[Json], interval: float) -> AsyncGenerator[Json | None, None]:
+    """The events, with ``None`` each time ``interval`` seconds pass without one."""
+    pending: asyncio.Future[Json | None] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(_next_or_end(events))
+            done, _ = await asyncio.wait({pending}, timeout=interval)
+            if not done:
+                yield None
+                continue
+            item, pending = pending.result(), None
+            if item is None:
+                return
+            yield item
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
 
 
 async def _chain(first: Json, rest: AsyncIterator[Json]) -> AsyncIterator[Json]:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import anthropic
@@ -403,3 +404,94 @@ def test_server_tools_on_a_translated_model_are_a_400(openai_backed_claude, anth
             tools=[{"type": "web_search_20250305", "name": "web_search"}],
         )
     assert "Server tools" in body_of(exc)["error"]["message"]
+
+
+# --- long streams: keepalive pings and client disconnects -------------------------------------------
+
+
+def _openai_words(count: int) -> list[bytes]:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+    frames = [sse({**chunk, "choices": [{"index": 0, "delta": {"content": "word "}}]}) for _ in range(count)]
+    frames.append(sse({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    return [*frames, b"data: [DONE]\n\n"]
+
+
+def test_silent_upstream_gets_keepalive_pings(openai_backed_claude, gateway_server, tenant_key, monkeypatch):
+    from gateway import messages
+
+    monkeypatch.setattr(messages, "KEEPALIVE_SECONDS", 0.05)
+    openai_backed_claude.push("/v1/chat/completions", Reply(frames=_openai_words(3), frame_delay=0.3))
+    body = {"model": "claude-sonnet-4", "max_tokens": 50, "messages": HI}
+    _, frames = raw_stream(gateway_server.url, tenant_key[1], body)
+    names = [name for name, _ in frames]
+    assert names[0] == "message_start" and names[-1] == "message_stop"
+    assert names.count("ping") >= 3
+    assert [n for n in names if n != "ping"] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+
+
+def test_client_disconnect_cancels_the_upstream_and_records_partial_usage(
+    openai_backed_claude, gateway_server, tenant_key
+):
+    openai_backed_claude.push("/v1/chat/completions", Reply(frames=_openai_words(50), frame_delay=0.1))
+    body = {"model": "claude-sonnet-4", "max_tokens": 500, "messages": HI, "stream": True}
+    with httpx.Client(timeout=10) as client:
+        with client.stream(
+            "POST", f"{gateway_server.url}/v1/messages", json=body, headers={"x-api-key": tenant_key[1]}
+        ) as response:
+            request_id = response.headers["request-id"]
+            deltas = 0
+            for line in response.iter_lines():
+                deltas += line == "event: content_block_delta"
+                if deltas == 3:
+                    break
+    left_at = time.monotonic()
+    while openai_backed_claude.disconnects == 0 and time.monotonic() - left_at < 1.5:
+        time.sleep(0.02)
+    assert openai_backed_claude.disconnects == 1, "the upstream request was not cancelled"
+    assert openai_backed_claude.completed_streams == 0
+    [row] = wait_usage(1, request_id=request_id)
+    assert row.status == "client_disconnected" and row.usage_source == "estimated"
+    assert row.prompt_tokens > 0 and 2 <= row.completion_tokens < 50 and row.cost_micro > 0
+
+
+# --- the other provider kinds: mock (dev mode, quickstart) and native Ollama -----------------------
+
+
+def test_mock_provider_serves_messages_with_tools(transactional_db, anthropic_client):
+    from gateway.models import Provider
+
+    provider = Provider.objects.create(slug="mock", kind="mock")
+    support.add_priced_model("claude-sonnet-4", provider, upstream="claude-sonnet-4")
+    message = anthropic_client.messages.create(model="claude-sonnet-4", max_tokens=100, messages=HI)
+    assert message.content[0].text.startswith("Mock reply") and message.stop_reason == "end_turn"
+    with anthropic_client.messages.stream(
+        model="claude-sonnet-4", max_tokens=100, messages=HI, tools=[WEATHER]
+    ) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    assert [(b.type, b.name, b.input) for b in final.content] == [("tool_use", "get_weather", {"city": "example"})]
+    assert final.usage.output_tokens > 0 and final.usage.input_tokens > 0
+
+
+def test_native_ollama_serves_messages_streaming(fake_ollama, anthropic_client):
+    from gateway.models import Provider
+
+    provider = Provider.objects.create(slug="local-ollama", kind="ollama", base_url=fake_ollama.url, max_retries=0)
+    support.add_priced_model("claude-sonnet-4", provider, upstream="llama3.2")
+    with anthropic_client.messages.stream(model="claude-sonnet-4", max_tokens=100, messages=HI) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+        request_id = stream.response.headers["request-id"]
+    assert text == "Hello from fake Ollama!" and final.stop_reason == "end_turn"
+    assert fake_ollama.requests[-1].path == "/api/chat"
+    [row] = wait_usage(1, request_id=request_id)
+    assert row.prompt_tokens == 26 and row.completion_tokens == final.usage.output_tokens
