@@ -444,7 +444,7 @@ def load(path: str, *, env: dict[str, str] | None = None) -> Document:
 def _dupes(items: list[Any], key: str, where: Path, what: str) -> Iterator[tuple[Path, str]]:
     seen: dict[Any, int] = {}
     for i, item in enumerate(items):
-        value = getattr(item, key) if isinstance(key, str) else item
+        value = getattr(item, key)
         if value in seen:
             yield (*where, i, key), f"duplicate {what} {value!s} (also at {_format_path((*where, seen[value]))})"
         else:
@@ -714,17 +714,21 @@ class _Applier:
         self._check_alias_clashes(file_names)
 
     def _check_alias_clashes(self, file_names: set[str]) -> None:
+        """Aliases against models that stay in the database without being in the file."""
+        index = {m.name: i for i, m in enumerate(self.doc.models)}
         taken: dict[str, str] = {}
-        for model in LLMModel.objects.all():
-            taken.setdefault(model.name, model.name)
-        for model in LLMModel.objects.all():
-            for alias in model.aliases or []:
-                owner = taken.get(alias)
-                if owner is not None and owner != model.name and (model.name in file_names or owner in file_names):
-                    self.errors.append(
-                        f"{self.filename}: model {model.name}: alias {alias} is already used by model {owner}"
-                    )
-                taken.setdefault(alias, model.name)
+        rows = list(LLMModel.objects.order_by("name").values_list("name", "aliases"))
+        for name, _ in rows:
+            taken[name] = name
+        for name, aliases in rows:
+            for alias in aliases or []:
+                owner = taken.setdefault(alias, name)
+                if owner == name or (name not in file_names and owner not in file_names):
+                    continue
+                where = f"models[{index[name]}].aliases" if name in index else f"model {name} (not in the file)"
+                self.errors.append(
+                    f"{self.filename}: {where}: {alias} is already the name or an alias of model {owner}"
+                )
 
     def deployments(self, model: LLMModel, spec: ModelSpec, providers: dict[str, Provider]) -> None:
         existing = {(d.provider.slug, d.upstream_model): d for d in model.deployments.select_related("provider")}

@@ -333,3 +333,18 @@ def test_applied_configuration_is_served_by_the_running_gateway(
     assert res.headers["x-chittycan-cost"] == "0.000150"
     rows = wait_usage(2, tenant__slug="house")
     assert [r.cost_micro for r in rows] == [190, 150]
+
+
+def test_alias_may_not_shadow_a_model_kept_in_the_database(db, tmp_path, env):
+    text = BASE.replace("aliases: [m1-latest]", "aliases: [m1-latest, gpt-4o]")
+    with pytest.raises(CommandError, match="nothing was written"):
+        run(tmp_path, text)
+    err = io.StringIO()
+    path = tmp_path / "chittycan.yaml"
+    with pytest.raises(CommandError):
+        call_command("apply", "-f", str(path), stdout=io.StringIO(), stderr=err)
+    assert f"{path}: models[0].aliases: gpt-4o is already the name or an alias of model gpt-4o" in err.getvalue()
+    assert not LLMModel.objects.filter(name="m1").exists()
+    # With --prune the default gpt-4o goes away, so the alias is free.
+    assert "applied" in run(tmp_path, text, "--prune")
+    assert LLMModel.objects.get(name="m1").aliases == ["m1-latest", "gpt-4o"]
