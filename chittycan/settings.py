@@ -73,7 +73,15 @@ TEMPLATES = [
 # --- Databases -------------------------------------------------------------------------------
 # Embedded default: SQLite under var/. Production: DATABASE_URL=postgres://...
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'chittycan.sqlite3'}")
-DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DB_CONN_MAX_AGE", 60))}
+# Health checks: a persistent connection is tested before reuse, so a database restart costs a
+# reconnect, not failed requests (see gateway/dbsafe.py).
+DATABASES = {
+    "default": dj_database_url.parse(
+        DATABASE_URL,
+        conn_max_age=env_int("DB_CONN_MAX_AGE", 60),
+        conn_health_checks=env_bool("DB_CONN_HEALTH_CHECKS", True),
+    )
+}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES["default"]["CONN_MAX_AGE"] = 0

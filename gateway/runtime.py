@@ -63,6 +63,9 @@ async def _supervise(name: str, fn: Callable[[], Coroutine[Any, Any, None]]) -> 
 def ensure_started() -> None:
     loop = asyncio.get_running_loop()
     loop_id = id(loop)
+    from gateway import dbsafe
+
+    dbsafe.install(loop)  # ORM calls off the loop recover from a database restart
     for name, fn in _starters:
         task = _tasks.get((loop_id, name))
         if task is None or task.done():
