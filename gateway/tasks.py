@@ -6,6 +6,7 @@ The beat schedule is ``CELERY_BEAT_SCHEDULE`` in settings (see docs/usage-and-an
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 from celery import shared_task
@@ -39,8 +40,7 @@ def check_budget_alerts() -> int:
     with transaction.atomic():
         due = alerts.check_budgets()
         for alert in due:
-            alert_id = alert.pk
-            transaction.on_commit(lambda alert_id=alert_id: deliver_budget_alert.delay(alert_id))
+            transaction.on_commit(partial(deliver_budget_alert.delay, alert.pk))
     return len(due)
 
 

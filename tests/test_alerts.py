@@ -25,8 +25,8 @@ class Receiver:
     """A webhook endpoint on 127.0.0.1 that records what it gets and answers scripted statuses."""
 
     def __init__(self):
-        self.requests = []
-        self.statuses = []
+        self.requests: list[tuple[dict[str, str], bytes]] = []
+        self.statuses: list[int] = []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -159,7 +159,8 @@ def test_webhook_failure_is_retried_without_resending_the_email(make_tenant, rec
     _spend(tenant, 100, key_id=key.pk)
     receiver.statuses = [500, 503]  # fails twice, then accepts
     task = tasks.deliver_budget_alert
-    assert alerts.DeliveryError in task.autoretry_for and task.max_retries >= 5 and task.retry_backoff
+    policy = {name: getattr(task, name) for name in ("autoretry_for", "max_retries", "retry_backoff")}
+    assert alerts.DeliveryError in policy["autoretry_for"] and policy["max_retries"] >= 5 and policy["retry_backoff"]
     assert tasks.check_budget_alerts.apply().get() == 1  # delivery runs eagerly, with Celery's retries
     assert len(receiver.requests) == 3
     for headers, body in receiver.requests:
