@@ -22,4 +22,8 @@ application = ProtocolTypeRouter(
     }
 )
 
+from gateway.runtime import freeze_heap  # noqa: E402
+
+freeze_heap()  # the app is built: keep the collector off its long-lived objects (gc.freeze)
+
 __all__ = ["application"]

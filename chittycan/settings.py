@@ -213,6 +213,8 @@ CHITTYCAN_RESERVATION_SWEEP_INTERVAL = env_float("CHITTYCAN_RESERVATION_SWEEP_IN
 CHITTYCAN_RECONCILE_INTERVAL = env_float("CHITTYCAN_RECONCILE_INTERVAL", 300.0)
 
 CHITTYCAN_SERVER = env_choice("CHITTYCAN_SERVER", "uvicorn", ("uvicorn", "granian", "daphne"))
+# gc.freeze() once the app is built and after warm-up: full collections skip start-up objects.
+CHITTYCAN_GC_FREEZE = env_bool("CHITTYCAN_GC_FREEZE", True)
 
 # --- Stripe export (docs/billing-export.md) ---------------------------------------------------
 CHITTYCAN_STRIPE_METER_EVENT = env_str("CHITTYCAN_STRIPE_METER_EVENT", "llm_cost_microusd")
