@@ -536,7 +536,8 @@ class MemoryCounters:
                 return Refused(p.counter, current, p.amount)
         for p in parts:
             self.values[p.counter.name] += p.amount
-        self.open[request_id] = ([(p.counter.name, p.amount, p.counter.kind) for p in parts], time.time())
+        expires = time.time() + _lease_seconds()
+        self.open[request_id] = ([(p.counter.name, p.amount, p.counter.kind) for p in parts], expires)
         return Reservation("memory", root, request_id, names)
 
     async def settle(self, reservation: Reservation, actual_micro: int, actual_requests: int) -> bool:
@@ -555,16 +556,16 @@ class MemoryCounters:
         return True
 
     async def renew(self, root: int, request_ids: list[str]) -> None:
-        now = time.time()
+        expires = time.time() + _lease_seconds()
         for rid in request_ids:
             if rid in self.open:
-                self.open[rid] = (self.open[rid][0], now)
+                self.open[rid] = (self.open[rid][0], expires)
 
     async def sweep(self, now: float | None = None) -> int:
         moment = now if now is not None else time.time()
         released = 0
-        for rid, (parts, started) in list(self.open.items()):
-            if started + _lease_seconds() <= moment:
+        for rid, (parts, expires) in list(self.open.items()):
+            if expires <= moment:
                 for name, amount, _kind in parts:
                     if name in self.values:
                         self.values[name] -= amount
