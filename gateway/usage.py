@@ -14,8 +14,9 @@ Failure handling:
   request id, nothing is doubled when the database comes back.
 - A row the database rejects for good (bad data): the batch is split until the bad row is
   isolated; it moves to the dead-letter stream ``<prefix>:usage:dead`` and the rest are written.
-- Redis unreachable at hand-off: the row is appended to a local spool file (fsynced), which every
-  writer replays periodically (``CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL``), not only at start.
+- Redis unreachable at hand-off (or, in embedded mode, the database down): the row is appended
+  to a local spool file (fsynced), which every writer replays periodically
+  (``CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL``), not only at start.
 """
 
 from __future__ import annotations
@@ -387,10 +388,23 @@ async def drain_memory_once() -> int:
     if rows:
         try:
             await sync_to_async(write_rows_resilient, thread_sensitive=False)(rows)
+        except TRANSIENT_DB_ERRORS:
+            # Embedded mode has no Redis stream to keep them in: make them durable on disk; the
+            # periodic spool replay writes them when the database is back.
+            try:
+                await sync_to_async(_spool_many, thread_sensitive=False)(rows)
+            except OSError:
+                _memory_queue.extendleft(reversed(rows))
+            raise
         except Exception:
             _memory_queue.extendleft(reversed(rows))
             raise
     return len(rows)
+
+
+def _spool_many(rows: list[dict[str, Any]]) -> None:
+    for row in rows:
+        spool_row(row)
 
 
 def backoff_seconds(failures: int) -> float:

@@ -246,3 +246,18 @@ def test_backoff_grows_and_is_capped(settings):
     assert 0.5 <= usage.backoff_seconds(1) <= 1.0
     assert 2.0 <= usage.backoff_seconds(3) <= 4.0
     assert 4.0 <= usage.backoff_seconds(30) <= 8.0
+
+
+def test_embedded_mode_spools_rows_while_the_database_is_down(make_tenant, settings, tmp_path):
+    """Without Redis the queue is in memory: a database outage moves the batch to the spool."""
+    tenant = make_tenant("ledger-g")
+    settings.CHITTYCAN_USAGE_SPOOL_DIR = tmp_path
+    rows = [_row(tenant.pk) for _ in range(4)]
+    usage._memory_queue.extend(rows)
+    with postgres_outage(), pytest.raises(OperationalError):
+        _in_new_thread(lambda: asyncio.run(usage.drain_memory_once()))
+    assert not usage._memory_queue
+    [spool_file] = list(tmp_path.glob("usage-*.jsonl"))
+    assert len(spool_file.read_bytes().splitlines()) == 4
+    assert _in_new_thread(usage.replay_spool) == 4
+    assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 4
