@@ -25,6 +25,8 @@ from gateway.context import RequestContext, Usage
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.pipeline import Headers, Responder, authenticate, resolve_route, response_headers, settle_and_record
 from gateway.providers import get_provider
+from gateway.providers.anthropic import AnthropicProvider
+from gateway.routing import DeploymentRoute
 from gateway.sse import event_frame
 from gateway.translate import usage as usage_tr
 from gateway.translate.streams import ESTIMATED_MARK
@@ -272,6 +274,8 @@ async def _relay_stream(responder: Responder, ctx: RequestContext) -> None:
         ctx.usage = tracker.usage(ctx)
         _price(ctx)
         await asyncio.shield(dispatch.close_stream(stream))
+    if ctx.status == "ok":  # SDKs skip SSE comments; people reading the raw stream see the cost
+        await responder.write(f": x-chittycan-cost={pricing.format_usd(ctx.cost_micro)}\n\n".encode())
     await responder.finish()
 
 
@@ -346,17 +350,14 @@ async def handle_count_tokens(responder: Responder, ctx: RequestContext, body: b
     await responder.send_json(200, orjson.dumps({"input_tokens": counted}), _success_headers(ctx))
 
 
-async def _count_upstream(ctx: RequestContext, data: Json, deployments: list[Any]) -> int | None:
-    if not deployments or deployments[0].provider.kind != "anthropic":
-        return None
-    provider = get_provider("anthropic")
-    count = getattr(provider, "count_tokens", None)
-    if count is None:
+async def _count_upstream(ctx: RequestContext, data: Json, deployments: list[DeploymentRoute]) -> int | None:
+    provider = get_provider(deployments[0].provider.kind) if deployments else None
+    if not isinstance(provider, AnthropicProvider):
         return None
     try:
-        result = await count(dispatch.make_call(ctx, deployments[0], data))
+        result = await provider.count_tokens(dispatch.make_call(ctx, deployments[0], data))
     except UpstreamError as err:
         log.info("upstream count_tokens failed; counting offline", extra={"error": err.message})
         return None
-    value = result.get("input_tokens") if isinstance(result, dict) else None
+    value = result.get("input_tokens")
     return value if isinstance(value, int) else None

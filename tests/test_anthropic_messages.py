@@ -41,15 +41,22 @@ def body_of(exc: Any) -> Any:
 def raw_stream(
     url: str, key: str, body: dict[str, Any], **headers: str
 ) -> tuple[httpx.Response, list[tuple[str, Any]]]:
-    """POST a streaming request and return every SSE frame as (event name, parsed data)."""
+    """POST a streaming request and return every SSE frame as (event name, parsed data).
+
+    The response's ``comments`` extension holds the SSE comment lines (the gateway's cost line).
+    """
     frames: list[tuple[str, Any]] = []
+    comments: list[str] = []
     with httpx.stream(
         "POST", f"{url}/v1/messages", json={**body, "stream": True}, headers={"x-api-key": key, **headers}, timeout=10
     ) as response:
         text = "".join(response.iter_text())
     for block in text.strip().split("\n\n"):
+        comments.extend(line for line in block.split("\n") if line.startswith(":"))
         lines = dict(line.split(": ", 1) for line in block.split("\n") if not line.startswith(":"))
-        frames.append((lines.get("event", ""), json.loads(lines["data"])))
+        if "data" in lines:
+            frames.append((lines.get("event", ""), json.loads(lines["data"])))
+    response.extensions["comments"] = comments
     return response, frames
 
 
@@ -247,6 +254,7 @@ def test_translated_stream_emits_the_exact_event_sequence(openai_backed_claude, 
         "output_tokens": 7,
     }
     assert openai_backed_claude.requests[-1].body["stream_options"] == {"include_usage": True}
+    assert response.extensions["comments"] == [": x-chittycan-cost=0.000135"]  # 10 x 3.00 + 7 x 15.00
 
 
 def test_translated_stream_with_the_sdk_stream_helper(openai_backed_claude, anthropic_client):
@@ -495,3 +503,15 @@ def test_native_ollama_serves_messages_streaming(fake_ollama, anthropic_client):
     assert fake_ollama.requests[-1].path == "/api/chat"
     [row] = wait_usage(1, request_id=request_id)
     assert row.prompt_tokens == 26 and row.completion_tokens == final.usage.output_tokens
+
+
+def test_translated_stream_without_upstream_usage_is_estimated(openai_backed_claude, anthropic_client):
+    frames = [f for f in _openai_words(4) if b'"usage"' not in f]
+    openai_backed_claude.push("/v1/chat/completions", Reply(frames=frames))
+    with anthropic_client.messages.stream(model="claude-sonnet-4", max_tokens=100, messages=HI) as stream:
+        final = stream.get_final_message()
+        request_id = stream.response.headers["request-id"]
+    assert final.content[0].text == "word " * 4 and final.usage.output_tokens > 0
+    [row] = wait_usage(1, request_id=request_id)
+    assert row.usage_source == "estimated" and row.status == "ok"
+    assert (row.prompt_tokens, row.completion_tokens) == (final.usage.input_tokens, final.usage.output_tokens)

@@ -292,3 +292,27 @@ def test_unsupported_parameter_on_a_stream_is_a_400_too(anthropic_upstream, open
             model="claude-sonnet-4", messages=[{"role": "user", "content": "Hi"}], n=3, stream=True
         )
     assert exc.value.param == "n"
+
+
+def test_anthropic_stream_cut_before_message_stop_is_an_error_not_a_clean_end(anthropic_upstream, openai_client):
+    message = {"id": "msg_x", "type": "message", "role": "assistant", "model": "m", "content": []}
+    frames = [
+        event("message_start", {"type": "message_start", "message": {**message, "usage": {"input_tokens": 10}}}),
+        event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        ),
+        event(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}},
+        ),
+    ]
+    anthropic_upstream.push("/v1/messages", Reply(frames=frames))
+    stream = openai_client.chat.completions.create(
+        model="claude-sonnet-4", messages=[{"role": "user", "content": "Hi"}], stream=True
+    )
+    with pytest.raises(openai.APIError) as exc:
+        list(stream)
+    assert "before message_stop" in str(exc.value)
+    [row] = wait_usage(1, request_id=stream.response.headers["x-request-id"])
+    assert row.status == "upstream_error" and row.usage_source == "estimated" and row.completion_tokens >= 1
