@@ -301,3 +301,34 @@ def test_usage_rows_not_yet_written_count_when_a_counter_is_built(transactional_
     counter = budgets.Counter(month_name("t", tenant.pk), "m", 5000, 60, "UTC")
     assert counters._ledger_values([counter], True) == [1234]
     assert counters._ledger_values([counter], False) == [0]
+
+
+def test_budgets_command(upstream, gateway_server, make_tenant, make_key):
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    from tenants.models import AuditEvent, Budget
+
+    tenant = make_tenant("cli-co", time_zone="Europe/Berlin")
+    out = StringIO()
+    call_command("budgets", "set", "--tenant", "cli-co", "--limit", "1.50", "--period", "day", stdout=out)
+    budget = Budget.objects.get(tenant=tenant)
+    assert (budget.limit_micro, budget.period, budget.hard) == (1_500_000, "day", True)
+    assert AuditEvent.objects.filter(action="budget.create", target="cli-co").exists()
+    call_command("budgets", "set", "--tenant", "cli-co", "--limit", "2", "--period", "day", "--soft", stdout=out)
+    budget.refresh_from_db()
+    assert (budget.limit_micro, budget.hard) == (2_000_000, False)
+    for bad in ("1.0000001", "-1", "lots"):
+        with pytest.raises(CommandError):
+            call_command("budgets", "set", "--tenant", "cli-co", "--limit", bad)
+    chat(client_for(gateway_server, make_key(tenant)))
+    wait_usage(1, tenant=tenant)
+    out = StringIO()
+    call_command("budgets", "list", "--tenant", "cli-co", stdout=out)
+    assert "tenant cli-co" in out.getvalue() and "0.000095" in out.getvalue() and "soft" in out.getvalue()
+    out = StringIO()
+    call_command("budgets", "reconcile", stdout=out)
+    assert "no drift" in out.getvalue()
+    call_command("budgets", "delete", "--tenant", "cli-co", "--period", "day", stdout=out)
+    assert not Budget.objects.filter(tenant=tenant).exists()

@@ -1,0 +1,126 @@
+"""``can budgets set|delete|list|reconcile|sweep``: budgets from the terminal (docs/budgets.md)."""
+
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from gateway import budgets, pricing
+from tenants import services
+from tenants.models import ApiKey, Budget, Tenant
+
+ACTOR = "cli"
+
+
+def usd_to_micro(text: str) -> int:
+    """``"12.50"`` -> 12_500_000. Exact: more than six decimals is an error, never rounded."""
+    try:
+        amount = Decimal(text.strip().lstrip("$"))
+    except InvalidOperation:
+        raise CommandError(f"not an amount in USD: {text!r}") from None
+    micro = amount * 1_000_000
+    if not amount.is_finite() or amount < 0 or micro != micro.to_integral_value():
+        raise CommandError(f"amount must be a non-negative USD value with at most 6 decimals: {text!r}")
+    return int(micro)
+
+
+class Command(BaseCommand):
+    help = "Set, delete and list budgets; check the live counters against the ledger."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        sub = parser.add_subparsers(dest="action", required=True, metavar="{set,delete,list,reconcile,sweep}")
+        for name, text in (("set", "create or change a budget"), ("delete", "remove a budget")):
+            p = sub.add_parser(name, help=text)
+            owner = p.add_mutually_exclusive_group(required=True)
+            owner.add_argument("--tenant", metavar="SLUG", help="the tenant (its whole subtree counts)")
+            owner.add_argument("--key", metavar="PREFIX", help="one API key, by its public prefix")
+            p.add_argument("--period", choices=Budget.Period.values, default="month")
+            if name == "set":
+                p.add_argument("--limit", required=True, metavar="USD", help="e.g. 100 or 12.50")
+                p.add_argument("--soft", action="store_true", help="alert only, never refuse")
+                p.add_argument("--thresholds", default="", metavar="50,80,100", help="alert percentages")
+                p.add_argument("--email", action="append", default=None, help="alert recipient (repeatable)")
+        listing = sub.add_parser("list", help="budgets with their current spend")
+        listing.add_argument("--tenant", metavar="SLUG", default="", help="this tenant's subtree only")
+        rec = sub.add_parser("reconcile", help="compare live counters with the ledger; report drift")
+        rec.add_argument("--repair", action="store_true", help="also correct drifting counters")
+        sub.add_parser("sweep", help="release reservations whose lease expired")
+
+    def handle(self, *args: Any, **opts: Any) -> None:
+        getattr(self, f"_{opts['action']}")(opts)
+
+    def _owner(self, opts: dict[str, Any]) -> dict[str, Any]:
+        if opts.get("tenant"):
+            tenant = Tenant.objects.filter(slug=opts["tenant"]).first()
+            if tenant is None:
+                raise CommandError(f"no tenant {opts['tenant']!r}")
+            return {"tenant": tenant}
+        key = ApiKey.objects.filter(prefix=opts["key"]).first()
+        if key is None:
+            raise CommandError(f"no API key with prefix {opts['key']!r}")
+        return {"api_key": key}
+
+    def _set(self, opts: dict[str, Any]) -> None:
+        thresholds = None
+        if opts["thresholds"]:
+            try:
+                thresholds = [int(t) for t in opts["thresholds"].split(",") if t.strip()]
+            except ValueError:
+                raise CommandError("--thresholds: comma-separated whole percentages, e.g. 50,80,100") from None
+        budget = services.budget_set(
+            **self._owner(opts),
+            period=opts["period"],
+            limit_micro=usd_to_micro(opts["limit"]),
+            hard=not opts["soft"],
+            alert_thresholds=thresholds,
+            alert_emails=opts["email"],
+            actor_label=ACTOR,
+        )
+        self.stdout.write(f"budget {budget.pk}: {budget}{'' if budget.hard else ' (soft)'}")
+
+    def _delete(self, opts: dict[str, Any]) -> None:
+        budget = Budget.objects.filter(period=opts["period"], **self._owner(opts)).first()
+        if budget is None:
+            raise CommandError("no such budget")
+        services.budget_delete(budget=budget, actor_label=ACTOR)
+        self.stdout.write("deleted")
+
+    def _list(self, opts: dict[str, Any]) -> None:
+        rows = Budget.objects.select_related("tenant", "api_key__tenant").order_by("pk")
+        if opts["tenant"]:
+            root = Tenant.objects.filter(slug=opts["tenant"]).first()
+            if root is None:
+                raise CommandError(f"no tenant {opts['tenant']!r}")
+            ids = budgets.subtree_ids(root.pk)
+            rows = rows.filter(tenant_id__in=ids) | rows.filter(api_key__tenant_id__in=ids)
+        header = f"{'scope':<32} {'period':<8} {'kind':<5} {'limit':>14} {'spent':>14} {'in flight':>12}  used"
+        self.stdout.write(header)
+        for b in rows:
+            scope = f"tenant {b.tenant.slug}" if b.tenant else f"key {b.api_key.prefix}"  # type: ignore[union-attr]
+            status = budgets.spend_status(b)
+            self.stdout.write(
+                f"{scope:<32} {b.period:<8} {'hard' if b.hard else 'soft':<5} "
+                f"{pricing.format_usd(b.limit_micro):>14} {pricing.format_usd(status.spent_micro):>14} "
+                f"{pricing.format_usd(status.reserved_micro):>12}  {status.percent:.1f}%"
+            )
+
+    def _reconcile(self, opts: dict[str, Any]) -> None:
+        from tenants.tasks import reconcile
+
+        drifts = reconcile(repair=opts["repair"])
+        if not drifts:
+            self.stdout.write("no drift: every live counter equals the ledger")
+            return
+        for d in drifts:
+            self.stdout.write(f"{d.counter}: live {d.live}, ledger {d.expected}, drift {d.drift:+d}")
+        if opts["repair"]:
+            self.stdout.write(f"repaired {len(drifts)} counter(s)")
+        else:
+            raise CommandError(f"{len(drifts)} counter(s) drift from the ledger (run with --repair to fix)")
+
+    def _sweep(self, opts: dict[str, Any]) -> None:
+        from tenants.tasks import sweep_reservations
+
+        self.stdout.write(f"released {sweep_reservations()} expired reservation(s)")
