@@ -55,19 +55,26 @@ def count_text(text: str, model: str = "") -> int:
     return len(enc.encode(text, disallowed_special=()))
 
 
-def _content_text(content: Any) -> str:
+#: Tokens counted for each non-text part (image, audio, file): a low-detail image tile costs 85.
+MEDIA_PART_TOKENS = 85
+_MEDIA_TYPES = frozenset({"image_url", "image", "input_audio", "file", "document"})
+
+
+def _content_text(content: Any) -> tuple[str, int]:
+    """The text of a message's content, and how many media parts it has."""
     if isinstance(content, str):
-        return content
+        return content, 0
     if isinstance(content, list):
         parts = []
+        media = 0
         for part in content:
             if isinstance(part, dict):
                 if isinstance(part.get("text"), str):
                     parts.append(part["text"])
-                elif part.get("type") in ("image_url", "image", "input_audio", "file", "document"):
-                    parts.append(" " * 340)  # ~85 tokens: a low-detail image tile
-        return "\n".join(parts)
-    return ""
+                elif part.get("type") in _MEDIA_TYPES:
+                    media += 1
+        return "\n".join(parts), media
+    return "", 0
 
 
 def count_messages(messages: list[Any], model: str = "", tools: list[Any] | None = None) -> int:
@@ -79,7 +86,8 @@ def count_messages(messages: list[Any], model: str = "", tools: list[Any] | None
         if not isinstance(message, dict):
             continue
         total += TOKENS_PER_MESSAGE
-        total += count_text(_content_text(message.get("content")), model)
+        text, media = _content_text(message.get("content"))
+        total += count_text(text, model) + media * MEDIA_PART_TOKENS
         for call in message.get("tool_calls") or []:
             fn = (call.get("function") or {}) if isinstance(call, dict) else {}
             total += count_text(str(fn.get("name", "")) + str(fn.get("arguments", "")), model)
