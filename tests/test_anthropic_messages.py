@@ -515,3 +515,11 @@ def test_translated_stream_without_upstream_usage_is_estimated(openai_backed_cla
     [row] = wait_usage(1, request_id=request_id)
     assert row.usage_source == "estimated" and row.status == "ok"
     assert (row.prompt_tokens, row.completion_tokens) == (final.usage.input_tokens, final.usage.output_tokens)
+
+
+def test_system_role_messages_reach_a_native_upstream_as_top_level_system(anthropic_upstream, anthropic_client):
+    anthropic_client.messages.create(
+        model="claude-sonnet-4", max_tokens=10, messages=[{"role": "system", "content": "Be brief."}, *HI]
+    )
+    sent = anthropic_upstream.requests[-1].body
+    assert sent["system"] == [{"type": "text", "text": "Be brief."}] and sent["messages"] == HI

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidRequest
-from gateway.translate.requests import chat_to_messages, messages_to_chat
+from gateway.translate.requests import chat_to_messages, hoist_system_messages, messages_to_chat
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 
@@ -307,3 +307,25 @@ def test_anthropic_tool_choice_to_openai(choice, expected):
     }
     out = messages_to_chat(body)
     assert out["tool_choice"] == expected and "parallel_tool_calls" not in out
+
+
+def test_system_role_turns_are_hoisted_for_native_upstreams():
+    body = {
+        "model": "m",
+        "max_tokens": 5,
+        "system": "base",
+        "messages": [
+            {"role": "system", "content": [{"type": "text", "text": "cached", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "user", "content": "hi"},
+            {"role": "system", "content": "late"},
+        ],
+    }
+    out = hoist_system_messages(body)
+    assert out["system"] == [
+        {"type": "text", "text": "base"},
+        {"type": "text", "text": "cached", "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "late"},
+    ]
+    assert out["messages"] == [{"role": "user", "content": "hi"}]
+    untouched = {"model": "m", "max_tokens": 5, "system": "s", "messages": [{"role": "user", "content": "x"}]}
+    assert hoist_system_messages(untouched) is untouched

@@ -5,8 +5,8 @@ Two faces:
 - ``chat`` / ``chat_stream``: an OpenAI-format request translated to the Messages API and the
   answer translated back (``gateway.translate``), for OpenAI clients of Claude models.
 - ``messages`` / ``messages_stream``: native passthrough for ``/v1/messages``; the body goes up
-  untouched except ``model`` (prompt-caching fields, thinking, betas preserved) and the events come
-  back as they are.
+  untouched except ``model`` and 2.x-style ``system`` turns hoisted to the top-level ``system``
+  (prompt-caching fields, thinking, betas preserved), and the events come back as they are.
 
 ``base_url`` is the API root (``https://api.anthropic.com``; a trailing ``/v1`` is accepted). The
 key is sent as ``x-api-key``; the client's ``anthropic-version`` and ``anthropic-beta`` headers are
@@ -128,10 +128,10 @@ class AnthropicProvider(Provider):
     # --- Anthropic clients (native) --------------------------------------------------------------
 
     async def messages(self, call: UpstreamCall) -> Json:
-        return await self._post(call, "/messages", call.body)
+        return await self._post(call, "/messages", requests.hoist_system_messages(call.body))
 
     async def messages_stream(self, call: UpstreamCall) -> AsyncIterator[Json]:
-        events = self._events(call, call.body)
+        events = self._events(call, requests.hoist_system_messages(call.body))
         started = False
         try:
             async for event in events:
@@ -143,5 +143,5 @@ class AnthropicProvider(Provider):
             await events.aclose()
 
     async def count_tokens(self, call: UpstreamCall) -> Json:
-        body = {k: v for k, v in call.body.items() if k not in ("max_tokens", "stream")}
+        body = {k: v for k, v in requests.hoist_system_messages(call.body).items() if k not in ("max_tokens", "stream")}
         return await self._post(call, "/messages/count_tokens", body)

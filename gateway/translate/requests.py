@@ -205,6 +205,31 @@ def _json_schema(response_format: Any) -> Any:
     return None
 
 
+# --- Anthropic -> Anthropic ----------------------------------------------------------------------
+
+
+def hoist_system_messages(body: Json) -> Json:
+    """Move ``{"role": "system"}`` messages (modelled by the 2.x SDK) into the top-level ``system``.
+
+    Upstreams expect only user and assistant turns; the blocks keep their ``cache_control``.
+    """
+    turns = body.get("messages") or []
+    if not any(isinstance(t, dict) and t.get("role") == "system" for t in turns):
+        return body
+    system = body.get("system")
+    blocks: list[Json] = [{"type": "text", "text": system}] if isinstance(system, str) and system else []
+    if isinstance(system, list):
+        blocks.extend(system)
+    kept: list[Any] = []
+    for turn in turns:
+        if isinstance(turn, dict) and turn.get("role") == "system":
+            content = turn.get("content")
+            blocks.extend([{"type": "text", "text": content}] if isinstance(content, str) else content or [])
+        else:
+            kept.append(turn)
+    return {**body, "system": blocks, "messages": kept}
+
+
 # --- Anthropic -> OpenAI -------------------------------------------------------------------------
 
 
