@@ -442,7 +442,8 @@ async def writer_loop() -> None:
         try:
             if settings.REDIS_URL:
                 written = await drain_redis_once()
-                if not written:
+                if written < settings.CHITTYCAN_USAGE_BATCH_SIZE:
+                    # Not a full batch: let the next one build up (fewer, larger inserts).
                     await asyncio.sleep(settings.CHITTYCAN_USAGE_FLUSH_INTERVAL)
             else:
                 await _memory_round()
