@@ -186,8 +186,19 @@ async def handle_generation(responder: Responder, ctx: RequestContext, body: byt
             await _relay_stream(responder, ctx, operation)
         else:
             await _respond_once(responder, ctx, operation)
+    except asyncio.CancelledError:
+        _client_left(ctx)
+        raise
     finally:
         await asyncio.shield(settle_and_record(ctx))
+
+
+def _client_left(ctx: RequestContext) -> None:
+    """The client disconnected (the consumer cancelled us) before the answer was complete."""
+    if ctx.status == "ok":
+        ctx.status, ctx.http_status = "client_disconnected", 499
+    if ctx.usage is None and ctx.reached_provider:
+        ctx.usage = estimate_usage(ctx, "")  # the prompt was sent; bill it as the upstream will
 
 
 async def _respond_once(responder: Responder, ctx: RequestContext, operation: str) -> None:
@@ -346,5 +357,8 @@ async def handle_embeddings(responder: Responder, ctx: RequestContext, body: byt
         headers = response_headers(ctx)
         headers.append((b"x-chittycan-cost", pricing.format_usd(ctx.cost_micro).encode()))
         await responder.send_json(200, orjson.dumps(result), headers)
+    except asyncio.CancelledError:
+        _client_left(ctx)
+        raise
     finally:
         await asyncio.shield(settle_and_record(ctx))

@@ -211,3 +211,24 @@ def test_legacy_completion_stream_usage_stripped(upstream, openai_client):
     parts = list(openai_client.completions.create(model="gpt-3.5-turbo-instruct", prompt="hello", stream=True))
     assert "".join(p.choices[0].text for p in parts) == " world"
     assert all(p.usage is None for p in parts)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_leaving_before_the_answer_records_a_disconnect(upstream, gateway_server, tenant_key, stream):
+    """The client gives up while the upstream is still thinking (no byte relayed yet)."""
+    upstream.push("/v1/chat/completions", Reply(json=upstream.chat_json({"messages": [1]}), delay=3))
+    if stream:
+        upstream.replies["/v1/chat/completions"].clear()
+        frames = [chunk("late"), chunk(None, "stop"), b"data: [DONE]\n\n"]
+        upstream.push("/v1/chat/completions", Reply(frames=frames, delay=3))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Think hard."}], "stream": stream}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{gateway_server.url}/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {tenant_key[1]}"},
+            timeout=httpx.Timeout(0.5, connect=5),
+        )
+    [row] = exact_usage(tenant_key[0], 1)
+    assert row.status == "client_disconnected" and row.http_status == 499
+    assert row.prompt_tokens > 0 and row.completion_tokens == 0 and row.usage_source == "estimated"
