@@ -523,3 +523,73 @@ def test_system_role_messages_reach_a_native_upstream_as_top_level_system(anthro
     )
     sent = anthropic_upstream.requests[-1].body
     assert sent["system"] == [{"type": "text", "text": "Be brief."}] and sent["messages"] == HI
+
+
+def test_claude_code_style_request_through_an_openai_upstream(openai_backed_claude, gateway_server, tenant_key):
+    """The shape Claude Code sends: ?beta=true, betas, cached system blocks and tools, thinking, metadata."""
+    body = {
+        "model": "claude-sonnet-4-20250514",
+        "max_tokens": 32000,
+        "stream": True,
+        "system": [
+            {"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "Working directory: /repo"},
+        ],
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "<system-reminder>ctx</system-reminder>"},
+                    {"type": "text", "text": "List the files", "cache_control": {"type": "ephemeral"}},
+                ],
+            }
+        ],
+        "tools": [
+            {
+                "name": "Bash",
+                "description": "Run a command",
+                "input_schema": {
+                    "$schema": "http://json-schema.org/draft-07/schema#",
+                    "type": "object",
+                    "properties": {"command": {"type": "string"}},
+                    "required": ["command"],
+                    "additionalProperties": False,
+                },
+            },
+            {"name": "Glob", "input_schema": {"type": "object", "properties": {"pattern": {"type": "string"}}}},
+        ],
+        "metadata": {"user_id": "user_abc_account_def_session_ghi"},
+        "thinking": {"type": "enabled", "budget_tokens": 4000},
+        "temperature": 1,
+    }
+    from gateway.models import LLMModel
+
+    LLMModel.objects.filter(name="llama-3.3-70b").update(aliases=["claude-sonnet-4", "claude-sonnet-4-20250514"])
+    headers = {
+        "authorization": f"Bearer {tenant_key[1]}",
+        "anthropic-version": "2023-06-01",
+        "anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14",
+        "x-app": "cli",
+    }
+    frames: list[tuple[str, Any]] = []
+    with httpx.stream(
+        "POST", f"{gateway_server.url}/v1/messages?beta=true", json=body, headers=headers, timeout=10
+    ) as response:
+        assert response.status_code == 200
+        for block in "".join(response.iter_text()).strip().split("\n\n"):
+            lines = dict(line.split(": ", 1) for line in block.split("\n") if not line.startswith(":"))
+            if "data" in lines:
+                frames.append((lines["event"], json.loads(lines["data"])))
+    names = [name for name, _ in frames]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    starts = [data["content_block"] for name, data in frames if name == "content_block_start"]
+    assert [(b["type"], b["name"]) for b in starts] == [("tool_use", "Bash"), ("tool_use", "Glob")]
+    assert frames[-2][1]["delta"]["stop_reason"] == "tool_use"
+    sent = openai_backed_claude.requests[-1].body
+    assert sent["messages"] == [
+        {"role": "system", "content": "You are Claude Code.\nWorking directory: /repo"},
+        {"role": "user", "content": "<system-reminder>ctx</system-reminder>\nList the files"},
+    ]
+    assert [t["function"]["name"] for t in sent["tools"]] == ["Bash", "Glob"]
+    assert sent["user"] == "user_abc_account_def_session_ghi" and "thinking" not in sent
+    assert sent["max_tokens"] == 32000 and sent["stream"] is True

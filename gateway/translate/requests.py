@@ -287,7 +287,7 @@ def _user_messages(content: Any, where: str) -> list[Json]:
     messages = tool_messages
     if parts:
         simple = all(p["type"] == "text" for p in parts)
-        messages.append({"role": "user", "content": "".join(p["text"] for p in parts) if simple else parts})
+        messages.append({"role": "user", "content": "\n".join(p["text"] for p in parts) if simple else parts})
     return messages
 
 
