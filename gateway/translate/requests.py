@@ -1,8 +1,10 @@
 """Requests both ways: Chat Completions (OpenAI) <-> Messages (Anthropic).
 
 ``chat_to_messages`` serves an OpenAI client from an Anthropic upstream; ``messages_to_chat``
-serves an Anthropic client (``/v1/messages``) from an OpenAI-compatible upstream. What cannot be
-expressed on the other side is refused with a 400 naming the parameter, never silently dropped.
+serves an Anthropic client (``/v1/messages``) from an OpenAI-compatible upstream. What would
+change the answer and cannot be expressed on the other side (``n`` > 1, logprobs, ``logit_bias``,
+``seed``, unsupported content or tool types) is refused with a 400 naming the parameter; sampling
+hints without an equivalent (penalties, ``top_k``, ``reasoning_effort``, ``thinking``) are dropped.
 """
 
 from __future__ import annotations
