@@ -112,6 +112,22 @@ async def resolve_route(ctx: RequestContext, name: str, kinds: tuple[str, ...]) 
 # --- settle and record ----------------------------------------------------------------------------
 
 
+def reported_usage(reported: Any) -> Usage | None:
+    """The upstream's usage object as ``Usage``; None when absent or not understandable."""
+    if not isinstance(reported, dict):
+        return None
+    try:
+        return Usage.from_openai(reported)
+    except (TypeError, ValueError, AttributeError):
+        log.warning("upstream sent a usage object we cannot read: %.200r", reported)
+        return None
+
+
+def _message_of(choice: dict[str, Any]) -> dict[str, Any]:
+    message = choice.get("message")
+    return message if isinstance(message, dict) else {}
+
+
 def estimate_usage(ctx: RequestContext, output_text: str) -> Usage:
     model = ctx.deployment.upstream_model if ctx.deployment else ctx.requested_model
     return Usage(
@@ -211,10 +227,13 @@ async def _respond_once(responder: Responder, ctx: RequestContext, operation: st
         await responder.send_json(status, payload, headers)
         return
     ctx.stage("upstream")
-    ctx.usage = Usage.from_openai(result.get("usage"))
+    ctx.usage = reported_usage(result.get("usage"))
     if ctx.usage is None:
+        choices = result.get("choices")
         text = "".join(
-            str((c.get("message") or {}).get("content") or c.get("text") or "") for c in result.get("choices") or []
+            str(_message_of(c).get("content") or c.get("text") or "")
+            for c in (choices if isinstance(choices, list) else ())
+            if isinstance(c, dict)
         )
         ctx.usage = estimate_usage(ctx, text)
     assert ctx.route is not None
@@ -262,7 +281,7 @@ async def _relay_stream(responder: Responder, ctx: RequestContext, operation: st
             if "usage" in chunk:
                 reported = chunk.get("usage")
                 if reported:
-                    ctx.usage = Usage.from_openai(reported)
+                    ctx.usage = reported_usage(reported) or ctx.usage
                 if not ctx.client_wants_usage:
                     if not chunk.get("choices"):
                         continue  # the usage chunk we asked for; the client did not
@@ -346,12 +365,11 @@ async def handle_embeddings(responder: Responder, ctx: RequestContext, body: byt
         ctx.stage("upstream")
         if data.get("encoding_format") == "base64":
             for item in result.get("data") or ():
-                if isinstance(item.get("embedding"), list):
+                if isinstance(item, dict) and isinstance(item.get("embedding"), list):
                     item["embedding"] = _pack_base64(item["embedding"])
-        reported = result.get("usage") or {}
-        ctx.usage = Usage(prompt_tokens=int(reported.get("prompt_tokens") or ctx.estimated_prompt_tokens))
-        if not reported:
-            ctx.usage.source = "estimated"
+        ctx.usage = reported_usage(result.get("usage"))
+        if ctx.usage is None or not ctx.usage.prompt_tokens:
+            ctx.usage = Usage(prompt_tokens=ctx.estimated_prompt_tokens, source="estimated")
         assert ctx.route is not None
         ctx.cost_micro = pricing.cost_micro(ctx.route.price_at(), ctx.usage)
         headers = response_headers(ctx)

@@ -410,3 +410,15 @@ def test_arbitrary_json_never_5xx(transactional_db, gateway_server, make_tenant,
 
         check()
     assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, statuses
+
+
+def test_unreadable_upstream_usage_is_estimated_not_500(upstream, openai_client, tenant_key):
+    for usage in (["nonsense"], {"prompt_tokens": "many", "completion_tokens": 2}, None):
+        body = upstream.chat_json({"messages": HELLO})
+        body["usage"] = usage
+        upstream.push(CHAT, Reply(json=body))
+        completion = openai_client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
+        assert completion.status_code == 200
+    rows = exact_usage(tenant_key[0], 3)
+    assert [r.usage_source for r in rows] == ["estimated"] * 3
+    assert all(r.prompt_tokens > 0 and r.completion_tokens > 0 for r in rows)
