@@ -211,6 +211,11 @@ CHITTYCAN_RESERVATION_LEASE = env_float("CHITTYCAN_RESERVATION_LEASE", 120.0)
 CHITTYCAN_RESERVATION_SWEEP_INTERVAL = env_float("CHITTYCAN_RESERVATION_SWEEP_INTERVAL", 5.0)
 # How often Celery beat runs the budget reconciler (seconds).
 CHITTYCAN_RECONCILE_INTERVAL = env_float("CHITTYCAN_RECONCILE_INTERVAL", 300.0)
+CELERY_BEAT_SCHEDULE["budget-reconcile"] = {
+    "task": "tenants.reconcile_budgets",
+    "schedule": CHITTYCAN_RECONCILE_INTERVAL,
+}
+CELERY_BEAT_SCHEDULE["budget-sweep"] = {"task": "tenants.sweep_reservations", "schedule": 60.0}
 
 CHITTYCAN_SERVER = env_choice("CHITTYCAN_SERVER", "uvicorn", ("uvicorn", "granian", "daphne"))
 # gc.freeze() once the app is built and after warm-up: full collections skip start-up objects.
