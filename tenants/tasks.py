@@ -3,7 +3,8 @@
 ``reconcile_budgets`` compares every live budget and quota counter with what PostgreSQL's ledger
 says it must hold (settled spend, plus rows handed off but not yet written, plus open
 reservations) and reports any difference. Celery beat runs it every
-``CHITTYCAN_RECONCILE_INTERVAL`` seconds; ``repair=True`` also corrects the counters.
+``CHITTYCAN_RECONCILE_INTERVAL`` seconds (``CELERY_BEAT_SCHEDULE["budget-reconcile"]``);
+``repair=True`` also corrects the counters.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from asgiref.sync import async_to_sync
 from celery import shared_task
 from django.conf import settings
 
-from chittycan.celery import app
 from gateway import budgets, counters
 
 log = logging.getLogger(__name__)
@@ -141,10 +141,3 @@ def sweep_reservations() -> int:
 
         released += async_to_sync(sweep)()
     return released
-
-
-@app.on_after_finalize.connect
-def _schedule(sender: Any, **_: Any) -> None:
-    interval = float(settings.CHITTYCAN_RECONCILE_INTERVAL)
-    sender.add_periodic_task(interval, reconcile_budgets.s(), name="reconcile budget counters")
-    sender.add_periodic_task(60.0, sweep_reservations.s(), name="sweep expired budget reservations")
