@@ -153,3 +153,21 @@ def test_counters_start_from_the_ledger(store, make_tenant):
 
     run(go)
     assert value(store, tenant.pk, money) == 2_000
+
+
+def test_celery_tasks_sweep_and_reconcile(transactional_db, settings):
+    from tenants.tasks import reconcile_budgets, sweep_reservations
+
+    settings.CHITTYCAN_RESERVATION_LEASE = 0.05
+    store = counters.RedisCounters()
+    counter = Counter("t931:total", "m", 10_000, 0, "UTC")
+
+    async def go():
+        return await store.reserve("req_lost", 931, [counters.Part(counter, 5_000)])
+
+    assert isinstance(run(go), counters.Reservation)
+    assert counters.peek_sync(counter, 931) == 5_000
+    time.sleep(0.1)
+    assert sweep_reservations.apply().get() == 1
+    assert counters.peek_sync(counter, 931) == 0
+    assert reconcile_budgets.apply().get() == []  # no budget rows: nothing live to compare
