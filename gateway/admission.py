@@ -93,6 +93,8 @@ def _refusal(key: KeyInfo, refused: counters.Refused) -> QuotaExceeded:
 
 
 async def _rate_limit(ctx: RequestContext, key: KeyInfo, tokens: int) -> limits.RateTicket | None:
+    if not limits.windows_for(key, tokens):
+        return None  # nothing to enforce: Redis is not needed, whatever its state
     result: limits.RateResult | None
     if settings.REDIS_URL and not counters.redis_suspect():
         try:

@@ -256,7 +256,15 @@ def test_redis_down_with_refuse_policy_answers_503(upstream, gateways, make_tena
     assert res.status_code == 503
     assert res.headers["retry-after"] == str(settings.CHITTYCAN_REDIS_RETRY_AFTER)
     assert res.json()["error"]["code"] == "enforcement_unavailable"
+    # A rate limit needs Redis just as much.
+    limited = make_key(make_tenant("closed-rpm"), rpm_limit=100)
+    [res] = fire([gw.url], limited, 1, max_tokens=10)
+    assert res.status_code == 503 and res.headers["retry-after"]
     assert upstream.requests == []
+    # A key with nothing to enforce does not need Redis: it is served.
+    free = make_key(make_tenant("unlimited"))
+    [res] = fire([gw.url], free, 1, max_tokens=10)
+    assert res.status_code == 200
 
 
 def test_redis_down_with_degrade_policy_enforces_in_postgres_then_recovers(upstream, gateways, make_tenant, make_key):
