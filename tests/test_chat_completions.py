@@ -60,11 +60,12 @@ def test_stream_with_include_usage_relays_usage_chunk(upstream, openai_client):
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 17
 
 
-def test_unknown_model_is_404_in_openai_envelope(upstream, openai_client):
+def test_unknown_model_is_404_in_openai_envelope(upstream, openai_client, tenant_key):
     with pytest.raises(openai.NotFoundError) as exc:
         openai_client.chat.completions.create(model="invalid-model-name", messages=[{"role": "user", "content": "x"}])
     assert exc.value.code == "model_not_found"
-    assert wait_usage(0, timeout=0.3) == []
+    # Scoped to this test's tenant: the previous test's row may reach the ledger after its teardown.
+    assert wait_usage(0, timeout=0.3, tenant_id=tenant_key[0].pk) == []
 
 
 def test_bad_key_is_401(upstream, gateway_server):

@@ -89,7 +89,7 @@ def test_hourly_and_daily_rollups_are_exact_and_idempotent(make_tenant):
 def test_prune_keeps_rollups_and_ledger_spend_unchanged(make_tenant):
     tenant = make_tenant("rollup-prune")
     now = datetime.now(UTC)
-    old = now - timedelta(days=settings.CHITTYCAN_USAGE_RETENTION_DAYS + 5)
+    old = (now - timedelta(days=settings.CHITTYCAN_USAGE_RETENTION_DAYS + 5)).replace(minute=10)
     recent = now - timedelta(days=3)
     usage.write_rows([_row(tenant, old, cost=300), _row(tenant, old + timedelta(hours=2), cost=5)])
     usage.write_rows([_row(tenant, recent, cost=11), _row(tenant, recent, cost=13)])
