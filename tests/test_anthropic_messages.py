@@ -593,3 +593,29 @@ def test_claude_code_style_request_through_an_openai_upstream(openai_backed_clau
     assert [t["function"]["name"] for t in sent["tools"]] == ["Bash", "Glob"]
     assert sent["user"] == "user_abc_account_def_session_ghi" and "thinking" not in sent
     assert sent["max_tokens"] == 32000 and sent["stream"] is True
+
+
+# --- budgets: /v1/messages reserves and settles like the OpenAI routes ------------------------------
+
+
+def test_hard_budget_refuses_messages_with_a_billing_error(openai_backed_claude, gateway_server, make_tenant, make_key):
+    from gateway.models import UsageRecord
+    from tenants import services
+
+    tenant = make_tenant("claude-team")
+    key = make_key(tenant)
+    # each request costs 135 micro-USD (10 x 3.00 + 7 x 15.00); the reservation is the worst case
+    services.budget_set(tenant=tenant, period="month", limit_micro=1_000, hard=True)
+    client = anthropic.Anthropic(base_url=gateway_server.url, api_key=key, max_retries=0)
+    admitted = 0
+    with pytest.raises(anthropic.APIStatusError) as exc:
+        for _ in range(20):
+            client.messages.create(model="claude-sonnet-4", max_tokens=10, messages=HI)
+            admitted += 1
+    assert exc.value.status_code == 402
+    assert body_of(exc)["error"]["type"] == "billing_error"
+    assert exc.value.response.headers["x-should-retry"] == "false"
+    rows = wait_usage(admitted, tenant=tenant)
+    assert len(rows) == admitted >= 1
+    assert sum(UsageRecord.objects.filter(tenant=tenant).values_list("cost_micro", flat=True)) == 135 * admitted
+    assert len(openai_backed_claude.requests) == admitted
