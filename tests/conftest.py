@@ -64,6 +64,30 @@ def _flush_redis() -> None:
     conn.close()
 
 
+def _wait_usage_drained(timeout: float = 5.0) -> None:
+    """Wait until the usage writer has written every queued row (the stream is empty)."""
+    import redis
+
+    from gateway import usage
+
+    conn = redis.Redis.from_url(settings.REDIS_URL)
+    deadline = time.monotonic() + timeout
+    try:
+        time.sleep(0.05)  # a row handed off just after the response ended
+        while conn.xlen(usage.stream_key()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        conn.close()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Before the database is flushed, let the asynchronous writer finish this test's rows, so
+    they never land in the next test's (emptied) ledger."""
+    if "gateway_server" in getattr(item, "fixturenames", ()):
+        _wait_usage_drained()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state(request: pytest.FixtureRequest) -> Iterator[None]:
     from gateway import invalidation
