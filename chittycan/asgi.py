@@ -6,6 +6,10 @@ import os
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chittycan.settings")
 
+from gateway import tokens  # noqa: E402  (no Django import: safe before setup)
+
+tokens.preload()  # before Django: see tokens.preload for why the order matters to peak memory
+
 from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_asgi_app = get_asgi_application()

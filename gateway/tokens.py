@@ -43,7 +43,21 @@ def _encoding(name: str) -> tiktoken.Encoding | None:
     if not (TOKENIZER_DIR / _FILES[name]).exists():
         log.error("tokenizer %s is not installed (run make install); estimating from characters", name)
         return None
-    return tiktoken.get_encoding(name)
+    encoding = tiktoken.get_encoding(name)
+    # tiktoken keeps a Python copy of the rank table (200k entries, ~21 MiB) only to pickle the
+    # encoding; the Rust core holds its own. Counting never needs it.
+    encoding._mergeable_ranks = {}
+    return encoding
+
+
+def preload() -> None:
+    """Load the default encoding now (the ASGI module calls this first thing).
+
+    Loading briefly needs twice the table's memory; done before Django is imported, the freed half
+    is reused by everything imported after it, so a gateway's peak memory is ~30 MiB lower than
+    when the first request loads it (which also costs that request ~0.3 s).
+    """
+    _encoding("o200k_base")
 
 
 def count_text(text: str, model: str = "") -> int:
