@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import time
 from datetime import timedelta
+from typing import Any
 
 import httpx
 import openai
@@ -19,7 +20,7 @@ from tests.conftest import add_model, exact_usage, wait_usage
 from tests.fakes.openai_upstream import Reply
 
 CHAT = "/v1/chat/completions"
-HELLO = [{"role": "user", "content": "hi"}]
+HELLO: Any = [{"role": "user", "content": "hi"}]
 
 
 def post(server, key, body, path=CHAT, **kwargs):
@@ -375,10 +376,17 @@ field_names = st.sampled_from(
         "whatever_new_field",
     ]
 )
+
+
+def _merge_extra(drawn: dict[str, Any]) -> dict[str, Any]:
+    extra = drawn.pop("extra", {})
+    return {**drawn, **extra}
+
+
 chat_bodies = st.fixed_dictionaries(
     {"model": st.sampled_from(["mock-chat"]) | json_values, "messages": messages | json_values},
     optional={"extra": st.dictionaries(field_names, json_values, max_size=4)},
-).map(lambda d: {**{k: v for k, v in d.items() if k != "extra"}, **d.get("extra", {})})
+).map(_merge_extra)
 
 
 def test_arbitrary_json_never_5xx(transactional_db, gateway_server, make_tenant, make_key):

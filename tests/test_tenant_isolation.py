@@ -4,6 +4,7 @@ tenant (and key) that made the request."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import openai
@@ -11,7 +12,7 @@ import pytest
 
 from tests.conftest import add_model, exact_usage
 
-HELLO = [{"role": "user", "content": "hi"}]
+HELLO: Any = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
