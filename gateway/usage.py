@@ -430,11 +430,20 @@ class _SpoolTimer:
             log.warning("database unavailable; spooled usage rows kept for the next replay")
 
 
+#: The stream (and with it the consumer group) was deleted under a blocked read, e.g. by FLUSHDB
+#: or a failover to an empty replica: not an outage, the next round recreates the group.
+_STREAM_GONE = ("NOGROUP", "no longer exists")
+#: Redis errors back off less far than database errors: the queue is on the request path.
+REDIS_RETRY_MAX = 5.0
+
+
 @background("usage-writer")
 async def writer_loop() -> None:
+    import redis
+
     global _memory_event
     spool = _SpoolTimer()
-    failures = 0
+    db_failures = redis_failures = 0
     if not settings.REDIS_URL:
         _memory_event = asyncio.Event()
     while True:
@@ -447,19 +456,24 @@ async def writer_loop() -> None:
                     await asyncio.sleep(settings.CHITTYCAN_USAGE_FLUSH_INTERVAL)
             else:
                 await _memory_round()
-            failures = 0
+            db_failures = redis_failures = 0
         except TRANSIENT_DB_ERRORS:
-            failures += 1
-            delay = backoff_seconds(failures)
+            db_failures += 1
+            delay = backoff_seconds(db_failures)
             log.warning("database unavailable; usage rows stay queued, retry in %.2f s", delay)
             await asyncio.sleep(delay)
-        except Exception as exc:
-            import redis
-
-            if not isinstance(exc, redis.RedisError):
-                raise
-            failures += 1
-            delay = backoff_seconds(failures)
+        except redis.ResponseError as exc:
+            if any(marker in str(exc) for marker in _STREAM_GONE):
+                log.info("usage stream or consumer group vanished; recreating it")
+                await asyncio.sleep(settings.CHITTYCAN_USAGE_FLUSH_INTERVAL)
+                continue
+            redis_failures += 1
+            delay = min(REDIS_RETRY_MAX, backoff_seconds(redis_failures))
+            log.warning("usage queue (Redis) error %s; retry in %.2f s", exc, delay)
+            await asyncio.sleep(delay)
+        except redis.RedisError:
+            redis_failures += 1
+            delay = min(REDIS_RETRY_MAX, backoff_seconds(redis_failures))
             log.warning("usage queue (Redis) unavailable; retry in %.2f s", delay)
             await asyncio.sleep(delay)
 
