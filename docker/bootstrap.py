@@ -41,7 +41,9 @@ def ensure() -> None:
         )
         prefix = keys.key_prefix(plaintext)
         if not ApiKey.objects.filter(prefix=prefix).exists():
-            ApiKey.objects.create(tenant=tenant, name="bootstrap", prefix=prefix, hashed_secret=keys.hash_key(plaintext))
+            ApiKey.objects.create(
+                tenant=tenant, name="bootstrap", prefix=prefix, hashed_secret=keys.hash_key(plaintext)
+            )
             services.audit("key.bootstrap", tenant=tenant, target=prefix, actor_label="bootstrap")
     print(f"bootstrap: key {prefix}... ready for tenant {slug}")
 
