@@ -97,7 +97,9 @@ async def resolve_route(ctx: RequestContext, name: str, kinds: tuple[str, ...]) 
         if route is not None and key.models is not None and name in key.models:
             raise PermissionDenied(f"This API key may not use the model {name}.")
         raise NotFound(f"The model `{name}` does not exist or you do not have access to it.", param="model")
-    if route.kind not in kinds and settings.CHITTYCAN_MODE != "dev":
+    # Dev mode serves any kind from its one deployment; passthrough cannot know an unlisted model's kind.
+    unlisted_passthrough = bool(ctx.passthrough_key) and route.id is None
+    if route.kind not in kinds and settings.CHITTYCAN_MODE != "dev" and not unlisted_passthrough:
         raise GatewayError(
             f"The model `{name}` does not support the {ctx.endpoint} endpoint.",
             status=400,
@@ -167,7 +169,9 @@ def _prompt_estimate(ctx: RequestContext) -> int:
 def max_output_tokens(ctx: RequestContext) -> int:
     assert ctx.route is not None
     cap = ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens") or ctx.route.max_output_tokens
-    n = ctx.body.get("n") or 1
+    # Every generated choice is billed: n of them, or best_of (legacy completions) when larger.
+    best_of = ctx.body.get("best_of") if ctx.endpoint == "completions" else None  # validated there
+    n = max(ctx.body.get("n") or 1, best_of or 1)
     return int(min(cap, ctx.route.max_output_tokens) if isinstance(cap, int) else ctx.route.max_output_tokens) * int(n)
 
 

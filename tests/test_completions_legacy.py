@@ -85,3 +85,17 @@ def test_bad_bodies(upstream, gateway_server, tenant_key, body, param):
 def test_embedding_model_is_refused(upstream, openai_client):
     with pytest.raises(openai.BadRequestError):
         openai_client.completions.create(model="text-embedding-3-small", prompt="x")
+
+
+def test_best_of_is_reserved_as_every_generated_choice(upstream, openai_client, tenant_key):
+    """best_of=5 generates (and bills) 5 completions: the worst case reserved covers all of them."""
+    from tenants import services
+
+    # $2/M output: 1,000 max tokens is 2,000 micro-USD a choice; the budget covers two, not five.
+    services.budget_set(tenant=tenant_key[0], period="month", limit_micro=5_000)
+    ok = openai_client.completions.create(model="gpt-3.5-turbo-instruct", prompt="x", max_tokens=1000)
+    assert ok.choices
+    with pytest.raises(openai.APIStatusError) as exc:
+        openai_client.completions.create(model="gpt-3.5-turbo-instruct", prompt="x", max_tokens=1000, best_of=5)
+    assert exc.value.status_code == 402
+    assert len(upstream.requests) == 1

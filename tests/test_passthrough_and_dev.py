@@ -134,3 +134,18 @@ def test_dev_mode_uses_ollama_when_configured(dev_mode, fake_ollama, gateway_ser
     parts = list(client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True))
     assert "".join(p.choices[0].delta.content or "" for p in parts) == "Hello from fake Ollama!"
     [_, _] = exact_usage(tenant_key[0], 2)
+
+
+def test_passthrough_unlisted_embedding_model(passthrough, gateway_server):
+    from tenants.models import Tenant
+
+    result = sdk(gateway_server, "sk-emb").embeddings.create(model="text-embedding-ada-002", input="x")
+    assert result.data and passthrough.requests[-1].body["model"] == "text-embedding-ada-002"
+    assert passthrough.requests[-1].path == "/v1/embeddings"
+    [row] = exact_usage(Tenant.objects.get(slug="passthrough"), 1)
+    assert row.endpoint == "embeddings"
+
+
+def test_dev_mode_model_lookup(dev_mode, upstream, gateway_server, tenant_key):
+    client = sdk(gateway_server, tenant_key[1])
+    assert client.models.retrieve("anything-at-all").id == "anything-at-all"
