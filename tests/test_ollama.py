@@ -193,3 +193,37 @@ def test_ollama_n_non_stream_asks_n_times(ollama_models, openai_client):
     assert [c.index for c in completion.choices] == [0, 1]
     assert completion.usage.completion_tokens == 10 and completion.usage.prompt_tokens == 26
     assert len(ollama_models.requests) == 2
+
+
+def test_stream_cut_before_the_final_line_is_an_error(ollama_models, openai_client, tenant_key):
+    from tests.fakes.ollama_upstream import OllamaReply
+
+    ollama_models.push(
+        "/api/chat",
+        OllamaReply(lines=[b'{"model":"llama3.2","message":{"role":"assistant","content":"Hi"},"done":false}\n']),
+    )
+    with pytest.raises(openai.APIError):
+        list(
+            openai_client.chat.completions.create(
+                model="llama-local", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+        )
+    with pytest.raises(openai.BadRequestError) as exc:
+        openai_client.chat.completions.create(
+            model="llama-local", messages=[{"role": "user", "content": "x"}], stream=True, n=2
+        )
+    assert exc.value.param == "n"
+
+
+def test_native_only_fields(ollama_models, openai_client):
+    openai_client.chat.completions.create(
+        model="llama-local",
+        messages=[{"role": "user", "content": "x"}],
+        reasoning_effort="high",
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}},
+        extra_body={"options": {"num_ctx": 32768, "mirostat": 2}, "keep_alive": -1},
+    )
+    sent = ollama_models.requests[-1].body
+    assert sent["options"] == {"num_ctx": 32768, "mirostat": 2}
+    assert sent["think"] == "high" and sent["keep_alive"] == -1
+    assert sent["format"] == {"type": "object"}
