@@ -227,3 +227,30 @@ def test_native_only_fields(ollama_models, openai_client):
     assert sent["options"] == {"num_ctx": 32768, "mirostat": 2}
     assert sent["think"] == "high" and sent["keep_alive"] == -1
     assert sent["format"] == {"type": "object"}
+
+
+def test_legacy_completions_use_generate(ollama_models, openai_client, tenant_key):
+    from gateway.models import LLMModel
+
+    LLMModel.objects.filter(name="llama-local").update(kind="completion")
+    from gateway import invalidation
+
+    invalidation.drop_local()
+    result = openai_client.completions.create(model="llama-local", prompt="Once", max_tokens=8, suffix=".")
+    assert result.object == "text_completion" and result.choices[0].text == " upon a time"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (4, 3)
+    sent = ollama_models.requests[-1]
+    assert sent.path == "/api/generate"
+    assert sent.body == {
+        "model": "llama3.2",
+        "prompt": "Once",
+        "stream": False,
+        "options": {"num_predict": 8},
+        "suffix": ".",
+    }
+    parts = list(openai_client.completions.create(model="llama-local", prompt=["Once"], stream=True))
+    assert "".join(p.choices[0].text for p in parts) == " upon a time"
+    assert parts[-1].choices[0].finish_reason == "stop"
+    with pytest.raises(openai.BadRequestError):
+        openai_client.completions.create(model="llama-local", prompt=["a", "b"])
+    assert len(wait_usage(3, tenant_id=tenant_key[0].pk)) == 3

@@ -1,4 +1,4 @@
-"""Ollama's native API: ``/api/chat`` (NDJSON streaming) and ``/api/embed``.
+"""Ollama's native API: ``/api/chat`` (NDJSON streaming), ``/api/generate`` and ``/api/embed``.
 
 The gateway speaks OpenAI internally, so this adapter translates both ways:
 
@@ -11,7 +11,8 @@ The gateway speaks OpenAI internally, so this adapter translates both ways:
   ``done_reason`` -> ``finish_reason``, ``prompt_eval_count``/``eval_count`` -> ``usage``;
 - stream: one JSON object per line, no ``[DONE]``; the final line (``done: true``) carries the
   counts and becomes the finish chunk plus the usage chunk;
-- errors: ``{"error": "..."}`` (a string), on an HTTP error status or as a line mid-stream.
+- errors: ``{"error": "..."}`` (a string), on an HTTP error status or as a line mid-stream;
+- legacy ``/v1/completions`` go to ``/api/generate`` (one text prompt, ``suffix`` kept).
 
 Ollama's OpenAI-compatible ``/v1`` is served by the ``openai`` kind instead; use this one for what
 only the native API offers (``num_ctx``, ``keep_alive``, ``think``).
@@ -353,6 +354,77 @@ class OllamaProvider(Provider):
             if data.get("done"):
                 yield chunk({}, _finish(data, tool_calls > 0))
                 yield {**base, "choices": [], "usage": _usage(data, call.body, call.upstream_model)}
+                return
+        raise UpstreamError("Ollama ended the stream before its final message", retryable=False)
+
+    # --- legacy completions: /api/generate --------------------------------------------------
+
+    @staticmethod
+    def _generate_body(call: UpstreamCall, *, stream: bool) -> dict[str, Any]:
+        prompt = call.body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise InvalidRequest("Ollama completes one text prompt per request.", param="prompt")
+        n = call.body.get("n")
+        if isinstance(n, int) and n > 1:
+            raise InvalidRequest("Ollama returns one completion per request; use n=1.", param="n")
+        chat = to_ollama_chat({**call.body, "messages": []}, call.upstream_model, stream=stream)
+        body: dict[str, Any] = {"model": call.upstream_model, "prompt": prompt, "stream": stream}
+        for name in ("options", "format", "keep_alive", "think"):
+            if name in chat:
+                body[name] = chat[name]
+        if isinstance(call.body.get("suffix"), str):
+            body["suffix"] = call.body["suffix"]
+        return body
+
+    @staticmethod
+    def _generate_usage(data: dict[str, Any], prompt: str, model: str) -> dict[str, Any]:
+        given = data.get("prompt_eval_count")
+        prompt_tokens = given if isinstance(given, int) else tokens.count_text(prompt, model)
+        counted = data.get("eval_count")
+        completion = counted if isinstance(counted, int) else 0
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+
+    async def completions(self, call: UpstreamCall) -> dict[str, Any]:
+        body = self._generate_body(call, stream=False)
+        data = await self._post(call, "/api/generate", body)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": str(data.get("model") or call.upstream_model),
+            "choices": [
+                {
+                    "index": 0,
+                    "text": str(data.get("response") or ""),
+                    "finish_reason": _finish(data, False),
+                    "logprobs": None,
+                }
+            ],
+            "usage": self._generate_usage(data, body["prompt"], call.upstream_model),
+        }
+
+    async def completions_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+        body = self._generate_body(call, stream=True)
+        base = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": call.upstream_model,
+        }
+        async for data in self._lines(call, "/api/generate", body):
+            text = data.get("response")
+            if isinstance(text, str) and text:
+                yield {**base, "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": None}]}
+            if data.get("done"):
+                finish = _finish(data, False)
+                yield {**base, "choices": [{"index": 0, "text": "", "finish_reason": finish, "logprobs": None}]}
+                yield {**base, "choices": [], "usage": self._generate_usage(data, body["prompt"], call.upstream_model)}
                 return
         raise UpstreamError("Ollama ended the stream before its final message", retryable=False)
 

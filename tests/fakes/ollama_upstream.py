@@ -1,4 +1,5 @@
-"""A fake Ollama server speaking the native API: ``/api/chat`` (JSON or NDJSON) and ``/api/embed``.
+"""A fake Ollama server speaking the native API: ``/api/chat`` and ``/api/generate`` (JSON or
+NDJSON) and ``/api/embed``.
 
 Answers like Ollama 0.x: sampling in ``options``, tool-call arguments as objects, counts in
 ``prompt_eval_count``/``eval_count``, durations in nanoseconds, errors as ``{"error": "..."}``.
@@ -74,10 +75,12 @@ class FakeOllama:
 
     def default(self, path: str, body: dict[str, Any]) -> OllamaReply:
         model = body.get("model")
-        if path in ("/api/chat", "/api/embed") and model not in self.models:
+        if path in ("/api/chat", "/api/embed", "/api/generate") and model not in self.models:
             return OllamaReply(status=404, json={"error": f"model '{model}' not found, try pulling it first"})
         if path == "/api/chat":
             return self.chat(body)
+        if path == "/api/generate":
+            return self.generate(body)
         if path == "/api/embed":
             inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
             dims = body.get("dimensions") or 4
@@ -157,3 +160,12 @@ class FakeOllama:
                 )
         lines.append(orjson.dumps(final) + b"\n")
         return OllamaReply(lines=lines)
+
+    def generate(self, body: dict[str, Any]) -> OllamaReply:
+        pieces = [" upon", " a", " time"]
+        final = {"model": body["model"], "response": "", "done": True, "done_reason": "stop"}
+        final |= {"prompt_eval_count": 4, "eval_count": len(pieces)}
+        if not body.get("stream", True):
+            return OllamaReply(json={**final, "response": "".join(pieces)})
+        lines = [orjson.dumps({"model": body["model"], "response": p, "done": False}) + b"\n" for p in pieces]
+        return OllamaReply(lines=[*lines, orjson.dumps(final) + b"\n"])
