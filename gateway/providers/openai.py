@@ -28,6 +28,9 @@ def _in_stream_error(obj: dict[str, Any]) -> UpstreamError | None:
     return UpstreamError(str(err), retryable=False)
 
 
+_URLS: dict[tuple[str, str], httpx.URL] = {}
+
+
 class OpenAIProvider(Provider):
     kind = "openai"
 
@@ -37,8 +40,15 @@ class OpenAIProvider(Provider):
             headers["authorization"] = f"Bearer {call.key}"
         return headers
 
-    def _url(self, call: UpstreamCall, path: str) -> str:
-        return call.provider.base_url.rstrip("/") + path
+    def _url(self, call: UpstreamCall, path: str) -> httpx.URL:
+        # Parsed once per provider URL and path: httpx would parse the string on every request.
+        key = (call.provider.base_url, path)
+        url = _URLS.get(key)
+        if url is None:
+            if len(_URLS) > 1000:
+                _URLS.clear()
+            url = _URLS[key] = httpx.URL(call.provider.base_url.rstrip("/") + path)
+        return url
 
     async def _post(self, call: UpstreamCall, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
