@@ -112,14 +112,14 @@ class GatewayConsumer(AsyncHttpConsumer):
     # --- the Responder protocol the pipeline writes through ---------------------------------
 
     async def send_json(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        self._started = True
         await self.send_headers(status=status, headers=[_JSON, *headers])
+        self._started = True  # only now: if the headers were refused, an error response can still go out
         await self.send_body(body)
         self._finished = True
 
     async def start_stream(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self._started = True
         await self.send_headers(status=200, headers=headers)
+        self._started = True
 
     async def write(self, data: bytes) -> None:
         await self.send_body(data, more_body=True)

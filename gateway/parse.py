@@ -45,6 +45,9 @@ def model_name(data: dict[str, Any]) -> str:
         raise InvalidRequest("you must provide a model parameter", param="model", code="missing_model")
     if len(model) > 256:
         raise InvalidRequest("model must be at most 256 characters", param="model")
+    if not model.isprintable():
+        # Control characters (CR/LF above all) would end up in logs and response headers.
+        raise InvalidRequest("model must not contain control characters", param="model")
     return model
 
 

@@ -430,3 +430,50 @@ def test_unreadable_upstream_usage_is_estimated_not_500(upstream, openai_client,
     rows = exact_usage(tenant_key[0], 3)
     assert [r.usage_source for r in rows] == ["estimated"] * 3
     assert all(r.prompt_tokens > 0 and r.completion_tokens > 0 for r in rows)
+
+
+def test_hostile_bodies_are_400(upstream, gateway_server, tenant_key):
+    deep = b'{"model": "gpt-4o", "messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+    cases = [
+        deep,
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]} trailing',
+        b"\x1f\x8b\x08\x00gzip-bytes",
+        json_bytes({"model": "gpt-4o", "messages": HELLO, "max_tokens": 2**63}),
+        json_bytes({"model": "gpt-4o", "messages": HELLO, "max_tokens": 1e300}),
+        json_bytes({"model": "gpt-4o", "messages": HELLO, "n": 10_000}),
+        json_bytes({"model": "gpt-4o", "messages": HELLO, "top_logprobs": 21, "logprobs": True}),
+        json_bytes({"model": "gpt-4o\r\nx-evil: 1", "messages": HELLO}),
+        json_bytes(
+            {
+                "model": "gpt-4o",
+                "messages": HELLO,
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": "x"}}],
+            }
+        ),
+    ]
+    for body in cases:
+        assert_envelope(post(gateway_server, tenant_key[1], body), 400)
+    assert upstream.requests == []
+    assert no_rows(tenant_key[0])
+
+
+def test_control_characters_in_model_names_never_reach_headers(upstream, gateway_server, tenant_key, settings):
+    from gateway import invalidation
+
+    settings.CHITTYCAN_MODE = "dev"  # dev mode answers any model name, so the name would be echoed
+    invalidation.drop_local()
+    res = post(gateway_server, tenant_key[1], {"model": "x\r\nx-evil: 1", "messages": HELLO})
+    assert_envelope(res, 400, param="model")
+    assert "x-evil" not in res.headers
+    ok = post(gateway_server, tenant_key[1], {"model": "modèle-ü", "messages": HELLO})
+    assert ok.status_code == 200
+    invalidation.drop_local()
+
+
+def json_bytes(obj):
+    import orjson
+
+    return orjson.dumps(obj)
