@@ -88,7 +88,7 @@ def _raw(tenant_ids: list[int] | None, api_key_id: int | None) -> QuerySet[Usage
     return rows
 
 
-def _sealed_rollups(
+def sealed_rollups(
     tenant_ids: list[int] | None, api_key_id: int | None, start: datetime | None, end: datetime | None
 ) -> QuerySet[HourlyUsage]:
     rows = HourlyUsage.objects.filter(hour__in=RollupHour.objects.filter(sealed=True).values("hour"))
@@ -117,7 +117,7 @@ def spend_micro(
     if end is not None:
         raw = raw.filter(created_at__lt=end)
     total = raw.aggregate(s=Sum("cost_micro"))["s"] or 0
-    sealed = _sealed_rollups(tenant_ids, api_key_id, start, end).aggregate(s=Sum("cost_micro"))["s"] or 0
+    sealed = sealed_rollups(tenant_ids, api_key_id, start, end).aggregate(s=Sum("cost_micro"))["s"] or 0
     return int(total) + int(sealed)
 
 
@@ -181,7 +181,7 @@ def daily_costs(tenant: Tenant, start: datetime, end: datetime) -> dict[date, tu
         .order_by()
     )
     sealed = (
-        _sealed_rollups(ids, None, start, end)
+        sealed_rollups(ids, None, start, end)
         .annotate(day=TruncDate("hour", tzinfo=zone))
         .values("day")
         .annotate(calls=Coalesce(Sum("calls"), Value(0)), cost=Coalesce(Sum("cost_micro"), Value(0)))
@@ -228,7 +228,7 @@ def usage_breakdown(
     )
     sealed_column = "model" if column == "model_name" else column
     sealed_rows = (
-        _sealed_rollups(tenant_ids, None, start, end)
+        sealed_rollups(tenant_ids, None, start, end)
         .values(sealed_column)
         .annotate(
             calls=Coalesce(Sum("calls"), Value(0)),

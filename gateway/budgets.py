@@ -155,7 +155,7 @@ def _matches(counter: Counter, subtree: list[int] | None, row: dict[str, Any]) -
 def ledger_value(counter: Counter, unwritten: list[dict[str, Any]] | None = None) -> int:
     """What the counter must hold according to the ledger (plus rows handed off but not yet
     written, when given): the sum of ``cost_micro``, or the number of requests for quotas."""
-    from django.db.models import Count, Sum
+    from django.db.models import Count, Q, Sum
 
     from gateway.models import UsageRecord
 
@@ -169,14 +169,21 @@ def ledger_value(counter: Counter, unwritten: list[dict[str, Any]] | None = None
     start, end = period_bounds(counter.period_key, counter.time_zone)
     if start is not None and end is not None:
         rows = rows.filter(created_at__gte=start, created_at__lt=end)
+    # Raw rows past retention are pruned into sealed hourly rollups: count those too.
+    from gateway.analytics import sealed_rollups
+
+    sealed_rows = sealed_rollups(subtree, counter.scope_id if counter.scope == "k" else None, start, end)
+    sealed = int(sealed_rows.aggregate(v=Sum("calls" if counter.kind == "q" else "cost_micro"))["v"] or 0)
+    pending = [row for row in unwritten or () if _matches(counter, subtree, row)]
+    ids = [str(row["request_id"]) for row in pending]
+    # One statement, so one snapshot: a pending row that reached the ledger meanwhile is
+    # counted in the total and subtracted again as "already written", never twice.
     if counter.kind == "q":
-        value = int(rows.aggregate(n=Count("id"))["n"] or 0)
-    else:
-        value = int(rows.aggregate(s=Sum("cost_micro"))["s"] or 0)
-    for row in unwritten or ():
-        if _matches(counter, subtree, row):
-            value += 1 if counter.kind == "q" else int(row.get("cost_micro") or 0)
-    return value
+        agg = rows.aggregate(total=Count("id"), written=Count("id", filter=Q(request_id__in=ids)))
+        return sealed + int(agg["total"] or 0) + len(pending) - int(agg["written"] or 0)
+    agg = rows.aggregate(total=Sum("cost_micro"), written=Sum("cost_micro", filter=Q(request_id__in=ids)))
+    pending_cost = sum(int(row.get("cost_micro") or 0) for row in pending)
+    return sealed + int(agg["total"] or 0) + pending_cost - int(agg["written"] or 0)
 
 
 def budget_counter(budget: Budget, when: datetime | None = None) -> Counter:
