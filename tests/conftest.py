@@ -53,6 +53,16 @@ def gateway_server(django_db_setup: Any, django_db_blocker: Any) -> Iterator[Ser
 
     server.call_soon(shutdown)
     server.stop()
+    # The server's worker threads keep database connections open; close them so the test
+    # database can be dropped.
+    from django.db import connection
+
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
 
 
 def _flush_redis() -> None:
