@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 from django.utils import timezone
-from hypothesis import HealthCheck, given
+from hypothesis import HealthCheck, example, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
@@ -415,6 +415,57 @@ def test_arbitrary_json_never_5xx(transactional_db, gateway_server, make_tenant,
                 assert res.text.rstrip().endswith("data: [DONE]") or "x-chittycan-cost" in res.text
             else:
                 assert res.json()["object"] == "chat.completion"
+
+        check()
+    assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, statuses
+
+
+other_bodies = st.fixed_dictionaries(
+    {"model": st.sampled_from(["mock-chat", "mock-embed"]) | json_values},
+    optional={
+        "prompt": json_values | st.lists(st.integers(0, 50_000), max_size=5),
+        "input": json_values | st.lists(st.lists(st.integers(0, 50_000), max_size=3), max_size=3),
+        "encoding_format": st.sampled_from(["float", "base64"]) | json_values,
+        "dimensions": json_values,
+        "best_of": json_values,
+        "echo": json_values,
+        "suffix": json_values,
+        "logprobs": json_values,
+        "max_tokens": json_values,
+        "stream": st.booleans() | json_values,
+    },
+)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/embeddings"])
+def test_arbitrary_json_never_5xx_on_completions_and_embeddings(
+    transactional_db, gateway_server, make_tenant, make_key, path
+):
+    from gateway.models import Provider
+
+    mock = Provider.objects.create(slug="mock", kind="mock")
+    add_model("mock-chat", mock)
+    add_model("mock-embed", mock, kind="embedding")
+    key = make_key(make_tenant("fuzz"))
+    statuses: dict[int, int] = {}
+    valid = {"model": "mock-chat", "prompt": "hi"} if "completions" in path else {"model": "mock-embed", "input": "hi"}
+    with httpx.Client(base_url=gateway_server.url, headers={"authorization": f"Bearer {key}"}, timeout=20) as client:
+
+        @hsettings(
+            max_examples=150,
+            deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+            database=None,
+        )
+        @example(body=valid)
+        @example(body={**valid, "stream": True})
+        @given(body=other_bodies | json_values)
+        def check(body):
+            res = client.post(path, json=body)
+            statuses[res.status_code] = statuses.get(res.status_code, 0) + 1
+            assert res.status_code < 500, (body, res.text)
+            if res.status_code >= 400:
+                assert set(res.json()["error"]) == {"message", "type", "param", "code"}
 
         check()
     assert statuses.get(200, 0) > 0 and statuses.get(400, 0) > 0, statuses
