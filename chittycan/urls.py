@@ -2,9 +2,10 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.http import HttpRequest, JsonResponse
-from django.urls import include, path
+from django.urls import include, path, re_path
 
 from gateway.api import api as v1_api
+from gateway.api import unknown_url
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -14,6 +15,7 @@ def healthz(request: HttpRequest) -> JsonResponse:
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("v1/", v1_api.urls),
+    re_path(r"^v1/(?P<rest>.*)$", unknown_url),  # after the API: any other /v1 path, in the envelope
     path("api/", include("control.urls")),
     path("healthz", healthz),
 ]

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
 from ninja import NinjaAPI, Schema
 from ninja.security import HttpBearer
 
@@ -81,3 +82,10 @@ async def get_model(request: HttpRequest, model_id: str) -> ModelOut:
     if route is None or not key.allows_model(route.name, route.aliases):
         raise NotFound(f"The model '{model_id}' does not exist", param="model")
     return _out(route)
+
+
+@csrf_exempt
+def unknown_url(request: HttpRequest, rest: str = "") -> HttpResponse:
+    """Any other /v1 path: OpenAI's "Invalid URL" 404, in the envelope the SDKs parse."""
+    error = NotFound(f"Invalid URL ({request.method} {request.path})", code="unknown_url")
+    return gateway_error(request, error)

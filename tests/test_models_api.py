@@ -81,3 +81,10 @@ def test_bad_key_is_401(upstream, gateway_server, key):
 def test_x_api_key_header_works(upstream, gateway_server, tenant_key):
     res = httpx.get(f"{gateway_server.url}/v1/models", headers={"x-api-key": tenant_key[1]})
     assert res.status_code == 200 and res.json()["object"] == "list"
+
+
+@pytest.mark.parametrize("path", ["/v1/nope", "/v1/models/", "/v1/chat/completions/", "/v1/embeddings/x"])
+def test_unknown_v1_paths_are_404_in_envelope(upstream, gateway_server, tenant_key, path):
+    res = httpx.post(f"{gateway_server.url}{path}", headers={"authorization": f"Bearer {tenant_key[1]}"})
+    assert res.status_code == 404 and res.headers["content-type"] == "application/json"
+    assert res.json()["error"]["message"] == f"Invalid URL (POST {path})"
