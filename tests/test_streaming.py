@@ -232,3 +232,25 @@ def test_client_leaving_before_the_answer_records_a_disconnect(upstream, gateway
     [row] = exact_usage(tenant_key[0], 1)
     assert row.status == "client_disconnected" and row.http_status == 499
     assert row.prompt_tokens > 0 and row.completion_tokens == 0 and row.usage_source == "estimated"
+
+
+def test_chunks_are_relayed_as_they_arrive(upstream, gateway_server, tenant_key):
+    frames = [chunk(f"w{i} ") for i in range(5)] + [chunk(None, "stop"), b"data: [DONE]\n\n"]
+    upstream.push("/v1/chat/completions", Reply(frames=frames, frame_delay=0.3))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "slowly"}], "stream": True}
+    arrivals = []
+    started = time.monotonic()
+    with httpx.stream(
+        "POST",
+        f"{gateway_server.url}/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {tenant_key[1]}"},
+        timeout=10,
+    ) as res:
+        for line in res.iter_lines():
+            if line.startswith("data: {"):
+                arrivals.append(time.monotonic() - started)
+    assert len(arrivals) == 6
+    # The first chunk is out long before the upstream is done (about 1.8 s): nothing is buffered.
+    assert arrivals[0] < 0.5 and arrivals[-1] > 1.2
+    assert all(b - a > 0.15 for a, b in zip(arrivals[:4], arrivals[1:5], strict=True))
