@@ -289,6 +289,7 @@ def test_model_admin_edits_go_to_the_audit_log(admin_client, rows):
     )
     assert response.status_code == 302, response.content.decode()[:3000]
     event = AuditEvent.objects.get(action="plan.update")
+    assert event.actor is not None
     assert event.actor.get_username() == "root" and event.actor_label == "admin"
     assert set(event.data["fields"]) >= {"name", "rpm_limit"}
     assert datetime.now(UTC) >= event.at

@@ -93,6 +93,7 @@ def test_apply_creates_everything_and_second_apply_changes_nothing(db, tmp_path,
     assert (price.input_per_mtok, price.output_per_mtok) == (Decimal("1.00"), Decimal("2.00"))
     org, team = Tenant.objects.get(slug="org"), Tenant.objects.get(slug="team")
     assert team.parent_id == org.pk and team.kind == "team" and org.kind == "organisation"
+    assert org.plan is not None
     assert (org.plan.slug, org.time_zone, org.stripe_customer_id) == ("pro", "Europe/Berlin", "cus_123")
     assert (team.rpm_limit, team.tpm_limit) == (10, 1000)
     budget = Budget.objects.get(tenant=org)

@@ -42,6 +42,7 @@ def test_create_prints_key_once_with_scopes_and_expiry(make_tenant):
     row = ApiKey.objects.get(prefix=keys.key_prefix(plaintext))
     assert row.name == "ci" and row.tenant.slug == "acme"
     assert row.scopes == {"models": ["gpt-4o", "gpt-4o-mini"], "endpoints": ["chat"]}
+    assert row.expires_at is not None
     assert row.expires_at.isoformat() == "2029-12-31T23:00:00+00:00"  # midnight in Berlin
     assert plaintext not in row.hashed_secret and keys.verify_key(plaintext, row.hashed_secret)
     assert AuditEvent.objects.filter(action="key.issue", target=row.prefix, actor_label="cli").exists()
@@ -51,6 +52,7 @@ def test_create_with_duration_and_limits(make_tenant):
     make_tenant("acme")
     out, _ = can("keys", "create", "--tenant", "acme", "--expires", "30d", "--rpm", "5")
     row = ApiKey.objects.get(prefix=keys.key_prefix(out.strip()))
+    assert row.expires_at is not None
     assert abs(row.expires_at - (timezone.now() + timedelta(days=30))) < timedelta(minutes=1)
     assert row.rpm_limit == 5
 

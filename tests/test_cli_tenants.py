@@ -37,10 +37,12 @@ def test_create_hierarchy_and_list_as_tree(db):
     can("tenants", "create", "acme-web", "--parent", "acme", "--kind", "project", "--time-zone", "UTC")
     can("tenants", "create", "globex")
     ml, search, web = (Tenant.objects.get(slug=s) for s in ("acme-ml", "acme-ml-search", "acme-web"))
+    assert ml.parent is not None and search.parent is not None
     assert (ml.kind, ml.time_zone, ml.parent.slug) == ("team", "Europe/Berlin", "acme")  # inherits the zone
     assert (search.kind, search.parent.slug) == ("project", "acme-ml")
     assert (web.kind, web.time_zone) == ("project", "UTC")
     acme = Tenant.objects.get(slug="acme")
+    assert acme.plan is not None
     assert (acme.name, acme.plan.slug, acme.stripe_customer_id) == ("Acme Corp", "pro", "cus_1")
     assert AuditEvent.objects.filter(action="tenant.create", actor_label="cli").count() == 5
     lines = can("tenants", "list").splitlines()

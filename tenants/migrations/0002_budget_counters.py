@@ -5,30 +5,34 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('tenants', '0001_initial'),
+        ("tenants", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='BudgetCounter',
+            name="BudgetCounter",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=100, unique=True)),
-                ('value', models.BigIntegerField(default=0)),
-                ('synced_at', models.DateTimeField(default=django.utils.timezone.now)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.CharField(max_length=100, unique=True)),
+                ("value", models.BigIntegerField(default=0)),
+                ("synced_at", models.DateTimeField(default=django.utils.timezone.now)),
             ],
         ),
         migrations.CreateModel(
-            name='BudgetReservation',
+            name="BudgetReservation",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('request_id', models.CharField(max_length=64, unique=True)),
-                ('parts', models.JSONField(default=list, help_text='[[counter name, amount, kind "m"|"q"], ...]')),
-                ('expires_at', models.DateTimeField(db_index=True)),
-                ('swept', models.BooleanField(default=False, help_text='Released by the sweeper; a late settle charges actual')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("request_id", models.CharField(max_length=64, unique=True)),
+                ("parts", models.JSONField(default=list, help_text='[[counter name, amount, kind "m"|"q"], ...]')),
+                ("expires_at", models.DateTimeField(db_index=True)),
+                (
+                    "swept",
+                    models.BooleanField(
+                        default=False, help_text="Released by the sweeper; a late settle charges actual"
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
             ],
         ),
     ]

@@ -4,25 +4,24 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('tenants', '0002_budget_counters'),
+        ("tenants", "0002_budget_counters"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='budgetreservation',
-            name='actual_micro',
+            model_name="budgetreservation",
+            name="actual_micro",
             field=models.BigIntegerField(default=0),
         ),
         migrations.AddField(
-            model_name='budgetreservation',
-            name='actual_requests',
+            model_name="budgetreservation",
+            name="actual_requests",
             field=models.PositiveIntegerField(default=0),
         ),
         migrations.AddField(
-            model_name='budgetreservation',
-            name='settled_at',
+            model_name="budgetreservation",
+            name="settled_at",
             field=models.DateTimeField(blank=True, db_index=True, null=True),
         ),
     ]
