@@ -449,6 +449,7 @@ def bench_server(
     try:
         wait_ready(proc, port, key, logfile)
         answered += 1
+        log(f"{server} ready on port {port} (pid {proc.pid}, log {logfile})")
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         for mode in modes:
             for c in levels:

@@ -15,7 +15,7 @@ BENCH_DB=${BENCH_DB:-chittycan_bench}
 export BENCH_DATABASE_URL=${BENCH_DATABASE_URL:-postgres://$PGUSER@$PGHOST:$PGPORT/$BENCH_DB}
 export BENCH_REDIS_URL=${BENCH_REDIS_URL:-redis://$REDIS_HOST:$REDIS_PORT/8}
 export BENCH_REDIS_PREFIX=${BENCH_REDIS_PREFIX:-ccbench}
-PY=.venv/bin/python
+PY=${BENCH_PYTHON:-.venv/bin/python}
 
 pg_up() { pg_isready -q -h "$PGHOST" -p "$PGPORT" 2>/dev/null || (echo > "/dev/tcp/$PGHOST/$PGPORT") 2>/dev/null; }
 redis_up() { [ "$(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null)" = "PONG" ]; }
