@@ -428,6 +428,14 @@ def main() -> None:
     out.with_suffix(".json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
     print(text)
     log(f"written to {out}")
+    problems = [
+        f"{s['server']}: {'ledger rows != answered requests' if s['ledger_rows'] != s['answered'] else 'errors'}"
+        for s in report["servers"]
+        if s["ledger_rows"] != s["answered"] or any(c["errors"] for c in s["cells"])
+    ]
+    if problems:
+        log("FAILED: " + "; ".join(problems))
+        sys.exit(1)
 
 
 def bench_server(
