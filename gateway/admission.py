@@ -240,6 +240,11 @@ async def _lease_loop() -> None:
 _passthrough: dict[str, KeyInfo] = {}
 
 
+def forget_passthrough_key() -> None:
+    """Drop the cached passthrough key (its tenant's budgets or limits may have changed)."""
+    _passthrough.clear()
+
+
 def _passthrough_key_sync() -> KeyInfo:
     from tenants import services
 

@@ -19,10 +19,11 @@ def channel() -> str:
 
 
 def drop_local() -> None:
-    from gateway import auth, routing
+    from gateway import admission, auth, routing
 
     auth.invalidate()
     routing.invalidate()
+    admission.forget_passthrough_key()
 
 
 def announce() -> None:

@@ -44,7 +44,9 @@ def gateway_server(django_db_setup: Any, django_db_blocker: Any) -> Iterator[Ser
     from chittycan.asgi import application
 
     server = ServerThread(application, name="gateway").start()
+    RUNNING_GATEWAYS.append(server)
     yield server
+    RUNNING_GATEWAYS.remove(server)
     from gateway import http, runtime
 
     async def shutdown() -> None:
@@ -63,6 +65,20 @@ def gateway_server(django_db_setup: Any, django_db_blocker: Any) -> Iterator[Ser
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
+
+
+RUNNING_GATEWAYS: list[ServerThread] = []
+
+
+@pytest.fixture
+def paused_gateway_writer() -> Iterator[None]:
+    """Stop the in-process gateway's background tasks (its usage writer) for a test that drives
+    the usage stream itself; the gateway restarts them on its next request."""
+    from gateway import runtime
+
+    for server in RUNNING_GATEWAYS:
+        server.call_soon(runtime.stop_background)
+    yield
 
 
 def _flush_redis() -> None:

@@ -20,6 +20,14 @@ from gateway.models import UsageRecord
 from tests.conftest import wait_usage
 
 
+@pytest.fixture(autouse=True)
+def _only_this_test_drains_the_stream(request):
+    """The session's gateway (started by earlier tests) runs a usage writer of its own; tests
+    that drain the stream by hand must not race it."""
+    if "gateway_server" not in request.fixturenames:
+        request.getfixturevalue("paused_gateway_writer")
+
+
 def _row(tenant_id, request_id=None, **extra):
     row = {
         "request_id": request_id or f"req_{uuid.uuid4().hex}",
