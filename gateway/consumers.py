@@ -16,7 +16,7 @@ from channels.generic.http import AsyncHttpConsumer
 
 from gateway import pipeline, runtime
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.errors import GatewayError, PayloadTooLarge, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,10 @@ class GatewayConsumer(AsyncHttpConsumer):
                 await task
             except asyncio.CancelledError:
                 pass
-            except Exception as exc:  # a bug: never leak it as a hung connection
+            except Exception as exc:  # never leak it as a hung connection
                 log.exception("pipeline failed", extra={"request_id": ctx.request_id})
                 if not self._started:
-                    internal = GatewayError(f"Internal error ({type(exc).__name__}); request id {ctx.request_id}.")
-                    status, payload, headers = self.error_response(internal, ctx)
+                    status, payload, headers = self.error_response(_unexpected(exc, ctx), ctx)
                     await self.send_json(status, payload, headers)
                 else:
                     await self.finish()
@@ -174,3 +173,16 @@ class CountTokensConsumer(MessagesConsumer):
         from gateway import messages
 
         await messages.handle_count_tokens(self, ctx, body)
+
+
+def _unexpected(exc: Exception, ctx: RequestContext) -> GatewayError:
+    """A database outage is a 503 the SDKs retry; anything else is our bug: a 500."""
+    from django.db import Error as DatabaseError
+
+    if isinstance(exc, DatabaseError):
+        return ServiceUnavailable(
+            f"The gateway's database is unavailable; retry shortly. Request id {ctx.request_id}.",
+            code="database_unavailable",
+            headers={"retry-after": "1"},
+        )
+    return GatewayError(f"Internal error ({type(exc).__name__}); request id {ctx.request_id}.")

@@ -269,3 +269,21 @@ def test_embedded_mode_spools_rows_while_the_database_is_down(make_tenant, setti
     assert len(spool_file.read_bytes().splitlines()) == 4
     assert _in_new_thread(usage.replay_spool) == 4
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 4
+
+
+def test_database_outage_on_a_cold_key_is_a_retryable_503_then_recovers(
+    upstream, gateway_server, make_tenant, make_key
+):
+    import openai
+
+    key = make_key(make_tenant("ledger-cold"))  # never used: its lookup needs the database
+    client = openai.OpenAI(base_url=f"{gateway_server.url}/v1", api_key=key, max_retries=0)
+    with postgres_outage():
+        with pytest.raises(openai.InternalServerError) as exc:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert exc.value.status_code == 503
+    assert exc.value.response.headers["retry-after"] == "1"
+    assert exc.value.body["code"] == "database_unavailable"
+    # Once the database is back, the same key works: the dead connections were replaced.
+    reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    assert reply.choices[0].message.content
