@@ -283,7 +283,7 @@ def test_database_outage_on_a_cold_key_is_a_retryable_503_then_recovers(
             client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert exc.value.status_code == 503
     assert exc.value.response.headers["retry-after"] == "1"
-    assert exc.value.body["code"] == "database_unavailable"
+    assert isinstance(exc.value.body, dict) and exc.value.body["code"] == "database_unavailable"
     # Once the database is back, the same key works: the dead connections were replaced.
     reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert reply.choices[0].message.content

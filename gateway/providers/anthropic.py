@@ -18,12 +18,10 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import httpx
 import orjson
 
 from gateway.errors import UpstreamError
-from gateway.http import client
-from gateway.providers.base import Provider, UpstreamCall, connection_error, raise_for_status
+from gateway.providers.base import Provider, UpstreamCall, post_json, streamed_post
 from gateway.sse import parse_events
 from gateway.translate import requests, responses
 from gateway.translate.streams import ChunksFromEvents, error_from_event
@@ -54,40 +52,15 @@ class AnthropicProvider(Provider):
         return headers
 
     async def _post(self, call: UpstreamCall, path: str, body: Json) -> Json:
-        try:
-            response = await client().post(
-                self._url(call, path), content=orjson.dumps(body), headers=self._headers(call), timeout=call.timeout
-            )
-        except httpx.HTTPError as exc:
-            raise connection_error(exc) from exc
-        raise_for_status(response, response.content)
-        try:
-            data = orjson.loads(response.content)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamError("upstream returned a body that is not JSON", retryable=True) from exc
-        if not isinstance(data, dict):
-            raise UpstreamError("upstream returned an unexpected body", retryable=True)
+        data = await post_json(self._url(call, path), body, self._headers(call), call.timeout)
         if data.get("type") == "error":
             raise error_from_event(data)
         return data
 
     async def _events(self, call: UpstreamCall, body: Json) -> AsyncGenerator[Json, None]:
         """The upstream's stream events as dicts, each with its ``type``."""
-        http = client()
-        request = http.build_request(
-            "POST",
-            self._url(call, "/messages"),
-            content=orjson.dumps({**body, "stream": True}),
-            headers=self._headers(call),
-            timeout=call.timeout,
-        )
-        try:
-            response = await http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise connection_error(exc) from exc
-        try:
-            if response.status_code >= 400:
-                raise_for_status(response, await response.aread())
+        url = self._url(call, "/messages")
+        async with streamed_post(url, {**body, "stream": True}, self._headers(call), call.timeout) as response:
             async for event in parse_events(response.aiter_bytes()):
                 try:
                     obj = orjson.loads(event.data)
@@ -96,10 +69,6 @@ class AnthropicProvider(Provider):
                 if isinstance(obj, dict):
                     obj.setdefault("type", event.event)
                     yield obj
-        except httpx.HTTPError as exc:
-            raise connection_error(exc) from exc
-        finally:
-            await response.aclose()
 
     # --- OpenAI clients --------------------------------------------------------------------------
 

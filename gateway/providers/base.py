@@ -13,6 +13,7 @@ See docs/providers.md.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,3 +142,54 @@ def connection_error(exc: Exception) -> UpstreamError:
     return UpstreamError(
         f"upstream unreachable: {type(exc).__name__}", retryable=True, status=502, code="connect_error"
     )
+
+
+async def post_json(
+    url: str | httpx.URL, body: Any, headers: Mapping[str, str], timeouts: httpx.Timeout
+) -> dict[str, Any]:
+    """POST a JSON body to an upstream and return its JSON object; every failure is an ``UpstreamError``."""
+    import orjson
+
+    from gateway.http import client
+
+    try:
+        response = await client().post(url, content=orjson.dumps(body), headers=headers, timeout=timeouts)
+    except httpx.HTTPError as exc:
+        raise connection_error(exc) from exc
+    raise_for_status(response, response.content)
+    try:
+        data = orjson.loads(response.content)
+    except orjson.JSONDecodeError as exc:
+        raise UpstreamError("upstream returned a body that is not JSON", retryable=True) from exc
+    if not isinstance(data, dict):
+        raise UpstreamError("upstream returned an unexpected body", retryable=True)
+    return data
+
+
+@asynccontextmanager
+async def streamed_post(
+    url: str | httpx.URL, body: Any, headers: Mapping[str, str], timeouts: httpx.Timeout
+) -> AsyncIterator[httpx.Response]:
+    """POST a JSON body and hold the streamed answer open for the ``async with`` block.
+
+    Error statuses are raised before the block runs; transport errors inside it become
+    ``UpstreamError``; the response is always closed (client disconnects included).
+    """
+    import orjson
+
+    from gateway.http import client
+
+    http = client()
+    request = http.build_request("POST", url, content=orjson.dumps(body), headers=headers, timeout=timeouts)
+    try:
+        response = await http.send(request, stream=True)
+    except httpx.HTTPError as exc:
+        raise connection_error(exc) from exc
+    try:
+        if response.status_code >= 400:
+            raise_for_status(response, await response.aread())
+        yield response
+    except httpx.HTTPError as exc:
+        raise connection_error(exc) from exc
+    finally:
+        await response.aclose()

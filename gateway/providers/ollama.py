@@ -26,13 +26,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 import orjson
 
 from gateway import tokens
 from gateway.errors import InvalidRequest, UpstreamError
-from gateway.http import client
-from gateway.providers.base import Provider, UpstreamCall, connection_error, raise_for_status
+from gateway.providers.base import Provider, UpstreamCall, post_json, streamed_post
 
 #: OpenAI request fields that become Ollama ``options`` under the same name.
 _SAME_NAME_OPTIONS = (
@@ -232,19 +230,7 @@ class OllamaProvider(Provider):
         return headers
 
     async def _post(self, call: UpstreamCall, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await client().post(
-                self._url(call, path), content=orjson.dumps(body), headers=self._headers(call), timeout=call.timeout
-            )
-        except httpx.HTTPError as exc:
-            raise connection_error(exc) from exc
-        raise_for_status(response, response.content)
-        try:
-            data = orjson.loads(response.content)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamError("Ollama returned a body that is not JSON", retryable=True) from exc
-        if not isinstance(data, dict):
-            raise UpstreamError("Ollama returned an unexpected body", retryable=True)
+        data = await post_json(self._url(call, path), body, self._headers(call), call.timeout)
         err = _error(data)
         if err is not None:
             raise err
@@ -289,17 +275,7 @@ class OllamaProvider(Provider):
 
     async def _lines(self, call: UpstreamCall, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """POST and yield each NDJSON line as an object; raise on error statuses and error lines."""
-        http = client()
-        request = http.build_request(
-            "POST", self._url(call, path), content=orjson.dumps(body), headers=self._headers(call), timeout=call.timeout
-        )
-        try:
-            response = await http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise connection_error(exc) from exc
-        try:
-            if response.status_code >= 400:
-                raise_for_status(response, await response.aread())
+        async with streamed_post(self._url(call, path), body, self._headers(call), call.timeout) as response:
             buffer = b""
             async for chunk in response.aiter_bytes():
                 buffer += chunk
@@ -311,10 +287,6 @@ class OllamaProvider(Provider):
             item = _parse_line(buffer)
             if item is not None:
                 yield item
-        except httpx.HTTPError as exc:
-            raise connection_error(exc) from exc
-        finally:
-            await response.aclose()
 
     async def chat_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
         n = call.body.get("n")

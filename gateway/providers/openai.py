@@ -9,8 +9,7 @@ import httpx
 import orjson
 
 from gateway.errors import UpstreamError
-from gateway.http import client
-from gateway.providers.base import Provider, UpstreamCall, connection_error, raise_for_status
+from gateway.providers.base import Provider, UpstreamCall, post_json, streamed_post
 from gateway.sse import parse_events
 
 
@@ -51,36 +50,14 @@ class OpenAIProvider(Provider):
         return url
 
     async def _post(self, call: UpstreamCall, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            response = await client().post(
-                self._url(call, path), content=orjson.dumps(body), headers=self._headers(call), timeout=call.timeout
-            )
-        except httpx.HTTPError as exc:
-            raise connection_error(exc) from exc
-        raise_for_status(response, response.content)
-        try:
-            data = orjson.loads(response.content)
-        except orjson.JSONDecodeError as exc:
-            raise UpstreamError("upstream returned a body that is not JSON", retryable=True) from exc
-        if not isinstance(data, dict):
-            raise UpstreamError("upstream returned an unexpected body", retryable=True)
+        data = await post_json(self._url(call, path), body, self._headers(call), call.timeout)
         err = _in_stream_error(data)
         if err is not None:
             raise err
         return data
 
     async def _stream(self, call: UpstreamCall, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        http = client()
-        request = http.build_request(
-            "POST", self._url(call, path), content=orjson.dumps(body), headers=self._headers(call), timeout=call.timeout
-        )
-        try:
-            response = await http.send(request, stream=True)
-        except httpx.HTTPError as exc:
-            raise connection_error(exc) from exc
-        try:
-            if response.status_code >= 400:
-                raise_for_status(response, await response.aread())
+        async with streamed_post(self._url(call, path), body, self._headers(call), call.timeout) as response:
             async for event in parse_events(response.aiter_bytes()):
                 if event.data.startswith("[DONE]"):
                     return
@@ -94,10 +71,6 @@ class OpenAIProvider(Provider):
                 if err is not None:
                     raise err
                 yield obj
-        except httpx.HTTPError as exc:
-            raise connection_error(exc) from exc
-        finally:
-            await response.aclose()
 
     @staticmethod
     def _streaming_body(call: UpstreamCall) -> dict[str, Any]:
