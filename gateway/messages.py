@@ -23,7 +23,15 @@ import orjson
 from gateway import admission, dispatch, parse, pricing, tokens
 from gateway.context import RequestContext, Usage
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
-from gateway.pipeline import Headers, Responder, authenticate, resolve_route, response_headers, settle_and_record
+from gateway.pipeline import (
+    Headers,
+    Responder,
+    authenticate,
+    chain,
+    resolve_route,
+    response_headers,
+    settle_and_record,
+)
 from gateway.providers import get_provider
 from gateway.providers.anthropic import AnthropicProvider
 from gateway.routing import DeploymentRoute
@@ -257,7 +265,7 @@ async def _relay_stream(responder: Responder, ctx: RequestContext) -> None:
     await responder.start_stream(headers)
     tracker = StreamUsage()
     try:
-        await _relay_events(responder, ctx, _chain(first, stream), tracker)
+        await _relay_events(responder, ctx, chain(first, stream), tracker)
         ctx.stage("relay")
     except asyncio.CancelledError:
         ctx.status, ctx.http_status = "client_disconnected", 499
@@ -322,12 +330,6 @@ async def with_keepalive(events: AsyncIterator[Json], interval: float) -> AsyncG
         if pending is not None and not pending.done():
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
-
-
-async def _chain(first: Json, rest: AsyncIterator[Json]) -> AsyncIterator[Json]:
-    yield first
-    async for item in rest:
-        yield item
 
 
 # --- /v1/messages/count_tokens --------------------------------------------------------------------

@@ -281,7 +281,7 @@ async def _relay_stream(responder: Responder, ctx: RequestContext, operation: st
     await responder.start_stream(headers)
     output: list[str] = []
     try:
-        async for chunk in _chain(first, stream):
+        async for chunk in chain(first, stream):
             if "usage" in chunk:
                 reported = chunk.get("usage")
                 if reported:
@@ -322,7 +322,8 @@ async def _relay_stream(responder: Responder, ctx: RequestContext, operation: st
     await responder.finish()
 
 
-async def _chain(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+async def chain(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    """The stream's first item (already read by dispatch) followed by the rest."""
     yield first
     async for item in rest:
         yield item

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import InvalidRequest
+from gateway.translate.responses import assistant_from_blocks
 
 Json = dict[str, Any]
 
@@ -296,25 +297,7 @@ def _user_messages(content: Any, where: str) -> list[Json]:
 def _assistant_message(content: Any) -> Json:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
-    texts: list[str] = []
-    calls: list[Json] = []
-    for block in content if isinstance(content, list) else []:
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
-            texts.append(str(block.get("text") or ""))
-        elif kind == "tool_use":
-            arguments = orjson.dumps(block.get("input") or {}).decode()
-            calls.append(
-                {
-                    "id": block.get("id"),
-                    "type": "function",
-                    "function": {"name": block.get("name"), "arguments": arguments},
-                }
-            )
-    message: Json = {"role": "assistant", "content": "".join(texts) or (None if calls else "")}
-    if calls:
-        message["tool_calls"] = calls
-    return message
+    return assistant_from_blocks(content)
 
 
 def _openai_tools(tools: Any) -> list[Json]:

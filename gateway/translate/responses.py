@@ -67,11 +67,12 @@ def tool_input(arguments: Any) -> Json:
 # --- Anthropic -> OpenAI -------------------------------------------------------------------------
 
 
-def message_to_chat_completion(message: Json) -> Json:
-    """An Anthropic ``message`` as an OpenAI ``chat.completion``."""
+def assistant_from_blocks(blocks: Any) -> Json:
+    """Anthropic assistant content blocks as an OpenAI assistant message: text blocks joined,
+    ``tool_use`` blocks as ``tool_calls`` with JSON-string arguments."""
     texts: list[str] = []
     calls: list[Json] = []
-    for block in message.get("content") or []:
+    for block in blocks if isinstance(blocks, list) else []:
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
             texts.append(str(block.get("text") or ""))
@@ -84,10 +85,16 @@ def message_to_chat_completion(message: Json) -> Json:
                     "function": {"name": block.get("name"), "arguments": arguments},
                 }
             )
-    text = "".join(texts)
-    reply: Json = {"role": "assistant", "content": text or (None if calls else ""), "refusal": None}
+    message: Json = {"role": "assistant", "content": "".join(texts) or (None if calls else "")}
     if calls:
-        reply["tool_calls"] = calls
+        message["tool_calls"] = calls
+    return message
+
+
+def message_to_chat_completion(message: Json) -> Json:
+    """An Anthropic ``message`` as an OpenAI ``chat.completion``."""
+    reply = assistant_from_blocks(message.get("content") or [])
+    reply["refusal"] = None
     return {
         "id": str(message.get("id") or new_message_id()),
         "object": "chat.completion",
