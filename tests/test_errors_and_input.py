@@ -403,6 +403,8 @@ def test_arbitrary_json_never_5xx(transactional_db, gateway_server, make_tenant,
             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
             database=None,
         )
+        @example(body={"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}]})
+        @example(body={"model": "mock-chat", "messages": [{"role": "user", "content": "hi"}], "stream": True})
         @given(body=chat_bodies | json_values)
         def check(body):
             res = client.post(CHAT, json=body)
