@@ -95,6 +95,9 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Empty REDIS_URL = embedded mode: in-process counters, cache and queues, eager Celery.
 REDIS_URL = env_str("REDIS_URL", "")
 REDIS_PREFIX = env_str("CHITTYCAN_REDIS_PREFIX", "cc")
+# Connections each gateway process keeps to Redis, and how long a request waits for a free one.
+CHITTYCAN_REDIS_MAX_CONNECTIONS = env_int("CHITTYCAN_REDIS_MAX_CONNECTIONS", 64)
+CHITTYCAN_REDIS_POOL_TIMEOUT = env_float("CHITTYCAN_REDIS_POOL_TIMEOUT", 2.0)
 
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}

@@ -43,13 +43,17 @@ def redis_client() -> aioredis.Redis:
     loop_id = id(asyncio.get_running_loop())
     conn = _redis.get(loop_id)
     if conn is None:
-        conn = _redis[loop_id] = aioredis.Redis.from_url(
+        # A bounded pool: a request holds a connection for one short command at a time, so under a
+        # burst requests briefly wait for one instead of each opening its own (memory, Redis fds).
+        pool = aioredis.BlockingConnectionPool.from_url(
             settings.REDIS_URL,
             socket_timeout=1.0,
             socket_connect_timeout=1.0,
             health_check_interval=30,
-            max_connections=256,
+            max_connections=settings.CHITTYCAN_REDIS_MAX_CONNECTIONS,
+            timeout=settings.CHITTYCAN_REDIS_POOL_TIMEOUT,
         )
+        conn = _redis[loop_id] = aioredis.Redis(connection_pool=pool)
     return conn
 
 
