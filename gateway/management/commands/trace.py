@@ -1,0 +1,45 @@
+"""``can trace REQUEST_ID``: one request's ledger row with its per-stage timings, no external backend."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from gateway.models import UsageRecord
+from gateway.pricing import format_usd
+
+
+class Command(BaseCommand):
+    help = "Show one request's usage row and per-stage timings (the x-request-id of any response)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("request_id", help="the x-request-id header of the response, e.g. req_...")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        row = UsageRecord.objects.filter(request_id=options["request_id"]).first()
+        if row is None:
+            raise CommandError(
+                f"no usage row for {options['request_id']!r}: requests refused before reaching a provider "
+                "are not recorded, and the writer may still be a moment behind"
+            )
+        out = self.stdout.write
+        out(f"request   {row.request_id}  {row.created_at:%Y-%m-%d %H:%M:%S.%f} UTC")
+        out(f"tenant    {row.tenant_id}  key {row.api_key_id}  end user {row.end_user or '-'}")
+        out(
+            f"endpoint  {row.endpoint}{' (stream)' if row.stream else ''}  status {row.status} ({row.http_status})"
+            + (f"  error {row.error_type}" if row.error_type else "")
+        )
+        out(f"model     {row.requested_model} -> {row.provider or '-'}:{row.served_model or '-'}")
+        out(
+            f"tokens    prompt {row.prompt_tokens} (cached {row.cached_tokens}, cache write {row.cache_write_tokens})"
+            f"  completion {row.completion_tokens} (reasoning {row.reasoning_tokens})  [{row.usage_source}]"
+        )
+        out(f"cost      {format_usd(row.cost_micro)} USD ({row.cost_micro} micro-USD)")
+        ttft = f"  first token {row.ttft_ms} ms" if row.ttft_ms is not None else ""
+        out(f"latency   {row.latency_ms} ms{ttft}")
+        if row.timings:
+            out("stages (ms, in order):")
+            width = max(len(name) for name in row.timings)
+            for name, ms in row.timings.items():
+                out(f"  {name.ljust(width)}  {ms:>9.3f}")
