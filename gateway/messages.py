@@ -31,6 +31,7 @@ from gateway.pipeline import (
     resolve_route,
     response_headers,
     settle_and_record,
+    start_sse,
 )
 from gateway.providers import get_provider
 from gateway.providers.anthropic import AnthropicProvider
@@ -257,12 +258,7 @@ async def _relay_stream(responder: Responder, ctx: RequestContext) -> None:
     except GatewayError as err:
         await responder.send_json(*_fail(ctx, err))
         return
-    ctx.ttft_ms = ctx.elapsed_ms()
-    ctx.stage("upstream_first_chunk")
-    headers = _success_headers(ctx)
-    headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
-    headers.append((b"cache-control", b"no-cache"))
-    await responder.start_stream(headers)
+    await start_sse(responder, ctx, _success_headers(ctx))
     tracker = StreamUsage()
     try:
         await _relay_events(responder, ctx, chain(first, stream), tracker)

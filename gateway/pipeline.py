@@ -247,6 +247,15 @@ async def _respond_once(responder: Responder, ctx: RequestContext, operation: st
     await responder.send_json(200, orjson.dumps(result), headers)
 
 
+async def start_sse(responder: Responder, ctx: RequestContext, headers: Headers) -> None:
+    """The upstream's first chunk is in: note the time to first token and open the client's stream."""
+    ctx.ttft_ms = ctx.elapsed_ms()
+    ctx.stage("upstream_first_chunk")
+    headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
+    headers.append((b"cache-control", b"no-cache"))
+    await responder.start_stream(headers)
+
+
 def _chunk_text(chunk: dict[str, Any]) -> str:
     parts = []
     for choice in chunk.get("choices") or ():
@@ -273,12 +282,7 @@ async def _relay_stream(responder: Responder, ctx: RequestContext, operation: st
         status, payload, headers = error_response(err, ctx)
         await responder.send_json(status, payload, headers)
         return
-    ctx.ttft_ms = ctx.elapsed_ms()
-    ctx.stage("upstream_first_chunk")
-    headers = response_headers(ctx)
-    headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
-    headers.append((b"cache-control", b"no-cache"))
-    await responder.start_stream(headers)
+    await start_sse(responder, ctx, response_headers(ctx))
     output: list[str] = []
     try:
         async for chunk in chain(first, stream):

@@ -506,18 +506,7 @@ class BudgetAdmin(AuditedAdmin[Budget]):
     search_fields = ["tenant__slug", "api_key__prefix"]
     autocomplete_fields = ["tenant", "api_key"]
 
-    fields = [
-        "tenant",
-        "api_key",
-        "period",
-        "limit_usd",
-        "hard",
-        "alert_thresholds",
-        "alert_emails",
-        "webhook_url",
-        "new_webhook_secret",
-        "clear_webhook_secret",
-    ]
+    fields = [*BudgetForm.Meta.fields, "new_webhook_secret", "clear_webhook_secret"]
 
     def save_model(self, request: HttpRequest, obj: Budget, form: ModelForm, change: bool) -> None:
         if change and {"tenant", "api_key", "period"} & set(form.changed_data):

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from gateway import tokens
+from gateway.context import Usage
 from gateway.errors import InvalidRequest
 from gateway.providers.base import Provider, UpstreamCall
 
@@ -133,13 +134,7 @@ class MockProvider(Provider):
 
     @staticmethod
     def _usage(prompt: int, completion: int) -> dict[str, Any]:
-        return {
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
-        }
+        return Usage(prompt_tokens=prompt, completion_tokens=completion).to_openai()
 
     async def chat(self, call: UpstreamCall) -> dict[str, Any]:
         n = int(call.body.get("n") or 1)

@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 
 from gateway import tokens
+from gateway.context import Usage
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.providers.base import Provider, UpstreamCall, post_json, streamed_post
 
@@ -193,13 +194,7 @@ def _usage(data: dict[str, Any], body: dict[str, Any], model: str) -> dict[str, 
         prompt = tokens.count_messages(body.get("messages") or [], model, body.get("tools"))
     completion = data.get("eval_count")
     completion = completion if isinstance(completion, int) else 0
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
-    }
+    return Usage(prompt_tokens=prompt, completion_tokens=completion).to_openai()
 
 
 def _finish(data: dict[str, Any], had_tool_calls: bool) -> str:
