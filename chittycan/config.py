@@ -38,7 +38,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticCustomError
 
-from gateway import invalidation
+from core import invalidation
 from gateway.models import Deployment, LLMModel, Price, Provider
 from tenants import services
 from tenants.models import AuditEvent, Budget, Plan, Tenant

@@ -23,6 +23,7 @@ from datetime import UTC, datetime
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from core import invalidation
 from gateway import budgets, counters, limits, pricing
 from gateway.auth import KeyInfo, load_key
 from gateway.context import RequestContext
@@ -240,6 +241,7 @@ async def _lease_loop() -> None:
 _passthrough: dict[str, KeyInfo] = {}
 
 
+@invalidation.subscribe
 def forget_passthrough_key() -> None:
     """Drop the cached passthrough key (its tenant's budgets or limits may have changed)."""
     _passthrough.clear()

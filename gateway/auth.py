@@ -2,7 +2,7 @@
 
 Keys are looked up by their public prefix and verified by HMAC in constant time. The verified key
 and its tenant chain are cached in-process for ``CHITTYCAN_AUTH_CACHE_TTL`` seconds and dropped at
-once when a key, tenant or budget changes (``gateway.invalidation``), so the warm path runs no
+once when a key, tenant or budget changes (``core.invalidation``), so the warm path runs no
 database query.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from core import invalidation
 from gateway.budgets import BudgetInfo, load_budgets
 from gateway.errors import AuthenticationFailed, PermissionDenied
 from tenants import keys
@@ -115,6 +116,7 @@ _cache: dict[str, tuple[float, KeyInfo | None]] = {}
 _CACHE_MAX = 100_000
 
 
+@invalidation.subscribe
 def invalidate() -> None:
     _cache.clear()
 

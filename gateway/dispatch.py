@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from core import backoff
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, UpstreamError
 from gateway.providers import UpstreamCall, get_provider
@@ -35,8 +35,7 @@ def _delay(attempt: int, err: UpstreamError) -> float | None:
             except ValueError:
                 break
             return wanted if wanted <= MAX_BACKOFF else None
-    backoff: float = 0.1 * 2.0**attempt
-    return min(MAX_BACKOFF, backoff) * (0.75 + random.random() * 0.5)
+    return backoff.delay(attempt, base=0.1, cap=MAX_BACKOFF, low=0.75, high=1.25)
 
 
 def make_call(ctx: RequestContext, deployment: DeploymentRoute, body: dict[str, Any] | None = None) -> UpstreamCall:

@@ -2,7 +2,7 @@
 
 The route table is an immutable snapshot of providers, models, deployments and prices, loaded from
 the database off the event loop and kept for ``CHITTYCAN_ROUTES_TTL`` seconds or until a config
-change is announced (see ``gateway.invalidation``). The hot path never queries the database.
+change is announced (see ``core.invalidation``). The hot path never queries the database.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
+from core import invalidation
 from gateway.providers.base import ProviderConfig
 
 
@@ -174,6 +175,7 @@ async def route_table() -> RouteTable:
         return _table
 
 
+@invalidation.subscribe
 def invalidate() -> None:
     global _table, _lock
     _table = None

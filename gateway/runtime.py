@@ -15,6 +15,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from django.conf import settings
 
+from core import backoff, invalidation
+
 log = logging.getLogger(__name__)
 
 _redis: dict[int, aioredis.Redis] = {}
@@ -70,6 +72,7 @@ def background(
 
 
 async def _supervise(name: str, fn: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    failures = 0
     while True:
         try:
             await fn()
@@ -77,8 +80,10 @@ async def _supervise(name: str, fn: Callable[[], Coroutine[Any, Any, None]]) -> 
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("background task %s failed; restarting in 1 s", name)
-            await asyncio.sleep(1.0)
+            failures += 1
+            wait = backoff.delay(failures - 1, base=1.0, cap=30.0)
+            log.exception("background task %s failed; restarting in %.1f s", name, wait)
+            await asyncio.sleep(wait)
 
 
 def ensure_started() -> None:
@@ -113,7 +118,6 @@ async def stop_background() -> None:
 async def _listen_for_invalidation() -> None:
     if not settings.REDIS_URL:
         return
-    from gateway import invalidation
 
     pubsub = redis_client().pubsub()
     await pubsub.subscribe(invalidation.channel())

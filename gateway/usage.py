@@ -25,7 +25,6 @@ import asyncio
 import fcntl
 import logging
 import os
-import random
 import re
 import socket
 import time
@@ -39,6 +38,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 
+from core import backoff
 from gateway.context import RequestContext
 from gateway.runtime import background, redis_client
 
@@ -411,8 +411,7 @@ def backoff_seconds(failures: int) -> float:
     """Exponential backoff with full jitter, capped by CHITTYCAN_USAGE_RETRY_MAX."""
     cap = _setting("CHITTYCAN_USAGE_RETRY_MAX", 30.0)
     base = _setting("CHITTYCAN_USAGE_RETRY_BASE", 0.25)
-    ceiling: float = min(cap, base * (2 ** min(failures, 16)))
-    return random.uniform(ceiling / 2, ceiling)
+    return backoff.delay(failures, base=base, cap=cap)
 
 
 class _SpoolTimer:

@@ -22,7 +22,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from gateway import invalidation
+from core import invalidation
 from tenants import services
 from tenants.models import ApiKey, AuditEvent, Budget, BudgetCounter, BudgetReservation, Plan, Tenant
 

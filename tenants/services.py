@@ -9,7 +9,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from gateway import invalidation
+from core import invalidation
 from tenants import keys
 from tenants.models import ApiKey, AuditEvent, Budget, Plan, Tenant
 

@@ -116,7 +116,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 @pytest.fixture(autouse=True)
 def _fresh_state(request: pytest.FixtureRequest) -> Iterator[None]:
-    from gateway import invalidation
+    from core import invalidation
 
     _flush_redis()
     invalidation.drop_local()

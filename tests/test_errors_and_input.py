@@ -156,7 +156,7 @@ def test_model_outside_tenant_allow_list_is_403_when_key_names_it(upstream, gate
     tenant.allowed_models = ["text-embedding-3-small"]
     tenant.save(update_fields=["allowed_models"])
     key = make_key(tenant, scopes={"models": ["gpt-4o", "text-embedding-3-small"]})
-    from gateway import invalidation
+    from core import invalidation
 
     invalidation.drop_local()
     res = post(gateway_server, key, {"model": "gpt-4o", "messages": HELLO})
@@ -318,7 +318,7 @@ def test_connect_error_falls_back(upstream, fake_openai, openai_client, tenant_k
     # Nothing reachable at all: 502 in the envelope.
     only_dead = LLMModel.objects.create(name="dead-only", kind="chat")
     only_dead.deployments.create(provider=dead, upstream_model="m")
-    from gateway import invalidation
+    from core import invalidation
 
     invalidation.drop_local()
     with pytest.raises(openai.InternalServerError) as exc:
@@ -514,7 +514,7 @@ def test_hostile_bodies_are_400(upstream, gateway_server, tenant_key):
 
 
 def test_control_characters_in_model_names_never_reach_headers(upstream, gateway_server, tenant_key, settings):
-    from gateway import invalidation
+    from core import invalidation
 
     settings.CHITTYCAN_MODE = "dev"  # dev mode answers any model name, so the name would be echoed
     invalidation.drop_local()

@@ -38,7 +38,7 @@ def test_tenant_allowed_models_narrow_the_list(upstream, gateway_server, make_te
     child = make_tenant("narrow-team", parent=tenant)
     # The key asks for more than its tenant chain allows: the intersection wins.
     key = make_key(child, scopes={"models": ["gpt-4o", "gpt-3.5-turbo-instruct"]})
-    from gateway import invalidation
+    from core import invalidation
 
     invalidation.drop_local()
     client = client_for(gateway_server, key)
@@ -61,7 +61,7 @@ def test_model_ids_with_slashes(upstream, gateway_server, tenant_key):
     from tests.conftest import add_model
 
     add_model("meta-llama/llama-3-70b", Provider.objects.get(slug="fake-openai"))
-    from gateway import invalidation
+    from core import invalidation
 
     invalidation.drop_local()
     client = client_for(gateway_server, tenant_key[1])

@@ -233,7 +233,7 @@ def test_legacy_completions_use_generate(ollama_models, openai_client, tenant_ke
     from gateway.models import LLMModel
 
     LLMModel.objects.filter(name="llama-local").update(kind="completion")
-    from gateway import invalidation
+    from core import invalidation
 
     invalidation.drop_local()
     result = openai_client.completions.create(model="llama-local", prompt="Once", max_tokens=8, suffix=".")

@@ -12,7 +12,7 @@ HELLO = [{"role": "user", "content": "Say hello in 3 words."}]
 
 @pytest.fixture
 def passthrough(settings, upstream):
-    from gateway import invalidation
+    from core import invalidation
 
     settings.CHITTYCAN_PASSTHROUGH = True
     settings.CHITTYCAN_PASSTHROUGH_PROVIDER = "fake-openai"
@@ -89,7 +89,7 @@ def test_passthrough_is_off_by_default(upstream, gateway_server):
 
 @pytest.fixture
 def dev_mode(settings):
-    from gateway import invalidation
+    from core import invalidation
 
     settings.CHITTYCAN_MODE = "dev"
     settings.OLLAMA_BASE_URL = ""
@@ -119,7 +119,7 @@ def test_dev_mode_routes_every_model_to_the_mock(dev_mode, upstream, gateway_ser
 
 
 def test_dev_mode_uses_ollama_when_configured(dev_mode, fake_ollama, gateway_server, tenant_key, transactional_db):
-    from gateway import invalidation
+    from core import invalidation
 
     dev_mode.OLLAMA_BASE_URL = fake_ollama.url
     invalidation.drop_local()

@@ -17,7 +17,7 @@ HELLO: Any = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture
 def two_tenants(upstream, make_tenant, make_key, gateway_server):
-    from gateway import invalidation
+    from core import invalidation
     from gateway.models import Provider
 
     provider = Provider.objects.get(slug="fake-openai")
@@ -107,7 +107,7 @@ def test_child_tenant_usage_is_its_own(upstream, make_tenant, make_key, gateway_
 
 
 def test_parent_allow_list_narrows_children(upstream, make_tenant, make_key, gateway_server):
-    from gateway import invalidation
+    from core import invalidation
 
     parent = make_tenant("strict-org")
     parent.allowed_models = ["text-embedding-3-small"]

@@ -1,0 +1,5 @@
+"""Primitives every app may use and that import nothing of ours: the bottom of the import graph.
+
+- ``core.invalidation``: the registry caches subscribe to; configuration writers announce changes.
+- ``core.backoff``: the one exponential-backoff-with-jitter rule.
+"""
