@@ -26,7 +26,7 @@ application = ProtocolTypeRouter(
     }
 )
 
-from gateway.runtime import freeze_heap  # noqa: E402
+from core.runtime import freeze_heap  # noqa: E402
 
 freeze_heap()  # the app is built: keep the collector off its long-lived objects (gc.freeze)
 

@@ -74,7 +74,7 @@ TEMPLATES = [
 # Embedded default: SQLite under var/. Production: DATABASE_URL=postgres://...
 DATABASE_URL = env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'chittycan.sqlite3'}")
 # Health checks: a persistent connection is tested before reuse, so a database restart costs a
-# reconnect, not failed requests (see gateway/dbsafe.py).
+# reconnect, not failed requests (see core/dbsafe.py).
 DATABASES = {
     "default": dj_database_url.parse(
         DATABASE_URL,

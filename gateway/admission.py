@@ -23,14 +23,14 @@ from datetime import UTC, datetime
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from core import invalidation
-from gateway import budgets, counters, limits, pricing
+from core import invalidation, money
+from core.runtime import background
+from gateway import budgets, counters, limits
 from gateway.auth import KeyInfo, load_key
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
 from gateway.providers.base import ProviderConfig
 from gateway.routing import DeploymentRoute, ModelRoute
-from gateway.runtime import background
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ INPUT_OVERHEAD_TOKENS = 16
 def reservation_micro(ctx: RequestContext, max_output_tokens: int) -> int:
     assert ctx.route is not None
     prompt = math.ceil(ctx.estimated_prompt_tokens * INPUT_MARGIN) + INPUT_OVERHEAD_TOKENS
-    return pricing.worst_case_micro(ctx.route.price_at(), prompt, max_output_tokens)
+    return money.worst_case_micro(ctx.route.price_at(), prompt, max_output_tokens)
 
 
 @dataclass(slots=True)
@@ -71,7 +71,7 @@ def _degrading() -> bool:
 
 
 def _usd(micro: int) -> str:
-    return pricing.format_usd(micro).rstrip("0").rstrip(".") if micro else "0"
+    return money.format_usd(micro).rstrip("0").rstrip(".") if micro else "0"
 
 
 def _refusal(key: KeyInfo, refused: counters.Refused) -> QuotaExceeded:

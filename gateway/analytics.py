@@ -268,10 +268,9 @@ def _percentiles(rows: QuerySet[UsageRecord], points: tuple[float, ...]) -> list
 
 def _price_savings(rows: QuerySet[UsageRecord]) -> int:
     """What cache hits would have cost at the prices in force when they were served."""
-    from gateway import pricing
-    from gateway.context import Usage
+    from core import money
+    from core.money import PriceInfo, Usage
     from gateway.models import LLMModel, Price
-    from gateway.routing import PriceInfo
 
     total = 0
     prices: dict[str, list[Price]] = {}
@@ -305,7 +304,7 @@ def _price_savings(rows: QuerySet[UsageRecord]) -> int:
             cache_write_tokens=row.cache_write_tokens,
             completion_tokens=row.completion_tokens,
         )
-        total += pricing.cost_micro(info, usage)
+        total += money.cost_micro(info, usage)
     return total
 
 

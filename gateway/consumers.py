@@ -14,7 +14,8 @@ from typing import Any
 
 from channels.generic.http import AsyncHttpConsumer
 
-from gateway import pipeline, runtime
+from core import runtime
+from gateway import pipeline
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, PayloadTooLarge, ServiceUnavailable
 

@@ -6,49 +6,11 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from core.money import Usage
+
 if TYPE_CHECKING:
     from gateway.auth import KeyInfo
     from gateway.routing import DeploymentRoute, ModelRoute
-
-
-@dataclass(slots=True)
-class Usage:
-    """Token counts the OpenAI way: ``prompt_tokens`` includes cached and cache-write tokens."""
-
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    cache_write_tokens: int = 0
-    completion_tokens: int = 0
-    reasoning_tokens: int = 0
-    source: str = "upstream"  # upstream | estimated | cache
-
-    @classmethod
-    def from_openai(cls, usage: dict[str, Any] | None) -> Usage | None:
-        if not usage:
-            return None
-        prompt_details = usage.get("prompt_tokens_details") or {}
-        completion_details = usage.get("completion_tokens_details") or {}
-        return cls(
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            cached_tokens=int(prompt_details.get("cached_tokens") or 0),
-            cache_write_tokens=int(prompt_details.get("cache_write_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
-        )
-
-    def to_openai(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens, "audio_tokens": 0},
-            "completion_tokens_details": {
-                "reasoning_tokens": self.reasoning_tokens,
-                "audio_tokens": 0,
-                "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0,
-            },
-        }
 
 
 @dataclass(slots=True)

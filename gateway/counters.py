@@ -211,7 +211,7 @@ class RedisCounters:
         self._scripts: dict[tuple[int, str], Any] = {}
 
     def _script(self, lua: str) -> Any:
-        from gateway.runtime import redis_client
+        from core.runtime import redis_client
 
         conn = redis_client()
         slot = (id(conn), lua)
@@ -269,7 +269,7 @@ class RedisCounters:
 
     async def sweep(self, now: float | None = None) -> int:
         """Release every reservation whose lease expired (its process died). Returns how many."""
-        from gateway.runtime import redis_client
+        from core.runtime import redis_client
 
         conn = redis_client()
         now_ms = int((now if now is not None else time.time()) * 1000)
@@ -297,7 +297,7 @@ class RedisCounters:
         """Forget every counter (they are rebuilt from the ledger when next used). Reservations stay."""
         import redis
 
-        from gateway.runtime import redis_client
+        from core.runtime import redis_client
 
         conn = redis_client()
         dropped = 0

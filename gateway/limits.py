@@ -101,7 +101,7 @@ _scripts: dict[tuple[int, str], Any] = {}
 
 
 def _script(lua: str) -> Any:
-    from gateway.runtime import redis_client
+    from core.runtime import redis_client
 
     conn = redis_client()
     slot = (id(conn), lua)

@@ -20,8 +20,10 @@ from typing import Any
 
 import orjson
 
-from gateway import admission, dispatch, parse, pricing, tokens
-from gateway.context import RequestContext, Usage
+from core import money
+from core.money import Usage
+from gateway import admission, dispatch, parse, tokens
+from gateway.context import RequestContext
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.pipeline import (
     Headers,
@@ -183,7 +185,7 @@ def _fail(ctx: RequestContext, err: GatewayError) -> tuple[int, bytes, Headers]:
 
 def _price(ctx: RequestContext) -> None:
     assert ctx.route is not None and ctx.usage is not None
-    ctx.cost_micro = pricing.cost_micro(ctx.route.price_at(), ctx.usage)
+    ctx.cost_micro = money.cost_micro(ctx.route.price_at(), ctx.usage)
 
 
 async def _respond_once(responder: Responder, ctx: RequestContext) -> None:
@@ -204,7 +206,7 @@ async def _respond_once(responder: Responder, ctx: RequestContext) -> None:
         ctx.usage = _estimate(ctx, ctx.estimated_prompt_tokens, output)
     _price(ctx)
     headers = _success_headers(ctx)
-    headers.append((b"x-chittycan-cost", pricing.format_usd(ctx.cost_micro).encode()))
+    headers.append((b"x-chittycan-cost", money.format_usd(ctx.cost_micro).encode()))
     await responder.send_json(200, orjson.dumps(message), headers)
 
 
@@ -279,7 +281,7 @@ async def _relay_stream(responder: Responder, ctx: RequestContext) -> None:
         _price(ctx)
         await asyncio.shield(dispatch.close_stream(stream))
     if ctx.status == "ok":  # SDKs skip SSE comments; people reading the raw stream see the cost
-        await responder.write(f": x-chittycan-cost={pricing.format_usd(ctx.cost_micro)}\n\n".encode())
+        await responder.write(f": x-chittycan-cost={money.format_usd(ctx.cost_micro)}\n\n".encode())
     await responder.finish()
 
 

@@ -26,8 +26,10 @@ from typing import Any, Protocol
 import orjson
 from django.conf import settings
 
-from gateway import admission, auth, dispatch, parse, pricing, tokens, usage
-from gateway.context import RequestContext, Usage
+from core import money
+from core.money import Usage
+from gateway import admission, auth, dispatch, parse, tokens, usage
+from gateway.context import RequestContext
 from gateway.errors import GatewayError, NotFound, PermissionDenied, UpstreamError
 from gateway.routing import ModelRoute, dev_route, route_table
 from gateway.sse import DONE_FRAME, data_frame
@@ -142,7 +144,7 @@ def estimate_usage(ctx: RequestContext, output_text: str) -> Usage:
 async def settle_and_record(ctx: RequestContext) -> None:
     """Price the request, settle its reservations and hand the ledger row off. Runs once."""
     if ctx.usage is not None and ctx.route is not None:
-        ctx.cost_micro = pricing.cost_micro(ctx.route.price_at(), ctx.usage)
+        ctx.cost_micro = money.cost_micro(ctx.route.price_at(), ctx.usage)
     await admission.settle(ctx)
     if ctx.reached_provider:
         await usage.hand_off_or_spool(usage.row_from_context(ctx))
@@ -241,9 +243,9 @@ async def _respond_once(responder: Responder, ctx: RequestContext, operation: st
         )
         ctx.usage = estimate_usage(ctx, text)
     assert ctx.route is not None
-    ctx.cost_micro = pricing.cost_micro(ctx.route.price_at(), ctx.usage)
+    ctx.cost_micro = money.cost_micro(ctx.route.price_at(), ctx.usage)
     headers = response_headers(ctx)
-    headers.append((b"x-chittycan-cost", pricing.format_usd(ctx.cost_micro).encode()))
+    headers.append((b"x-chittycan-cost", money.format_usd(ctx.cost_micro).encode()))
     await responder.send_json(200, orjson.dumps(result), headers)
 
 
@@ -299,11 +301,11 @@ async def _relay_stream(responder: Responder, ctx: RequestContext, operation: st
         if ctx.usage is None:
             ctx.usage = estimate_usage(ctx, "".join(output))
         assert ctx.route is not None
-        ctx.cost_micro = pricing.cost_micro(ctx.route.price_at(), ctx.usage)
+        ctx.cost_micro = money.cost_micro(ctx.route.price_at(), ctx.usage)
         ctx.stage("relay")
         await responder.write(DONE_FRAME)
         # SDKs skip SSE comments; humans and tools reading the raw stream see the cost.
-        await responder.write(f": x-chittycan-cost={pricing.format_usd(ctx.cost_micro)}\n\n".encode())
+        await responder.write(f": x-chittycan-cost={money.format_usd(ctx.cost_micro)}\n\n".encode())
     except asyncio.CancelledError:
         ctx.status, ctx.http_status = "client_disconnected", 499
         if ctx.usage is None:
@@ -380,9 +382,9 @@ async def handle_embeddings(responder: Responder, ctx: RequestContext, body: byt
         if ctx.usage is None or not ctx.usage.prompt_tokens:
             ctx.usage = Usage(prompt_tokens=ctx.estimated_prompt_tokens, source="estimated")
         assert ctx.route is not None
-        ctx.cost_micro = pricing.cost_micro(ctx.route.price_at(), ctx.usage)
+        ctx.cost_micro = money.cost_micro(ctx.route.price_at(), ctx.usage)
         headers = response_headers(ctx)
-        headers.append((b"x-chittycan-cost", pricing.format_usd(ctx.cost_micro).encode()))
+        headers.append((b"x-chittycan-cost", money.format_usd(ctx.cost_micro).encode()))
         await responder.send_json(200, orjson.dumps(result), headers)
     except asyncio.CancelledError:
         _client_left(ctx)

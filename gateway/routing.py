@@ -12,23 +12,14 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
 from core import invalidation
+from core.money import PriceInfo
 from gateway.providers.base import ProviderConfig
-
-
-@dataclass(frozen=True, slots=True)
-class PriceInfo:
-    effective_from: datetime
-    input_per_mtok: Decimal
-    cached_input_per_mtok: Decimal
-    cache_write_per_mtok: Decimal
-    output_per_mtok: Decimal
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,8 +39,8 @@ from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 
 from core import backoff
+from core.runtime import background, redis_client
 from gateway.context import RequestContext
-from gateway.runtime import background, redis_client
 
 log = logging.getLogger(__name__)
 

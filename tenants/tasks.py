@@ -131,7 +131,7 @@ def sweep_reservations() -> int:
     """Release reservations whose lease expired (gateway processes also do this themselves)."""
     released = counters.pg_sweep()
     if settings.REDIS_URL:
-        from gateway import runtime
+        from core import runtime
 
         async def sweep() -> int:
             try:

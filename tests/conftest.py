@@ -47,7 +47,8 @@ def gateway_server(django_db_setup: Any, django_db_blocker: Any) -> Iterator[Ser
     RUNNING_GATEWAYS.append(server)
     yield server
     RUNNING_GATEWAYS.remove(server)
-    from gateway import http, runtime
+    from core import runtime
+    from gateway import http
 
     async def shutdown() -> None:
         await runtime.stop_background()
@@ -74,7 +75,7 @@ RUNNING_GATEWAYS: list[ServerThread] = []
 def paused_gateway_writer() -> Iterator[None]:
     """Stop the in-process gateway's background tasks (its usage writer) for a test that drives
     the usage stream itself; the gateway restarts them on its next request."""
-    from gateway import runtime
+    from core import runtime
 
     for server in RUNNING_GATEWAYS:
         server.call_soon(runtime.stop_background)

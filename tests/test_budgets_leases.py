@@ -14,7 +14,7 @@ from gateway.budgets import Counter
 
 def run(coro_factory):
     async def wrapped():
-        from gateway import runtime
+        from core import runtime
 
         try:
             return await coro_factory()

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway import pricing
-from gateway.routing import PriceInfo
+from core import money
+from core.money import PriceInfo
 from gateway.translate import usage as usage_tr
 from gateway.translate.responses import chat_completion_to_message, message_to_chat_completion
 from tests.conftest import time_zero
@@ -62,7 +62,7 @@ def test_cached_token_accounting_prices_each_part_once():
     assert (ledger.prompt_tokens, ledger.cached_tokens, ledger.cache_write_tokens) == (4012, 3000, 1000)
     price = PriceInfo(time_zero(), *(Decimal(p) for p in ("3.00", "0.30", "3.75", "15.00")))
     # 12 x 3.00 + 3000 x 0.30 + 1000 x 3.75 + 40 x 15.00 = 36 + 900 + 3750 + 600
-    assert pricing.cost_micro(price, ledger) == 5286
+    assert money.cost_micro(price, ledger) == 5286
 
 
 @pytest.mark.parametrize(

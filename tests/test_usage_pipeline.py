@@ -15,7 +15,8 @@ import redis
 from django.conf import settings
 from django.db import OperationalError, connection
 
-from gateway import runtime, usage
+from core import runtime
+from gateway import usage
 from gateway.models import UsageRecord
 from tests.conftest import wait_usage
 

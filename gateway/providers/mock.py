@@ -19,8 +19,8 @@ from typing import Any
 
 import orjson
 
+from core.money import Usage
 from gateway import tokens
-from gateway.context import Usage
 from gateway.errors import InvalidRequest
 from gateway.providers.base import Provider, UpstreamCall
 

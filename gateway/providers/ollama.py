@@ -28,8 +28,8 @@ from typing import Any
 
 import orjson
 
+from core.money import Usage
 from gateway import tokens
-from gateway.context import Usage
 from gateway.errors import InvalidRequest, UpstreamError
 from gateway.providers.base import Provider, UpstreamCall, post_json, streamed_post
 

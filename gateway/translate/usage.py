@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from gateway.context import Usage
+from core.money import Usage
 
 
 def _int(value: Any) -> int:

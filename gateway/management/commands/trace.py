@@ -6,8 +6,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from core.money import format_usd
 from gateway.models import UsageRecord
-from gateway.pricing import format_usd
 
 
 class Command(BaseCommand):

@@ -7,7 +7,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from gateway import budgets, pricing
+from core import money
+from gateway import budgets
 from tenants import services
 from tenants.models import ApiKey, Budget, Tenant
 
@@ -102,8 +103,8 @@ class Command(BaseCommand):
             status = budgets.spend_status(b)
             self.stdout.write(
                 f"{scope:<32} {b.period:<8} {'hard' if b.hard else 'soft':<5} "
-                f"{pricing.format_usd(b.limit_micro):>14} {pricing.format_usd(status.spent_micro):>14} "
-                f"{pricing.format_usd(status.reserved_micro):>12}  {status.percent:.1f}%"
+                f"{money.format_usd(b.limit_micro):>14} {money.format_usd(status.spent_micro):>14} "
+                f"{money.format_usd(status.reserved_micro):>12}  {status.percent:.1f}%"
             )
 
     def _reconcile(self, opts: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from django.conf import settings
 
-from core import backoff, invalidation
+from core import backoff, dbsafe, invalidation
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,6 @@ def ensure_started() -> None:
     global _freeze_scheduled
     loop = asyncio.get_running_loop()
     loop_id = id(loop)
-    from gateway import dbsafe
 
     dbsafe.install(loop)  # ORM calls off the loop recover from a database restart
     if not _freeze_scheduled:
