@@ -38,10 +38,11 @@ run: install ## run the gateway on 127.0.0.1:$(PORT): SQLite, in-process cache, 
 test: install-dev ## run the whole suite against PostgreSQL and Redis (started if down)
 	bash scripts/test.sh
 
-lint: install-dev ## ruff, formatting, mypy, Django checks
+lint: install-dev ## ruff, formatting, mypy, import contracts, Django checks
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy .
+	$(VENV)/bin/lint-imports
 	$(PY) manage.py check
 	$(PY) manage.py makemigrations --check --dry-run
 

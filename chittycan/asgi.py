@@ -17,13 +17,10 @@ django_asgi_app = get_asgi_application()
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
-from chittycan.routing import hot_routes, websocket_routes  # noqa: E402
+from chittycan.routing import hot_routes  # noqa: E402
 
 application = ProtocolTypeRouter(
-    {
-        "http": URLRouter([*hot_routes(), re_path(r"", django_asgi_app)]),  # type: ignore[arg-type]
-        "websocket": URLRouter(websocket_routes()),
-    }
+    {"http": URLRouter([*hot_routes, re_path(r"", django_asgi_app)])}  # type: ignore[arg-type]
 )
 
 from core.runtime import freeze_heap  # noqa: E402

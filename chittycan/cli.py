@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from django.core.management import execute_from_command_line
+
 OUR_COMMANDS = (
     "serve",
     "quickstart",
@@ -35,8 +37,6 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: can <command> [options]\n\ncommands:\n  " + "\n  ".join(OUR_COMMANDS))
         print("\n`can <command> --help` for a command's options; every Django management command works too.")
         return
-    from django.core.management import execute_from_command_line
-
     execute_from_command_line(["can", *args])
 
 

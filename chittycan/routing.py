@@ -1,4 +1,7 @@
-"""Channels routes: the hot /v1 consumers and the dashboard's websockets."""
+"""Channels routes: the hot ``/v1`` consumers, reached before Django's URL resolver.
+
+(Websocket routes join here when the tenant dashboard's live feed lands.)
+"""
 
 from __future__ import annotations
 
@@ -6,18 +9,12 @@ from typing import Any
 
 from django.urls import path
 
+from gateway import consumers
 
-def hot_routes() -> list[Any]:
-    from gateway import consumers
-
-    return [
-        path("v1/chat/completions", consumers.ChatCompletionsConsumer.as_asgi()),
-        path("v1/completions", consumers.CompletionsConsumer.as_asgi()),
-        path("v1/embeddings", consumers.EmbeddingsConsumer.as_asgi()),
-        path("v1/messages", consumers.MessagesConsumer.as_asgi()),
-        path("v1/messages/count_tokens", consumers.CountTokensConsumer.as_asgi()),
-    ]
-
-
-def websocket_routes() -> list[Any]:
-    return []
+hot_routes: list[Any] = [
+    path("v1/chat/completions", consumers.ChatCompletionsConsumer.as_asgi()),
+    path("v1/completions", consumers.CompletionsConsumer.as_asgi()),
+    path("v1/embeddings", consumers.EmbeddingsConsumer.as_asgi()),
+    path("v1/messages", consumers.MessagesConsumer.as_asgi()),
+    path("v1/messages/count_tokens", consumers.CountTokensConsumer.as_asgi()),
+]

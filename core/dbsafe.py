@@ -12,6 +12,7 @@ restart reconnects instead of failing.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
@@ -21,7 +22,7 @@ from django.db import close_old_connections
 P = ParamSpec("P")
 T = TypeVar("T")
 
-_installed: set[int] = set()
+_installed: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 def _with_fresh_connections(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -39,7 +40,7 @@ class DatabaseSafeExecutor(ThreadPoolExecutor):
 
 def install(loop: asyncio.AbstractEventLoop) -> None:
     """Make ``DatabaseSafeExecutor`` the loop's default executor (once per loop)."""
-    if id(loop) in _installed:
+    if loop in _installed:
         return
-    _installed.add(id(loop))
+    _installed.add(loop)
     loop.set_default_executor(DatabaseSafeExecutor(thread_name_prefix="chittycan-sync"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -19,8 +20,11 @@ from core import backoff, dbsafe, invalidation
 
 log = logging.getLogger(__name__)
 
-_redis: dict[int, aioredis.Redis] = {}
-_tasks: dict[tuple[int, str], asyncio.Task[None]] = {}
+# Per event loop, held weakly by the loop (tests and the benchmark run several loops in a process).
+_redis: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
+_tasks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Task[None]]] = (
+    weakref.WeakKeyDictionary()
+)
 _starters: list[tuple[str, Callable[[], Coroutine[Any, Any, None]]]] = []
 _freeze_scheduled = False
 #: Seconds after the first request before the second ``freeze_heap`` (caches are warm by then).
@@ -42,8 +46,8 @@ def freeze_heap() -> None:
 
 def redis_client() -> aioredis.Redis:
     """The async Redis client for this event loop. Only valid when REDIS_URL is set."""
-    loop_id = id(asyncio.get_running_loop())
-    conn = _redis.get(loop_id)
+    loop = asyncio.get_running_loop()
+    conn = _redis.get(loop)
     if conn is None:
         # A bounded pool: a request holds a connection for one short command at a time, so under a
         # burst requests briefly wait for one instead of each opening its own (memory, Redis fds).
@@ -55,8 +59,15 @@ def redis_client() -> aioredis.Redis:
             max_connections=settings.CHITTYCAN_REDIS_MAX_CONNECTIONS,
             timeout=settings.CHITTYCAN_REDIS_POOL_TIMEOUT,
         )
-        conn = _redis[loop_id] = aioredis.Redis(connection_pool=pool)
+        conn = _redis[loop] = aioredis.Redis(connection_pool=pool)
     return conn
+
+
+async def close_redis() -> None:
+    """Close this event loop's Redis client (server shutdown, tests)."""
+    conn = _redis.pop(asyncio.get_running_loop(), None)
+    if conn is not None:
+        await conn.aclose()
 
 
 def background(
@@ -89,28 +100,27 @@ async def _supervise(name: str, fn: Callable[[], Coroutine[Any, Any, None]]) -> 
 def ensure_started() -> None:
     global _freeze_scheduled
     loop = asyncio.get_running_loop()
-    loop_id = id(loop)
-
-    dbsafe.install(loop)  # ORM calls off the loop recover from a database restart
+    tasks = _tasks.get(loop)
+    if tasks is None:
+        tasks = _tasks[loop] = {}
+        dbsafe.install(loop)  # ORM calls off the loop recover from a database restart
     if not _freeze_scheduled:
         _freeze_scheduled = True
         loop.call_later(FREEZE_AFTER_WARMUP, freeze_heap)
     for name, fn in _starters:
-        task = _tasks.get((loop_id, name))
+        task = tasks.get(name)
         if task is None or task.done():
-            _tasks[(loop_id, name)] = loop.create_task(_supervise(name, fn), name=f"chittycan:{name}")
+            tasks[name] = loop.create_task(_supervise(name, fn), name=f"chittycan:{name}")
 
 
 async def stop_background() -> None:
-    loop_id = id(asyncio.get_running_loop())
-    for (lid, name), task in list(_tasks.items()):
-        if lid == loop_id:
-            task.cancel()
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                log.debug("background task %s stopped", name)
-            del _tasks[(lid, name)]
+    tasks = _tasks.pop(asyncio.get_running_loop(), {})
+    for name, task in tasks.items():
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            log.debug("background task %s stopped", name)
 
 
 @background("invalidation")

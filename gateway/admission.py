@@ -1,14 +1,14 @@
-"""Stages 3, 5 and 8: admission before the upstream call, settlement after it.
+"""Enforcement before the upstream call and settlement after it (the limit, reserve and settle stages).
 
-``admit`` checks the rate limits (``gateway.limits``), computes the request's worst-case cost
-(every input token, padded by 10 %, at the highest input rate plus the largest possible output)
-and reserves it on every budget counter of the key and of each ancestor tenant, plus one request
-on every plan quota, all or nothing (``gateway.counters``). ``settle`` brings the reservation to
-the actual cost, exactly once. See docs/budgets.md.
+``rate_limit`` checks the rate limits (``gateway.limits``); ``reserve`` computes the request's
+worst-case cost (every input token, padded by 10 %, at the highest input rate plus the largest
+possible output) and reserves it on every budget counter of the key and of each ancestor tenant,
+plus one request on every plan quota, all or nothing (``gateway.counters``). ``settle`` brings
+the reservation to the actual cost, exactly once. See docs/budgets.md.
 
 When Redis is unreachable, ``CHITTYCAN_REDIS_FAILURE_POLICY`` decides: ``refuse`` answers 503
 with ``retry-after``; ``degrade`` enforces budgets in PostgreSQL alone (row locks) and rate limits
-per process. There is no fail-open path. Passthrough mode's tenant and routes live here too.
+per process. There is no fail-open path.
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ import asyncio
 import logging
 import math
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from core import invalidation, money
+from core import money
 from core.runtime import background
 from gateway import budgets, counters, limits
-from gateway.auth import KeyInfo, load_key
+from gateway.auth import KeyInfo
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
-from gateway.providers.base import ProviderConfig
-from gateway.routing import DeploymentRoute, ModelRoute
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +39,6 @@ def reservation_micro(ctx: RequestContext, max_output_tokens: int) -> int:
     assert ctx.route is not None
     prompt = math.ceil(ctx.estimated_prompt_tokens * INPUT_MARGIN) + INPUT_OVERHEAD_TOKENS
     return money.worst_case_micro(ctx.route.price_at(), prompt, max_output_tokens)
-
-
-@dataclass(slots=True)
-class Ticket:
-    """What ``admit`` took and ``settle`` must give back (kept in ``ctx.reservations``)."""
-
-    reservation: counters.Reservation | None = None
-    rate: limits.RateTicket | None = None
-    settled: bool = False
 
 
 def _policy_error() -> ServiceUnavailable:
@@ -140,63 +127,67 @@ async def _reserve(
     return await counters.primary().reserve(ctx.request_id, key.root_id, parts)
 
 
-async def admit(ctx: RequestContext, max_output_tokens: int) -> None:
-    """Rate limits, then the worst-case reservation on every budget and quota counter."""
+async def rate_limit(ctx: RequestContext, tokens: int) -> None:
+    """RPM/TPM for the key and its tenants; what was taken is kept in ``ctx.rate_ticket``."""
+    assert ctx.key is not None
+    ctx.rate_ticket = await _rate_limit(ctx, ctx.key, tokens)
+
+
+async def reserve(ctx: RequestContext, max_output_tokens: int) -> None:
+    """The worst-case reservation on every budget and quota counter, all or nothing.
+
+    A refusal also gives back what the rate limiter took: the request never happened.
+    """
     ctx.reserved_micro = reservation_micro(ctx, max_output_tokens)
     key = ctx.key
     assert key is not None
-    ticket = Ticket()
-    ticket.rate = await _rate_limit(ctx, key, ctx.estimated_prompt_tokens + max_output_tokens)
     when = datetime.fromtimestamp(ctx.created_at, UTC)
     wanted = budgets.counters_for(key, when)
-    if wanted:
-        parts = [counters.Part(c, 1 if c.kind == "q" else ctx.reserved_micro) for c in wanted]
-        try:
-            outcome = await _reserve(ctx, key, parts)
-        except BaseException:
-            await _release_rate(ticket)
-            raise
-        if isinstance(outcome, counters.Refused):
-            await _release_rate(ticket)
-            raise _refusal(key, outcome)
-        ticket.reservation = outcome
-        _active[ctx.request_id] = outcome
-    ctx.reservations.append(ticket)
+    if not wanted:
+        return
+    parts = [counters.Part(c, 1 if c.kind == "q" else ctx.reserved_micro) for c in wanted]
+    try:
+        outcome = await _reserve(ctx, key, parts)
+    except BaseException:
+        await _release_rate(ctx)
+        raise
+    if isinstance(outcome, counters.Refused):
+        await _release_rate(ctx)
+        raise _refusal(key, outcome)
+    ctx.reservation = outcome
+    _active[ctx.request_id] = outcome
 
 
-async def _release_rate(ticket: Ticket) -> None:
-    if ticket.rate is not None:
+async def _release_rate(ctx: RequestContext) -> None:
+    ticket, ctx.rate_ticket = ctx.rate_ticket, None
+    if ticket is not None:
         try:
-            await limits.adjust(ticket.rate, 0)
+            await limits.adjust(ticket, 0)
         except counters.CounterUnavailable:
             counters.redis_failed()
 
 
 async def settle(ctx: RequestContext) -> None:
-    """Bring reservations to the actual cost. Idempotent by request id (and per context)."""
+    """Bring the rate ticket and the reservation to what was used. Runs once per request."""
     ctx.reserved_micro = 0
-    for ticket in ctx.reservations:
-        if not isinstance(ticket, Ticket) or ticket.settled:
-            continue
-        ticket.settled = True
-        reached = ctx.reached_provider
-        actual = ctx.cost_micro if reached else 0
-        if ticket.rate is not None:
-            used = ctx.usage.prompt_tokens + ctx.usage.completion_tokens if ctx.usage is not None and reached else 0
-            try:
-                await limits.adjust(ticket.rate, used)
-            except counters.CounterUnavailable:
-                counters.redis_failed()
-        res = ticket.reservation
-        if res is None:
-            continue
-        _active.pop(res.request_id, None)
+    reached = ctx.reached_provider
+    ticket, ctx.rate_ticket = ctx.rate_ticket, None
+    if ticket is not None:
+        used = ctx.usage.prompt_tokens + ctx.usage.completion_tokens if ctx.usage is not None and reached else 0
         try:
-            await counters.store_by_name(res.store).settle(res, actual, 1 if reached else 0)
+            await limits.adjust(ticket, used)
         except counters.CounterUnavailable:
-            # The counters are dropped and rebuilt from the ledger once Redis is back.
             counters.redis_failed()
-            log.warning("could not settle a reservation (Redis down)", extra={"request_id": ctx.request_id})
+    res, ctx.reservation = ctx.reservation, None
+    if res is None:
+        return
+    _active.pop(res.request_id, None)
+    try:
+        await counters.store_by_name(res.store).settle(res, ctx.cost_micro if reached else 0, 1 if reached else 0)
+    except counters.CounterUnavailable:
+        # The counters are dropped and rebuilt from the ledger once Redis is back.
+        counters.redis_failed()
+        log.warning("could not settle a reservation (Redis down)", extra={"request_id": ctx.request_id})
 
 
 # --- leases and the sweeper -------------------------------------------------------------------
@@ -234,77 +225,3 @@ async def _lease_loop() -> None:
         if settings.REDIS_URL and (counters.degraded() or now - last_pg >= 60):
             last_pg = now
             await counters.postgres().sweep()
-
-
-# --- passthrough mode -------------------------------------------------------------------------
-
-_passthrough: dict[str, KeyInfo] = {}
-
-
-@invalidation.subscribe
-def forget_passthrough_key() -> None:
-    """Drop the cached passthrough key (its tenant's budgets or limits may have changed)."""
-    _passthrough.clear()
-
-
-def _passthrough_key_sync() -> KeyInfo:
-    from tenants import services
-
-    tenant = services.passthrough_tenant()
-    key = services.passthrough_api_key(tenant)
-    info = load_key(key.prefix)
-    assert info is not None
-    return info
-
-
-async def passthrough_key() -> KeyInfo:
-    """The key passthrough requests are metered under (created on first use)."""
-    found = _passthrough.get("key")
-    if found is None:
-        found = _passthrough["key"] = await sync_to_async(_passthrough_key_sync, thread_sensitive=False)()
-    return found
-
-
-async def passthrough_route(name: str, known: ModelRoute | None) -> ModelRoute:
-    """Forward to the passthrough provider with the client's own key; price as the model if known."""
-    from gateway.routing import route_table
-
-    table = await route_table()
-    provider = next(
-        (
-            d.provider
-            for r in table.public_models()
-            for d in r.deployments
-            if d.provider.slug == settings.CHITTYCAN_PASSTHROUGH_PROVIDER
-        ),
-        None,
-    )
-    if provider is None:
-        provider = await sync_to_async(_provider_config_by_slug, thread_sensitive=False)(
-            settings.CHITTYCAN_PASSTHROUGH_PROVIDER
-        )
-    deployment = DeploymentRoute(id=None, provider=provider, upstream_model=name)
-    return ModelRoute(
-        id=known.id if known else None,
-        name=known.name if known else name,
-        kind=known.kind if known else "chat",
-        owned_by=known.owned_by if known else "passthrough",
-        created=known.created if known else 0,
-        context_window=known.context_window if known else 128_000,
-        max_output_tokens=known.max_output_tokens if known else 16_384,
-        deployments=(deployment,),
-        prices=known.prices if known else (),
-        aliases=known.aliases if known else (),
-    )
-
-
-def _provider_config_by_slug(slug: str) -> ProviderConfig:
-    from gateway.models import Provider
-    from gateway.routing import _provider_config
-
-    provider = Provider.objects.filter(slug=slug, is_active=True).first()
-    if provider is None:
-        raise ServiceUnavailable(
-            f"Passthrough is on but the provider {slug!r} is not configured.", code="passthrough_unconfigured"
-        )
-    return _provider_config(provider)

@@ -17,7 +17,7 @@ from ninja.security import HttpBearer
 
 from gateway import auth
 from gateway.errors import GatewayError, NotFound
-from gateway.routing import ModelRoute, dev_route, route_table
+from gateway.routing.table import ModelRoute, dev_route, route_table
 
 
 class GatewayKeyAuth(HttpBearer):

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from cachetools import TTLCache
 from django.conf import settings
 
 from core import invalidation
 from gateway.budgets import BudgetInfo, load_budgets
 from gateway.errors import AuthenticationFailed, PermissionDenied
-from tenants import keys
+from tenants import keys, services
 
 _MISSING = "Missing API key. Send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
 _INVALID = "Incorrect API key provided."
@@ -112,8 +113,9 @@ def load_key(prefix: str) -> KeyInfo | None:
     )
 
 
-_cache: dict[str, tuple[float, KeyInfo | None]] = {}
-_CACHE_MAX = 100_000
+#: Verified keys (and unknown prefixes, as None) by prefix: an LRU bounded in size, each entry
+#: kept for CHITTYCAN_AUTH_CACHE_TTL seconds, dropped at once when configuration changes.
+_cache: TTLCache[str, KeyInfo | None] = TTLCache(maxsize=100_000, ttl=settings.CHITTYCAN_AUTH_CACHE_TTL)
 
 
 @invalidation.subscribe
@@ -137,17 +139,39 @@ async def authenticate(token: str) -> KeyInfo:
     if not keys.looks_valid(token):
         raise AuthenticationFailed(_INVALID)
     prefix = keys.key_prefix(token)
-    now = time.monotonic()
-    cached = _cache.get(prefix)
-    if cached is not None and now - cached[0] < settings.CHITTYCAN_AUTH_CACHE_TTL:
-        info = cached[1]
-    else:
-        info = await sync_to_async(load_key, thread_sensitive=False)(prefix)
-        if len(_cache) >= _CACHE_MAX:
-            _cache.clear()
-        _cache[prefix] = (now, info)
+    try:
+        info = _cache[prefix]
+    except KeyError:
+        info = _cache[prefix] = await sync_to_async(load_key, thread_sensitive=False)(prefix)
     if info is None or not keys.verify_key(token, info.hashed):
         raise AuthenticationFailed(_INVALID)
     if info.expires_at is not None and info.expires_at <= time.time():
         raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
     return info
+
+
+# --- passthrough mode -------------------------------------------------------------------------
+
+_passthrough: dict[str, KeyInfo] = {}
+
+
+@invalidation.subscribe
+def forget_passthrough_key() -> None:
+    """Drop the cached passthrough key (its tenant's budgets or limits may have changed)."""
+    _passthrough.clear()
+
+
+def _passthrough_key_sync() -> KeyInfo:
+    tenant = services.passthrough_tenant()
+    key = services.passthrough_api_key(tenant)
+    info = load_key(key.prefix)
+    assert info is not None
+    return info
+
+
+async def passthrough_key() -> KeyInfo:
+    """The key passthrough requests are metered under (created on first use)."""
+    found = _passthrough.get("key")
+    if found is None:
+        found = _passthrough["key"] = await sync_to_async(_passthrough_key_sync, thread_sensitive=False)()
+    return found

@@ -13,11 +13,14 @@ import logging
 from typing import Any
 
 from channels.generic.http import AsyncHttpConsumer
+from django.conf import settings
+from django.db import Error as DatabaseError
 
 from core import runtime
-from gateway import pipeline
-from gateway.context import RequestContext
+from gateway import formats, pipeline
+from gateway.context import Headers, RequestContext
 from gateway.errors import GatewayError, PayloadTooLarge, ServiceUnavailable
+from gateway.formats import WireFormat
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +28,9 @@ _JSON = (b"content-type", b"application/json")
 
 
 class GatewayConsumer(AsyncHttpConsumer):
-    endpoint = ""
+    """One ``/v1`` route: its wire format decides the envelope of the errors raised here too."""
+
+    wire: WireFormat = formats.CHAT
     channel_layer_alias = None  # no channel layer on the HTTP hot path
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -39,9 +44,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         self.base_send = send
         self.headers = dict(scope.get("headers") or ())
         runtime.ensure_started()
-        from django.conf import settings
-
-        ctx = RequestContext(request_id=pipeline.new_request_id(), endpoint=self.endpoint)
+        ctx = RequestContext(request_id=pipeline.new_request_id(), endpoint=self.wire.endpoint)
         limit = settings.CHITTYCAN_MAX_BODY_BYTES
         try:
             if scope.get("method") != "POST":
@@ -104,10 +107,10 @@ class GatewayConsumer(AsyncHttpConsumer):
                 return
 
     async def run(self, ctx: RequestContext, body: bytes) -> None:
-        raise NotImplementedError
+        await pipeline.run(self.wire, self, ctx, body)
 
-    def error_response(self, err: GatewayError, ctx: RequestContext) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        return pipeline.error_response(err, ctx)
+    def error_response(self, err: GatewayError, ctx: RequestContext) -> tuple[int, bytes, Headers]:
+        return self.wire.error_response(err, ctx)
 
     # --- the Responder protocol the pipeline writes through ---------------------------------
 
@@ -131,55 +134,34 @@ class GatewayConsumer(AsyncHttpConsumer):
 
 
 class ChatCompletionsConsumer(GatewayConsumer):
-    endpoint = "chat"
-
-    async def run(self, ctx: RequestContext, body: bytes) -> None:
-        await pipeline.handle_generation(self, ctx, body)
+    wire = formats.CHAT
 
 
 class CompletionsConsumer(GatewayConsumer):
-    endpoint = "completions"
-
-    async def run(self, ctx: RequestContext, body: bytes) -> None:
-        await pipeline.handle_generation(self, ctx, body)
+    wire = formats.COMPLETIONS
 
 
 class EmbeddingsConsumer(GatewayConsumer):
-    endpoint = "embeddings"
-
-    async def run(self, ctx: RequestContext, body: bytes) -> None:
-        await pipeline.handle_embeddings(self, ctx, body)
+    wire = formats.EMBEDDINGS
 
 
 class MessagesConsumer(GatewayConsumer):
     """``/v1/messages``: Anthropic wire format, errors in the Anthropic envelope."""
 
-    endpoint = "messages"
+    wire = formats.MESSAGES
+
+
+class CountTokensConsumer(GatewayConsumer):
+    """``/v1/messages/count_tokens`` (Claude Code calls it); nothing is billed."""
+
+    wire = formats.MESSAGES
 
     async def run(self, ctx: RequestContext, body: bytes) -> None:
-        from gateway import messages
-
-        await messages.handle_messages(self, ctx, body)
-
-    def error_response(self, err: GatewayError, ctx: RequestContext) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-        from gateway import messages
-
-        return messages.error_response(err, ctx)
-
-
-class CountTokensConsumer(MessagesConsumer):
-    """``/v1/messages/count_tokens`` (Claude Code calls it); metered as the messages endpoint."""
-
-    async def run(self, ctx: RequestContext, body: bytes) -> None:
-        from gateway import messages
-
-        await messages.handle_count_tokens(self, ctx, body)
+        await pipeline.count_tokens(self, ctx, body)
 
 
 def _unexpected(exc: Exception, ctx: RequestContext) -> GatewayError:
     """A database outage is a 503 the SDKs retry; anything else is our bug: a 500."""
-    from django.db import Error as DatabaseError
-
     if isinstance(exc, DatabaseError):
         return ServiceUnavailable(
             f"The gateway's database is unavailable; retry shortly. Request id {ctx.request_id}.",

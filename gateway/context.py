@@ -1,16 +1,33 @@
-"""What a request carries through the pipeline stages."""
+"""What a request carries through the pipeline stages, and how the pipeline writes to the client."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core.money import Usage
+from gateway import tokens
 
 if TYPE_CHECKING:
     from gateway.auth import KeyInfo
-    from gateway.routing import DeploymentRoute, ModelRoute
+    from gateway.counters import Reservation
+    from gateway.limits import RateTicket
+    from gateway.routing.table import DeploymentRoute, ModelRoute
+
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class Responder(Protocol):
+    """How the pipeline writes to the client (implemented by the consumer)."""
+
+    headers: dict[bytes, bytes]
+
+    async def send_json(self, status: int, body: bytes, headers: Headers) -> None: ...
+    async def start_stream(self, headers: Headers) -> None: ...
+    async def write(self, data: bytes) -> None: ...
+    async def finish(self) -> None: ...
 
 
 @dataclass(slots=True)
@@ -32,7 +49,8 @@ class RequestContext:
     usage: Usage | None = None
     cost_micro: int = 0
     reserved_micro: int = 0
-    reservations: list[Any] = field(default_factory=list)
+    rate_ticket: RateTicket | None = None  # what the rate limiter took (given back at settle)
+    reservation: Reservation | None = None  # the budget reservation (settled to the actual cost)
     reached_provider: bool = False
     status: str = "ok"
     http_status: int = 200
@@ -56,3 +74,12 @@ class RequestContext:
 
     def elapsed_ms(self) -> int:
         return int((time.perf_counter() - self.started) * 1000)
+
+    def estimated_usage(self, output_text: str, prompt_tokens: int | None = None) -> Usage:
+        """Usage counted offline: the prompt as estimated before dispatch, the output as relayed."""
+        model = self.deployment.upstream_model if self.deployment else self.requested_model
+        return Usage(
+            prompt_tokens=self.estimated_prompt_tokens if prompt_tokens is None else prompt_tokens,
+            completion_tokens=tokens.count_text(output_text, model),
+            source="estimated",
+        )

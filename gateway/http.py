@@ -2,17 +2,38 @@
 
 httpx keeps the API; the transport is chosen by ``CHITTYCAN_HTTP_TRANSPORT``. Measured here,
 httpx's default transport collapses under concurrency, so ``aiohttp`` (httpx-aiohttp) is the
-default. One client per event loop: the benchmark and tests run several loops in one process.
+default. One client per event loop (held weakly by the loop: the benchmark and tests run several
+loops in one process). ``use_transport`` swaps the transport, e.g. for an ``httpx.MockTransport``
+that answers in an upstream's wire format, so providers are tested without a network.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import weakref
+from collections.abc import Callable, Iterator
 
+import aiohttp
 import httpx
 from django.conf import settings
+from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
-_clients: dict[int, httpx.AsyncClient] = {}
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
+_transport: Callable[[], httpx.AsyncBaseTransport] | None = None
+
+
+@contextlib.contextmanager
+def use_transport(factory: Callable[[], httpx.AsyncBaseTransport]) -> Iterator[None]:
+    """Build every upstream client from ``factory``'s transport while the block runs."""
+    global _transport
+    previous, _transport = _transport, factory
+    _clients.clear()
+    try:
+        yield
+    finally:
+        _transport = previous
+        _clients.clear()
 
 
 class _NoCookies(httpx.Cookies):
@@ -42,9 +63,9 @@ def _build_client() -> httpx.AsyncClient:
         keepalive_expiry=30.0,
     )
     timeout = httpx.Timeout(settings.CHITTYCAN_UPSTREAM_TIMEOUT, connect=settings.CHITTYCAN_UPSTREAM_CONNECT_TIMEOUT)
+    if _transport is not None:
+        return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False, transport=_transport())
     if settings.CHITTYCAN_HTTP_TRANSPORT == "aiohttp":
-        import aiohttp
-        from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
         def session() -> aiohttp.ClientSession:  # called inside the running loop, on first use
             connector = aiohttp.TCPConnector(
@@ -61,15 +82,15 @@ def _build_client() -> httpx.AsyncClient:
 
 
 def client() -> httpx.AsyncClient:
-    loop_id = id(asyncio.get_running_loop())
-    found = _clients.get(loop_id)
+    loop = asyncio.get_running_loop()
+    found = _clients.get(loop)
     if found is None or found.is_closed:
-        found = _clients[loop_id] = _build()
+        found = _clients[loop] = _build()
     return found
 
 
 async def aclose() -> None:
     """Close this loop's client (server shutdown, tests)."""
-    found = _clients.pop(id(asyncio.get_running_loop()), None)
+    found = _clients.pop(asyncio.get_running_loop(), None)
     if found is not None:
         await found.aclose()

@@ -17,6 +17,7 @@ from typing import Any
 TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizers"
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(TOKENIZER_DIR))
 
+import orjson  # noqa: E402
 import tiktoken  # noqa: E402  (must follow TIKTOKEN_CACHE_DIR)
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,6 @@ def _content_text(content: Any) -> tuple[str, int]:
 
 def count_messages(messages: list[Any], model: str = "", tools: list[Any] | None = None) -> int:
     """Prompt tokens for a chat request (an estimate for non-OpenAI models)."""
-    import orjson
-
     total = TOKENS_REPLY_PRIMING
     for message in messages:
         if not isinstance(message, dict):

@@ -425,9 +425,9 @@ def _openai_words(count: int) -> list[bytes]:
 
 
 def test_silent_upstream_gets_keepalive_pings(openai_backed_claude, gateway_server, tenant_key, monkeypatch):
-    from gateway import messages
+    from gateway.formats.anthropic import EventTracker
 
-    monkeypatch.setattr(messages, "KEEPALIVE_SECONDS", 0.05)
+    monkeypatch.setattr(EventTracker, "keepalive", 0.05)
     openai_backed_claude.push("/v1/chat/completions", Reply(frames=_openai_words(3), frame_delay=0.3))
     body = {"model": "claude-sonnet-4", "max_tokens": 50, "messages": HI}
     _, frames = raw_stream(gateway_server.url, tenant_key[1], body)

@@ -19,9 +19,7 @@ def run(coro_factory):
         try:
             return await coro_factory()
         finally:
-            if runtime._redis.get(id(asyncio.get_running_loop())) is not None:
-                await runtime.redis_client().aclose()
-                runtime._redis.pop(id(asyncio.get_running_loop()), None)
+            await runtime.close_redis()
 
     return asyncio.run(wrapped())
 

@@ -59,9 +59,7 @@ def _run(coro_fn, *args, **kwargs):
         try:
             return await coro_fn(*args, **kwargs)
         finally:
-            conn = runtime._redis.pop(id(asyncio.get_running_loop()), None)
-            if conn is not None:
-                await conn.aclose()
+            await runtime.close_redis()
 
     return asyncio.run(main())
 

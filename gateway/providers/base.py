@@ -6,7 +6,8 @@ chunks. A provider raises ``UpstreamError`` on failure; ``retryable`` tells disp
 retry or fail over (only before any byte reached the client).
 
 To add a provider: subclass ``Provider`` in ``gateway/providers/<kind>.py``, implement the
-operations it supports, and add it to ``REGISTRY`` in ``gateway/providers/__init__.py``.
+operations it supports (one method per ``Operation``), and add it to ``REGISTRY`` in
+``gateway/providers/__init__.py``.
 See docs/providers.md.
 """
 
@@ -15,11 +16,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import Any, Protocol, runtime_checkable
 
 import httpx
+import orjson
 
 from gateway.errors import InvalidRequest, UpstreamError, upstream_status_error
+from gateway.http import client
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,16 +61,39 @@ class UpstreamCall:
         return httpx.Timeout(self.provider.read_timeout, connect=self.provider.connect_timeout)
 
 
+#: JSON objects in the OpenAI wire format (the gateway's internal format) and Anthropic's.
+ChatCompletion = dict[str, Any]  # an OpenAI ``chat.completion``, ``usage`` included
+ChatChunk = dict[str, Any]  # an OpenAI ``chat.completion.chunk``
+Completion = dict[str, Any]  # an OpenAI ``text_completion`` (and its stream chunks)
+EmbeddingList = dict[str, Any]  # an OpenAI embeddings ``list`` with float vectors
+Message = dict[str, Any]  # an Anthropic ``message``
+MessageEvent = dict[str, Any]  # an Anthropic stream event (a dict with ``type``)
+
+
+class Operation(StrEnum):
+    """What a route asks of a provider. Each has one method (and a ``_stream`` one where it streams)."""
+
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    MESSAGES = "messages"
+
+
 class Provider:
-    """Base adapter. Operations a kind does not support raise ``InvalidRequest``."""
+    """Base adapter. Operations a kind does not support raise ``InvalidRequest``.
+
+    Anthropic Messages (``/v1/messages``) are not part of this base: a provider that speaks them
+    natively implements ``NativeMessages``; dispatch serves every other kind through
+    ``gateway.providers.bridge``, which translates to and from ``chat``.
+    """
 
     kind = "base"
 
-    async def chat(self, call: UpstreamCall) -> dict[str, Any]:
+    async def chat(self, call: UpstreamCall) -> ChatCompletion:
         """Return an OpenAI ``chat.completion`` object, ``usage`` included."""
         raise InvalidRequest(f"{self.kind} providers do not serve chat completions", param="model")
 
-    def chat_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+    def chat_stream(self, call: UpstreamCall) -> AsyncIterator[ChatChunk]:
         """Yield OpenAI ``chat.completion.chunk`` objects; the last carries ``usage`` if known.
 
         The caller asks upstream for usage; the provider must yield the usage chunk (empty
@@ -74,33 +101,28 @@ class Provider:
         """
         raise InvalidRequest(f"{self.kind} providers do not serve chat completions", param="model")
 
-    async def completions(self, call: UpstreamCall) -> dict[str, Any]:
+    async def completions(self, call: UpstreamCall) -> Completion:
         raise InvalidRequest(f"{self.kind} providers do not serve legacy completions", param="model")
 
-    def completions_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+    def completions_stream(self, call: UpstreamCall) -> AsyncIterator[Completion]:
         raise InvalidRequest(f"{self.kind} providers do not serve legacy completions", param="model")
 
-    async def embeddings(self, call: UpstreamCall) -> dict[str, Any]:
+    async def embeddings(self, call: UpstreamCall) -> EmbeddingList:
         """Return an OpenAI embeddings list with float vectors (the pipeline encodes base64)."""
         raise InvalidRequest(f"{self.kind} providers do not serve embeddings", param="model")
 
-    async def messages(self, call: UpstreamCall) -> dict[str, Any]:
-        """Anthropic Messages in and out (``/v1/messages``). By default translated through ``chat``."""
-        from gateway.translate.bridge import messages_via_chat
 
-        return await messages_via_chat(self, call)
+@runtime_checkable
+class NativeMessages(Protocol):
+    """A provider that serves Anthropic Messages itself (and can count their tokens)."""
 
-    def messages_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
-        """Yield Anthropic stream events (dicts with ``type``). By default translated from ``chat_stream``."""
-        from gateway.translate.bridge import messages_stream_via_chat
-
-        return messages_stream_via_chat(self, call)
+    async def messages(self, call: UpstreamCall) -> Message: ...
+    def messages_stream(self, call: UpstreamCall) -> AsyncIterator[MessageEvent]: ...
+    async def count_tokens(self, call: UpstreamCall) -> dict[str, Any]: ...
 
 
 def error_message_from_body(body: bytes) -> tuple[str, str | None]:
     """Pull a readable message and code out of whatever error body an upstream sent."""
-    import orjson
-
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
@@ -148,10 +170,6 @@ async def post_json(
     url: str | httpx.URL, body: Any, headers: Mapping[str, str], timeouts: httpx.Timeout
 ) -> dict[str, Any]:
     """POST a JSON body to an upstream and return its JSON object; every failure is an ``UpstreamError``."""
-    import orjson
-
-    from gateway.http import client
-
     try:
         response = await client().post(url, content=orjson.dumps(body), headers=headers, timeout=timeouts)
     except httpx.HTTPError as exc:
@@ -175,10 +193,6 @@ async def streamed_post(
     Error statuses are raised before the block runs; transport errors inside it become
     ``UpstreamError``; the response is always closed (client disconnects included).
     """
-    import orjson
-
-    from gateway.http import client
-
     http = client()
     request = http.build_request("POST", url, content=orjson.dumps(body), headers=headers, timeout=timeouts)
     try:

@@ -1,23 +1,21 @@
 """Serve an Anthropic Messages request through a provider that speaks Chat Completions.
 
-``Provider.messages`` / ``Provider.messages_stream`` use these by default (OpenAI-compatible,
-Ollama and mock upstreams); the Anthropic provider overrides them with native passthrough. The
-stream yields nothing until the upstream's first chunk arrived, so dispatch can still retry or
-fail over when the upstream refuses.
+Dispatch wraps every provider that is not ``NativeMessages`` (OpenAI-compatible, Ollama and mock
+upstreams) in ``MessagesViaChat``; the Anthropic provider answers natively. The stream yields
+nothing until the upstream's first chunk arrived, so dispatch can still retry or fail over when
+the upstream refuses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway import tokens
+from gateway.providers.base import Message, MessageEvent, Provider, UpstreamCall
 from gateway.translate import requests, responses
 from gateway.translate.streams import ESTIMATED_MARK, EventsFromChunks
-
-if TYPE_CHECKING:
-    from gateway.providers.base import Provider, UpstreamCall
 
 Json = dict[str, Any]
 
@@ -41,6 +39,19 @@ def _estimated_usage(chat: UpstreamCall, output: str) -> Json:
     prompt = _prompt_estimate(chat)
     completion = tokens.count_text(output, chat.upstream_model)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class MessagesViaChat:
+    """Anthropic Messages in and out, served by a provider's ``chat`` / ``chat_stream``."""
+
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+
+    async def messages(self, call: UpstreamCall) -> Message:
+        return await messages_via_chat(self.provider, call)
+
+    def messages_stream(self, call: UpstreamCall) -> AsyncIterator[MessageEvent]:
+        return messages_stream_via_chat(self.provider, call)
 
 
 async def messages_via_chat(provider: Provider, call: UpstreamCall) -> Json:

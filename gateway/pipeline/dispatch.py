@@ -14,9 +14,13 @@ from typing import Any
 
 from core import backoff
 from gateway.context import RequestContext
-from gateway.errors import GatewayError, UpstreamError
-from gateway.providers import UpstreamCall, get_provider
-from gateway.routing import DeploymentRoute
+from gateway.errors import GatewayError, InvalidRequest, UpstreamError
+from gateway.providers import get_provider
+from gateway.providers.base import NativeMessages, Operation, Provider, UpstreamCall
+from gateway.providers.bridge import MessagesViaChat
+from gateway.routing.table import DeploymentRoute
+
+Json = dict[str, Any]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ def _delay(attempt: int, err: UpstreamError) -> float | None:
     return backoff.delay(attempt, base=0.1, cap=MAX_BACKOFF, low=0.75, high=1.25)
 
 
-def make_call(ctx: RequestContext, deployment: DeploymentRoute, body: dict[str, Any] | None = None) -> UpstreamCall:
+def make_call(ctx: RequestContext, deployment: DeploymentRoute, body: Json | None = None) -> UpstreamCall:
     upstream_body = dict(body if body is not None else ctx.body)
     upstream_body["model"] = deployment.upstream_model
     return UpstreamCall(
@@ -91,47 +95,84 @@ async def _attempts(ctx: RequestContext, attempt_fn: Callable[[DeploymentRoute],
     raise last
 
 
-async def call(ctx: RequestContext, operation: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A non-streaming operation (``chat``, ``completions``, ``embeddings``)."""
+def _messages(provider: Provider) -> NativeMessages | MessagesViaChat:
+    """A provider's Anthropic Messages face: its own, or translated through its chat."""
+    return provider if isinstance(provider, NativeMessages) else MessagesViaChat(provider)
 
-    async def attempt(deployment: DeploymentRoute) -> dict[str, Any]:
+
+async def _call_once(provider: Provider, operation: Operation, call: UpstreamCall) -> Json:
+    match operation:
+        case Operation.CHAT:
+            return await provider.chat(call)
+        case Operation.COMPLETIONS:
+            return await provider.completions(call)
+        case Operation.EMBEDDINGS:
+            return await provider.embeddings(call)
+        case Operation.MESSAGES:
+            return await _messages(provider).messages(call)
+
+
+def _stream_once(provider: Provider, operation: Operation, call: UpstreamCall) -> AsyncIterator[Json]:
+    match operation:
+        case Operation.CHAT:
+            return provider.chat_stream(call)
+        case Operation.COMPLETIONS:
+            return provider.completions_stream(call)
+        case Operation.MESSAGES:
+            return _messages(provider).messages_stream(call)
+        case Operation.EMBEDDINGS:
+            raise InvalidRequest("embeddings do not stream", param="stream")
+
+
+async def call(ctx: RequestContext, operation: Operation) -> Json:
+    """A complete answer from the first deployment that gives one."""
+
+    async def attempt(deployment: DeploymentRoute) -> Json:
         provider = get_provider(deployment.provider.kind)
         ctx.reached_provider = True
-        result: dict[str, Any] = await getattr(provider, operation)(make_call(ctx, deployment, body))
-        return result
+        return await _call_once(provider, operation, make_call(ctx, deployment))
 
-    result: dict[str, Any] = await _attempts(ctx, attempt)
+    result: Json = await _attempts(ctx, attempt)
     return result
 
 
-async def open_stream(
-    ctx: RequestContext, operation: str, body: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
-    """Start a streaming operation; returns its first chunk and the iterator for the rest."""
+async def open_stream(ctx: RequestContext, operation: Operation) -> tuple[Json, AsyncIterator[Json]]:
+    """Start a stream on the first deployment that sends a first item; returns it and the rest."""
 
-    async def attempt(deployment: DeploymentRoute) -> tuple[dict[str, Any], AsyncIterator[dict[str, Any]]]:
+    async def attempt(deployment: DeploymentRoute) -> tuple[Json, AsyncIterator[Json]]:
         provider = get_provider(deployment.provider.kind)
         ctx.reached_provider = True
-        stream: AsyncIterator[dict[str, Any]] = getattr(provider, f"{operation}_stream")(
-            make_call(ctx, deployment, body)
-        )
+        stream = _stream_once(provider, operation, make_call(ctx, deployment))
         try:
             first = await anext(stream)
         except StopAsyncIteration:
             raise UpstreamError("upstream closed the stream without sending anything", retryable=True) from None
         except BaseException:
-            await _close(stream)
+            await close_stream(stream)
             raise
         return first, stream
 
-    opened: tuple[dict[str, Any], AsyncIterator[dict[str, Any]]] = await _attempts(ctx, attempt)
+    opened: tuple[Json, AsyncIterator[Json]] = await _attempts(ctx, attempt)
     return opened
 
 
-async def _close(stream: AsyncIterator[Any]) -> None:
+async def close_stream(stream: AsyncIterator[Any]) -> None:
     aclose = getattr(stream, "aclose", None)
     if aclose is not None:
         await aclose()
 
 
-close_stream = _close
+async def count_tokens(ctx: RequestContext, body: Json) -> int | None:
+    """Input tokens as the route's first deployment counts them, if it can (Anthropic); else None."""
+    assert ctx.route is not None
+    deployments = ctx.route.ordered_deployments()[:1]
+    provider = get_provider(deployments[0].provider.kind) if deployments else None
+    if not isinstance(provider, NativeMessages):
+        return None
+    try:
+        result = await provider.count_tokens(make_call(ctx, deployments[0], body))
+    except UpstreamError as err:
+        log.info("upstream count_tokens failed; counting offline", extra={"error": err.message})
+        return None
+    value = result.get("input_tokens")
+    return value if isinstance(value, int) else None

@@ -1,4 +1,4 @@
-"""Stage 1, parse: the body as JSON, checked just enough to route and bill it.
+"""Request bodies in the OpenAI wire format, checked just enough to route and bill them.
 
 Unknown fields are kept untouched so OpenAI-compatible upstreams see exactly what the client sent.
 """

@@ -19,6 +19,8 @@ from django.utils import timezone
 
 from core import invalidation
 from core.money import PriceInfo
+from gateway.errors import ServiceUnavailable
+from gateway.models import LLMModel, Provider
 from gateway.providers.base import ProviderConfig
 
 
@@ -83,10 +85,7 @@ class RouteTable:
         return sorted(seen.values(), key=lambda r: r.name)
 
 
-def _provider_config(provider: object) -> ProviderConfig:
-    from gateway.models import Provider
-
-    assert isinstance(provider, Provider)
+def provider_config(provider: Provider) -> ProviderConfig:
     return ProviderConfig(
         id=provider.pk,
         slug=provider.slug,
@@ -102,15 +101,13 @@ def _provider_config(provider: object) -> ProviderConfig:
 
 def load_route_table() -> RouteTable:
     """Build the snapshot from the database (synchronous; call off the event loop)."""
-    from gateway.models import LLMModel
-
     table = RouteTable(loaded_at=time.monotonic())
     models = LLMModel.objects.filter(is_active=True).prefetch_related("deployments__provider", "prices")
     for model in models:
         deployments = tuple(
             DeploymentRoute(
                 id=d.pk,
-                provider=_provider_config(d.provider),
+                provider=provider_config(d.provider),
                 upstream_model=d.upstream_model,
                 priority=d.priority,
                 weight=d.weight,
@@ -209,3 +206,43 @@ def dev_route(name: str, known: ModelRoute | None) -> ModelRoute:
         max_output_tokens=4096,
         deployments=(deployment,),
     )
+
+
+async def passthrough_route(name: str, known: ModelRoute | None) -> ModelRoute:
+    """Forward to the passthrough provider with the client's own key; price as the model if known."""
+    table = await route_table()
+    provider = next(
+        (
+            d.provider
+            for r in table.public_models()
+            for d in r.deployments
+            if d.provider.slug == settings.CHITTYCAN_PASSTHROUGH_PROVIDER
+        ),
+        None,
+    )
+    if provider is None:
+        provider = await sync_to_async(_provider_config_by_slug, thread_sensitive=False)(
+            settings.CHITTYCAN_PASSTHROUGH_PROVIDER
+        )
+    deployment = DeploymentRoute(id=None, provider=provider, upstream_model=name)
+    return ModelRoute(
+        id=known.id if known else None,
+        name=known.name if known else name,
+        kind=known.kind if known else "chat",
+        owned_by=known.owned_by if known else "passthrough",
+        created=known.created if known else 0,
+        context_window=known.context_window if known else 128_000,
+        max_output_tokens=known.max_output_tokens if known else 16_384,
+        deployments=(deployment,),
+        prices=known.prices if known else (),
+        aliases=known.aliases if known else (),
+    )
+
+
+def _provider_config_by_slug(slug: str) -> ProviderConfig:
+    provider = Provider.objects.filter(slug=slug, is_active=True).first()
+    if provider is None:
+        raise ServiceUnavailable(
+            f"Passthrough is on but the provider {slug!r} is not configured.", code="passthrough_unconfigured"
+        )
+    return provider_config(provider)

@@ -1,0 +1,14 @@
+"""Wire formats: what differs between the ``/v1`` routes, so the pipeline is written once.
+
+A ``WireFormat`` knows how its route's body is checked, how many tokens it may bill, which
+provider operation serves it, how its answer and its stream are read for usage and framed for the
+client, and which error envelope it uses. ``gateway.pipeline.run`` takes one as a parameter.
+"""
+
+from __future__ import annotations
+
+from gateway.formats.anthropic import MESSAGES
+from gateway.formats.base import StreamTracker, WireFormat
+from gateway.formats.openai import CHAT, COMPLETIONS, EMBEDDINGS
+
+__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "MESSAGES", "StreamTracker", "WireFormat"]

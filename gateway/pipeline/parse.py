@@ -1,0 +1,18 @@
+"""Stage 1, parse: the body as a JSON object naming a model, checked by the route's wire format.
+
+Unknown fields are kept untouched so OpenAI-compatible upstreams see exactly what the client sent.
+"""
+
+from __future__ import annotations
+
+from gateway.context import RequestContext
+from gateway.formats import WireFormat
+from gateway.formats.checks import json_object, model_name
+
+
+def run(ctx: RequestContext, wire: WireFormat, body: bytes, headers: dict[bytes, bytes]) -> None:
+    data = json_object(body)
+    ctx.requested_model = model_name(data)
+    wire.parse(ctx, data, headers)
+    ctx.body = data
+    ctx.stage("parse")
