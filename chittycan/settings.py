@@ -154,7 +154,13 @@ LOGGING = {
     "formatters": {"json": {"()": "chittycan.logging.JsonFormatter"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "json"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
-    "loggers": {"django.request": {"level": "ERROR"}},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        # httpx logs every upstream request at INFO: a JSON line per request on the hot path, which
+        # cost about a third of the throughput at INFO. Failures are logged by dispatch instead.
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+    },
 }
 
 # --- Gateway ---------------------------------------------------------------------------------
