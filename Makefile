@@ -1,4 +1,5 @@
-# ChittyCan. `make run` starts the gateway on an embedded default; `make test` runs the suite.
+# ChittyCan. `make run` starts the gateway on an embedded default; `make test` runs the suite;
+# `make test-unit` runs the unit tests alone, without services.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PORT ?= 8080
 
-.PHONY: help install install-dev run test lint fmt typecheck check bench clean
+.PHONY: help install install-dev run test test-unit lint fmt typecheck check bench clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -37,6 +38,9 @@ run: install ## run the gateway on 127.0.0.1:$(PORT): SQLite, in-process cache, 
 
 test: install-dev ## run the whole suite against PostgreSQL and Redis (started if down)
 	bash scripts/test.sh
+
+test-unit: install-dev ## run only tests/unit/ (pure functions): no PostgreSQL, Redis or server, seconds
+	env -u DATABASE_URL -u REDIS_URL PYTHONDONTWRITEBYTECODE=1 $(VENV)/bin/pytest tests/unit
 
 lint: install-dev ## ruff, formatting, mypy, import contracts, Django checks
 	$(VENV)/bin/ruff check .

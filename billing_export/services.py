@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -151,16 +152,47 @@ def _identifier(base_key: str, seq: int) -> str:
 
 
 @dataclass
-class _Acc:
+class _Tally:
+    """A number of ledger rows and the sum of their integer micro-USD cost."""
+
+    rows: int = 0
+    cost: int = 0
+
+    def add(self, cost: int) -> None:
+        self.rows += 1
+        self.cost += cost
+
+
+@dataclass
+class _BucketSum:
+    """One customer's not-yet-exported rows in one bucket: what becomes one ``ExportLine``."""
+
     billed: Billed
     bucket: datetime
     code: str
-    cost: int = 0
-    rows: int = 0
-    first_id: int = 0
+    first_id: int
     last_id: int = 0
-    ids: array = field(default_factory=lambda: array("q"))
-    sources: dict[int, list[int]] = field(default_factory=dict)  # tenant id -> [rows, cost]
+    total: _Tally = field(default_factory=_Tally)
+    ids: array[int] = field(default_factory=lambda: array("q"))
+    sources: dict[int, _Tally] = field(default_factory=dict)  # tenant id -> its share of the sum
+
+    def add(self, usage_id: int, tenant_id: int, cost: int) -> None:
+        self.total.add(cost)
+        self.last_id = usage_id
+        self.ids.append(usage_id)
+        self.sources.setdefault(tenant_id, _Tally()).add(cost)
+
+
+@dataclass
+class _Sums:
+    """The period's unexported rows summed: per bucket key for mapped tenants, per tenant for the rest."""
+
+    buckets: dict[str, _BucketSum] = field(default_factory=dict)  # base key -> sum, in first-row order
+    unmapped: dict[int, _Tally] = field(default_factory=dict)  # tenant id without a customer -> its rows
+
+
+# id, tenant id, created_at, cost_micro, request_id of one ledger row
+_Row = tuple[int, int, datetime, int, str]
 
 
 def _lock() -> None:
@@ -170,7 +202,8 @@ def _lock() -> None:
     # SQLite (embedded mode) runs write transactions one at a time (transaction_mode IMMEDIATE).
 
 
-def _unexported_rows(period: Period) -> Iterator[tuple[int, int, datetime, int, str]]:
+def _unexported_rows(period: Period) -> Iterator[_Row]:
+    """The period's billable ledger rows (cost > 0) that no export line covers yet, by id."""
     marked = ExportedUsage.objects.filter(usage_id=OuterRef("pk"))
     qs = (
         UsageRecord.objects.filter(created_at__gte=period.start, created_at__lt=period.end, cost_micro__gt=0)
@@ -214,138 +247,174 @@ def export_run_create(
         raise ExportError(f"export failed, nothing was billed: {type(exc).__name__}: {exc}") from exc
 
 
-def _record_failure(p: Period, gran: str, event: str, actor_label: str, error: str) -> None:
-    ExportRun.objects.create(
+def _new_run(
+    p: Period,
+    gran: str,
+    event: str,
+    actor_label: str,
+    *,
+    status: str = ExportRun.Status.RUNNING,
+    finished_at: datetime | None = None,
+    error: str = "",
+) -> ExportRun:
+    return ExportRun.objects.create(
         period=p.label,
         period_start=p.start,
         period_end=p.end,
         granularity=gran,
         event_name=event,
-        status=ExportRun.Status.FAILED,
+        status=status,
         actor_label=actor_label,
-        finished_at=timezone.now(),
+        finished_at=finished_at,
         error=error,
     )
 
 
+def _record_failure(p: Period, gran: str, event: str, actor_label: str, error: str) -> None:
+    _new_run(p, gran, event, actor_label, status=ExportRun.Status.FAILED, finished_at=timezone.now(), error=error)
+
+
 def _export(p: Period, gran: str, event: str, actor_label: str, now: datetime) -> ExportRun:
-    run = ExportRun.objects.create(
-        period=p.label,
-        period_start=p.start,
-        period_end=p.end,
-        granularity=gran,
-        event_name=event,
-        actor_label=actor_label,
-    )
+    run = _new_run(p, gran, event, actor_label)
     mapping, slugs = resolve_customers()
+    sums = _sum_rows(_unexported_rows(p), mapping, gran, event)
+    lines = _new_lines(run, sums.buckets, _exported_seqs(sums.buckets), slugs)
+    created = _write_lines(lines, sums.buckets)
+    _finish_run(run, created, sums, slugs, now)
+    logger.info(
+        "billing export",
+        extra={"run": run.pk, "period": p.label, "lines": run.lines_count, "total_micro": run.total_micro},
+    )
+    return run
+
+
+def _sum_rows(rows: Iterable[_Row], mapping: dict[int, Billed], gran: str, event: str) -> _Sums:
+    """Sum rows per customer and bucket (the base key of their line), or per tenant when the tenant
+    has no customer."""
     prefix = settings.CHITTYCAN_STRIPE_IDENTIFIER_PREFIX
-    accs: dict[str, _Acc] = {}
-    unmapped: dict[int, list[int]] = {}  # tenant id -> [rows, cost]
-    for usage_id, tenant_id, created_at, cost, request_id in _unexported_rows(p):
+    sums = _Sums()
+    for usage_id, tenant_id, created_at, cost, request_id in rows:
         billed = mapping.get(tenant_id)
         if billed is None:
-            u = unmapped.setdefault(tenant_id, [0, 0])
-            u[0] += 1
-            u[1] += cost
+            sums.unmapped.setdefault(tenant_id, _Tally()).add(cost)
             continue
         bucket = _bucket(created_at, gran)
         code = _bucket_code(bucket, gran, request_id)
         base_key = f"{prefix}-{event}-{billed.customer_id}-{code}"
-        acc = accs.get(base_key)
+        acc = sums.buckets.get(base_key)
         if acc is None:
-            acc = accs[base_key] = _Acc(billed=billed, bucket=bucket, code=code, first_id=usage_id)
-        acc.cost += cost
-        acc.rows += 1
-        acc.last_id = usage_id
-        acc.ids.append(usage_id)
-        src = acc.sources.setdefault(tenant_id, [0, 0])
-        src[0] += 1
-        src[1] += cost
+            acc = sums.buckets[base_key] = _BucketSum(billed=billed, bucket=bucket, code=code, first_id=usage_id)
+        acc.add(usage_id, tenant_id, cost)
+    return sums
 
-    # Deltas: a bucket exported before gets the next sequence number, so the same history always
-    # yields the same identifiers and a re-export never reuses one.
-    existing: dict[str, int] = {}
-    for key in accs:
-        existing[key] = 0
-    for base_key, seq in ExportLine.objects.filter(base_key__in=list(accs)).values_list("base_key", "seq"):
-        existing[base_key] = max(existing[base_key], seq)
 
+def _exported_seqs(base_keys: Iterable[str]) -> dict[str, int]:
+    """The highest sequence number already exported per bucket key, 0 for a new bucket.
+
+    Deltas: a bucket exported before gets the next sequence number, so the same history always
+    yields the same identifiers and a re-export never reuses one.
+    """
+    seqs = dict.fromkeys(base_keys, 0)
+    for base_key, seq in ExportLine.objects.filter(base_key__in=list(seqs)).values_list("base_key", "seq"):
+        seqs[base_key] = max(seqs[base_key], seq)
+    return seqs
+
+
+def _new_lines(
+    run: ExportRun, buckets: dict[str, _BucketSum], exported_seqs: dict[str, int], slugs: dict[int, str]
+) -> list[ExportLine]:
+    """One unsaved line per bucket sum, ordered by bucket, customer and key."""
     lines: list[ExportLine] = []
-    for base_key in sorted(accs, key=lambda k: (accs[k].bucket, accs[k].billed.customer_id, k)):
-        acc = accs[base_key]
-        if acc.cost > MAX_VALUE:
+    for base_key in sorted(buckets, key=lambda k: (buckets[k].bucket, buckets[k].billed.customer_id, k)):
+        acc = buckets[base_key]
+        if acc.total.cost > MAX_VALUE:
             raise ExportError(
-                f"{acc.billed.slug} {acc.code}: {acc.cost} micro-USD has more than 15 digits; "
+                f"{acc.billed.slug} {acc.code}: {acc.total.cost} micro-USD has more than 15 digits; "
                 "use a finer granularity (hour or request)"
             )
-        seq = existing[base_key] + 1
+        seq = exported_seqs[base_key] + 1
         lines.append(
             ExportLine(
                 run=run,
                 identifier=_identifier(base_key, seq),
                 base_key=base_key,
                 seq=seq,
-                event_name=event,
+                event_name=run.event_name,
                 customer_id=acc.billed.customer_id,
                 tenant_id=acc.billed.tenant_id,
                 tenant_slug=acc.billed.slug,
-                granularity=gran,
+                granularity=run.granularity,
                 bucket_start=acc.bucket,
                 timestamp=int(acc.bucket.timestamp()),
-                value=acc.cost,
-                cost_micro=acc.cost,
-                rows_count=acc.rows,
+                value=acc.total.cost,
+                cost_micro=acc.total.cost,
+                rows_count=acc.total.rows,
                 first_usage_id=acc.first_id,
                 last_usage_id=acc.last_id,
                 sources=[
-                    {"tenant_id": tid, "slug": slugs.get(tid, ""), "rows": r, "cost_micro": c}
-                    for tid, (r, c) in sorted(acc.sources.items())
+                    {"tenant_id": tid, "slug": slugs.get(tid, ""), "rows": t.rows, "cost_micro": t.cost}
+                    for tid, t in sorted(acc.sources.items())
                 ],
             )
         )
+    return lines
+
+
+def _write_lines(lines: list[ExportLine], buckets: dict[str, _BucketSum]) -> list[ExportLine]:
+    """Save the lines and mark every ledger row each one covers; return the saved lines."""
     created = ExportLine.objects.bulk_create(lines, batch_size=1000)
-    by_key = {line.base_key: line for line in created}
-    for base_key, acc in accs.items():
-        line_id = by_key[base_key].pk
-        ids = acc.ids
+    for line in created:
+        ids = buckets[line.base_key].ids
         for i in range(0, len(ids), _MARK_BATCH):
             ExportedUsage.objects.bulk_create(
-                [ExportedUsage(usage_id=uid, line_id=line_id) for uid in ids[i : i + _MARK_BATCH]]
+                [ExportedUsage(usage_id=uid, line_id=line.pk) for uid in ids[i : i + _MARK_BATCH]]
             )
+    return created
 
-    warnings = []
-    oldest_allowed = now - STRIPE_MAX_AGE
-    stale = [line for line in created if line.bucket_start < oldest_allowed]
-    if stale:
-        warnings.append(
-            f"{len(stale)} line(s) have timestamps older than 35 days (oldest "
-            f"{min(line.bucket_start for line in stale):%Y-%m-%d}); Stripe rejects them, so they will not be "
-            "pushed and the CSV import will refuse them. Export at least daily."
-        )
-    run.unmapped = [
-        {"tenant_id": tid, "slug": slugs.get(tid, f"#{tid} (deleted)"), "rows": r, "cost_micro": c}
-        for tid, (r, c) in sorted(unmapped.items(), key=lambda kv: slugs.get(kv[0], ""))
+
+def _unmapped_report(unmapped: dict[int, _Tally], slugs: dict[int, str]) -> list[dict[str, Any]]:
+    """Tenants whose rows were left unbilled for want of a customer id, by slug."""
+    return [
+        {"tenant_id": tid, "slug": slugs.get(tid, f"#{tid} (deleted)"), "rows": t.rows, "cost_micro": t.cost}
+        for tid, t in sorted(unmapped.items(), key=lambda kv: slugs.get(kv[0], ""))
     ]
-    run.unmapped_micro = sum(c for _, c in unmapped.values())
-    if unmapped:
-        warnings.append(
-            f"{len(unmapped)} tenant(s) with billable usage have no Stripe customer id on themselves or any "
-            f"ancestor; {run.unmapped_micro} micro-USD not exported (billed once a customer id is set): "
-            + ", ".join(u["slug"] for u in run.unmapped)
-        )
-    run.warnings = warnings
-    run.lines_count = len(created)
-    run.rows_count = sum(a.rows for a in accs.values())
-    run.total_micro = sum(a.cost for a in accs.values())
-    run.total_value = sum(line.value for line in created)
+
+
+def _stale_warning(lines: list[ExportLine], now: datetime) -> str:
+    oldest_allowed = now - STRIPE_MAX_AGE
+    stale = [line for line in lines if line.bucket_start < oldest_allowed]
+    if not stale:
+        return ""
+    return (
+        f"{len(stale)} line(s) have timestamps older than 35 days (oldest "
+        f"{min(line.bucket_start for line in stale):%Y-%m-%d}); Stripe rejects them, so they will not be "
+        "pushed and the CSV import will refuse them. Export at least daily."
+    )
+
+
+def _unmapped_warning(report: list[dict[str, Any]], unmapped_micro: int) -> str:
+    if not report:
+        return ""
+    return (
+        f"{len(report)} tenant(s) with billable usage have no Stripe customer id on themselves or any "
+        f"ancestor; {unmapped_micro} micro-USD not exported (billed once a customer id is set): "
+        + ", ".join(u["slug"] for u in report)
+    )
+
+
+def _finish_run(run: ExportRun, lines: list[ExportLine], sums: _Sums, slugs: dict[int, str], now: datetime) -> None:
+    """Record the run's totals, its unmapped tenants and its warnings, and mark it done."""
+    run.unmapped = _unmapped_report(sums.unmapped, slugs)
+    run.unmapped_micro = sum(t.cost for t in sums.unmapped.values())
+    warnings = (_stale_warning(lines, now), _unmapped_warning(run.unmapped, run.unmapped_micro))
+    run.warnings = [w for w in warnings if w]
+    run.lines_count = len(lines)
+    run.rows_count = sum(b.total.rows for b in sums.buckets.values())
+    run.total_micro = sum(b.total.cost for b in sums.buckets.values())
+    run.total_value = sum(line.value for line in lines)
     run.status = ExportRun.Status.DONE
     run.finished_at = timezone.now()
     run.save()
-    logger.info(
-        "billing export",
-        extra={"run": run.pk, "period": p.label, "lines": run.lines_count, "total_micro": run.total_micro},
-    )
-    return run
 
 
 # --- CSV ---------------------------------------------------------------------------------------

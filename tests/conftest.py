@@ -4,6 +4,9 @@ with the real PostgreSQL and Redis, driven by the official SDKs.
 Run through ``make test`` (which starts PostgreSQL and Redis if needed and sets DATABASE_URL and
 REDIS_URL). Tests that need the gateway use ``transactional_db`` so what they create is committed
 and visible to the server's threads.
+
+``tests/unit/`` holds the tests of pure functions: they need none of this and also run alone with
+no services (``make test-unit``); its conftest opts them out of the per-test reset below.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,13 +23,20 @@ from django.conf import settings
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.server import ServerThread
 
+UNIT_TESTS = Path(__file__).resolve().parent / "unit"
 
-def pytest_configure(config: pytest.Config) -> None:
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Refuse to run service-backed tests (everything outside tests/unit/) on the embedded
+    defaults; a run of unit tests only needs no services."""
+    if all(item.path.resolve().is_relative_to(UNIT_TESTS) for item in session.items):
+        return
     db = settings.DATABASES["default"]["ENGINE"]
     if "postgresql" not in db or not settings.REDIS_URL:
         raise pytest.UsageError(
             "The suite runs against real PostgreSQL and Redis: run it with `make test`, or set "
-            "DATABASE_URL=postgres://... and REDIS_URL=redis://... yourself."
+            "DATABASE_URL=postgres://... and REDIS_URL=redis://... yourself. "
+            "`make test-unit` runs tests/unit/ without them."
         )
 
 

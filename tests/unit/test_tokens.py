@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gateway import tokens
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def offline_python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
