@@ -231,6 +231,7 @@ def flush_redis(url: str, prefix: str) -> None:
 
 
 def recreate_database(url: str) -> None:
+    """A fresh database for the baseline: one migrated at another commit may not fit its models."""
     import psycopg
     from psycopg import sql
 
@@ -238,15 +239,6 @@ def recreate_database(url: str) -> None:
     with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-
-
-def drop_database(url: str) -> None:
-    import psycopg
-    from psycopg import sql
-
-    name = url.rsplit("/", 1)[1].split("?")[0]
-    with psycopg.connect(url.rsplit("/", 1)[0] + "/postgres", autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 def run_in(tree: Tree, argv: list[str], what: str, timeout: float = 300) -> str:
@@ -265,14 +257,12 @@ def seed(tree: Tree, command: list[str]) -> dict[str, Any]:
 
 
 def check_import_origin(tree: Tree) -> str:
-    """Before serving from ``tree``: where its environment resolves the project's packages."""
-    code = "import importlib.util as u; print(u.find_spec('chittycan').origin); print(u.find_spec('gateway').origin)"
-    origins = run_in(tree, ["-c", code], "the import check", timeout=60).split()
-    root = str(tree.path.resolve()) + os.sep
-    wrong = [o for o in origins if not os.path.realpath(o).startswith(root)]
-    if wrong:
-        raise RuntimeError(f"the {tree.label} tree would import {wrong} (expected under {tree.path})")
-    return origins[-1]
+    """Before serving from ``tree``: where its environment resolves the ASGI entry point."""
+    code = "import importlib.util as u; print(u.find_spec('chittycan.asgi').origin)"
+    origin = run_in(tree, ["-c", code], "the import check", timeout=60).strip()
+    if not os.path.realpath(origin).startswith(str(tree.path.resolve()) + os.sep):
+        raise RuntimeError(f"the {tree.label} tree would import {origin} (expected under {tree.path})")
+    return origin
 
 
 def add_baseline_worktree(ref: str, stack: contextlib.ExitStack) -> tuple[Path, str]:
@@ -433,7 +423,7 @@ def read_probe(target: Target, timeout: float = 5.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         records = [orjson.loads(p.read_bytes()) for p in sorted(target.probe_dir.glob("*.json"))]
-        serving = [r for r in records if "gateway" in r["origins"]]
+        serving = [r for r in records if r["app"]]
         if serving or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -442,8 +432,8 @@ def read_probe(target: Target, timeout: float = 5.0) -> dict[str, Any]:
     foreign = sorted({path for r in serving for path in r["foreign"]})
     return {
         "verified": not foreign,
-        "gateway": serving[0]["origins"]["gateway"],
-        "chittycan": serving[0]["origins"].get("chittycan"),
+        "app": serving[0]["app"],
+        "packages": serving[0]["origins"],
         "pids": [r["pid"] for r in serving],
         "foreign": foreign[:20],
         "foreign_count": len(foreign),
@@ -692,7 +682,10 @@ def render(report: dict[str, Any], levels: list[int]) -> str:
         if t["kind"] != "gateway":
             continue
         if origin.get("verified"):
-            lines.append(f"- {t['title']} served its tree's code: `gateway` from `{origin['gateway']}`.")
+            lines.append(
+                f"- {t['title']} served its own tree's code: `chittycan.asgi` from `{origin['app']}`,"
+                f" {len(origin['packages'])} project packages, none from elsewhere."
+            )
         elif origin.get("foreign_count"):
             lines.append(f"- {t['title']}: **{origin['foreign_count']} module(s) from outside its tree**.")
         else:
@@ -706,7 +699,7 @@ def render(report: dict[str, Any], levels: list[int]) -> str:
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
     log(f"signal {signum}: stopping the servers and removing what this run set up")
-    raise SystemExit(128 + signum)  # unwinds through the clean-ups (worktree, servers, database)
+    raise SystemExit(128 + signum)  # unwinds through the clean-ups (servers, baseline worktree)
 
 
 def parse_args() -> argparse.Namespace:
@@ -730,7 +723,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--baseline-database-url",
         default=os.environ.get("BENCH_BASELINE_DATABASE_URL"),
-        help="recreated every run (default: the database URL's name + _baseline)",
+        help="dropped and recreated by every baseline run (default: the database URL's name + _baseline)",
     )
     parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/8"))
     parser.add_argument("--redis-prefix", default=os.environ.get("BENCH_REDIS_PREFIX", "ccbench"))
@@ -846,8 +839,7 @@ def bench(
             raise RuntimeError(f"the baseline {args.baseline} has no bench/seed.py to seed its database with")
         copied = install_artefacts(path)
         log(f"baseline: copied {len(copied)} install artefact(s) from this tree: {', '.join(copied) or 'none'}")
-        recreate_database(base_url)
-        stack.callback(drop_database, base_url)
+        recreate_database(base_url)  # left in place afterwards: dropping waits for a checkpoint
         trees.append(baseline)
     for tree in trees:
         tree.env = tree_env(args, tree, work / f"var-{tree.label}")
@@ -855,7 +847,7 @@ def bench(
         if tree.label == "baseline":
             run_in(tree, ["manage.py", "migrate", "--no-input", "-v", "0"], "migrate")
             log(f"baseline database {tree.database} created and migrated")
-        log(f"{tree.label} tree {tree.rev}: `gateway` resolves to {check_import_origin(tree)}")
+        log(f"{tree.label} tree {tree.rev}: chittycan.asgi resolves to {check_import_origin(tree)}")
 
     upstream, upstream_url = start_upstream(work)
     stack.callback(stop, upstream)
@@ -919,7 +911,7 @@ def bench(
         if target.kind == "gateway" and target.proc is not None:
             target.origin = read_probe(target)
             stop(target.proc)
-            log(f"{target.name}: import origin {target.origin}")
+            log(f"{target.name}: imported from {target.origin}")
     return targets, trees
 
 

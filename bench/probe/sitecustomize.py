@@ -4,10 +4,11 @@
 this module at start-up in that process, including after ``can serve`` replaces itself with
 uvicorn. When ``BENCH_PROBE_DIR`` is set, SIGUSR1 (and a normal exit) makes the process write
 ``<BENCH_PROBE_DIR>/<pid>.json``: the file each of the project's top-level packages (the
-directories of ``BENCH_PROBE_TREE`` holding an ``__init__.py``) was imported from, and every
-project module loaded from anywhere else. The runner signals the server after the last cell,
-before stopping it (uvicorn ends by re-raising SIGTERM, so exit hooks do not run), and fails a
-baseline that ran any of the current tree's code. Nothing happens without the variable.
+directories of ``BENCH_PROBE_TREE`` holding an ``__init__.py``) was imported from, the file of
+``chittycan.asgi`` once the app is loaded, and every project module loaded from anywhere else.
+The runner signals the server after the last cell, before stopping it (uvicorn ends by
+re-raising SIGTERM, so exit hooks do not run), and fails a baseline that ran any of the current
+tree's code. Nothing happens without the variable.
 """
 
 from __future__ import annotations
@@ -36,7 +37,15 @@ def _report(directory: str, tree: str) -> None:
             origins[name] = path
         if not path.startswith(tree + os.sep):
             foreign.append(path)
-    record = {"pid": os.getpid(), "argv": sys.argv, "tree": tree, "origins": origins, "foreign": sorted(foreign)}
+    app = getattr(sys.modules.get("chittycan.asgi"), "__file__", None)  # set once the server loaded the app
+    record = {
+        "pid": os.getpid(),
+        "argv": sys.argv,
+        "tree": tree,
+        "app": app and os.path.realpath(app),
+        "origins": origins,
+        "foreign": sorted(foreign),
+    }
     path = os.path.join(directory, f"{os.getpid()}.json")
     with open(path + ".tmp", "w", encoding="utf-8") as fh:
         json.dump(record, fh)
