@@ -705,7 +705,9 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", metavar="REF", help="also run ChittyCan at this git ref (e.g. HEAD~1, main)")
-    parser.add_argument("--quick", action="store_true", help="one short round (~1 minute): for trying things out")
+    parser.add_argument(
+        "--quick", action="store_true", help="one 1 s round per cell (a minute or so): for trying things out"
+    )
     parser.add_argument("--rounds", type=int, help=f"interleaved rounds (default {DEFAULTS['rounds']})")
     parser.add_argument("--duration", type=float, help="seconds measured per cell and round (default 2)")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up before each cell (default 0.5)")
