@@ -54,8 +54,8 @@ fmt: install-dev ## format and fix what ruff can
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: install-dev ## benchmark the gateway against a fast fake upstream (see README)
-	bash scripts/bench.sh
+bench: install-dev ## benchmark the gateway against a pass-through ceiling; BASELINE=REF adds an older commit
+	bash scripts/bench.sh $(if $(BASELINE),--baseline '$(BASELINE)') $(BENCH_ARGS)
 
 clean: ## remove the virtualenv and local data
 	rm -rf $(VENV) var

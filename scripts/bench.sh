@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# `make bench`: benchmark one gateway process (uvicorn, granian, daphne) against a fast fake upstream
-# with PostgreSQL, Redis, auth, limits, budgets and the usage ledger on. See docs/benchmark.md.
-# Uses its own database (chittycan_bench) and Redis db 8 / prefix ccbench, so it never touches the
-# test suite's data. Extra arguments go to `python -m bench.run` (e.g. --servers uvicorn --duration 3).
+# `make bench`: one gateway process with PostgreSQL, Redis, auth, limits, budgets and the usage ledger
+# on, side by side with the same load sent straight to a fast fake upstream and through a minimal
+# aiohttp pass-through proxy (the ceiling); with --baseline REF (`make bench BASELINE=REF`) also the
+# gateway at that git ref, from a temporary worktree. See docs/benchmark.md.
+# Uses its own databases (chittycan_bench, chittycan_bench_baseline) and Redis db 8 / prefixes ccbench
+# and ccbench_base, so it never touches the test suite's data. Extra arguments go to
+# `python -m bench.run` (e.g. --quick, --rounds 5, --servers uvicorn,granian).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
