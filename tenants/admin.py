@@ -23,7 +23,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from core import invalidation
-from tenants import services
+from tenants import audit, services
 from tenants.models import ApiKey, AuditEvent, Budget, BudgetCounter, BudgetReservation, Plan, Tenant
 
 MICRO = Decimal(1_000_000)
@@ -70,7 +70,7 @@ class AuditedAdmin(TypedAdmin[_M]):
 
     def _audit(self, request: HttpRequest, obj: Model, action: str, data: dict[str, Any] | None = None) -> None:
         tenant = obj if isinstance(obj, Tenant) else getattr(obj, "tenant", None)
-        services.audit(
+        audit.record(
             f"{obj._meta.model_name}.{action}",
             tenant=tenant if isinstance(tenant, Tenant) and tenant.pk else None,
             target=str(obj)[:200],

@@ -10,8 +10,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
 from control.models import TenantMembership
+from tenants import audit
 from tenants.models import Tenant
-from tenants.services import audit
 
 
 class Command(BaseCommand):
@@ -51,11 +51,11 @@ class Command(BaseCommand):
         with transaction.atomic():
             if action == "add":
                 TenantMembership.objects.update_or_create(user=user, tenant=tenant, defaults={"role": options["role"]})
-                audit("member.set", tenant=tenant, target=user.get_username(), data={"role": options["role"]})
+                audit.record("member.set", tenant=tenant, target=user.get_username(), data={"role": options["role"]})
                 self.stdout.write(f"{user.get_username()} is {options['role']} of {tenant.slug}")
             else:
                 deleted, _ = TenantMembership.objects.filter(user=user, tenant=tenant).delete()
                 if not deleted:
                     raise CommandError(f"{user.get_username()} has no membership on {tenant.slug}")
-                audit("member.remove", tenant=tenant, target=user.get_username())
+                audit.record("member.remove", tenant=tenant, target=user.get_username())
                 self.stdout.write(f"removed {user.get_username()} from {tenant.slug}")
