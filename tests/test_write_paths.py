@@ -4,7 +4,9 @@ announced once per transaction."""
 
 from __future__ import annotations
 
+import ast
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -15,8 +17,10 @@ from django.urls import reverse
 from core import invalidation
 from gateway import catalog
 from gateway.models import Deployment, LLMModel, Price, Provider
-from tenants import services
+from tenants import audit, services
 from tenants.models import ApiKey, AuditEvent, Budget, Plan
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -170,3 +174,23 @@ def test_one_announcement_per_transaction(db, django_capture_on_commit_callbacks
     with django_capture_on_commit_callbacks(execute=True):
         catalog.provider_update(provider, max_retries=5)  # no change: nothing announced
     assert calls == [1]
+
+
+def test_audit_rows_are_created_only_by_the_audit_service():
+    """No code but tenants/audit.py creates AuditEvent rows (tests and migrations aside)."""
+    offenders = []
+    tops = [p for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in {"tests", "var"}]
+    for path in (f for top in tops for f in top.rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if "migrations" in rel.parts or rel == Path("tenants/audit.py"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in {"create", "bulk_create", "get_or_create"}:
+                text = ast.unparse(node)
+                if "AuditEvent" in text:
+                    offenders.append(f"{rel}:{node.lineno}")
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "AuditEvent":
+                offenders.append(f"{rel}:{node.lineno}")
+    assert offenders == []
+    assert audit.record.__module__ == "tenants.audit"
