@@ -9,6 +9,7 @@ import string
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 from rest_framework import authentication, exceptions
@@ -43,11 +44,13 @@ def token_create(*, user: Any, name: str = "") -> tuple[ManagementToken, str]:
 
 
 @transaction.atomic
-def token_revoke(*, token: ManagementToken) -> ManagementToken:
+def token_revoke(
+    *, token: ManagementToken, actor: AbstractBaseUser | None = None, actor_label: str = "cli"
+) -> ManagementToken:
     if token.revoked_at is None:
         token.revoked_at = timezone.now()
         token.save(update_fields=["revoked_at"])
-        audit.record("apitoken.revoke", target=token.prefix, actor_label="cli")
+        audit.record("apitoken.revoke", target=token.prefix, actor=actor, actor_label=actor_label)
     return token
 
 

@@ -14,6 +14,8 @@ from django.db import transaction
 from django.test import Client
 from django.urls import reverse
 
+from control.models import ManagementToken, TenantMembership
+from control.tokens import token_create
 from core import invalidation
 from gateway import catalog
 from gateway.models import Deployment, LLMModel, Price, Provider
@@ -194,3 +196,26 @@ def test_audit_rows_are_created_only_by_the_audit_service():
                 offenders.append(f"{rel}:{node.lineno}")
     assert offenders == []
     assert audit.record.__module__ == "tenants.audit"
+
+
+def test_memberships_and_management_tokens_are_written_through_their_services(staff):
+    org = services.tenant_create(slug="org")
+    bob = get_user_model().objects.create_user("bob", "bob@example.com", "pw")
+    form = {"tenant": str(org.pk), "user": str(bob.pk), "role": "admin"}
+    assert staff.post(reverse("admin:control_tenantmembership_add"), form).status_code == 302
+    membership = TenantMembership.objects.get(user=bob, tenant=org)
+    url = reverse("admin:control_tenantmembership_change", args=[membership.pk])
+    assert staff.post(url, {**form, "role": "member"}).status_code == 302
+    staff.post(reverse("admin:control_tenantmembership_delete", args=[membership.pk]), {"post": "yes"})
+    assert not TenantMembership.objects.exists()
+    assert actions(target="bob") == ["member.set", "member.set", "member.remove"]
+    assert set(AuditEvent.objects.filter(target="bob").values_list("actor_label", flat=True)) == {"admin"}
+
+    token, _ = token_create(user=bob, name="ci")
+    page = staff.get(reverse("admin:control_managementtoken_change", args=[token.pk])).content.decode()
+    assert token.hashed_secret not in page
+    url = reverse("admin:control_managementtoken_changelist")
+    staff.post(url, {"action": "revoke_tokens", "_selected_action": [token.pk]})
+    assert ManagementToken.objects.get(pk=token.pk).revoked_at is not None
+    event = AuditEvent.objects.get(action="apitoken.revoke")
+    assert event.actor_label == "admin" and event.actor is not None
