@@ -21,8 +21,7 @@ def _announce_on_commit() -> None:
 
 
 class TenantFields(TypedDict, total=False):
-    """What a tenant's writers may change (its slug is its name in files and URLs; set at creation)."""
-
+    slug: str
     name: str
     kind: str
     parent: Tenant | None

@@ -318,6 +318,7 @@ class _Applier:
         for spec in _parents_first(self.doc.tenants):
             parent = rows.get(spec.parent) if spec.parent else None
             desired: services.TenantFields = {
+                "slug": spec.slug,
                 "name": spec.name or spec.slug,
                 "kind": spec.kind or _default_kind(by_slug[spec.parent].kind if spec.parent else None, parent),
                 "parent": parent,
@@ -332,7 +333,7 @@ class _Applier:
             tenant = Tenant.objects.filter(slug=spec.slug).first()
             with self.valid("tenant", spec.slug):
                 if tenant is None:
-                    tenant = services.tenant_create(slug=spec.slug, **desired, **self.by)
+                    tenant = services.tenant_create(**desired, **self.by)
                     self.created("tenant", spec.slug)
                 else:
                     self.updated("tenant", spec.slug, services.tenant_update(tenant, **desired, **self.by))
