@@ -9,12 +9,14 @@ import string
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
 from control.models import ManagementToken
+from tenants import audit
 
 TOKEN_PREFIX = "ccm_"
 _ALPHABET = string.digits + string.ascii_letters
@@ -30,25 +32,25 @@ def _hash(token: str) -> str:
 @transaction.atomic
 def token_create(*, user: Any, name: str = "") -> tuple[ManagementToken, str]:
     """Create a token for ``user``. Returns the row and the plaintext, which is never shown again."""
-    from tenants.services import audit
-
     body = "".join(secrets.choice(_ALPHABET) for _ in range(_PUBLIC_LEN + _SECRET_LEN))
     plaintext = TOKEN_PREFIX + body
     token = ManagementToken.objects.create(
         user=user, name=name, prefix=plaintext[: len(TOKEN_PREFIX) + _PUBLIC_LEN], hashed_secret=_hash(plaintext)
     )
-    audit("apitoken.create", target=token.prefix, data={"user": user.get_username(), "name": name}, actor_label="cli")
+    audit.record(
+        "apitoken.create", target=token.prefix, data={"user": user.get_username(), "name": name}, actor_label="cli"
+    )
     return token, plaintext
 
 
 @transaction.atomic
-def token_revoke(*, token: ManagementToken) -> ManagementToken:
-    from tenants.services import audit
-
+def token_revoke(
+    *, token: ManagementToken, actor: AbstractBaseUser | None = None, actor_label: str = "cli"
+) -> ManagementToken:
     if token.revoked_at is None:
         token.revoked_at = timezone.now()
         token.save(update_fields=["revoked_at"])
-        audit("apitoken.revoke", target=token.prefix, actor_label="cli")
+        audit.record("apitoken.revoke", target=token.prefix, actor=actor, actor_label=actor_label)
     return token
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import redis
 from django.conf import settings
+from django.db import transaction
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +50,15 @@ def announce() -> None:
         conn.close()
     except redis.RedisError:
         log.warning("could not announce a config change; other processes refresh within the cache TTL")
+
+
+def announce_on_commit(using: str | None = None) -> None:
+    """Announce once the current transaction commits; at once outside a transaction.
+
+    However many writes one transaction makes (``can apply`` makes dozens), the processes are
+    told once. A write inside a savepoint that is rolled back takes its registration with it, so a
+    later write registers again."""
+    connection = transaction.get_connection(using)
+    if connection.in_atomic_block and any(entry[1] is announce for entry in connection.run_on_commit):
+        return
+    transaction.on_commit(announce, using=using)

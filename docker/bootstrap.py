@@ -29,7 +29,7 @@ def ensure() -> None:
     from django.db import transaction
 
     from tenants import keys, services
-    from tenants.models import ApiKey, Tenant
+    from tenants.models import Tenant
 
     plaintext = os.environ["CHITTYCAN_BOOTSTRAP_KEY"].strip()
     if not keys.looks_valid(plaintext):
@@ -39,13 +39,8 @@ def ensure() -> None:
         tenant = Tenant.objects.filter(slug=slug).first() or services.tenant_create(
             slug=slug, name=slug, actor_label="bootstrap"
         )
-        prefix = keys.key_prefix(plaintext)
-        if not ApiKey.objects.filter(prefix=prefix).exists():
-            ApiKey.objects.create(
-                tenant=tenant, name="bootstrap", prefix=prefix, hashed_secret=keys.hash_key(plaintext)
-            )
-            services.audit("key.bootstrap", tenant=tenant, target=prefix, actor_label="bootstrap")
-    print(f"bootstrap: key {prefix}... ready for tenant {slug}")
+        api_key = services.key_register(tenant=tenant, plaintext=plaintext, name="bootstrap", actor_label="bootstrap")
+    print(f"bootstrap: key {api_key.prefix}... ready for tenant {slug}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """Admin for providers (write-only credentials), public models with their deployments and prices,
-and the read-only usage ledger, rollups and budget alerts."""
+and the read-only usage ledger, rollups and budget alerts.
+
+Providers, models, deployments and prices are written through ``gateway.catalog`` (which audits
+and announces each change), as ``can apply`` writes them."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from django.db.models import Count, Model, QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
 
+from gateway import catalog
 from gateway.models import (
     AlertSent,
     DailyUsage,
@@ -21,7 +25,9 @@ from gateway.models import (
     Provider,
     UsageRecord,
 )
-from tenants.admin import AuditedAdmin, ReadOnlyAdmin, https_formfield, usd
+from tenants.admin import AuditedAdmin, ReadOnlyAdmin, actor_of, adopt, https_formfield, usd
+
+ADMIN_LABEL = "admin"
 
 # --- providers -----------------------------------------------------------------------------------
 
@@ -84,11 +90,22 @@ class ProviderAdmin(AuditedAdmin[Provider]):
         return int(getattr(obj, "n_deployments", 0))
 
     def save_model(self, request: HttpRequest, obj: Provider, form: ModelForm, change: bool) -> None:
+        values = self.field_values(obj, form.fields)
+        api_key: str | None = None  # keep the stored key
         if form.cleaned_data.get("api_key"):
-            obj.api_key = form.cleaned_data["api_key"]
+            api_key = form.cleaned_data["api_key"]
         elif form.cleaned_data.get("clear_api_key"):
-            obj.api_key = ""
-        super().save_model(request, obj, form, change)
+            api_key = ""
+        if change:
+            catalog.provider_update(obj, **values, api_key=api_key, actor=actor_of(request), actor_label=ADMIN_LABEL)
+            return
+        created = catalog.provider_create(
+            **values, api_key=api_key or "", actor=actor_of(request), actor_label=ADMIN_LABEL
+        )
+        adopt(obj, created)
+
+    def delete(self, request: HttpRequest, obj: Provider) -> None:
+        catalog.provider_delete(obj, actor=actor_of(request), actor_label=ADMIN_LABEL)
 
 
 # --- models, deployments, prices -----------------------------------------------------------------
@@ -140,6 +157,38 @@ class LLMModelAdmin(AuditedAdmin[LLMModel]):
     @admin.display(description="deployments", ordering="n_deployments")
     def deployment_count(self, obj: LLMModel) -> int:
         return int(getattr(obj, "n_deployments", 0))
+
+    def create(self, request: HttpRequest, obj: LLMModel, values: dict[str, Any]) -> LLMModel:
+        return catalog.model_create(**values, actor=actor_of(request), actor_label=ADMIN_LABEL)
+
+    def update(self, request: HttpRequest, obj: LLMModel, values: dict[str, Any]) -> None:
+        catalog.model_update(obj, **values, actor=actor_of(request), actor_label=ADMIN_LABEL)
+
+    def delete(self, request: HttpRequest, obj: LLMModel) -> None:
+        catalog.model_delete(obj, actor=actor_of(request), actor_label=ADMIN_LABEL)
+
+    def save_formset(self, request: HttpRequest, form: ModelForm, formset: Any, change: bool) -> None:
+        """Deployments and prices, each through its service function."""
+        actor = actor_of(request)
+        formset.save(commit=False)  # fills new_objects, changed_objects and deleted_objects; writes nothing
+        for row in formset.deleted_objects:
+            if isinstance(row, Deployment):
+                catalog.deployment_delete(row, actor=actor, actor_label=ADMIN_LABEL)
+            else:
+                catalog.price_delete(row, actor=actor, actor_label=ADMIN_LABEL)
+        edited = [(row, True) for row in formset.new_objects] + [(row, False) for row, _ in formset.changed_objects]
+        for row, new in edited:
+            values = self.field_values(row, formset.form.base_fields)
+            values[formset.fk.name] = form.instance
+            if isinstance(row, Deployment):
+                if new:
+                    adopt(row, catalog.deployment_create(**values, actor=actor, actor_label=ADMIN_LABEL))
+                else:
+                    catalog.deployment_update(row, **values, actor=actor, actor_label=ADMIN_LABEL)
+            elif new:
+                adopt(row, catalog.price_create(**values, actor=actor, actor_label=ADMIN_LABEL))
+            else:
+                catalog.price_update(row, **values, actor=actor, actor_label=ADMIN_LABEL)
 
     @admin.display(description="price now (USD / 1M in, out)")
     def current_price(self, obj: LLMModel) -> str:

@@ -1,19 +1,21 @@
 """Admin for tenants (a tree), plans, API keys, budgets and the audit log.
 
-Every write made here writes an audit row and tells the gateway processes after commit. Keys are
-issued, revoked and rotated through ``tenants.services``; a new key's plaintext is shown once, in
-a message after saving, and is never stored.
+Every write made here goes through ``tenants.services`` (which audit it and tell the gateway
+processes after commit): the admin has no write path of its own. A new key's plaintext is shown
+once, in a message after saving, and is never stored.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.core.exceptions import FieldDoesNotExist
 from django.db import models, transaction
 from django.db.models import Count, Model, Q, QuerySet
 from django.forms import ModelForm
@@ -22,7 +24,6 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
-from core import invalidation
 from tenants import services
 from tenants.models import ApiKey, AuditEvent, Budget, BudgetCounter, BudgetReservation, Plan, Tenant
 
@@ -63,42 +64,66 @@ def https_formfield(field: models.Field[Any, Any], **kwargs: Any) -> Any:
     return field.formfield(**kwargs)
 
 
+def actor_of(request: HttpRequest) -> AbstractBaseUser | None:
+    """The logged-in person, for the audit log."""
+    user = getattr(request, "user", None)
+    return user if isinstance(user, AbstractBaseUser) and user.is_authenticated else None
+
+
+def adopt(obj: Model, saved: Model) -> None:
+    """Make the admin's form instance the row a service just created (so redirects and inlines see it)."""
+    for field in obj._meta.concrete_fields:
+        setattr(obj, field.attname, getattr(saved, field.attname))
+    obj._state.adding = False
+    obj._state.db = saved._state.db
+
+
 class AuditedAdmin(TypedAdmin[_M]):
-    """Each save and delete writes an audit row and announces the change to the gateway after commit."""
+    """Saves and deletes go to the model's service functions, which validate, write, audit and
+    announce the change after commit. Subclasses say which: ``create``, ``update``, ``delete``,
+    and ``save_formset`` when they have inlines."""
 
     formfield_overrides = URL_FIELDS
 
-    def _audit(self, request: HttpRequest, obj: Model, action: str, data: dict[str, Any] | None = None) -> None:
-        tenant = obj if isinstance(obj, Tenant) else getattr(obj, "tenant", None)
-        services.audit(
-            f"{obj._meta.model_name}.{action}",
-            tenant=tenant if isinstance(tenant, Tenant) and tenant.pk else None,
-            target=str(obj)[:200],
-            data=data or {},
-            actor=request.user if request.user.is_authenticated else None,
-            actor_label=ADMIN_LABEL,
-        )
-        transaction.on_commit(invalidation.announce)
+    @staticmethod
+    def field_values(obj: Model, names: Iterable[str]) -> dict[str, Any]:
+        """The model fields among ``names`` (a form's fields), with the values the form put on ``obj``."""
+        values: dict[str, Any] = {}
+        for name in names:
+            try:
+                field = obj._meta.get_field(name)
+            except FieldDoesNotExist:
+                continue  # a form-only field (a write-only secret, an amount in USD...)
+            if field.concrete and not field.auto_created:
+                values[name] = getattr(obj, name)
+        return values
 
-    def save_model(self, request: HttpRequest, obj: Any, form: ModelForm, change: bool) -> None:
-        super().save_model(request, obj, form, change)
-        self._audit(request, obj, "update" if change else "create", {"fields": sorted(form.changed_data)})
+    def create(self, request: HttpRequest, obj: _M, values: dict[str, Any]) -> _M:
+        raise NotImplementedError(f"{type(self).__name__} cannot add: no service creates {obj._meta.label}")
+
+    def update(self, request: HttpRequest, obj: _M, values: dict[str, Any]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot change: no service updates {obj._meta.label}")
+
+    def delete(self, request: HttpRequest, obj: _M) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot delete: no service deletes {obj._meta.label}")
+
+    def save_model(self, request: HttpRequest, obj: _M, form: ModelForm, change: bool) -> None:
+        values = self.field_values(obj, form.fields)
+        if change:
+            self.update(request, obj, values)
+        else:
+            adopt(obj, self.create(request, obj, values))
 
     def save_formset(self, request: HttpRequest, form: ModelForm, formset: Any, change: bool) -> None:
-        super().save_formset(request, form, formset, change)
-        touched = [str(o) for o in formset.new_objects + [o for o, _ in formset.changed_objects]]
-        removed = [str(o) for o in formset.deleted_objects]
-        if touched or removed:
-            self._audit(request, form.instance, "update", {"saved": touched, "deleted": removed})
+        raise NotImplementedError(f"{type(self).__name__}: no service writes {formset.model._meta.label} inlines")
 
-    def delete_model(self, request: HttpRequest, obj: Any) -> None:
-        self._audit(request, obj, "delete")
-        super().delete_model(request, obj)
+    def delete_model(self, request: HttpRequest, obj: _M) -> None:
+        self.delete(request, obj)
 
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet) -> None:
-        for obj in queryset:
-            self._audit(request, obj, "delete")
-        super().delete_queryset(request, queryset)
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[_M]) -> None:
+        with transaction.atomic():
+            for obj in queryset:
+                self.delete(request, obj)
 
 
 class ReadOnlyAdmin(TypedAdmin[_M]):
@@ -311,26 +336,45 @@ class TenantAdmin(AuditedAdmin[Tenant]):
         # Tenants own keys and ledger history: deactivate them instead.
         return False
 
-    def save_model(self, request: HttpRequest, obj: Tenant, form: ModelForm, change: bool) -> None:
-        if not change:
-            created = services.tenant_create(
-                slug=obj.slug,
-                name=obj.name,
-                parent=obj.parent,
-                kind=obj.kind,
-                plan=obj.plan,
-                time_zone=obj.time_zone,
-                stripe_customer_id=obj.stripe_customer_id,
-                actor_label=ADMIN_LABEL,
-            )
-            obj.pk = created.pk
-            obj.created_at = created.created_at
-            obj._state.adding = False
-            obj._state.db = created._state.db
-            # Fields tenant_create does not take (limits, allowed models, active) are saved below.
-            obj.save()
+    def create(self, request: HttpRequest, obj: Tenant, values: dict[str, Any]) -> Tenant:
+        return services.tenant_create(**values, actor=actor_of(request), actor_label=ADMIN_LABEL)
+
+    def update(self, request: HttpRequest, obj: Tenant, values: dict[str, Any]) -> None:
+        services.tenant_update(obj, **values, actor=actor_of(request), actor_label=ADMIN_LABEL)
+
+    def save_formset(self, request: HttpRequest, form: ModelForm, formset: Any, change: bool) -> None:
+        if formset.model is not Budget:
+            super().save_formset(request, form, formset, change)
             return
-        super().save_model(request, obj, form, change)
+        formset.save(commit=False)
+        for budget in formset.deleted_objects:
+            services.budget_delete(budget=budget, actor_label=ADMIN_LABEL)
+        for budget in formset.new_objects:
+            save_budget(budget)
+        for budget, fields in formset.changed_objects:
+            save_budget(budget, moved="period" in fields)
+
+
+def save_budget(budget: Budget, *, moved: bool = False) -> Budget:
+    """A budget as a form left it, through the budget service. ``moved``: its scope or period
+    changed, so the stored budget is deleted and one is set for the new scope and period."""
+    if moved:
+        stored = Budget.objects.select_related("tenant", "api_key__tenant").get(pk=budget.pk)
+        services.budget_delete(budget=stored, actor_label=ADMIN_LABEL)
+    saved = services.budget_set(
+        tenant=budget.tenant,
+        api_key=budget.api_key,
+        period=budget.period,
+        limit_micro=budget.limit_micro,
+        hard=budget.hard,
+        alert_thresholds=budget.alert_thresholds,
+        alert_emails=budget.alert_emails,
+        webhook_url=budget.webhook_url,
+        webhook_secret=budget.webhook_secret,
+        actor_label=ADMIN_LABEL,
+    )
+    adopt(budget, saved)
+    return saved
 
 
 # --- plans ---------------------------------------------------------------------------------------
@@ -347,6 +391,15 @@ class PlanAdmin(AuditedAdmin[Plan]):
     @admin.display(description="tenants", ordering="n_tenants")
     def tenant_count(self, obj: Plan) -> int:
         return int(getattr(obj, "n_tenants", 0))
+
+    def create(self, request: HttpRequest, obj: Plan, values: dict[str, Any]) -> Plan:
+        return services.plan_create(**values, actor=actor_of(request), actor_label=ADMIN_LABEL)
+
+    def update(self, request: HttpRequest, obj: Plan, values: dict[str, Any]) -> None:
+        services.plan_update(obj, **values, actor=actor_of(request), actor_label=ADMIN_LABEL)
+
+    def delete(self, request: HttpRequest, obj: Plan) -> None:
+        services.plan_delete(obj, actor=actor_of(request), actor_label=ADMIN_LABEL)
 
 
 # --- API keys ------------------------------------------------------------------------------------
@@ -444,10 +497,7 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
     def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
         return False  # revoke instead: the key's usage history stays attributable
 
-    def save_model(self, request: HttpRequest, obj: ApiKey, form: ModelForm, change: bool) -> None:
-        if change:
-            super().save_model(request, obj, form, change)
-            return
+    def create(self, request: HttpRequest, obj: ApiKey, values: dict[str, Any]) -> ApiKey:
         issued, plaintext = services.key_issue(
             tenant=obj.tenant,
             name=obj.name,
@@ -456,15 +506,14 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
             user=obj.user,
             rpm_limit=obj.rpm_limit,
             tpm_limit=obj.tpm_limit,
+            actor=actor_of(request),
             actor_label=ADMIN_LABEL,
         )
-        obj.pk = issued.pk
-        obj.prefix = issued.prefix
-        obj.hashed_secret = issued.hashed_secret
-        obj.created_at = issued.created_at
-        obj._state.adding = False
-        obj._state.db = issued._state.db
         self._show_key_once(request, issued, plaintext)
+        return issued
+
+    def update(self, request: HttpRequest, obj: ApiKey, values: dict[str, Any]) -> None:
+        services.key_update(obj, **values, actor=actor_of(request), actor_label=ADMIN_LABEL)
 
     def _show_key_once(self, request: HttpRequest, api_key: ApiKey, plaintext: str) -> None:
         messages.warning(
@@ -481,14 +530,14 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         count = 0
         for api_key in queryset.filter(revoked_at__isnull=True).select_related("tenant"):
-            services.key_revoke(api_key=api_key, actor_label=ADMIN_LABEL)
+            services.key_revoke(api_key=api_key, actor=actor_of(request), actor_label=ADMIN_LABEL)
             count += 1
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
 
     @admin.action(description="Rotate selected keys (new key shown once, old key revoked)")
     def rotate_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
         for api_key in queryset.filter(revoked_at__isnull=True).select_related("tenant", "user"):
-            new_key, plaintext = services.key_rotate(api_key=api_key, actor_label=ADMIN_LABEL)
+            new_key, plaintext = services.key_rotate(api_key=api_key, actor=actor_of(request), actor_label=ADMIN_LABEL)
             self._show_key_once(request, new_key, plaintext)
         if queryset.filter(revoked_at__isnull=False).exists():
             self.message_user(request, "Revoked keys were skipped.", messages.INFO)
@@ -509,23 +558,7 @@ class BudgetAdmin(AuditedAdmin[Budget]):
     fields = [*BudgetForm.Meta.fields, "new_webhook_secret", "clear_webhook_secret"]
 
     def save_model(self, request: HttpRequest, obj: Budget, form: ModelForm, change: bool) -> None:
-        if change and {"tenant", "api_key", "period"} & set(form.changed_data):
-            super().save_model(request, obj, form, change)  # moved to another scope or period
-            return
-        saved = services.budget_set(
-            tenant=obj.tenant,
-            api_key=obj.api_key,
-            period=obj.period,
-            limit_micro=obj.limit_micro,
-            hard=obj.hard,
-            alert_thresholds=obj.alert_thresholds,
-            alert_emails=obj.alert_emails,
-            webhook_url=obj.webhook_url,
-            webhook_secret=obj.webhook_secret,
-            actor_label=ADMIN_LABEL,
-        )
-        obj.pk, obj.created_at = saved.pk, saved.created_at
-        obj._state.adding, obj._state.db = False, saved._state.db
+        save_budget(obj, moved=change and bool({"tenant", "api_key", "period"} & set(form.changed_data)))
 
     def delete_model(self, request: HttpRequest, obj: Budget) -> None:
         services.budget_delete(budget=obj, actor_label=ADMIN_LABEL)

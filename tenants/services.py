@@ -1,35 +1,60 @@
-"""Writes to tenants and keys. Each runs in one transaction, writes an audit row and announces
-the change to every gateway process after commit."""
+"""Writes to tenants, plans and keys. Each runs in one transaction, writes an audit row through
+``tenants.audit`` and announces the change to every gateway process after commit. The admin, the
+``can`` commands, the REST API and ``can apply`` all write through these functions."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
 from django.utils import timezone
 
 from core import invalidation
-from tenants import keys
-from tenants.models import ApiKey, AuditEvent, Budget, Plan, Tenant
-
-
-def audit(
-    action: str,
-    *,
-    tenant: Tenant | None = None,
-    target: str = "",
-    data: dict[str, Any] | None = None,
-    actor: Any = None,
-    actor_label: str = "",
-) -> None:
-    AuditEvent.objects.create(
-        action=action, tenant=tenant, target=target, data=data or {}, actor=actor, actor_label=actor_label
-    )
+from tenants import audit, keys
+from tenants.models import ApiKey, Budget, Plan, Tenant
 
 
 def _announce_on_commit() -> None:
-    transaction.on_commit(invalidation.announce)
+    invalidation.announce_on_commit()
+
+
+class TenantFields(TypedDict, total=False):
+    slug: str
+    name: str
+    kind: str
+    parent: Tenant | None
+    plan: Plan | None
+    time_zone: str
+    stripe_customer_id: str
+    rpm_limit: int | None
+    tpm_limit: int | None
+    allowed_models: list[str]
+    is_active: bool
+
+
+class PlanFields(TypedDict, total=False):
+    slug: str
+    name: str
+    monthly_request_quota: int | None
+    rpm_limit: int | None
+    tpm_limit: int | None
+    created_at: datetime
+
+
+class KeyFields(TypedDict, total=False):
+    """What may change on an issued key (its tenant and secret never do: rotate instead)."""
+
+    name: str
+    user: AbstractBaseUser | None
+    scopes: dict[str, Any]
+    rpm_limit: int | None
+    tpm_limit: int | None
+    expires_at: datetime | None
+
+
+# --- tenants ------------------------------------------------------------------------------------
 
 
 @transaction.atomic
@@ -42,7 +67,13 @@ def tenant_create(
     plan: Plan | None = None,
     time_zone: str = "UTC",
     stripe_customer_id: str = "",
+    rpm_limit: int | None = None,
+    tpm_limit: int | None = None,
+    allowed_models: list[str] | None = None,
+    is_active: bool = True,
+    actor: AbstractBaseUser | None = None,
     actor_label: str = "",
+    source: str = "",
 ) -> Tenant:
     tenant = Tenant(
         slug=slug,
@@ -52,12 +83,135 @@ def tenant_create(
         plan=plan,
         time_zone=time_zone,
         stripe_customer_id=stripe_customer_id,
+        rpm_limit=rpm_limit,
+        tpm_limit=tpm_limit,
+        allowed_models=list(allowed_models or []),
+        is_active=is_active,
     )
     tenant.full_clean()
     tenant.save()
-    audit("tenant.create", tenant=tenant, target=slug, actor_label=actor_label)
+    audit.record("tenant.create", tenant=tenant, target=slug, actor=actor, actor_label=actor_label, source=source)
     _announce_on_commit()
     return tenant
+
+
+@transaction.atomic
+def tenant_update(
+    tenant: Tenant,
+    *,
+    actor: AbstractBaseUser | None = None,
+    actor_label: str = "",
+    source: str = "",
+    **fields: Unpack[TenantFields],
+) -> audit.Changes:
+    """Set the given fields; returns what changed (nothing written, audited or announced if nothing did).
+
+    ``tenant`` may carry unsaved edits (an admin form's instance): the change is measured against
+    the stored row."""
+    stored = Tenant.objects.select_for_update().get(pk=tenant.pk)
+    changes = audit.diff(stored, fields)
+    if not changes:
+        return changes
+    for name, value in fields.items():
+        setattr(tenant, name, value)
+    tenant.full_clean()
+    tenant.save(update_fields=list(changes))
+    audit.record(
+        "tenant.update",
+        tenant=tenant,
+        target=tenant.slug,
+        changes=changes,
+        actor=actor,
+        actor_label=actor_label,
+        source=source,
+    )
+    _announce_on_commit()
+    return changes
+
+
+@transaction.atomic
+def tenant_deactivate(
+    tenant: Tenant,
+    *,
+    note: str = "",
+    actor: AbstractBaseUser | None = None,
+    actor_label: str = "",
+    source: str = "",
+) -> bool:
+    """Switch a tenant off (tenants are never deleted: their keys and ledger rows stay).
+
+    Its keys, and those of its subtree, stop working. Returns whether it was active."""
+    updated = Tenant.objects.filter(pk=tenant.pk, is_active=True).update(is_active=False)
+    tenant.is_active = False
+    if not updated:
+        return False
+    audit.record(
+        "tenant.deactivate",
+        tenant=tenant,
+        target=tenant.slug,
+        data={"note": note} if note else None,
+        actor=actor,
+        actor_label=actor_label,
+        source=source,
+    )
+    _announce_on_commit()
+    return True
+
+
+# --- plans --------------------------------------------------------------------------------------
+
+
+@transaction.atomic
+def plan_create(
+    *,
+    actor: AbstractBaseUser | None = None,
+    actor_label: str = "",
+    source: str = "",
+    **fields: Unpack[PlanFields],
+) -> Plan:
+    plan = Plan(**fields)
+    if not plan.name:
+        plan.name = plan.slug
+    plan.full_clean()
+    plan.save()
+    audit.record("plan.create", target=plan.slug, actor=actor, actor_label=actor_label, source=source)
+    _announce_on_commit()
+    return plan
+
+
+@transaction.atomic
+def plan_update(
+    plan: Plan,
+    *,
+    actor: AbstractBaseUser | None = None,
+    actor_label: str = "",
+    source: str = "",
+    **fields: Unpack[PlanFields],
+) -> audit.Changes:
+    """Set the given fields; returns what changed (measured against the stored row)."""
+    stored = Plan.objects.select_for_update().get(pk=plan.pk)
+    changes = audit.diff(stored, fields)
+    if not changes:
+        return changes
+    for name, value in fields.items():
+        setattr(plan, name, value)
+    plan.full_clean()
+    plan.save(update_fields=list(changes))
+    audit.record("plan.update", target=plan.slug, changes=changes, actor=actor, actor_label=actor_label, source=source)
+    _announce_on_commit()
+    return changes
+
+
+@transaction.atomic
+def plan_delete(plan: Plan, *, actor: AbstractBaseUser | None = None, actor_label: str = "", source: str = "") -> None:
+    """Delete a plan; tenants on it are left without one."""
+    target = plan.slug
+    plan.delete()
+    audit.record("plan.delete", target=target, actor=actor, actor_label=actor_label, source=source)
+    _announce_on_commit()
+
+
+# --- keys ---------------------------------------------------------------------------------------
 
 
 @transaction.atomic
@@ -71,6 +225,7 @@ def key_issue(
     rpm_limit: int | None = None,
     tpm_limit: int | None = None,
     actor_label: str = "",
+    actor: AbstractBaseUser | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key. Returns the row and the plaintext key, which is never stored or shown again."""
     plaintext = keys.generate_key()
@@ -85,23 +240,71 @@ def key_issue(
         rpm_limit=rpm_limit,
         tpm_limit=tpm_limit,
     )
-    audit("key.issue", tenant=tenant, target=api_key.prefix, data={"name": name}, actor_label=actor_label)
+    audit.record(
+        "key.issue", tenant=tenant, target=api_key.prefix, data={"name": name}, actor=actor, actor_label=actor_label
+    )
     _announce_on_commit()
     return api_key, plaintext
 
 
 @transaction.atomic
-def key_revoke(*, api_key: ApiKey, actor_label: str = "") -> ApiKey:
+def key_register(*, tenant: Tenant, plaintext: str, name: str = "", actor_label: str = "") -> ApiKey:
+    """Store a key generated elsewhere (a CI secret, see docker/bootstrap.py); only its HMAC is kept.
+
+    Idempotent: a key already stored is returned as it is."""
+    if not keys.looks_valid(plaintext):
+        raise ValueError("not a chitty_ key")
+    prefix = keys.key_prefix(plaintext)
+    existing = ApiKey.objects.filter(prefix=prefix).first()
+    if existing is not None:
+        return existing
+    api_key = ApiKey.objects.create(tenant=tenant, name=name, prefix=prefix, hashed_secret=keys.hash_key(plaintext))
+    audit.record("key.register", tenant=tenant, target=prefix, data={"name": name}, actor_label=actor_label)
+    _announce_on_commit()
+    return api_key
+
+
+@transaction.atomic
+def key_update(
+    api_key: ApiKey,
+    *,
+    actor: AbstractBaseUser | None = None,
+    actor_label: str = "",
+    **fields: Unpack[KeyFields],
+) -> audit.Changes:
+    """Change a key's name, owner, scopes, limits or expiry; returns what changed."""
+    stored = ApiKey.objects.select_for_update().get(pk=api_key.pk)
+    changes = audit.diff(stored, fields)
+    if not changes:
+        return changes
+    for name, value in fields.items():
+        setattr(api_key, name, value)
+    api_key.full_clean()
+    api_key.save(update_fields=list(changes))
+    audit.record(
+        "key.update",
+        tenant=api_key.tenant,
+        target=api_key.prefix,
+        changes=changes,
+        actor=actor,
+        actor_label=actor_label,
+    )
+    _announce_on_commit()
+    return changes
+
+
+@transaction.atomic
+def key_revoke(*, api_key: ApiKey, actor_label: str = "", actor: AbstractBaseUser | None = None) -> ApiKey:
     if api_key.revoked_at is None:
         api_key.revoked_at = timezone.now()
         api_key.save(update_fields=["revoked_at"])
-        audit("key.revoke", tenant=api_key.tenant, target=api_key.prefix, actor_label=actor_label)
+        audit.record("key.revoke", tenant=api_key.tenant, target=api_key.prefix, actor=actor, actor_label=actor_label)
         _announce_on_commit()
     return api_key
 
 
 @transaction.atomic
-def key_rotate(*, api_key: ApiKey, actor_label: str = "") -> tuple[ApiKey, str]:
+def key_rotate(*, api_key: ApiKey, actor_label: str = "", actor: AbstractBaseUser | None = None) -> tuple[ApiKey, str]:
     """Issue a replacement with the same tenant, name, scopes and limits; revoke the old key."""
     new_key, plaintext = key_issue(
         tenant=api_key.tenant,
@@ -112,15 +315,17 @@ def key_rotate(*, api_key: ApiKey, actor_label: str = "") -> tuple[ApiKey, str]:
         rpm_limit=api_key.rpm_limit,
         tpm_limit=api_key.tpm_limit,
         actor_label=actor_label,
+        actor=actor,
     )
     new_key.rotated_from = api_key
     new_key.save(update_fields=["rotated_from"])
-    key_revoke(api_key=api_key, actor_label=actor_label)
-    audit(
+    key_revoke(api_key=api_key, actor_label=actor_label, actor=actor)
+    audit.record(
         "key.rotate",
         tenant=api_key.tenant,
         target=api_key.prefix,
         data={"new": new_key.prefix},
+        actor=actor,
         actor_label=actor_label,
     )
     return new_key, plaintext
@@ -190,7 +395,7 @@ def budget_set(
     budget.full_clean()
     budget.save()
     owner = tenant if tenant is not None else api_key.tenant  # type: ignore[union-attr]
-    audit(
+    audit.record(
         "budget.create" if created else "budget.update",
         tenant=owner,
         target=tenant.slug if tenant is not None else api_key.prefix,  # type: ignore[union-attr]
@@ -207,5 +412,5 @@ def budget_delete(*, budget: Budget, actor_label: str = "") -> None:
     target = budget.tenant.slug if budget.tenant_id else budget.api_key.prefix  # type: ignore[union-attr]
     data = {"period": budget.period, "limit_micro": budget.limit_micro, "hard": budget.hard}
     budget.delete()
-    audit("budget.delete", tenant=owner, target=target, data=data, actor_label=actor_label)
+    audit.record("budget.delete", tenant=owner, target=target, data=data, actor_label=actor_label)
     _announce_on_commit()

@@ -12,7 +12,7 @@ import yaml
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from chittycan import config
+from control.config import load, schema
 from gateway.models import Deployment, LLMModel, Price, Provider
 from tenants.models import AuditEvent, Budget, Plan, Tenant
 
@@ -142,8 +142,8 @@ def test_unset_secret_without_a_stored_one_is_an_error_and_writes_nothing(db, tm
 
 
 def test_literal_secret_is_refused(db, tmp_path):
-    with pytest.raises(config.ConfigError) as exc:
-        config.load_text(BASE.replace("${UP_KEY}", "sk-literal"), env={"HOOK_SECRET": "x"})
+    with pytest.raises(schema.ConfigError) as exc:
+        load.load_text(BASE.replace("${UP_KEY}", "sk-literal"), env={"HOOK_SECRET": "x"})
     [message] = exc.value.errors
     assert message.startswith("chittycan.yaml: providers[0].api_key: must be an environment reference")
 
@@ -171,10 +171,10 @@ def test_validation_errors_name_file_path_and_problem(db, tmp_path, env, edit, e
     path = tmp_path / "chittycan.yaml"
     path.write_text(text)
     if expected is None:  # an integer is an exact amount too
-        config.load(str(path))
+        load.load_file(str(path))
         return
-    with pytest.raises(config.ConfigError) as exc:
-        config.load(str(path))
+    with pytest.raises(schema.ConfigError) as exc:
+        load.load_file(str(path))
     [message] = exc.value.errors
     assert message.startswith(f"{path}: {expected}"), message
     assert "(line " in message
@@ -195,15 +195,15 @@ def test_every_error_is_reported_and_nothing_is_written(db, tmp_path, env):
 
 
 def test_duplicates_cycles_and_bad_yaml(db, tmp_path):
-    with pytest.raises(config.ConfigError) as exc:
-        config.load_text("tenants:\n  - slug: a\n    parent: b\n  - slug: b\n    parent: a\n  - slug: a\n", env={})
+    with pytest.raises(schema.ConfigError) as exc:
+        load.load_text("tenants:\n  - slug: a\n    parent: b\n  - slug: b\n    parent: a\n  - slug: a\n", env={})
     text = "\n".join(exc.value.errors)
     assert "tenants[2].slug: duplicate tenant a" in text
     assert "tenants[0].parent: a would be its own ancestor" in text
-    with pytest.raises(config.ConfigError, match=r"x.yaml: not valid YAML: .*\(line \d+, column \d+\)"):
-        config.load_text("models:\n  - name: [unclosed\n", filename="x.yaml", env={})
-    with pytest.raises(config.ConfigError, match=r"environment variable NOPE is not set"):
-        config.load_text("providers:\n  - slug: p\n    kind: mock\n    base_url: ${NOPE}\n", env={})
+    with pytest.raises(schema.ConfigError, match=r"x.yaml: not valid YAML: .*\(line \d+, column \d+\)"):
+        load.load_text("models:\n  - name: [unclosed\n", filename="x.yaml", env={})
+    with pytest.raises(schema.ConfigError, match=r"environment variable NOPE is not set"):
+        load.load_text("providers:\n  - slug: p\n    kind: mock\n    base_url: ${NOPE}\n", env={})
 
 
 def test_dry_run_reports_changes_and_writes_nothing(db, tmp_path, env):

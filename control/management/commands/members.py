@@ -7,11 +7,10 @@ from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import transaction
 
+from control import members
 from control.models import TenantMembership
 from tenants.models import Tenant
-from tenants.services import audit
 
 
 class Command(BaseCommand):
@@ -48,14 +47,10 @@ class Command(BaseCommand):
                 self.stdout.write(f"{m.tenant.slug:<30} {m.user.get_username():<20} {m.role}")
             return
         user, tenant = self._lookup(options["user"], options["tenant"])
-        with transaction.atomic():
-            if action == "add":
-                TenantMembership.objects.update_or_create(user=user, tenant=tenant, defaults={"role": options["role"]})
-                audit("member.set", tenant=tenant, target=user.get_username(), data={"role": options["role"]})
-                self.stdout.write(f"{user.get_username()} is {options['role']} of {tenant.slug}")
-            else:
-                deleted, _ = TenantMembership.objects.filter(user=user, tenant=tenant).delete()
-                if not deleted:
-                    raise CommandError(f"{user.get_username()} has no membership on {tenant.slug}")
-                audit("member.remove", tenant=tenant, target=user.get_username())
-                self.stdout.write(f"removed {user.get_username()} from {tenant.slug}")
+        if action == "add":
+            members.member_set(user=user, tenant=tenant, role=options["role"], actor_label="cli")
+            self.stdout.write(f"{user.get_username()} is {options['role']} of {tenant.slug}")
+        else:
+            if not members.member_remove(user=user, tenant=tenant, actor_label="cli"):
+                raise CommandError(f"{user.get_username()} has no membership on {tenant.slug}")
+            self.stdout.write(f"removed {user.get_username()} from {tenant.slug}")

@@ -10,7 +10,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from tenants import services
+from tenants import audit
 
 
 class Command(BaseCommand):
@@ -45,7 +45,7 @@ class Command(BaseCommand):
         if opts["replace"]:
             TOTPDevice.objects.filter(user=user).delete()
         device = TOTPDevice.objects.create(user=user, name=opts["name"], confirmed=True)
-        services.audit("otp.enrol", target=user.get_username(), data={"device": device.pk}, actor_label="cli")
+        audit.record("otp.enrol", target=user.get_username(), data={"device": device.pk}, actor_label="cli")
         url = device.config_url
         self.stdout.write(f"Scan this with an authenticator app (or paste the URL) for {user.get_username()}:\n")
         if not opts["no_qr"]:
@@ -71,5 +71,5 @@ class Command(BaseCommand):
     def _remove(self, opts: dict[str, Any]) -> None:
         user = self._user(opts["user"])
         count, _ = TOTPDevice.objects.filter(user=user).delete()
-        services.audit("otp.remove", target=user.get_username(), data={"devices": count}, actor_label="cli")
+        audit.record("otp.remove", target=user.get_username(), data={"devices": count}, actor_label="cli")
         self.stdout.write(f"removed {count} TOTP device(s) of {user.get_username()}")

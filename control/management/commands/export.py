@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from chittycan import config
+from control.config import export
 
 
 class Command(BaseCommand):
@@ -20,7 +20,7 @@ class Command(BaseCommand):
         parser.add_argument("-o", "--output", default="-", help="file to write (default: standard output)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
-        text = config.dump(config.export())
+        text = export.dump(export.export())
         if opts["output"] == "-":
             self.stdout.write(text, ending="")
             return

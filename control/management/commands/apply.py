@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from chittycan import config
+from control.config import apply, load, schema
 
 
 class Command(BaseCommand):
@@ -31,11 +31,11 @@ class Command(BaseCommand):
         try:
             if path == "-":
                 path = "<stdin>"
-                doc = config.load_text(sys.stdin.read(), filename=path)
+                doc = load.load_text(sys.stdin.read(), filename=path)
             else:
-                doc = config.load(path)
-            result = config.apply(doc, prune=opts["prune"], dry_run=opts["dry_run"], filename=path)
-        except config.ConfigError as exc:
+                doc = load.load_file(path)
+            result = apply.apply(doc, prune=opts["prune"], dry_run=opts["dry_run"], filename=path)
+        except schema.ConfigError as exc:
             for line in exc.errors:
                 self.stderr.write(line)
             count = len(exc.errors)

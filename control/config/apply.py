@@ -1,0 +1,441 @@
+"""``can apply``: make the database match a configuration document, in ONE transaction.
+
+Every write goes through the service functions the admin, the CLI and the REST API use
+(``gateway.catalog`` for providers, models, deployments and prices; ``tenants.services`` for plans,
+tenants and budgets), so each change is validated, audited (``actor_label=apply``, with the file
+name and the old and new values; secrets only as changed) and announced to the gateway processes,
+once, after commit. This module reads the database to decide what to change and never writes it
+itself. A dry run does the same work and rolls it back, so it reports exactly what a real run
+would change.
+
+Secrets are never in the file: a provider's ``api_key`` (and a budget's ``webhook_secret``) is an
+``${ENV_VAR}`` reference, read from the environment here. An unset variable keeps the stored
+secret (an error if none is stored).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, TypedDict
+
+from django.conf import settings
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError, transaction
+
+from control.config.schema import MICRO, SECRET_REF, ConfigError, Document, ModelSpec, TenantSpec
+from gateway import catalog
+from gateway.models import Deployment, LLMModel, Price, Provider
+from tenants import audit, services
+from tenants.models import Budget, Plan, Tenant
+
+__all__ = ["ACTOR", "Change", "Result", "apply"]
+
+ACTOR = "apply"
+
+
+@dataclass
+class Change:
+    op: Literal["create", "update", "delete", "deactivate"]
+    kind: str  # provider, model, deployment, price, plan, tenant, budget
+    target: str
+    fields: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    note: str = ""
+
+    def __str__(self) -> str:
+        sign = {"create": "+", "update": "~", "delete": "-", "deactivate": "-"}[self.op]
+        text = f"{sign} {self.op} {self.kind} {self.target}"
+        if self.fields and self.op == "update":
+            text += ": " + ", ".join(f"{k} {_show(a)} -> {_show(b)}" for k, (a, b) in self.fields.items())
+        if self.note:
+            text += f" ({self.note})"
+        return text
+
+
+def _show(value: Any) -> str:
+    if value is audit.HIDDEN:
+        return "(secret)"
+    if value is None:
+        return "none"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+@dataclass
+class Result:
+    changes: list[Change]
+    notes: list[str]
+    dry_run: bool
+
+
+class _By(TypedDict):
+    """Who the services record as making the change."""
+
+    actor: AbstractBaseUser | None
+    actor_label: str
+    source: str
+
+
+def _messages(exc: DjangoValidationError) -> str:
+    if hasattr(exc, "error_dict"):
+        return "; ".join(f"{k}: {' '.join(v)}" for k, v in exc.message_dict.items())
+    return " ".join(exc.messages)
+
+
+class _Applier:
+    def __init__(
+        self, doc: Document, *, prune: bool, env: dict[str, str], actor: AbstractBaseUser | None, filename: str
+    ) -> None:
+        self.doc = doc
+        self.prune = prune
+        self.env = env
+        self.by: _By = {"actor": actor, "actor_label": ACTOR, "source": filename}
+        self.filename = filename
+        self.changes: list[Change] = []
+        self.notes: list[str] = []
+        self.errors: list[str] = []
+        self._doomed_providers: list[Provider] = []
+
+    @contextmanager
+    def valid(self, kind: str, target: str) -> Iterator[None]:
+        """A service refusing a row becomes ``<file>: <kind> <target>: <what is wrong>``."""
+        try:
+            yield
+        except DjangoValidationError as exc:
+            raise ConfigError([f"{self.filename}: {kind} {target}: {_messages(exc)}"]) from None
+
+    def created(self, kind: str, target: str) -> None:
+        self.changes.append(Change("create", kind, target))
+
+    def updated(self, kind: str, target: str, changes: audit.Changes) -> None:
+        if changes:
+            self.changes.append(Change("update", kind, target, changes))
+
+    def deleted(self, kind: str, target: str) -> None:
+        self.changes.append(Change("delete", kind, target))
+
+    def secret(self, ref: str | None, current: str, path: str) -> tuple[str | None, str | None]:
+        """(new plaintext or None to keep, a note). Errors when nothing is stored to keep."""
+        if ref is None:
+            return None, None
+        match = SECRET_REF.match(ref)
+        assert match is not None  # validated by the schema
+        name = match.group(1)
+        if name in self.env:
+            value = self.env[name]
+            return (value if value != current else None), None
+        if current:
+            return None, f"{path}: {name} is not set; the stored secret is kept"
+        self.errors.append(f"{self.filename}: {path}: environment variable {name} is not set")
+        return None, None
+
+    def run(self) -> None:
+        plans = self.plans()
+        providers = self.providers()
+        self.models(providers)
+        self.tenants(plans)
+        if self.errors:
+            raise ConfigError(self.errors)
+
+    def plans(self) -> dict[str, Plan]:
+        out: dict[str, Plan] = {}
+        for spec in self.doc.plans:
+            desired: services.PlanFields = {
+                "slug": spec.slug,
+                "name": spec.name or spec.slug,
+                "monthly_request_quota": spec.monthly_request_quota,
+                "rpm_limit": spec.rpm,
+                "tpm_limit": spec.tpm,
+            }
+            plan = Plan.objects.filter(slug=spec.slug).first()
+            with self.valid("plan", spec.slug):
+                if plan is None:
+                    plan = services.plan_create(**desired, **self.by)
+                    self.created("plan", spec.slug)
+                else:
+                    self.updated("plan", spec.slug, services.plan_update(plan, **desired, **self.by))
+            out[spec.slug] = plan
+        if self.prune:
+            for plan in Plan.objects.exclude(slug__in=out):
+                target = plan.slug
+                services.plan_delete(plan, **self.by)  # tenants still on it (none in the file) keep no plan
+                self.deleted("plan", target)
+        return out
+
+    def providers(self) -> dict[str, Provider]:
+        out: dict[str, Provider] = {}
+        for i, spec in enumerate(self.doc.providers):
+            desired: catalog.ProviderFields = {
+                "slug": spec.slug,
+                "kind": spec.kind,
+                "base_url": spec.base_url,
+                "extra_headers": dict(spec.extra_headers),
+                "connect_timeout": spec.connect_timeout,
+                "read_timeout": spec.read_timeout,
+                "max_retries": spec.max_retries,
+                "is_active": spec.active,
+            }
+            provider = Provider.objects.filter(slug=spec.slug).first()
+            try:
+                current = provider.api_key if provider is not None else ""
+            except ValueError:  # encrypted under another key: only a new value helps
+                current = ""
+            new_secret, note = self.secret(spec.api_key, current, f"providers[{i}].api_key")
+            if note:
+                self.notes.append(note)
+            with self.valid("provider", spec.slug):
+                if provider is None:
+                    provider = catalog.provider_create(api_key=new_secret or "", **desired, **self.by)
+                    self.created("provider", spec.slug)
+                else:
+                    changes = catalog.provider_update(provider, api_key=new_secret, **desired, **self.by)
+                    self.updated("provider", spec.slug, changes)
+            out[spec.slug] = provider
+        if self.prune:
+            # Deployments of pruned models go first, below; whatever still points here is kept.
+            self._doomed_providers = list(Provider.objects.exclude(slug__in=out))
+        return out
+
+    def models(self, providers: dict[str, Provider]) -> None:
+        file_names = {m.name for m in self.doc.models}
+        if self.prune:
+            for stale in LLMModel.objects.exclude(name__in=file_names):
+                target = stale.name
+                catalog.model_delete(stale, **self.by)
+                self.deleted("model", target)
+        for spec in self.doc.models:
+            desired: catalog.ModelFields = {
+                "name": spec.name,
+                "kind": spec.kind,
+                "aliases": list(spec.aliases),
+                "owned_by": spec.owned_by,
+                "context_window": spec.context_window,
+                "max_output_tokens": spec.max_output_tokens,
+                "is_active": spec.active,
+            }
+            model = LLMModel.objects.filter(name=spec.name).first()
+            with self.valid("model", spec.name):
+                if model is None:
+                    model = catalog.model_create(**desired, **self.by)
+                    self.created("model", spec.name)
+                else:
+                    self.updated("model", spec.name, catalog.model_update(model, **desired, **self.by))
+            self.deployments(model, spec, providers)
+            self.prices(model, spec)
+        if self.prune:
+            for provider in self._doomed_providers:
+                if provider.deployments.exists():
+                    self.notes.append(f"provider {provider.slug} is still used by deployments; not pruned")
+                    continue
+                target = provider.slug
+                catalog.provider_delete(provider, **self.by)
+                self.deleted("provider", target)
+        self._check_alias_clashes(file_names)
+
+    def _check_alias_clashes(self, file_names: set[str]) -> None:
+        """Aliases against models that stay in the database without being in the file."""
+        index = {m.name: i for i, m in enumerate(self.doc.models)}
+        taken: dict[str, str] = {}
+        rows = list(LLMModel.objects.order_by("name").values_list("name", "aliases"))
+        for name, _ in rows:
+            taken[name] = name
+        for name, aliases in rows:
+            for alias in aliases or []:
+                owner = taken.setdefault(alias, name)
+                if owner == name or (name not in file_names and owner not in file_names):
+                    continue
+                where = f"models[{index[name]}].aliases" if name in index else f"model {name} (not in the file)"
+                self.errors.append(
+                    f"{self.filename}: {where}: {alias} is already the name or an alias of model {owner}"
+                )
+
+    def deployments(self, model: LLMModel, spec: ModelSpec, providers: dict[str, Provider]) -> None:
+        existing = {(d.provider.slug, d.upstream_model): d for d in model.deployments.select_related("provider")}
+        wanted = set()
+        for dep in spec.deployments:
+            ident = (dep.provider, dep.upstream_model)
+            wanted.add(ident)
+            desired: catalog.DeploymentFields = {
+                "model": model,
+                "provider": providers[dep.provider],
+                "upstream_model": dep.upstream_model,
+                "priority": dep.priority,
+                "weight": dep.weight,
+                "is_active": dep.active,
+            }
+            target = catalog.deployment_label(Deployment(**desired))
+            row = existing.get(ident)
+            with self.valid("deployment", target):
+                if row is None:
+                    catalog.deployment_create(**desired, **self.by)
+                    self.created("deployment", target)
+                else:
+                    self.updated("deployment", target, catalog.deployment_update(row, **desired, **self.by))
+        if self.prune:
+            for ident, row in existing.items():
+                if ident not in wanted:
+                    target = catalog.deployment_label(row)
+                    catalog.deployment_delete(row, **self.by)
+                    self.deleted("deployment", target)
+
+    def prices(self, model: LLMModel, spec: ModelSpec) -> None:
+        existing = {p.effective_from: p for p in model.prices.all()}
+        wanted = set()
+        for price in spec.prices:
+            wanted.add(price.effective_from)
+            desired: catalog.PriceFields = {
+                "model": model,
+                "effective_from": price.effective_from,
+                "input_per_mtok": price.input,
+                "cached_input_per_mtok": price.cached_input,
+                "cache_write_per_mtok": price.cache_write,
+                "output_per_mtok": price.output,
+            }
+            target = catalog.price_label(Price(**desired))
+            row = existing.get(price.effective_from)
+            with self.valid("price", target):
+                if row is None:
+                    catalog.price_create(**desired, **self.by)
+                    self.created("price", target)
+                else:
+                    self.updated("price", target, catalog.price_update(row, **desired, **self.by))
+        if self.prune:
+            for when, row in existing.items():
+                if when not in wanted:
+                    target = catalog.price_label(row)
+                    catalog.price_delete(row, **self.by)
+                    self.deleted("price", target)
+
+    def tenants(self, plans: dict[str, Plan]) -> None:
+        by_slug = {t.slug: t for t in self.doc.tenants}
+        rows: dict[str, Tenant] = {}
+        # Parents before children, so a new child can point at a parent created in this run.
+        for spec in _parents_first(self.doc.tenants):
+            parent = rows.get(spec.parent) if spec.parent else None
+            desired: services.TenantFields = {
+                "slug": spec.slug,
+                "name": spec.name or spec.slug,
+                "kind": spec.kind or _default_kind(by_slug[spec.parent].kind if spec.parent else None, parent),
+                "parent": parent,
+                "plan": plans.get(spec.plan) if spec.plan else None,
+                "time_zone": spec.time_zone,
+                "stripe_customer_id": spec.stripe_customer,
+                "rpm_limit": spec.rpm,
+                "tpm_limit": spec.tpm,
+                "allowed_models": list(spec.allowed_models),
+                "is_active": spec.active,
+            }
+            tenant = Tenant.objects.filter(slug=spec.slug).first()
+            with self.valid("tenant", spec.slug):
+                if tenant is None:
+                    tenant = services.tenant_create(**desired, **self.by)
+                    self.created("tenant", spec.slug)
+                else:
+                    self.updated("tenant", spec.slug, services.tenant_update(tenant, **desired, **self.by))
+            rows[spec.slug] = tenant
+            self.budgets(tenant, spec)
+        if self.prune:
+            keep = set(by_slug) | {settings.CHITTYCAN_PASSTHROUGH_TENANT}
+            note = "not in the file; keys and usage kept"
+            for tenant in Tenant.objects.exclude(slug__in=keep).filter(is_active=True):
+                if services.tenant_deactivate(tenant, note=note, **self.by):
+                    self.changes.append(Change("deactivate", "tenant", tenant.slug, note=note))
+
+    def budgets(self, tenant: Tenant, spec: TenantSpec) -> None:
+        """Through ``tenants.services.budget_set``/``budget_delete``, as the admin and the REST API."""
+        existing = {b.period: b for b in Budget.objects.filter(tenant=tenant)}
+        wanted = set()
+        i = next(n for n, t in enumerate(self.doc.tenants) if t.slug == spec.slug)
+        for j, budget in enumerate(spec.budgets):
+            wanted.add(budget.period)
+            row = existing.get(budget.period)
+            desired: dict[str, Any] = {
+                "limit_micro": int(budget.limit_usd * MICRO),
+                "hard": budget.hard,
+                "alert_thresholds": list(budget.thresholds),
+                "alert_emails": list(budget.emails),
+                "webhook_url": budget.webhook,
+            }
+            target = f"{tenant.slug} per {budget.period}"
+            current_secret = row.webhook_secret if row is not None else ""
+            new_secret, note = self.secret(
+                budget.webhook_secret, current_secret, f"tenants[{i}].budgets[{j}].webhook_secret"
+            )
+            if note:
+                self.notes.append(note)
+            diff = {k: (getattr(row, k), v) for k, v in desired.items() if getattr(row, k) != v} if row else {}
+            if new_secret is not None and row is not None:
+                diff["webhook_secret"] = (audit.HIDDEN, audit.HIDDEN)
+            if row is not None and not diff:
+                continue
+            try:
+                services.budget_set(
+                    tenant=tenant,
+                    period=budget.period,
+                    webhook_secret=new_secret,
+                    actor_label=ACTOR,
+                    **desired,
+                )
+            except (DjangoValidationError, ValueError) as exc:
+                text = "; ".join(exc.messages) if isinstance(exc, DjangoValidationError) else str(exc)
+                raise ConfigError([f"{self.filename}: tenants[{i}].budgets[{j}]: {text}"]) from None
+            if row is None:
+                self.created("budget", target)
+            else:
+                self.updated("budget", target, diff)
+        if self.prune:
+            for period, row in existing.items():
+                if period not in wanted:
+                    services.budget_delete(budget=row, actor_label=ACTOR)
+                    self.deleted("budget", f"{tenant.slug} per {period}")
+
+
+def _default_kind(parent_kind: str | None, parent: Tenant | None) -> str:
+    kind = parent_kind or (parent.kind if parent else None)
+    if kind is None:
+        return Tenant.Kind.ORGANISATION
+    return Tenant.Kind.TEAM if kind == Tenant.Kind.ORGANISATION else Tenant.Kind.PROJECT
+
+
+def _parents_first(tenants: list[TenantSpec]) -> list[TenantSpec]:
+    by_slug = {t.slug: t for t in tenants}
+    out: list[TenantSpec] = []
+    done: set[str] = set()
+
+    def visit(spec: TenantSpec) -> None:
+        if spec.slug in done:
+            return
+        done.add(spec.slug)
+        if spec.parent and spec.parent in by_slug:
+            visit(by_slug[spec.parent])
+        out.append(spec)
+
+    for spec in tenants:
+        visit(spec)
+    return out
+
+
+def apply(
+    doc: Document,
+    *,
+    prune: bool = False,
+    dry_run: bool = False,
+    env: dict[str, str] | None = None,
+    actor: AbstractBaseUser | None = None,
+    filename: str = "chittycan.yaml",
+) -> Result:
+    """Make the database match ``doc`` in one transaction (rolled back when ``dry_run``)."""
+    applier = _Applier(doc, prune=prune, env=dict(os.environ) if env is None else env, actor=actor, filename=filename)
+    try:
+        with transaction.atomic():
+            applier.run()
+            if dry_run:
+                transaction.set_rollback(True)
+    except IntegrityError as exc:
+        raise ConfigError([f"{filename}: the database refused the change: {exc}".strip()]) from None
+    return Result(changes=applier.changes, notes=applier.notes, dry_run=dry_run)

@@ -1,0 +1,184 @@
+"""``can export``: the current configuration as the document ``can apply`` reads, defaults left out.
+
+Secrets are written as ``${ENV_VAR}`` references, never in plaintext, so ``export`` then
+``apply`` is a no-op.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, time
+from decimal import Decimal
+from typing import Any
+
+import yaml
+
+from control.config.schema import MICRO, VERSION
+from gateway.models import LLMModel, Provider
+from tenants.models import Plan, Tenant
+
+__all__ = ["dump", "env_name", "export"]
+
+
+def env_name(*parts: str) -> str:
+    name = "_".join(re.sub(r"[^A-Za-z0-9]+", "_", p).strip("_").upper() for p in parts if p)
+    return name if name and not name[0].isdigit() else f"_{name}"
+
+
+def _money(value: Decimal | None) -> str | None:
+    if value is None:
+        return None
+    text = format(value.normalize(), "f")
+    if "." not in text:
+        text += ".00"
+    elif len(text.split(".")[1]) == 1:
+        text += "0"
+    return text
+
+
+def _date_text(when: datetime) -> str:
+    """A price's ``effective_from`` as written in the file: a date when it starts at midnight UTC."""
+    when = when.astimezone(UTC)
+    return when.date().isoformat() if when.time() == time.min else when.isoformat().replace("+00:00", "Z")
+
+
+def export() -> dict[str, Any]:
+    """The current configuration as the document ``apply`` reads (defaults left out)."""
+    out: dict[str, Any] = {"version": VERSION}
+    providers = []
+    for p in Provider.objects.order_by("slug"):
+        item: dict[str, Any] = {"slug": p.slug, "kind": p.kind}
+        if p.base_url:
+            item["base_url"] = p.base_url
+        if p.api_key_encrypted:
+            item["api_key"] = "${" + env_name(p.slug, "API_KEY") + "}"
+        if p.extra_headers:
+            item["extra_headers"] = dict(p.extra_headers)
+        _put_if(item, "connect_timeout", p.connect_timeout, 5.0)
+        _put_if(item, "read_timeout", p.read_timeout, 600.0)
+        _put_if(item, "max_retries", p.max_retries, 2)
+        _put_if(item, "active", p.is_active, True)
+        providers.append(item)
+    out["providers"] = providers
+    models = []
+    for m in LLMModel.objects.order_by("name").prefetch_related("deployments__provider", "prices"):
+        item = {"name": m.name}
+        _put_if(item, "kind", m.kind, "chat")
+        if m.aliases:
+            item["aliases"] = list(m.aliases)
+        _put_if(item, "owned_by", m.owned_by, "chittycan")
+        _put_if(item, "context_window", m.context_window, 128_000)
+        _put_if(item, "max_output_tokens", m.max_output_tokens, 16_384)
+        _put_if(item, "active", m.is_active, True)
+        deployments = []
+        for d in sorted(m.deployments.all(), key=lambda d: (d.priority, d.provider.slug, d.upstream_model)):
+            dep: dict[str, Any] = {"provider": d.provider.slug, "upstream_model": d.upstream_model}
+            _put_if(dep, "priority", d.priority, 0)
+            _put_if(dep, "weight", d.weight, 1)
+            _put_if(dep, "active", d.is_active, True)
+            deployments.append(dep)
+        if deployments:
+            item["deployments"] = deployments
+        prices = []
+        for pr in sorted(m.prices.all(), key=lambda pr: pr.effective_from):
+            price: dict[str, Any] = {
+                "effective_from": _date_text(pr.effective_from),
+                "input": _money(pr.input_per_mtok),
+            }
+            if pr.cached_input_per_mtok is not None:
+                price["cached_input"] = _money(pr.cached_input_per_mtok)
+            if pr.cache_write_per_mtok is not None:
+                price["cache_write"] = _money(pr.cache_write_per_mtok)
+            price["output"] = _money(pr.output_per_mtok)
+            prices.append(price)
+        if prices:
+            item["prices"] = prices
+        models.append(item)
+    out["models"] = models
+    plans = []
+    for plan in Plan.objects.order_by("slug"):
+        item = {"slug": plan.slug}
+        _put_if(item, "name", plan.name, plan.slug)
+        _put_if(item, "monthly_request_quota", plan.monthly_request_quota, None)
+        _put_if(item, "rpm", plan.rpm_limit, None)
+        _put_if(item, "tpm", plan.tpm_limit, None)
+        plans.append(item)
+    out["plans"] = plans
+    tenants = []
+    all_tenants = list(Tenant.objects.select_related("parent", "plan").prefetch_related("budgets"))
+    for t in _tree_order(all_tenants):
+        item = {"slug": t.slug}
+        _put_if(item, "name", t.name, t.slug)
+        item["kind"] = t.kind
+        if t.parent_id:
+            item["parent"] = t.parent.slug  # type: ignore[union-attr]
+        if t.plan_id:
+            item["plan"] = t.plan.slug  # type: ignore[union-attr]
+        _put_if(item, "time_zone", t.time_zone, "UTC")
+        _put_if(item, "stripe_customer", t.stripe_customer_id, "")
+        _put_if(item, "rpm", t.rpm_limit, None)
+        _put_if(item, "tpm", t.tpm_limit, None)
+        if t.allowed_models:
+            item["allowed_models"] = list(t.allowed_models)
+        _put_if(item, "active", t.is_active, True)
+        budgets = []
+        for b in sorted(t.budgets.all(), key=lambda b: ["day", "month", "total"].index(b.period)):
+            budget: dict[str, Any] = {"period": b.period, "limit_usd": _money(Decimal(b.limit_micro) / MICRO)}
+            _put_if(budget, "hard", b.hard, True)
+            if list(b.alert_thresholds) != [50, 80, 100]:
+                budget["thresholds"] = list(b.alert_thresholds)
+            if b.alert_emails:
+                budget["emails"] = list(b.alert_emails)
+            if b.webhook_url:
+                budget["webhook"] = b.webhook_url
+            if b.webhook_secret:
+                budget["webhook_secret"] = "${" + env_name(t.slug, b.period, "WEBHOOK_SECRET") + "}"
+            budgets.append(budget)
+        if budgets:
+            item["budgets"] = budgets
+        tenants.append(item)
+    out["tenants"] = tenants
+    return out
+
+
+def _put_if(item: dict[str, Any], key: str, value: Any, default: Any) -> None:
+    if value != default:
+        item[key] = value
+
+
+def _tree_order(tenants: list[Tenant]) -> list[Tenant]:
+    """Parents before their children; siblings by slug."""
+    kids: dict[int | None, list[Tenant]] = {}
+    ids = {t.pk for t in tenants}
+    for t in sorted(tenants, key=lambda t: t.slug):
+        kids.setdefault(t.parent_id if t.parent_id in ids else None, []).append(t)
+    out: list[Tenant] = []
+
+    def walk(parent: int | None) -> None:
+        for t in kids.get(parent, []):
+            out.append(t)
+            walk(t.pk)
+
+    walk(None)
+    return out
+
+
+class _Dumper(yaml.SafeDumper):
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)  # indent list items under their key
+
+
+def _str_presenter(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="'" if "${" in value else None)
+
+
+_Dumper.add_representer(str, _str_presenter)
+
+
+def dump(data: dict[str, Any]) -> str:
+    header = (
+        "# ChittyCan configuration (`can export`). Apply with `can apply -f <this file>`.\n"
+        "# Secrets are ${ENV_VAR} references, read from the environment at apply time.\n"
+    )
+    body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100)
+    return header + body
