@@ -38,10 +38,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticCustomError
 
+from budgets import services
+from budgets.models import Budget
 from core import invalidation
 from gateway.models import Deployment, LLMModel, Price, Provider
-from tenants import services
-from tenants.models import AuditEvent, Budget, Plan, Tenant
+from tenants.models import AuditEvent, Plan, Tenant
 
 __all__ = ["Change", "ConfigError", "Document", "Result", "apply", "dump", "export", "load", "load_text"]
 
@@ -800,7 +801,7 @@ class _Applier:
                 )
 
     def budgets(self, tenant: Tenant, spec: TenantSpec) -> None:
-        """Through ``tenants.services.budget_set``/``budget_delete`` (they write the audit rows)."""
+        """Through ``budgets.services.budget_set``/``budget_delete`` (they write the audit rows)."""
         existing = {b.period: b for b in Budget.objects.filter(tenant=tenant)}
         wanted = set()
         i = next(n for n, t in enumerate(self.doc.tenants) if t.slug == spec.slug)

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 if TYPE_CHECKING:
+    from budgets.models import Budget
     from gateway.auth import KeyInfo
-    from tenants.models import Budget
 
 DAY_TTL = 3 * 86_400
 MONTH_TTL = 63 * 86_400
@@ -244,7 +244,7 @@ def load_budgets(tenant_chain: list[Any], api_key_id: int | None) -> tuple[Budge
     """Budgets of a key and of every tenant in its chain (one query; used by ``auth.load_key``)."""
     from django.db.models import Q
 
-    from tenants.models import Budget
+    from budgets.models import Budget
 
     zones = {t.pk: t.time_zone for t in tenant_chain}
     key_zone = tenant_chain[0].time_zone

@@ -354,7 +354,7 @@ class PostgresCounters:
         return await sync_to_async(self._reserve, thread_sensitive=False)(request_id, root, parts)
 
     def _sync_rows(self, names: list[str], counters: dict[str, Counter]) -> dict[str, Any]:
-        from tenants.models import BudgetCounter
+        from budgets.models import BudgetCounter
 
         BudgetCounter.objects.bulk_create(
             [BudgetCounter(name=n, value=0, synced_at=datetime(2000, 1, 1, tzinfo=UTC)) for n in names],
@@ -374,7 +374,7 @@ class PostgresCounters:
     def _reserve(self, request_id: str, root: int, parts: list[Part]) -> Reservation | Refused:
         from django.db import close_old_connections, transaction
 
-        from tenants.models import BudgetReservation
+        from budgets.models import BudgetReservation
 
         close_old_connections()
         names = sorted(p.counter.name for p in parts)
@@ -415,8 +415,8 @@ def _pg_pending_amounts() -> dict[str, int]:
 
     Settled ids are checked against the ledger *before* the caller sums the ledger, so a row written
     in between is counted twice (refusing a little early) rather than not at all."""
+    from budgets.models import BudgetReservation
     from gateway.models import UsageRecord
-    from tenants.models import BudgetReservation
 
     reservations = list(BudgetReservation.objects.filter(swept=False))
     settled_ids = [r.request_id for r in reservations if r.settled_at is not None]
@@ -437,7 +437,7 @@ def _pg_pending_amounts() -> dict[str, int]:
 def _pg_apply(parts: list[Any], actual_micro: int, actual_requests: int, swept: bool) -> None:
     from django.db.models import F
 
-    from tenants.models import BudgetCounter
+    from budgets.models import BudgetCounter
 
     for name, amount, kind in sorted(parts):
         actual = actual_requests if kind == "q" else actual_micro
@@ -449,7 +449,7 @@ def _pg_apply(parts: list[Any], actual_micro: int, actual_requests: int, swept: 
 def _pg_settle(request_id: str, actual_micro: int, actual_requests: int) -> bool:
     from django.db import close_old_connections, transaction
 
-    from tenants.models import BudgetReservation
+    from budgets.models import BudgetReservation
 
     close_old_connections()
     with transaction.atomic():
@@ -469,7 +469,7 @@ def _pg_settle(request_id: str, actual_micro: int, actual_requests: int) -> bool
 
 
 def _pg_renew(request_ids: list[str]) -> None:
-    from tenants.models import BudgetReservation
+    from budgets.models import BudgetReservation
 
     BudgetReservation.objects.filter(request_id__in=request_ids, swept=False, settled_at__isnull=True).update(
         expires_at=datetime.now(UTC) + timedelta(seconds=_lease_seconds())
@@ -481,8 +481,8 @@ def pg_sweep(now: float | None = None) -> int:
     from django.db import close_old_connections, transaction
     from django.db.models import F
 
+    from budgets.models import BudgetCounter, BudgetReservation
     from gateway.models import UsageRecord
-    from tenants.models import BudgetCounter, BudgetReservation
 
     close_old_connections()
     moment = datetime.fromtimestamp(now, UTC) if now is not None else datetime.now(UTC)

@@ -39,7 +39,8 @@ class Drift:
 
 def live_counters(when: datetime | None = None) -> list[tuple[int, budgets.Counter]]:
     """Every budget and plan-quota counter of the current periods, with its tree's root id."""
-    from tenants.models import Budget, Tenant
+    from budgets.models import Budget
+    from tenants.models import Tenant
 
     now = when or datetime.now(UTC)
     roots: dict[int, int] = {}

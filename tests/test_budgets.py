@@ -78,7 +78,7 @@ def test_period_bounds_are_local_midnights():
 
 
 def test_hard_budget_refuses_with_402_and_counter_equals_ledger(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
 
     tenant = make_tenant("acme")
     key = make_key(tenant)
@@ -105,7 +105,7 @@ def test_hard_budget_refuses_with_402_and_counter_equals_ledger(upstream, gatewa
 
 
 def test_soft_budget_never_refuses_and_reports_spend(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
 
     tenant = make_tenant("soft")
     key = make_key(tenant)
@@ -121,7 +121,7 @@ def test_soft_budget_never_refuses_and_reports_spend(upstream, gateway_server, m
 
 
 def test_key_budget_and_max_tokens_lowering(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
     from tenants.models import ApiKey
 
     tenant = make_tenant("keyed")
@@ -140,7 +140,7 @@ def test_key_budget_and_max_tokens_lowering(upstream, gateway_server, make_tenan
 
 
 def test_budget_change_reaches_the_gateway_without_restart(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
 
     tenant = make_tenant("live")
     key = make_key(tenant)
@@ -161,7 +161,7 @@ def test_budget_change_reaches_the_gateway_without_restart(upstream, gateway_ser
 
 
 def test_grandchild_spend_stops_the_grandparents_other_children(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
 
     org = make_tenant("org")
     team_a = make_tenant("team-a", parent=org, kind="team")
@@ -194,7 +194,7 @@ def test_grandchild_spend_stops_the_grandparents_other_children(upstream, gatewa
 def test_streams_disconnects_and_upstream_errors_are_charged_what_was_reported(
     upstream, gateway_server, make_tenant, make_key
 ):
-    from tenants import services
+    from budgets import services
 
     tenant = make_tenant("exact")
     key = make_key(tenant)
@@ -260,7 +260,7 @@ def test_streams_disconnects_and_upstream_errors_are_charged_what_was_reported(
 
 
 def test_counters_are_rebuilt_from_the_ledger_after_redis_loses_them(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
     from tenants.tasks import reconcile
 
     tenant = make_tenant("rebuilt")
@@ -316,7 +316,8 @@ def test_budgets_command(upstream, gateway_server, make_tenant, make_key):
 
     from django.core.management import CommandError, call_command
 
-    from tenants.models import AuditEvent, Budget
+    from budgets.models import Budget
+    from tenants.models import AuditEvent
 
     tenant = make_tenant("cli-co", time_zone="Europe/Berlin")
     out = StringIO()

@@ -39,7 +39,7 @@ def value(store, root: int, counter: Counter) -> int:
     if isinstance(store, counters.MemoryCounters):
         return store.values[counter.name]
     if isinstance(store, counters.PostgresCounters):
-        from tenants.models import BudgetCounter
+        from budgets.models import BudgetCounter
 
         return BudgetCounter.objects.get(name=counter.name).value
     got = counters.peek_sync(counter, root)

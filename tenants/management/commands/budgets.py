@@ -7,10 +7,11 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from budgets import services
+from budgets.models import Budget
 from core import money
 from gateway import budgets
-from tenants import services
-from tenants.models import ApiKey, Budget, Tenant
+from tenants.models import ApiKey, Tenant
 
 ACTOR = "cli"
 
