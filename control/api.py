@@ -22,6 +22,7 @@ from rest_framework.views import APIView
 
 from budgets import services as budget_services
 from budgets.models import Budget
+from budgets.service import spend_status
 from control import serializers as s
 from control.permissions import HasTenantAccess, Scope, scope_of
 from control.tokens import ManagementTokenAuthentication
@@ -177,9 +178,7 @@ def budget_status(budget: Budget) -> dict[str, Any]:
     spend = analytics.budget_spend(budget)
     reserved: int | None = None
     try:
-        from gateway import budgets as enforcement
-
-        reserved = int(enforcement.spend_status(budget).reserved_micro)
+        reserved = int(spend_status(budget).reserved_micro)
     except Exception:  # no enforcement layer, or its counter store is unreachable: say so
         log.warning("in-flight reservations unavailable for budget %s", budget.pk, exc_info=True)
     return {

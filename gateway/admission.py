@@ -3,7 +3,7 @@
 ``admit`` checks the rate limits (``gateway.limits``), computes the request's worst-case cost
 (every input token, padded by 10 %, at the highest input rate plus the largest possible output)
 and reserves it on every budget counter of the key and of each ancestor tenant, plus one request
-on every plan quota, all or nothing (``gateway.counters``). ``settle`` brings the reservation to
+on every plan quota, all or nothing (``budgets.counters``). ``settle`` brings the reservation to
 the actual cost, exactly once. See docs/budgets.md.
 
 When Redis is unreachable, ``CHITTYCAN_REDIS_FAILURE_POLICY`` decides: ``refuse`` answers 503
@@ -23,9 +23,10 @@ from datetime import UTC, datetime
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from budgets import counters, periods
 from core import invalidation, money
 from core.runtime import background
-from gateway import budgets, counters, limits
+from gateway import limits
 from gateway.auth import KeyInfo, load_key
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
@@ -148,7 +149,7 @@ async def admit(ctx: RequestContext, max_output_tokens: int) -> None:
     ticket = Ticket()
     ticket.rate = await _rate_limit(ctx, key, ctx.estimated_prompt_tokens + max_output_tokens)
     when = datetime.fromtimestamp(ctx.created_at, UTC)
-    wanted = budgets.counters_for(key, when)
+    wanted = periods.counters_for(key, when)
     if wanted:
         parts = [counters.Part(c, 1 if c.kind == "q" else ctx.reserved_micro) for c in wanted]
         try:

@@ -15,8 +15,8 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
+from budgets.periods import BudgetInfo, load_budgets
 from core import invalidation
-from gateway.budgets import BudgetInfo, load_budgets
 from gateway.errors import AuthenticationFailed, PermissionDenied
 from tenants import keys
 

@@ -19,10 +19,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from django.conf import settings
 
+from budgets.counters import CounterUnavailable
+from core.runtime import redis_client
 from gateway.auth import KeyInfo
-from gateway.counters import CounterUnavailable
 
 WINDOW = 60
 
@@ -101,8 +103,6 @@ _scripts: dict[tuple[int, str], Any] = {}
 
 
 def _script(lua: str) -> Any:
-    from core.runtime import redis_client
-
     conn = redis_client()
     slot = (id(conn), lua)
     found = _scripts.get(slot)
@@ -141,8 +141,6 @@ async def hit(key: KeyInfo, tokens: int, *, use_redis: bool) -> RateResult | Non
     now = time.time()
     window = int(now // WINDOW)
     if use_redis:
-        import redis
-
         root = key.root_id
         keys = [_redis_key(root, w.name, window) for w in windows]
         args: list[Any] = [WINDOW * 2]
@@ -187,8 +185,6 @@ async def adjust(ticket: RateTicket, actual_tokens: int) -> None:
         return
     ticket.charged_tokens = actual_tokens
     if ticket.store == "redis":
-        import redis
-
         try:
             await _script(ADJUST_LUA)(keys=ticket.token_keys, args=[delta])
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:

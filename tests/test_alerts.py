@@ -15,10 +15,11 @@ import orjson
 import pytest
 from django.core import mail
 
+from budgets import alerts, tasks
 from budgets import services as budget_services
 from budgets.models import AlertSent
 from chittycan.celery import app as celery_app
-from gateway import alerts, tasks, usage
+from gateway import usage
 from tenants import services
 
 

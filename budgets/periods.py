@@ -1,5 +1,4 @@
-"""Budgets and plan quotas as counters: which counters a request touches, their periods, and what
-the ledger says they should hold.
+"""Budgets and plan quotas as counters: which counters a request touches and their periods.
 
 A counter is named ``<scope><id>:<period>``:
 
@@ -9,9 +8,8 @@ A counter is named ``<scope><id>:<period>``:
 - ``q12:m2026-11``   requests made by tenant 12's subtree in November (plan quota)
 
 Amounts are integer micro-USD (requests for ``q`` counters). Hard budgets and quotas carry a
-limit; soft budgets are counted (for alerts and ``spend_status``) but never refuse.
-PostgreSQL's usage ledger (``gateway.models.UsageRecord``) is the truth: ``ledger_value``
-computes what a counter must hold from it.
+limit; soft budgets are counted (for alerts and ``spend_status``) but never refuse. What a counter
+must hold according to the ledger is ``budgets.spend.ledger_value``.
 """
 
 from __future__ import annotations
@@ -22,8 +20,11 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
+from django.db.models import Q
+
+from budgets.models import Budget
+
 if TYPE_CHECKING:
-    from budgets.models import Budget
     from gateway.auth import KeyInfo
 
 DAY_TTL = 3 * 86_400
@@ -124,68 +125,6 @@ def counters_for(key: KeyInfo, when: datetime) -> list[Counter]:
     return sorted(found.values(), key=lambda c: c.name)
 
 
-# --- the ledger side (synchronous: call off the event loop) -------------------------------------
-
-
-def subtree_ids(tenant_id: int) -> list[int]:
-    """A tenant and all its descendants."""
-    from tenants.models import Tenant
-
-    ids = [tenant_id]
-    frontier = [tenant_id]
-    while frontier:
-        frontier = [
-            pk for pk in Tenant.objects.filter(parent_id__in=frontier).values_list("pk", flat=True) if pk not in ids
-        ]
-        ids.extend(frontier)
-    return ids
-
-
-def _matches(counter: Counter, subtree: list[int] | None, row: dict[str, Any]) -> bool:
-    start, end = period_bounds(counter.period_key, counter.time_zone)
-    raw = row.get("created_at")
-    created = datetime.fromtimestamp(float(raw), tz=UTC) if isinstance(raw, int | float) else raw
-    if start is not None and end is not None and not (isinstance(created, datetime) and start <= created < end):
-        return False
-    if counter.scope == "k":
-        return bool(row.get("api_key_id") == counter.scope_id)
-    return subtree is not None and row.get("tenant_id") in subtree
-
-
-def ledger_value(counter: Counter, unwritten: list[dict[str, Any]] | None = None) -> int:
-    """What the counter must hold according to the ledger (plus rows handed off but not yet
-    written, when given): the sum of ``cost_micro``, or the number of requests for quotas."""
-    from django.db.models import Count, Q, Sum
-
-    from gateway.models import UsageRecord
-
-    rows = UsageRecord.objects.all()
-    subtree: list[int] | None = None
-    if counter.scope == "k":
-        rows = rows.filter(api_key_id=counter.scope_id)
-    else:
-        subtree = subtree_ids(counter.scope_id)
-        rows = rows.filter(tenant_id__in=subtree)
-    start, end = period_bounds(counter.period_key, counter.time_zone)
-    if start is not None and end is not None:
-        rows = rows.filter(created_at__gte=start, created_at__lt=end)
-    # Raw rows past retention are pruned into sealed hourly rollups: count those too.
-    from gateway.analytics import sealed_rollups
-
-    sealed_rows = sealed_rollups(subtree, counter.scope_id if counter.scope == "k" else None, start, end)
-    sealed = int(sealed_rows.aggregate(v=Sum("calls" if counter.kind == "q" else "cost_micro"))["v"] or 0)
-    pending = [row for row in unwritten or () if _matches(counter, subtree, row)]
-    ids = [str(row["request_id"]) for row in pending]
-    # One statement, so one snapshot: a pending row that reached the ledger meanwhile is
-    # counted in the total and subtracted again as "already written", never twice.
-    if counter.kind == "q":
-        agg = rows.aggregate(total=Count("id"), written=Count("id", filter=Q(request_id__in=ids)))
-        return sealed + int(agg["total"] or 0) + len(pending) - int(agg["written"] or 0)
-    agg = rows.aggregate(total=Sum("cost_micro"), written=Sum("cost_micro", filter=Q(request_id__in=ids)))
-    pending_cost = sum(int(row.get("cost_micro") or 0) for row in pending)
-    return sealed + int(agg["total"] or 0) + pending_cost - int(agg["written"] or 0)
-
-
 def budget_counter(budget: Budget, when: datetime | None = None) -> Counter:
     """The counter of a Budget row for the period ``when`` (default now) falls in."""
     tenant = budget.tenant if budget.tenant_id else budget.api_key.tenant  # type: ignore[union-attr]
@@ -196,56 +135,8 @@ def budget_counter(budget: Budget, when: datetime | None = None) -> Counter:
     return Counter(name, "m", budget.limit_micro if budget.hard else None, _ttl(budget.period), tenant.time_zone)
 
 
-@dataclass(frozen=True, slots=True)
-class SpendStatus:
-    budget_id: int
-    counter: str
-    period_start: datetime | None
-    period_end: datetime | None
-    limit_micro: int
-    hard: bool
-    spent_micro: int  # settled spend in the ledger for the current period
-    reserved_micro: int  # live counter minus ledger: open reservations and rows not yet written (>= 0)
-
-    @property
-    def remaining_micro(self) -> int:
-        return max(0, self.limit_micro - self.spent_micro - self.reserved_micro)
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.spent_micro / self.limit_micro if self.limit_micro else 100.0
-
-
-def spend_status(budget: Budget, when: datetime | None = None) -> SpendStatus:
-    """Current spend against a budget (for alerts, the API and the dashboard). Synchronous.
-
-    ``spent_micro`` comes from the ledger (the truth); ``reserved_micro`` is what the live counter
-    holds beyond it (in-flight requests), read from whichever counter store is active.
-    """
-    from gateway import counters
-
-    counter = budget_counter(budget, when)
-    spent = ledger_value(counter)
-    live = counters.peek_sync(counter)
-    start, end = period_bounds(counter.period_key, counter.time_zone)
-    return SpendStatus(
-        budget_id=budget.pk,
-        counter=counter.name,
-        period_start=start,
-        period_end=end,
-        limit_micro=budget.limit_micro,
-        hard=budget.hard,
-        spent_micro=spent,
-        reserved_micro=max(0, (live if live is not None else spent) - spent),
-    )
-
-
 def load_budgets(tenant_chain: list[Any], api_key_id: int | None) -> tuple[BudgetInfo, ...]:
     """Budgets of a key and of every tenant in its chain (one query; used by ``auth.load_key``)."""
-    from django.db.models import Q
-
-    from budgets.models import Budget
-
     zones = {t.pk: t.time_zone for t in tenant_chain}
     key_zone = tenant_chain[0].time_zone
     query = Q(tenant_id__in=list(zones))
