@@ -14,18 +14,14 @@ must hold according to the ledger is ``budgets.spend.ledger_value``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
-from django.db.models import Q
-
 from budgets.models import Budget
-
-if TYPE_CHECKING:
-    from gateway.auth import KeyInfo
+from tenants.keyinfo import KeyInfo
 
 DAY_TTL = 3 * 86_400
 MONTH_TTL = 63 * 86_400
@@ -33,7 +29,7 @@ MONTH_TTL = 63 * 86_400
 
 @dataclass(frozen=True, slots=True)
 class BudgetInfo:
-    """A budget as the hot path sees it (loaded with the key, cached with it)."""
+    """A budget as the hot path sees it (``budgets.service.budgets_for``, cached per process)."""
 
     id: int
     scope: str  # "tenant" | "key"
@@ -106,11 +102,12 @@ def _ttl(period: str) -> int:
     return {"day": DAY_TTL, "month": MONTH_TTL}.get(period, 0)
 
 
-def counters_for(key: KeyInfo, when: datetime) -> list[Counter]:
-    """Every counter a request made with ``key`` at ``when`` moves: the key's budgets, every
-    budget of its tenant and of each ancestor, and the plan request quotas along the chain."""
+def counters_for(key: KeyInfo, budgets: Iterable[BudgetInfo], when: datetime) -> list[Counter]:
+    """Every counter a request made with ``key`` at ``when`` moves: ``budgets`` (the key's, its
+    tenant's and each ancestor's: ``budgets.service.budgets_for``) and the plan request quotas
+    along the tenant chain."""
     found: dict[str, Counter] = {}
-    for budget in key.budgets:
+    for budget in budgets:
         prefix = "k" if budget.scope == "key" else "t"
         name = f"{prefix}{budget.scope_id}:{period_key(budget.period, budget.time_zone, when)}"
         limit = budget.limit_micro if budget.hard else None
@@ -133,20 +130,3 @@ def budget_counter(budget: Budget, when: datetime | None = None) -> Counter:
     scope_id = budget.tenant_id if budget.tenant_id else budget.api_key_id
     name = f"{prefix}{scope_id}:{period_key(budget.period, tenant.time_zone, when or datetime.now(UTC))}"
     return Counter(name, "m", budget.limit_micro if budget.hard else None, _ttl(budget.period), tenant.time_zone)
-
-
-def load_budgets(tenant_chain: list[Any], api_key_id: int | None) -> tuple[BudgetInfo, ...]:
-    """Budgets of a key and of every tenant in its chain (one query; used by ``auth.load_key``)."""
-    zones = {t.pk: t.time_zone for t in tenant_chain}
-    key_zone = tenant_chain[0].time_zone
-    query = Q(tenant_id__in=list(zones))
-    if api_key_id is not None:
-        query |= Q(api_key_id=api_key_id)
-    found = []
-    for b in Budget.objects.filter(query).order_by("pk"):
-        if b.tenant_id:
-            found.append(BudgetInfo(b.pk, "tenant", b.tenant_id, b.period, b.limit_micro, b.hard, zones[b.tenant_id]))
-        else:
-            assert b.api_key_id is not None
-            found.append(BudgetInfo(b.pk, "key", b.api_key_id, b.period, b.limit_micro, b.hard, key_zone))
-    return tuple(found)

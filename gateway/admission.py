@@ -2,9 +2,10 @@
 
 ``admit`` checks the rate limits (``gateway.limits``), computes the request's worst-case cost
 (every input token, padded by 10 %, at the highest input rate plus the largest possible output)
-and reserves it on every budget counter of the key and of each ancestor tenant, plus one request
-on every plan quota, all or nothing (``budgets.counters``). ``settle`` brings the reservation to
-the actual cost, exactly once. See docs/budgets.md.
+and asks the budget service to reserve it on every budget counter of the key and of each
+ancestor tenant, plus one request on every plan quota, all or nothing (``budgets.service``); a
+refusal is a 402. ``settle`` corrects the rate windows and settles the reservation to the actual
+cost, exactly once. See docs/budgets.md.
 
 When Redis is unreachable, ``CHITTYCAN_REDIS_FAILURE_POLICY`` decides: ``refuse`` answers 503
 with ``retry-after``; ``degrade`` enforces budgets in PostgreSQL alone (row locks) and rate limits
@@ -13,27 +14,23 @@ per process. There is no fail-open path. Passthrough mode's tenant and routes li
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from budgets import counters, periods
+from budgets import counters, service
 from core import invalidation, money
-from core.runtime import background
 from gateway import limits
-from gateway.auth import KeyInfo, load_key
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
+from gateway.models import Provider
 from gateway.providers.base import ProviderConfig
-from gateway.routing import DeploymentRoute, ModelRoute
-
-log = logging.getLogger(__name__)
+from gateway.routing import DeploymentRoute, ModelRoute, _provider_config, route_table
+from tenants import services
+from tenants.keyinfo import KeyInfo, load_key
 
 #: Input estimates are padded by 10 % (plus a few tokens) so a reservation covers tokenizer drift.
 INPUT_MARGIN = 1.10
@@ -50,7 +47,7 @@ def reservation_micro(ctx: RequestContext, max_output_tokens: int) -> int:
 class Ticket:
     """What ``admit`` took and ``settle`` must give back (kept in ``ctx.reservations``)."""
 
-    reservation: counters.Reservation | None = None
+    reservation: service.Reservation | None = None
     rate: limits.RateTicket | None = None
     settled: bool = False
 
@@ -65,9 +62,11 @@ def _policy_error() -> ServiceUnavailable:
 
 
 def _degrading() -> bool:
-    """Redis is unreachable: refuse (raise 503) or go on with the PostgreSQL-only path."""
-    if settings.CHITTYCAN_REDIS_FAILURE_POLICY != "degrade":
-        raise _policy_error()
+    """Redis is unreachable: refuse (raise 503) or go on with the per-process path."""
+    try:
+        counters.degrade_or_refuse()
+    except counters.EnforcementUnavailable:
+        raise _policy_error() from None
     return True
 
 
@@ -75,21 +74,16 @@ def _usd(micro: int) -> str:
     return money.format_usd(micro).rstrip("0").rstrip(".") if micro else "0"
 
 
-def _refusal(key: KeyInfo, refused: counters.Refused) -> QuotaExceeded:
-    counter = refused.counter
-    slugs = {t.id: t.slug for t in key.lineage}
-    if counter.scope == "q":
-        who = slugs.get(counter.scope_id, str(counter.scope_id))
+def _refusal(refusal: service.Refusal) -> QuotaExceeded:
+    if refusal.quota:
         return QuotaExceeded(
-            f"The monthly request quota of {counter.limit} for tenant {who} is used up "
-            f"({counter.period_key[1:]}). Upgrade the plan or wait for the next month."
+            f"The monthly request quota of {refusal.limit} for tenant {refusal.tenant} is used up "
+            f"({refusal.period_label}). Upgrade the plan or wait for the next month."
         )
-    who = f"tenant {slugs.get(counter.scope_id, counter.scope_id)}" if counter.scope == "t" else "this API key"
-    period = {"d": "day", "m": "month", "t": "total"}[counter.period_key[0]]
-    left = max(0, (counter.limit or 0) - refused.current)
+    who = f"tenant {refusal.tenant}" if refusal.scope == "tenant" else "this API key"
     return QuotaExceeded(
-        f"Hard budget exceeded for {who}: limit ${_usd(counter.limit or 0)} per {period}, "
-        f"${_usd(left)} left, and this request may cost up to ${_usd(refused.amount)} "
+        f"Hard budget exceeded for {who}: limit ${_usd(refusal.limit)} per {refusal.period}, "
+        f"${_usd(refusal.left)} left, and this request may cost up to ${_usd(refusal.amount)} "
         f"(lower max_tokens to reserve less)."
     )
 
@@ -125,22 +119,6 @@ async def _rate_limit(ctx: RequestContext, key: KeyInfo, tokens: int) -> limits.
     return result.ticket
 
 
-async def _reserve(
-    ctx: RequestContext, key: KeyInfo, parts: list[counters.Part]
-) -> counters.Reservation | counters.Refused:
-    if settings.REDIS_URL and not counters.redis_suspect():
-        try:
-            if counters.degraded():
-                await counters.redis_recovered()
-            return await counters.primary().reserve(ctx.request_id, key.root_id, parts)
-        except counters.CounterUnavailable:
-            counters.redis_failed()
-    if settings.REDIS_URL:
-        _degrading()
-        return await counters.postgres().reserve(ctx.request_id, key.root_id, parts)
-    return await counters.primary().reserve(ctx.request_id, key.root_id, parts)
-
-
 async def admit(ctx: RequestContext, max_output_tokens: int) -> None:
     """Rate limits, then the worst-case reservation on every budget and quota counter."""
     ctx.reserved_micro = reservation_micro(ctx, max_output_tokens)
@@ -149,19 +127,18 @@ async def admit(ctx: RequestContext, max_output_tokens: int) -> None:
     ticket = Ticket()
     ticket.rate = await _rate_limit(ctx, key, ctx.estimated_prompt_tokens + max_output_tokens)
     when = datetime.fromtimestamp(ctx.created_at, UTC)
-    wanted = periods.counters_for(key, when)
-    if wanted:
-        parts = [counters.Part(c, 1 if c.kind == "q" else ctx.reserved_micro) for c in wanted]
-        try:
-            outcome = await _reserve(ctx, key, parts)
-        except BaseException:
-            await _release_rate(ticket)
-            raise
-        if isinstance(outcome, counters.Refused):
-            await _release_rate(ticket)
-            raise _refusal(key, outcome)
-        ticket.reservation = outcome
-        _active[ctx.request_id] = outcome
+    try:
+        outcome = await service.reserve(ctx.request_id, key, when, ctx.reserved_micro)
+    except counters.EnforcementUnavailable:
+        await _release_rate(ticket)
+        raise _policy_error() from None
+    except BaseException:
+        await _release_rate(ticket)
+        raise
+    if isinstance(outcome, service.Refusal):
+        await _release_rate(ticket)
+        raise _refusal(outcome)
+    ticket.reservation = outcome
     ctx.reservations.append(ticket)
 
 
@@ -188,53 +165,8 @@ async def settle(ctx: RequestContext) -> None:
                 await limits.adjust(ticket.rate, used)
             except counters.CounterUnavailable:
                 counters.redis_failed()
-        res = ticket.reservation
-        if res is None:
-            continue
-        _active.pop(res.request_id, None)
-        try:
-            await counters.store_by_name(res.store).settle(res, actual, 1 if reached else 0)
-        except counters.CounterUnavailable:
-            # The counters are dropped and rebuilt from the ledger once Redis is back.
-            counters.redis_failed()
-            log.warning("could not settle a reservation (Redis down)", extra={"request_id": ctx.request_id})
-
-
-# --- leases and the sweeper -------------------------------------------------------------------
-
-_active: dict[str, counters.Reservation] = {}
-
-
-async def renew_leases() -> None:
-    """Extend the lease of every reservation this process holds (long streams keep theirs)."""
-    groups: dict[tuple[str, int], list[str]] = {}
-    for res in list(_active.values()):
-        groups.setdefault((res.store, res.root), []).append(res.request_id)
-    for (store, root), ids in groups.items():
-        try:
-            await counters.store_by_name(store).renew(root, ids)
-        except counters.CounterUnavailable:
-            counters.redis_failed()
-
-
-@background("budget-leases")
-async def _lease_loop() -> None:
-    interval = float(settings.CHITTYCAN_RESERVATION_SWEEP_INTERVAL)
-    last_renew = last_pg = time.monotonic()
-    while True:
-        await asyncio.sleep(interval)
-        now = time.monotonic()
-        if now - last_renew >= settings.CHITTYCAN_RESERVATION_LEASE / 3:
-            last_renew = now
-            await renew_leases()
-        try:
-            if not (settings.REDIS_URL and counters.redis_suspect()):
-                await counters.primary().sweep()
-        except counters.CounterUnavailable:
-            counters.redis_failed()
-        if settings.REDIS_URL and (counters.degraded() or now - last_pg >= 60):
-            last_pg = now
-            await counters.postgres().sweep()
+        if ticket.reservation is not None:
+            await service.settle(ticket.reservation, actual, 1 if reached else 0)
 
 
 # --- passthrough mode -------------------------------------------------------------------------
@@ -244,13 +176,11 @@ _passthrough: dict[str, KeyInfo] = {}
 
 @invalidation.subscribe
 def forget_passthrough_key() -> None:
-    """Drop the cached passthrough key (its tenant's budgets or limits may have changed)."""
+    """Drop the cached passthrough key (its tenant's limits may have changed)."""
     _passthrough.clear()
 
 
 def _passthrough_key_sync() -> KeyInfo:
-    from tenants import services
-
     tenant = services.passthrough_tenant()
     key = services.passthrough_api_key(tenant)
     info = load_key(key.prefix)
@@ -268,8 +198,6 @@ async def passthrough_key() -> KeyInfo:
 
 async def passthrough_route(name: str, known: ModelRoute | None) -> ModelRoute:
     """Forward to the passthrough provider with the client's own key; price as the model if known."""
-    from gateway.routing import route_table
-
     table = await route_table()
     provider = next(
         (
@@ -300,9 +228,6 @@ async def passthrough_route(name: str, known: ModelRoute | None) -> ModelRoute:
 
 
 def _provider_config_by_slug(slug: str) -> ProviderConfig:
-    from gateway.models import Provider
-    from gateway.routing import _provider_config
-
     provider = Provider.objects.filter(slug=slug, is_active=True).first()
     if provider is None:
         raise ServiceUnavailable(

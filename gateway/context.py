@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 from core.money import Usage
 
 if TYPE_CHECKING:
-    from gateway.auth import KeyInfo
     from gateway.routing import DeploymentRoute, ModelRoute
+    from tenants.keyinfo import KeyInfo
 
 
 @dataclass(slots=True)

@@ -24,7 +24,7 @@ from django.conf import settings
 
 from budgets.counters import CounterUnavailable
 from core.runtime import redis_client
-from gateway.auth import KeyInfo
+from tenants.keyinfo import KeyInfo
 
 WINDOW = 60
 

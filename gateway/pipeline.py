@@ -82,7 +82,7 @@ async def authenticate(ctx: RequestContext, headers: dict[bytes, bytes]) -> None
         ctx.passthrough_key = token
     else:
         ctx.key = await auth.authenticate(token)
-    ctx.key.check_endpoint(ctx.endpoint)
+    auth.check_endpoint(ctx.key, ctx.endpoint)
 
 
 async def resolve_route(ctx: RequestContext, name: str, kinds: tuple[str, ...]) -> ModelRoute:
