@@ -31,9 +31,10 @@ def _django() -> None:
 
 
 def setup(upstream: str) -> dict[str, object]:
+    from budgets.models import Budget
     from gateway.models import Deployment, LLMModel, Price, Provider
     from tenants import services
-    from tenants.models import ApiKey, Budget, Tenant
+    from tenants.models import ApiKey, Tenant
 
     provider = Provider.objects.filter(slug=PROVIDER).first() or Provider(slug=PROVIDER, kind="openai")
     provider.base_url = upstream

@@ -31,6 +31,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "channels",
     "tenants",
+    "budgets",
     "gateway",
     "billing_export",
     "control",

@@ -20,12 +20,15 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from budgets import services as budget_services
+from budgets.models import Budget
+from budgets.service import spend_status
 from control import serializers as s
 from control.permissions import HasTenantAccess, Scope, scope_of
 from control.tokens import ManagementTokenAuthentication
 from gateway import analytics
 from tenants import services
-from tenants.models import ApiKey, Budget, Tenant
+from tenants.models import ApiKey, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +178,7 @@ def budget_status(budget: Budget) -> dict[str, Any]:
     spend = analytics.budget_spend(budget)
     reserved: int | None = None
     try:
-        from gateway import budgets as enforcement
-
-        reserved = int(enforcement.spend_status(budget).reserved_micro)
+        reserved = int(spend_status(budget).reserved_micro)
     except Exception:  # no enforcement layer, or its counter store is unreachable: say so
         log.warning("in-flight reservations unavailable for budget %s", budget.pk, exc_info=True)
     return {
@@ -243,7 +244,7 @@ class BudgetViewSet(
         if budget is None and Budget.objects.filter(tenant=tenant, api_key=api_key, period=period).exists():
             raise exceptions.ValidationError({"period": [f"This scope already has a {period} budget; update it."]})
         try:
-            return services.budget_set(
+            return budget_services.budget_set(
                 tenant=tenant,
                 api_key=api_key,
                 period=period,
@@ -276,7 +277,7 @@ class BudgetViewSet(
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         budget = self.get_object()
         self._check_budget_rights(budget.tenant, budget.api_key)
-        services.budget_delete(budget=budget, actor_label=_actor(request))
+        budget_services.budget_delete(budget=budget, actor_label=_actor(request))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     @action(detail=True, methods=["get"])

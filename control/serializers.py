@@ -6,7 +6,8 @@ from typing import Any
 
 from rest_framework import serializers
 
-from tenants.models import ApiKey, Budget, Tenant
+from budgets.models import Budget
+from tenants.models import ApiKey, Tenant
 
 KNOWN_ENDPOINTS = ("chat", "completions", "embeddings", "messages", "models")
 

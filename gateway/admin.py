@@ -1,5 +1,5 @@
 """Admin for providers (write-only credentials), public models with their deployments and prices,
-and the read-only usage ledger, rollups and budget alerts.
+and the read-only usage ledger and rollups.
 
 Providers, models, deployments and prices are written through ``gateway.catalog`` (which audits
 and announces each change), as ``can apply`` writes them."""
@@ -16,7 +16,6 @@ from django.http import HttpRequest
 
 from gateway import catalog
 from gateway.models import (
-    AlertSent,
     DailyUsage,
     Deployment,
     HourlyUsage,
@@ -273,14 +272,3 @@ class HourlyUsageAdmin(UsageTotalsAdmin[HourlyUsage]):
 class DailyUsageAdmin(UsageTotalsAdmin[DailyUsage]):
     list_display = ["date", "tenant_id", "api_key_id", "model", "provider", "calls", "errors", "cost"]
     date_hierarchy = "date"
-
-
-@admin.register(AlertSent)
-class AlertSentAdmin(ReadOnlyAdmin[AlertSent]):
-    list_display = ["created_at", "budget", "period_key", "threshold", "spend", "email_sent_at", "webhook_sent_at"]
-    list_select_related = ["budget__tenant", "budget__api_key"]
-    date_hierarchy = "created_at"
-
-    @admin.display(description="spend / limit (USD)")
-    def spend(self, obj: AlertSent) -> str:
-        return f"{usd(obj.spend_micro)} / {usd(obj.limit_micro)}"

@@ -2,9 +2,10 @@
 
 ``rate_limit`` checks the rate limits (``gateway.limits``); ``reserve`` computes the request's
 worst-case cost (every input token, padded by 10 %, at the highest input rate plus the largest
-possible output) and reserves it on every budget counter of the key and of each ancestor tenant,
-plus one request on every plan quota, all or nothing (``gateway.counters``). ``settle`` brings
-the reservation to the actual cost, exactly once. See docs/budgets.md.
+possible output) and asks the budget service to reserve it on every budget counter of the key and
+of each ancestor tenant, plus one request on every plan quota, all or nothing
+(``budgets.service``); a refusal is a 402. ``settle`` corrects the rate windows and settles the
+reservation to the actual cost, exactly once. See docs/budgets.md.
 
 When Redis is unreachable, ``CHITTYCAN_REDIS_FAILURE_POLICY`` decides: ``refuse`` answers 503
 with ``retry-after``; ``degrade`` enforces budgets in PostgreSQL alone (row locks) and rate limits
@@ -13,22 +14,17 @@ per process. There is no fail-open path.
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import math
-import time
 from datetime import UTC, datetime
 
 from django.conf import settings
 
+from budgets import counters, service
 from core import money
-from core.runtime import background
-from gateway import budgets, counters, limits
-from gateway.auth import KeyInfo
+from gateway import limits
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
-
-log = logging.getLogger(__name__)
+from tenants.keyinfo import KeyInfo
 
 #: Input estimates are padded by 10 % (plus a few tokens) so a reservation covers tokenizer drift.
 INPUT_MARGIN = 1.10
@@ -51,9 +47,11 @@ def _policy_error() -> ServiceUnavailable:
 
 
 def _degrading() -> bool:
-    """Redis is unreachable: refuse (raise 503) or go on with the PostgreSQL-only path."""
-    if settings.CHITTYCAN_REDIS_FAILURE_POLICY != "degrade":
-        raise _policy_error()
+    """Redis is unreachable: refuse (raise 503) or go on with the per-process path."""
+    try:
+        counters.degrade_or_refuse()
+    except counters.EnforcementUnavailable:
+        raise _policy_error() from None
     return True
 
 
@@ -61,43 +59,41 @@ def _usd(micro: int) -> str:
     return money.format_usd(micro).rstrip("0").rstrip(".") if micro else "0"
 
 
-def _refusal(key: KeyInfo, refused: counters.Refused) -> QuotaExceeded:
-    counter = refused.counter
-    slugs = {t.id: t.slug for t in key.lineage}
-    if counter.scope == "q":
-        who = slugs.get(counter.scope_id, str(counter.scope_id))
+def _refusal(refusal: service.Refusal) -> QuotaExceeded:
+    if refusal.quota:
         return QuotaExceeded(
-            f"The monthly request quota of {counter.limit} for tenant {who} is used up "
-            f"({counter.period_key[1:]}). Upgrade the plan or wait for the next month."
+            f"The monthly request quota of {refusal.limit} for tenant {refusal.tenant} is used up "
+            f"({refusal.period_label}). Upgrade the plan or wait for the next month."
         )
-    who = f"tenant {slugs.get(counter.scope_id, counter.scope_id)}" if counter.scope == "t" else "this API key"
-    period = {"d": "day", "m": "month", "t": "total"}[counter.period_key[0]]
-    left = max(0, (counter.limit or 0) - refused.current)
+    who = f"tenant {refusal.tenant}" if refusal.scope == "tenant" else "this API key"
     return QuotaExceeded(
-        f"Hard budget exceeded for {who}: limit ${_usd(counter.limit or 0)} per {period}, "
-        f"${_usd(left)} left, and this request may cost up to ${_usd(refused.amount)} "
+        f"Hard budget exceeded for {who}: limit ${_usd(refusal.limit)} per {refusal.period}, "
+        f"${_usd(refusal.left)} left, and this request may cost up to ${_usd(refusal.amount)} "
         f"(lower max_tokens to reserve less)."
     )
 
 
-async def _rate_limit(ctx: RequestContext, key: KeyInfo, tokens: int) -> limits.RateTicket | None:
-    if not limits.windows_for(key, tokens):
-        return None  # nothing to enforce: Redis is not needed, whatever its state
-    result: limits.RateResult | None
+async def _hit(key: KeyInfo, tokens: int) -> limits.RateResult | None:
     if settings.REDIS_URL and not counters.redis_suspect():
         try:
-            result = await limits.hit(key, tokens, use_redis=True)
+            return await limits.hit(key, tokens, use_redis=True)
         except counters.CounterUnavailable:
             counters.redis_failed()
             _degrading()
-            result = await limits.hit(key, tokens, use_redis=False)
     elif settings.REDIS_URL:
         _degrading()
-        result = await limits.hit(key, tokens, use_redis=False)
-    else:
-        result = await limits.hit(key, tokens, use_redis=False)
+    return await limits.hit(key, tokens, use_redis=False)
+
+
+async def rate_limit(ctx: RequestContext, tokens: int) -> None:
+    """RPM/TPM for the key and its tenants; what was taken is kept in ``ctx.rate_ticket``."""
+    key = ctx.key
+    assert key is not None
+    if not limits.windows_for(key, tokens):
+        return  # nothing to enforce: Redis is not needed, whatever its state
+    result = await _hit(key, tokens)
     if result is None:
-        return None
+        return
     ctx.extra_headers.extend(result.headers)
     if not result.allowed:
         assert result.refused is not None
@@ -108,29 +104,7 @@ async def _rate_limit(ctx: RequestContext, key: KeyInfo, tokens: int) -> limits.
             f"Try again in {result.retry_after} s.",
             headers={"retry-after": str(result.retry_after)},
         )
-    return result.ticket
-
-
-async def _reserve(
-    ctx: RequestContext, key: KeyInfo, parts: list[counters.Part]
-) -> counters.Reservation | counters.Refused:
-    if settings.REDIS_URL and not counters.redis_suspect():
-        try:
-            if counters.degraded():
-                await counters.redis_recovered()
-            return await counters.primary().reserve(ctx.request_id, key.root_id, parts)
-        except counters.CounterUnavailable:
-            counters.redis_failed()
-    if settings.REDIS_URL:
-        _degrading()
-        return await counters.postgres().reserve(ctx.request_id, key.root_id, parts)
-    return await counters.primary().reserve(ctx.request_id, key.root_id, parts)
-
-
-async def rate_limit(ctx: RequestContext, tokens: int) -> None:
-    """RPM/TPM for the key and its tenants; what was taken is kept in ``ctx.rate_ticket``."""
-    assert ctx.key is not None
-    ctx.rate_ticket = await _rate_limit(ctx, ctx.key, tokens)
+    ctx.rate_ticket = result.ticket
 
 
 async def reserve(ctx: RequestContext, max_output_tokens: int) -> None:
@@ -142,20 +116,18 @@ async def reserve(ctx: RequestContext, max_output_tokens: int) -> None:
     key = ctx.key
     assert key is not None
     when = datetime.fromtimestamp(ctx.created_at, UTC)
-    wanted = budgets.counters_for(key, when)
-    if not wanted:
-        return
-    parts = [counters.Part(c, 1 if c.kind == "q" else ctx.reserved_micro) for c in wanted]
     try:
-        outcome = await _reserve(ctx, key, parts)
+        outcome = await service.reserve(ctx.request_id, key, when, ctx.reserved_micro)
+    except counters.EnforcementUnavailable:
+        await _release_rate(ctx)
+        raise _policy_error() from None
     except BaseException:
         await _release_rate(ctx)
         raise
-    if isinstance(outcome, counters.Refused):
+    if isinstance(outcome, service.Refusal):
         await _release_rate(ctx)
-        raise _refusal(key, outcome)
+        raise _refusal(outcome)
     ctx.reservation = outcome
-    _active[ctx.request_id] = outcome
 
 
 async def _release_rate(ctx: RequestContext) -> None:
@@ -178,50 +150,6 @@ async def settle(ctx: RequestContext) -> None:
             await limits.adjust(ticket, used)
         except counters.CounterUnavailable:
             counters.redis_failed()
-    res, ctx.reservation = ctx.reservation, None
-    if res is None:
-        return
-    _active.pop(res.request_id, None)
-    try:
-        await counters.store_by_name(res.store).settle(res, ctx.cost_micro if reached else 0, 1 if reached else 0)
-    except counters.CounterUnavailable:
-        # The counters are dropped and rebuilt from the ledger once Redis is back.
-        counters.redis_failed()
-        log.warning("could not settle a reservation (Redis down)", extra={"request_id": ctx.request_id})
-
-
-# --- leases and the sweeper -------------------------------------------------------------------
-
-_active: dict[str, counters.Reservation] = {}
-
-
-async def renew_leases() -> None:
-    """Extend the lease of every reservation this process holds (long streams keep theirs)."""
-    groups: dict[tuple[str, int], list[str]] = {}
-    for res in list(_active.values()):
-        groups.setdefault((res.store, res.root), []).append(res.request_id)
-    for (store, root), ids in groups.items():
-        try:
-            await counters.store_by_name(store).renew(root, ids)
-        except counters.CounterUnavailable:
-            counters.redis_failed()
-
-
-@background("budget-leases")
-async def _lease_loop() -> None:
-    interval = float(settings.CHITTYCAN_RESERVATION_SWEEP_INTERVAL)
-    last_renew = last_pg = time.monotonic()
-    while True:
-        await asyncio.sleep(interval)
-        now = time.monotonic()
-        if now - last_renew >= settings.CHITTYCAN_RESERVATION_LEASE / 3:
-            last_renew = now
-            await renew_leases()
-        try:
-            if not (settings.REDIS_URL and counters.redis_suspect()):
-                await counters.primary().sweep()
-        except counters.CounterUnavailable:
-            counters.redis_failed()
-        if settings.REDIS_URL and (counters.degraded() or now - last_pg >= 60):
-            last_pg = now
-            await counters.postgres().sweep()
+    reservation, ctx.reservation = ctx.reservation, None
+    if reservation is not None:
+        await service.settle(reservation, ctx.cost_micro if reached else 0, 1 if reached else 0)

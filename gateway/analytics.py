@@ -19,8 +19,9 @@ from django.db.models import Count, F, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, NullIf, TruncDate
 from django.utils import timezone
 
+from budgets.models import Budget
 from gateway.models import HourlyUsage, RollupHour, UsageRecord
-from tenants.models import ApiKey, Budget, Tenant
+from tenants.models import ApiKey, Tenant
 
 # --- scopes and periods -------------------------------------------------------------------------
 

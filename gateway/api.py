@@ -18,6 +18,7 @@ from ninja.security import HttpBearer
 from gateway import auth
 from gateway.errors import GatewayError, NotFound
 from gateway.routing.table import ModelRoute, dev_route, route_table
+from tenants.keyinfo import KeyInfo
 
 
 class GatewayKeyAuth(HttpBearer):
@@ -67,14 +68,14 @@ def _out(route: ModelRoute) -> ModelOut:
 
 @api.get("/models", response=ModelList, auth=GatewayKeyAuth(), summary="Models this key may use")
 async def list_models(request: HttpRequest) -> ModelList:
-    key: auth.KeyInfo = request.auth  # type: ignore[attr-defined]
+    key: KeyInfo = request.auth  # type: ignore[attr-defined]
     table = await route_table()
     return ModelList(data=[_out(r) for r in table.public_models() if key.allows_model(r.name, r.aliases)])
 
 
 @api.get("/models/{path:model_id}", response=ModelOut, auth=GatewayKeyAuth(), summary="One model")
 async def get_model(request: HttpRequest, model_id: str) -> ModelOut:
-    key: auth.KeyInfo = request.auth  # type: ignore[attr-defined]
+    key: KeyInfo = request.auth  # type: ignore[attr-defined]
     table = await route_table()
     route = table.resolve(model_id)
     if route is None and settings.CHITTYCAN_MODE == "dev":

@@ -10,10 +10,10 @@ from core.money import Usage
 from gateway import tokens
 
 if TYPE_CHECKING:
-    from gateway.auth import KeyInfo
-    from gateway.counters import Reservation
+    from budgets.counters import Reservation
     from gateway.limits import RateTicket
     from gateway.routing.table import DeploymentRoute, ModelRoute
+    from tenants.keyinfo import KeyInfo
 
 
 Headers = list[tuple[bytes, bytes]]

@@ -22,9 +22,9 @@ from typing import Any
 import redis
 from django.conf import settings
 
+from budgets.counters import CounterUnavailable
 from core.runtime import redis_client
-from gateway.auth import KeyInfo
-from gateway.counters import CounterUnavailable
+from tenants.keyinfo import KeyInfo
 
 WINDOW = 60
 

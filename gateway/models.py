@@ -11,7 +11,6 @@ from django.utils import timezone
 from gateway.crypto import decrypt, encrypt
 
 __all__ = [
-    "AlertSent",
     "DailyUsage",
     "Deployment",
     "HourlyUsage",
@@ -279,28 +278,3 @@ class RollupCursor(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} @ {self.position:%Y-%m-%d %H:%M:%S}"
-
-
-class AlertSent(models.Model):
-    """One budget threshold crossed in one period. Unique, so each threshold alerts once per period."""
-
-    budget = models.ForeignKey("tenants.Budget", on_delete=models.CASCADE, related_name="alerts_sent")
-    period_key = models.CharField(max_length=20, help_text="2026-11, 2026-11-22 or total")
-    threshold = models.PositiveSmallIntegerField(help_text="Percent of the limit")
-    spend_micro = models.BigIntegerField(help_text="Spend when the threshold was found crossed")
-    limit_micro = models.BigIntegerField()
-    created_at = models.DateTimeField(default=timezone.now)
-    notify = models.BooleanField(default=True, help_text="False when a higher threshold crossed at the same time")
-    email_sent_at = models.DateTimeField(null=True, blank=True)
-    webhook_sent_at = models.DateTimeField(null=True, blank=True)
-    attempts = models.PositiveIntegerField(default=0)
-    last_error = models.TextField(blank=True, default="")
-
-    class Meta:
-        ordering = ["-created_at"]
-        constraints = [
-            models.UniqueConstraint(fields=["budget", "period_key", "threshold"], name="alert_once_per_period"),
-        ]
-
-    def __str__(self) -> str:
-        return f"budget {self.budget_id} {self.period_key} {self.threshold}%"

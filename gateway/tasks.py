@@ -6,13 +6,12 @@ The beat schedule is ``CELERY_BEAT_SCHEDULE`` in settings (see docs/usage-and-an
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import Any
 
 from celery import shared_task
-from django.db import OperationalError, transaction
+from django.db import OperationalError
 
-from gateway import alerts, rollups, usage
+from gateway import rollups, usage
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +32,3 @@ def prune_usage() -> dict[str, Any]:
 def replay_usage_spool() -> int:
     """Replays the spool files on this worker's host (each gateway process also does it itself)."""
     return usage.replay_spool()
-
-
-@shared_task(autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
-def check_budget_alerts() -> int:
-    with transaction.atomic():
-        due = alerts.check_budgets()
-        for alert in due:
-            transaction.on_commit(partial(deliver_budget_alert.delay, alert.pk))
-    return len(due)
-
-
-@shared_task(
-    autoretry_for=(alerts.DeliveryError, OperationalError),
-    retry_backoff=5,
-    retry_backoff_max=3600,
-    retry_jitter=True,
-    max_retries=10,
-)
-def deliver_budget_alert(alert_id: int) -> None:
-    alerts.deliver(alert_id)

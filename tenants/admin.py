@@ -1,4 +1,4 @@
-"""Admin for tenants (a tree), plans, API keys, budgets and the audit log.
+"""Admin for tenants (a tree), plans, API keys and the audit log (budgets: ``budgets.admin``).
 
 Every write made here goes through ``tenants.services`` (which audit it and tell the gateway
 processes after commit): the admin has no write path of its own. A new key's plaintext is shown
@@ -25,7 +25,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 
 from tenants import services
-from tenants.models import ApiKey, AuditEvent, Budget, BudgetCounter, BudgetReservation, Plan, Tenant
+from tenants.models import ApiKey, AuditEvent, Plan, Tenant
 
 MICRO = Decimal(1_000_000)
 ADMIN_LABEL = "admin"
@@ -164,87 +164,6 @@ class SubtreeFilter(admin.SimpleListFilter):
         return queryset.filter(pk__in=ids)
 
 
-class BudgetForm(forms.ModelForm):
-    """Budgets are edited in USD (up to 6 decimals) and stored as integer micro-USD."""
-
-    limit_usd = forms.DecimalField(
-        label="Limit (USD)", min_value=Decimal(0), decimal_places=6, max_digits=18, help_text="e.g. 500.00"
-    )
-    new_webhook_secret = forms.CharField(
-        label="Webhook secret",
-        required=False,
-        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
-        help_text="Write-only: type a new one to replace it; leave empty to keep the current one.",
-    )
-    clear_webhook_secret = forms.BooleanField(label="Remove the webhook secret", required=False)
-
-    class Meta:
-        model = Budget
-        formfield_callback = https_formfield
-        fields = [
-            "tenant",
-            "api_key",
-            "period",
-            "limit_usd",
-            "hard",
-            "alert_thresholds",
-            "alert_emails",
-            "webhook_url",
-        ]
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.instance.pk is not None:
-            self.fields["limit_usd"].initial = Decimal(self.instance.limit_micro) / MICRO
-
-    def clean_alert_thresholds(self) -> list[int]:
-        value = self.cleaned_data.get("alert_thresholds") or []
-        if not isinstance(value, list) or not all(isinstance(v, int) and 0 < v <= 1000 for v in value):
-            raise forms.ValidationError("A list of percentages, e.g. [50, 80, 100].")
-        return sorted(set(value))
-
-    def clean_alert_emails(self) -> list[str]:
-        value = self.cleaned_data.get("alert_emails") or []
-        if not isinstance(value, list) or not all(isinstance(v, str) and "@" in v for v in value):
-            raise forms.ValidationError('A list of email addresses, e.g. ["ops@example.com"].')
-        return value
-
-    def clean(self) -> dict[str, Any]:
-        data = super().clean() or {}
-        if data.get("limit_usd") is not None:
-            self.instance.limit_micro = int(data["limit_usd"] * MICRO)
-        if data.get("new_webhook_secret"):
-            self.instance.webhook_secret = data["new_webhook_secret"]
-        elif data.get("clear_webhook_secret"):
-            self.instance.webhook_secret = ""
-        if "tenant" in self.fields and "api_key" in self.fields:
-            if bool(data.get("tenant")) == bool(data.get("api_key")):
-                raise forms.ValidationError("A budget belongs to a tenant or to one API key: choose exactly one.")
-        return data
-
-    def save(self, commit: bool = True) -> Budget:
-        self.instance.limit_micro = int(self.cleaned_data["limit_usd"] * MICRO)
-        return super().save(commit)  # type: ignore[no-any-return]
-
-
-class TenantBudgetInline(admin.TabularInline):
-    model = Budget
-    form = BudgetForm
-    fk_name = "tenant"
-    formfield_overrides = URL_FIELDS
-    fields = [
-        "period",
-        "limit_usd",
-        "hard",
-        "alert_thresholds",
-        "alert_emails",
-        "webhook_url",
-        "new_webhook_secret",
-        "clear_webhook_secret",
-    ]
-    extra = 0
-
-
 class TenantForm(forms.ModelForm):
     class Meta:
         model = Tenant
@@ -295,7 +214,6 @@ class TenantAdmin(AuditedAdmin[Tenant]):
         ("Models", {"fields": ["allowed_models"]}),
         (None, {"fields": ["created_at"]}),
     ]
-    inlines = [TenantBudgetInline]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
         return (
@@ -341,40 +259,6 @@ class TenantAdmin(AuditedAdmin[Tenant]):
 
     def update(self, request: HttpRequest, obj: Tenant, values: dict[str, Any]) -> None:
         services.tenant_update(obj, **values, actor=actor_of(request), actor_label=ADMIN_LABEL)
-
-    def save_formset(self, request: HttpRequest, form: ModelForm, formset: Any, change: bool) -> None:
-        if formset.model is not Budget:
-            super().save_formset(request, form, formset, change)
-            return
-        formset.save(commit=False)
-        for budget in formset.deleted_objects:
-            services.budget_delete(budget=budget, actor_label=ADMIN_LABEL)
-        for budget in formset.new_objects:
-            save_budget(budget)
-        for budget, fields in formset.changed_objects:
-            save_budget(budget, moved="period" in fields)
-
-
-def save_budget(budget: Budget, *, moved: bool = False) -> Budget:
-    """A budget as a form left it, through the budget service. ``moved``: its scope or period
-    changed, so the stored budget is deleted and one is set for the new scope and period."""
-    if moved:
-        stored = Budget.objects.select_related("tenant", "api_key__tenant").get(pk=budget.pk)
-        services.budget_delete(budget=stored, actor_label=ADMIN_LABEL)
-    saved = services.budget_set(
-        tenant=budget.tenant,
-        api_key=budget.api_key,
-        period=budget.period,
-        limit_micro=budget.limit_micro,
-        hard=budget.hard,
-        alert_thresholds=budget.alert_thresholds,
-        alert_emails=budget.alert_emails,
-        webhook_url=budget.webhook_url,
-        webhook_secret=budget.webhook_secret,
-        actor_label=ADMIN_LABEL,
-    )
-    adopt(budget, saved)
-    return saved
 
 
 # --- plans ---------------------------------------------------------------------------------------
@@ -541,55 +425,6 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
             self._show_key_once(request, new_key, plaintext)
         if queryset.filter(revoked_at__isnull=False).exists():
             self.message_user(request, "Revoked keys were skipped.", messages.INFO)
-
-
-# --- budgets -------------------------------------------------------------------------------------
-
-
-@admin.register(Budget)
-class BudgetAdmin(AuditedAdmin[Budget]):
-    form = BudgetForm
-    list_display = ["scope", "period", "limit_usd_display", "limit_micro", "hard", "alert_thresholds"]
-    list_filter = ["period", "hard"]
-    list_select_related = ["tenant", "api_key", "api_key__tenant"]
-    search_fields = ["tenant__slug", "api_key__prefix"]
-    autocomplete_fields = ["tenant", "api_key"]
-
-    fields = [*BudgetForm.Meta.fields, "new_webhook_secret", "clear_webhook_secret"]
-
-    def save_model(self, request: HttpRequest, obj: Budget, form: ModelForm, change: bool) -> None:
-        save_budget(obj, moved=change and bool({"tenant", "api_key", "period"} & set(form.changed_data)))
-
-    def delete_model(self, request: HttpRequest, obj: Budget) -> None:
-        services.budget_delete(budget=obj, actor_label=ADMIN_LABEL)
-
-    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Budget]) -> None:
-        for budget in queryset.select_related("tenant", "api_key__tenant"):
-            services.budget_delete(budget=budget, actor_label=ADMIN_LABEL)
-
-    @admin.display(description="scope")
-    def scope(self, obj: Budget) -> str:
-        return f"tenant {obj.tenant.slug}" if obj.tenant else f"key {obj.api_key.prefix if obj.api_key else '?'}"
-
-    @admin.display(description="limit (USD)", ordering="limit_micro")
-    def limit_usd_display(self, obj: Budget) -> str:
-        return usd(obj.limit_micro)
-
-
-@admin.register(BudgetCounter)
-class BudgetCounterAdmin(ReadOnlyAdmin[BudgetCounter]):
-    """The PostgreSQL fallback's spend counters (see docs/budgets.md): for inspection only."""
-
-    list_display = ["name", "value", "synced_at"]
-    search_fields = ["name"]
-
-
-@admin.register(BudgetReservation)
-class BudgetReservationAdmin(ReadOnlyAdmin[BudgetReservation]):
-    list_display = ["request_id", "created_at", "expires_at", "swept"]
-    list_filter = ["swept"]
-    search_fields = ["request_id"]
-    date_hierarchy = "created_at"
 
 
 # --- audit log -----------------------------------------------------------------------------------

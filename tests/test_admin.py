@@ -14,9 +14,10 @@ from django.urls import reverse
 from django_otp.oath import TOTP
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from budgets.models import Budget
 from gateway.models import LLMModel, Provider, UsageRecord
 from tenants import keys, services
-from tenants.models import ApiKey, AuditEvent, Budget, Plan, Tenant
+from tenants.models import ApiKey, AuditEvent, Plan, Tenant
 
 PASSWORD = "correct horse battery staple"
 
@@ -93,7 +94,7 @@ def test_every_registered_model_changelist_add_and_change_pages_load(admin_clien
         "tenants.Tenant",
         "tenants.Plan",
         "tenants.ApiKey",
-        "tenants.Budget",
+        "budgets.Budget",
         "tenants.AuditEvent",
         "gateway.Provider",
         "gateway.LLMModel",
@@ -232,7 +233,7 @@ def test_provider_credential_is_write_only(admin_client, rows):
 
 def test_budget_in_usd_stored_in_micro_usd(admin_client, rows):
     response = admin_client.post(
-        reverse("admin:tenants_budget_add"),
+        reverse("admin:budgets_budget_add"),
         {
             "tenant": rows["team"].pk,
             "period": "day",
@@ -249,9 +250,9 @@ def test_budget_in_usd_stored_in_micro_usd(admin_client, rows):
     assert budget.limit_micro == 12_345_678 and budget.webhook_secret == "whsec-admin-typed"
     event = AuditEvent.objects.get(action="budget.create", tenant=rows["team"])
     assert event.actor_label == "admin" and event.data["limit_micro"] == 12_345_678
-    page = admin_client.get(reverse("admin:tenants_budget_change", args=[budget.pk])).content.decode()
+    page = admin_client.get(reverse("admin:budgets_budget_change", args=[budget.pk])).content.decode()
     assert "whsec-admin-typed" not in page and 'value="12.345678"' in page
-    page = admin_client.get(reverse("admin:tenants_budget_changelist")).content.decode()
+    page = admin_client.get(reverse("admin:budgets_budget_changelist")).content.decode()
     assert "$12.345678" in page and "12345678" in page and "$12.50" in page
 
 

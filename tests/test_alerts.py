@@ -15,9 +15,11 @@ import orjson
 import pytest
 from django.core import mail
 
+from budgets import alerts, tasks
+from budgets import services as budget_services
+from budgets.models import AlertSent
 from chittycan.celery import app as celery_app
-from gateway import alerts, tasks, usage
-from gateway.models import AlertSent
+from gateway import usage
 from tenants import services
 
 
@@ -94,7 +96,7 @@ def _verify_independently(secret, headers, body):
 def test_thresholds_alert_once_per_period_by_email_and_signed_webhook(make_tenant, receiver, eager_celery):
     org = make_tenant("alerts-org")
     team = make_tenant("alerts-team", parent=org, kind="team")
-    budget = services.budget_set(
+    budget = budget_services.budget_set(
         tenant=org,
         period="month",
         limit_micro=1_000_000,
@@ -147,7 +149,7 @@ def test_webhook_failure_is_retried_without_resending_the_email(make_tenant, rec
     from tenants.models import ApiKey
 
     key = ApiKey.objects.get(tenant=tenant)
-    services.budget_set(
+    budget_services.budget_set(
         api_key=key,
         period="day",
         limit_micro=100,
@@ -174,7 +176,9 @@ def test_webhook_failure_is_retried_without_resending_the_email(make_tenant, rec
 def test_delivery_failure_raises_for_retry_and_records_the_error(make_tenant, receiver, settings):
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     tenant = make_tenant("alerts-down")
-    services.budget_set(tenant=tenant, period="total", limit_micro=10, alert_thresholds=[50], webhook_url=receiver.url)
+    budget_services.budget_set(
+        tenant=tenant, period="total", limit_micro=10, alert_thresholds=[50], webhook_url=receiver.url
+    )
     _spend(tenant, 5)
     [alert] = alerts.check_budgets()
     receiver.statuses = [500]

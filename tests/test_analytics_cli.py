@@ -11,9 +11,9 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+from budgets import services
 from gateway import analytics, rollups, usage
 from gateway.models import LLMModel, Price
-from tenants import services
 
 
 def _row(tenant, when, cost, **extra):

@@ -12,9 +12,10 @@ import yaml
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+from budgets.models import Budget
 from control.config import load, schema
 from gateway.models import Deployment, LLMModel, Price, Provider
-from tenants.models import AuditEvent, Budget, Plan, Tenant
+from tenants.models import AuditEvent, Plan, Tenant
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "chittycan.yaml"
 SECRETS = {

@@ -14,7 +14,7 @@ import pytest
 import redis
 from django.conf import settings
 
-from gateway import budgets
+from budgets import periods, service
 from gateway.models import UsageRecord
 from tests.conftest import wait_usage
 from tests.fakes.openai_upstream import Reply, sse, usage_for
@@ -30,7 +30,7 @@ def counter_value(root_id: int, name: str) -> int | None:
 
 
 def month_name(prefix: str, obj_id: int, tz: str = "UTC") -> str:
-    return f"{prefix}{obj_id}:{budgets.period_key('month', tz, datetime.now(UTC))}"
+    return f"{prefix}{obj_id}:{periods.period_key('month', tz, datetime.now(UTC))}"
 
 
 def ledger_sum(**filters) -> int:
@@ -53,32 +53,32 @@ def chat(client: openai.OpenAI, **kwargs):
 def test_period_keys_roll_over_in_the_tenants_time_zone():
     # 23:30 UTC on 30 November is already 1 December in Berlin and still 30 November in New York.
     moment = datetime(2026, 11, 30, 23, 30, tzinfo=UTC)
-    assert budgets.period_key("day", "UTC", moment) == "d2026-11-30"
-    assert budgets.period_key("day", "Europe/Berlin", moment) == "d2026-12-01"
-    assert budgets.period_key("month", "Europe/Berlin", moment) == "m2026-12"
-    assert budgets.period_key("month", "America/New_York", moment) == "m2026-11"
-    assert budgets.period_key("total", "Asia/Tokyo", moment) == "total"
+    assert periods.period_key("day", "UTC", moment) == "d2026-11-30"
+    assert periods.period_key("day", "Europe/Berlin", moment) == "d2026-12-01"
+    assert periods.period_key("month", "Europe/Berlin", moment) == "m2026-12"
+    assert periods.period_key("month", "America/New_York", moment) == "m2026-11"
+    assert periods.period_key("total", "Asia/Tokyo", moment) == "total"
     # New Year in Tokyo while it is still the old year in UTC.
-    assert budgets.period_key("month", "Asia/Tokyo", datetime(2026, 12, 31, 15, 0, tzinfo=UTC)) == "m2027-01"
-    assert budgets.period_key("month", "UTC", datetime(2026, 12, 31, 15, 0, tzinfo=UTC)) == "m2026-12"
+    assert periods.period_key("month", "Asia/Tokyo", datetime(2026, 12, 31, 15, 0, tzinfo=UTC)) == "m2027-01"
+    assert periods.period_key("month", "UTC", datetime(2026, 12, 31, 15, 0, tzinfo=UTC)) == "m2026-12"
 
 
 def test_period_bounds_are_local_midnights():
-    start, end = budgets.period_bounds("d2026-12-01", "Europe/Berlin")
+    start, end = periods.period_bounds("d2026-12-01", "Europe/Berlin")
     assert start == datetime(2026, 11, 30, 23, 0, tzinfo=UTC) and end == datetime(2026, 12, 1, 23, 0, tzinfo=UTC)
-    start, end = budgets.period_bounds("m2026-12", "America/New_York")
+    start, end = periods.period_bounds("m2026-12", "America/New_York")
     assert start == datetime(2026, 12, 1, 5, 0, tzinfo=UTC) and end == datetime(2027, 1, 1, 5, 0, tzinfo=UTC)
     # A DST change inside the month: March in New York starts at UTC-5 and ends at UTC-4.
-    start, end = budgets.period_bounds("m2026-03", "America/New_York")
+    start, end = periods.period_bounds("m2026-03", "America/New_York")
     assert start == datetime(2026, 3, 1, 5, 0, tzinfo=UTC) and end == datetime(2026, 4, 1, 4, 0, tzinfo=UTC)
-    assert budgets.period_bounds("total", "UTC") == (None, None)
+    assert periods.period_bounds("total", "UTC") == (None, None)
 
 
 # --- hard budget ------------------------------------------------------------------------------------
 
 
 def test_hard_budget_refuses_with_402_and_counter_equals_ledger(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
 
     tenant = make_tenant("acme")
     key = make_key(tenant)
@@ -105,7 +105,7 @@ def test_hard_budget_refuses_with_402_and_counter_equals_ledger(upstream, gatewa
 
 
 def test_soft_budget_never_refuses_and_reports_spend(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
 
     tenant = make_tenant("soft")
     key = make_key(tenant)
@@ -114,14 +114,14 @@ def test_soft_budget_never_refuses_and_reports_spend(upstream, gateway_server, m
     for _ in range(3):
         chat(client)
     wait_usage(3, tenant=tenant)
-    status = budgets.spend_status(budget)
+    status = service.spend_status(budget)
     assert status.spent_micro == 285 and status.limit_micro == 100 and not status.hard
     assert status.reserved_micro == 0 and status.remaining_micro == 0 and status.percent == 285.0
-    assert counter_value(tenant.pk, f"t{tenant.pk}:{budgets.period_key('day', 'UTC', datetime.now(UTC))}") == 285
+    assert counter_value(tenant.pk, f"t{tenant.pk}:{periods.period_key('day', 'UTC', datetime.now(UTC))}") == 285
 
 
 def test_key_budget_and_max_tokens_lowering(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
     from tenants.models import ApiKey
 
     tenant = make_tenant("keyed")
@@ -140,7 +140,7 @@ def test_key_budget_and_max_tokens_lowering(upstream, gateway_server, make_tenan
 
 
 def test_budget_change_reaches_the_gateway_without_restart(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
 
     tenant = make_tenant("live")
     key = make_key(tenant)
@@ -161,7 +161,7 @@ def test_budget_change_reaches_the_gateway_without_restart(upstream, gateway_ser
 
 
 def test_grandchild_spend_stops_the_grandparents_other_children(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
 
     org = make_tenant("org")
     team_a = make_tenant("team-a", parent=org, kind="team")
@@ -194,7 +194,7 @@ def test_grandchild_spend_stops_the_grandparents_other_children(upstream, gatewa
 def test_streams_disconnects_and_upstream_errors_are_charged_what_was_reported(
     upstream, gateway_server, make_tenant, make_key
 ):
-    from tenants import services
+    from budgets import services
 
     tenant = make_tenant("exact")
     key = make_key(tenant)
@@ -260,8 +260,8 @@ def test_streams_disconnects_and_upstream_errors_are_charged_what_was_reported(
 
 
 def test_counters_are_rebuilt_from_the_ledger_after_redis_loses_them(upstream, gateway_server, make_tenant, make_key):
-    from tenants import services
-    from tenants.tasks import reconcile
+    from budgets import services
+    from budgets.tasks import reconcile
 
     tenant = make_tenant("rebuilt")
     key = make_key(tenant)
@@ -290,7 +290,8 @@ def test_counters_are_rebuilt_from_the_ledger_after_redis_loses_them(upstream, g
 
 def test_usage_rows_not_yet_written_count_when_a_counter_is_built(transactional_db, make_tenant):
     """A row still in the usage stream (handed off, writer behind) is part of the rebuilt value."""
-    from gateway import counters, usage
+    from budgets import counters
+    from gateway import usage
 
     tenant = make_tenant("pending")
     row = {"request_id": "req_pending1", "created_at": time.time(), "tenant_id": tenant.pk, "api_key_id": None}
@@ -298,7 +299,7 @@ def test_usage_rows_not_yet_written_count_when_a_counter_is_built(transactional_
     conn = redis.Redis.from_url(settings.REDIS_URL)
     conn.xadd(usage.stream_key(), {b"row": orjson.dumps(row)})
     conn.close()
-    counter = budgets.Counter(month_name("t", tenant.pk), "m", 5000, 60, "UTC")
+    counter = periods.Counter(month_name("t", tenant.pk), "m", 5000, 60, "UTC")
     # Counted exactly once whether or not a running writer has meanwhile moved it to the ledger.
     assert counters._ledger_values([counter], True) == [1234]
     # The moment between the writer's commit and its XDEL: in the ledger and still in the stream.
@@ -316,7 +317,8 @@ def test_budgets_command(upstream, gateway_server, make_tenant, make_key):
 
     from django.core.management import CommandError, call_command
 
-    from tenants.models import AuditEvent, Budget
+    from budgets.models import Budget
+    from tenants.models import AuditEvent
 
     tenant = make_tenant("cli-co", time_zone="Europe/Berlin")
     out = StringIO()

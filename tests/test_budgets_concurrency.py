@@ -159,7 +159,7 @@ LIMIT = 1_000_000  # $1.00
 
 
 def test_one_dollar_budget_holds_across_two_processes(upstream, gateways, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
 
     tenant = make_tenant("race")
     key = make_key(tenant)
@@ -246,7 +246,7 @@ def _dead_redis_url(port: int) -> str:
 
 
 def test_redis_down_with_refuse_policy_answers_503(upstream, gateways, make_tenant, make_key):
-    from tenants import services
+    from budgets import services
 
     tenant = make_tenant("closed")
     key = make_key(tenant)
@@ -268,8 +268,8 @@ def test_redis_down_with_refuse_policy_answers_503(upstream, gateways, make_tena
 
 
 def test_redis_down_with_degrade_policy_enforces_in_postgres_then_recovers(upstream, gateways, make_tenant, make_key):
-    from tenants import services
-    from tenants.models import BudgetCounter, BudgetReservation
+    from budgets import services
+    from budgets.models import BudgetCounter, BudgetReservation
 
     tenant = make_tenant("degraded")
     key = make_key(tenant)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from gateway import counters
-from gateway.budgets import Counter
+from budgets import counters
+from budgets.periods import Counter
 
 
 def run(coro_factory):
@@ -37,7 +37,7 @@ def value(store, root: int, counter: Counter) -> int:
     if isinstance(store, counters.MemoryCounters):
         return store.values[counter.name]
     if isinstance(store, counters.PostgresCounters):
-        from tenants.models import BudgetCounter
+        from budgets.models import BudgetCounter
 
         return BudgetCounter.objects.get(name=counter.name).value
     got = counters.peek_sync(counter, root)
@@ -128,7 +128,7 @@ def test_expired_lease_is_released_and_a_late_settle_charges_actual(store, setti
 def test_counters_start_from_the_ledger(store, make_tenant):
     from datetime import UTC, datetime
 
-    from gateway.budgets import period_key
+    from budgets.periods import period_key
     from gateway.models import UsageRecord
 
     tenant = make_tenant("ledgered")
@@ -154,7 +154,7 @@ def test_counters_start_from_the_ledger(store, make_tenant):
 
 
 def test_celery_tasks_sweep_and_reconcile(transactional_db, settings):
-    from tenants.tasks import reconcile_budgets, sweep_reservations
+    from budgets.tasks import reconcile_budgets, sweep_reservations
 
     settings.CHITTYCAN_RESERVATION_LEASE = 0.05
     store = counters.RedisCounters()

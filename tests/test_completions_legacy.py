@@ -89,7 +89,7 @@ def test_embedding_model_is_refused(upstream, openai_client):
 
 def test_best_of_is_reserved_as_every_generated_choice(upstream, openai_client, tenant_key):
     """best_of=5 generates (and bills) 5 completions: the worst case reserved covers all of them."""
-    from tenants import services
+    from budgets import services
 
     # $2/M output: 1,000 max tokens is 2,000 micro-USD a choice; the budget covers two, not five.
     services.budget_set(tenant=tenant_key[0], period="month", limit_micro=5_000)

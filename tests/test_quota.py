@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import openai
 import pytest
 
-from gateway.budgets import period_key
+from budgets.periods import period_key
 from tests.conftest import wait_usage
 from tests.fakes.openai_upstream import Reply
 from tests.test_budgets import chat, client_for, counter_value

@@ -15,11 +15,13 @@ import pytest
 from django.contrib.auth import get_user_model
 from rest_framework.test import APIClient
 
+from budgets import services as budget_services
+from budgets.models import Budget
 from control import tokens
 from control.models import TenantMembership
 from gateway import usage
 from tenants import keys, services
-from tenants.models import ApiKey, AuditEvent, Budget
+from tenants.models import ApiKey, AuditEvent
 
 
 def _client(user=None):
@@ -46,8 +48,8 @@ def world(make_tenant):
     TenantMembership.objects.create(user=charlie, tenant=org_b, role="admin")
     key_a, _ = services.key_issue(tenant=team_a1, name="a1-key")
     key_b, _ = services.key_issue(tenant=org_b, name="b-key")
-    budget_a = services.budget_set(tenant=org_a, period="month", limit_micro=50_000_000)
-    budget_b = services.budget_set(tenant=org_b, period="month", limit_micro=10_000_000)
+    budget_a = budget_services.budget_set(tenant=org_a, period="month", limit_micro=50_000_000)
+    budget_b = budget_services.budget_set(tenant=org_b, period="month", limit_micro=10_000_000)
     return {
         "org_a": org_a,
         "team_a1": team_a1,

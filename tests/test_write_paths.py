@@ -14,13 +14,15 @@ from django.db import transaction
 from django.test import Client
 from django.urls import reverse
 
+from budgets import services as budget_services
+from budgets.models import Budget
 from control.models import ManagementToken, TenantMembership
 from control.tokens import token_create
 from core import invalidation
 from gateway import catalog
 from gateway.models import Deployment, LLMModel, Price, Provider
 from tenants import audit, services
-from tenants.models import ApiKey, AuditEvent, Budget, Plan
+from tenants.models import ApiKey, AuditEvent, Plan
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,7 +137,7 @@ def test_admin_writes_plans_keys_and_inline_budgets_through_the_services(staff):
     event = AuditEvent.objects.get(action="key.update")
     assert event.data["changes"] == {"name": ["old", "new"]} and event.tenant == org
 
-    budget = services.budget_set(tenant=org, period="month", limit_micro=5_000_000)
+    budget = budget_services.budget_set(tenant=org, period="month", limit_micro=5_000_000)
     tenant_form = {
         "slug": "org",
         "name": "org",

@@ -27,11 +27,13 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError, transaction
 
+from budgets import services as budget_services
+from budgets.models import Budget
 from control.config.schema import MICRO, SECRET_REF, ConfigError, Document, ModelSpec, TenantSpec
 from gateway import catalog
 from gateway.models import Deployment, LLMModel, Price, Provider
 from tenants import audit, services
-from tenants.models import Budget, Plan, Tenant
+from tenants.models import Plan, Tenant
 
 __all__ = ["ACTOR", "Change", "Result", "apply"]
 
@@ -347,7 +349,7 @@ class _Applier:
                     self.changes.append(Change("deactivate", "tenant", tenant.slug, note=note))
 
     def budgets(self, tenant: Tenant, spec: TenantSpec) -> None:
-        """Through ``tenants.services.budget_set``/``budget_delete``, as the admin and the REST API."""
+        """Through ``budgets.services.budget_set``/``budget_delete``, as the admin and the REST API."""
         existing = {b.period: b for b in Budget.objects.filter(tenant=tenant)}
         wanted = set()
         i = next(n for n, t in enumerate(self.doc.tenants) if t.slug == spec.slug)
@@ -374,7 +376,7 @@ class _Applier:
             if row is not None and not diff:
                 continue
             try:
-                services.budget_set(
+                budget_services.budget_set(
                     tenant=tenant,
                     period=budget.period,
                     webhook_secret=new_secret,
@@ -391,7 +393,7 @@ class _Applier:
         if self.prune:
             for period, row in existing.items():
                 if period not in wanted:
-                    services.budget_delete(budget=row, actor_label=ACTOR)
+                    budget_services.budget_delete(budget=row, actor_label=ACTOR)
                     self.deleted("budget", f"{tenant.slug} per {period}")
 
 

@@ -19,5 +19,5 @@ async def run(ctx: RequestContext, headers: dict[bytes, bytes]) -> None:
         ctx.passthrough_key = token
     else:
         ctx.key = await auth.authenticate(token)
-    ctx.key.check_endpoint(ctx.endpoint)
+    auth.check_endpoint(ctx.key, ctx.endpoint)
     ctx.stage("auth")

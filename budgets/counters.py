@@ -1,6 +1,6 @@
 """Budget counter stores: reserve the worst case on every counter at once, settle to the actual.
 
-One small interface, three implementations:
+One interface (``CounterStore``: reserve, settle, renew, sweep), three implementations:
 
 - ``RedisCounters`` (production): one Lua script per operation, a single round trip, all or
   nothing across every counter of the request. All keys of one tenant tree share the hash tag
@@ -16,9 +16,14 @@ nothing. A reservation whose lease expired (its process crashed) is released by 
 remembered as *swept*: a late settle then charges the actual amount.
 
 A counter that does not exist yet (first use, new period, new budget, Redis restarted, or counters
-dropped after an outage) is built from the ledger (``budgets.ledger_value``) plus open
+dropped after an outage) is built from the ledger (``budgets.spend.ledger_value``) plus open
 reservations before the request is admitted. Redis counters are therefore rebuilt from
 PostgreSQL at start and after an outage without a separate step.
+
+Which store serves a request, and what this process knows of Redis's health, is at the end of
+this module (``primary``, ``postgres``, ``redis_failed``, ``redis_recovered``...). When Redis is
+unreachable ``CHITTYCAN_REDIS_FAILURE_POLICY`` decides: ``degrade_or_refuse`` raises
+``EnforcementUnavailable`` under ``refuse``.
 """
 
 from __future__ import annotations
@@ -26,15 +31,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+import redis
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import close_old_connections, transaction
+from django.db.models import F
 
-from gateway.budgets import Counter, ledger_value
+from budgets.models import BudgetCounter, BudgetReservation
+from budgets.periods import Counter
+from budgets.spend import in_ledger, ledger_value
+from core.runtime import redis_client
+from tenants.models import ApiKey, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +77,35 @@ class Reservation:
 
 class CounterUnavailable(Exception):
     """The store cannot be reached (Redis down); the failure policy decides what happens."""
+
+
+class EnforcementUnavailable(Exception):
+    """Redis is unreachable and the failure policy is ``refuse``: nothing can be admitted."""
+
+
+class CounterStore(ABC):
+    """Where budget and quota counters and their open reservations live.
+
+    ``reserve`` adds every part or none (refusing on the first counter a part would take over its
+    limit) and is idempotent by request id. ``settle`` brings a reservation to the actual amounts
+    exactly once (True if it found something to settle). ``renew`` extends the leases of
+    reservations still running; ``sweep`` releases those whose lease expired and returns how many.
+    Redis stores raise ``CounterUnavailable`` when they cannot be reached.
+    """
+
+    name: str
+
+    @abstractmethod
+    async def reserve(self, request_id: str, root: int, parts: list[Part]) -> Reservation | Refused: ...
+
+    @abstractmethod
+    async def settle(self, reservation: Reservation, actual_micro: int, actual_requests: int) -> bool: ...
+
+    @abstractmethod
+    async def renew(self, root: int, request_ids: list[str]) -> None: ...
+
+    @abstractmethod
+    async def sweep(self, now: float | None = None) -> int: ...
 
 
 # --- key names --------------------------------------------------------------------------------
@@ -204,15 +246,13 @@ def _lease_seconds() -> float:
 # --- Redis ---------------------------------------------------------------------------------------
 
 
-class RedisCounters:
+class RedisCounters(CounterStore):
     name = "redis"
 
     def __init__(self) -> None:
         self._scripts: dict[tuple[int, str], Any] = {}
 
     def _script(self, lua: str) -> Any:
-        from core.runtime import redis_client
-
         conn = redis_client()
         slot = (id(conn), lua)
         script = self._scripts.get(slot)
@@ -221,8 +261,6 @@ class RedisCounters:
         return script
 
     async def _run(self, lua: str, keys: list[str], args: list[Any]) -> Any:
-        import redis
-
         try:
             return await self._script(lua)(keys=keys, args=args)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
@@ -269,8 +307,6 @@ class RedisCounters:
 
     async def sweep(self, now: float | None = None) -> int:
         """Release every reservation whose lease expired (its process died). Returns how many."""
-        from core.runtime import redis_client
-
         conn = redis_client()
         now_ms = int((now if now is not None else time.time()) * 1000)
         released = 0
@@ -285,20 +321,12 @@ class RedisCounters:
                     names = [p[0] for p in orjson.loads(raw)] if raw else []
                     keys = [_res_key(root), lease, _swept_key(root), *names]
                     released += int(await self._script(RELEASE_LUA)(keys=keys, args=[rid, now_ms]))
-        except Exception as exc:
-            import redis
-
-            if isinstance(exc, redis.RedisError | OSError):
-                raise CounterUnavailable(str(exc)) from exc
-            raise
+        except (redis.RedisError, OSError) as exc:
+            raise CounterUnavailable(str(exc)) from exc
         return released
 
     async def drop_all(self) -> int:
         """Forget every counter (they are rebuilt from the ledger when next used). Reservations stay."""
-        import redis
-
-        from core.runtime import redis_client
-
         conn = redis_client()
         dropped = 0
         try:
@@ -331,8 +359,6 @@ def _unwritten_rows() -> list[dict[str, Any]]:
 
 
 def _ledger_values(counters: list[Counter], include_stream: bool) -> list[int]:
-    from django.db import close_old_connections
-
     close_old_connections()
     unwritten = _unwritten_rows() if include_stream and settings.REDIS_URL else []
     return [ledger_value(c, unwritten) for c in counters]
@@ -341,7 +367,7 @@ def _ledger_values(counters: list[Counter], include_stream: bool) -> list[int]:
 # --- PostgreSQL --------------------------------------------------------------------------------
 
 
-class PostgresCounters:
+class PostgresCounters(CounterStore):
     """Row-locked counters in PostgreSQL. Rows are re-synced from the ledger the first time this
     process touches them after ``since`` (the moment it lost Redis)."""
 
@@ -354,8 +380,6 @@ class PostgresCounters:
         return await sync_to_async(self._reserve, thread_sensitive=False)(request_id, root, parts)
 
     def _sync_rows(self, names: list[str], counters: dict[str, Counter]) -> dict[str, Any]:
-        from tenants.models import BudgetCounter
-
         BudgetCounter.objects.bulk_create(
             [BudgetCounter(name=n, value=0, synced_at=datetime(2000, 1, 1, tzinfo=UTC)) for n in names],
             ignore_conflicts=True,
@@ -372,10 +396,6 @@ class PostgresCounters:
         return rows
 
     def _reserve(self, request_id: str, root: int, parts: list[Part]) -> Reservation | Refused:
-        from django.db import close_old_connections, transaction
-
-        from tenants.models import BudgetReservation
-
         close_old_connections()
         names = sorted(p.counter.name for p in parts)
         with transaction.atomic():
@@ -415,15 +435,11 @@ def _pg_pending_amounts() -> dict[str, int]:
 
     Settled ids are checked against the ledger *before* the caller sums the ledger, so a row written
     in between is counted twice (refusing a little early) rather than not at all."""
-    from gateway.models import UsageRecord
-    from tenants.models import BudgetReservation
-
     reservations = list(BudgetReservation.objects.filter(swept=False))
-    settled_ids = [r.request_id for r in reservations if r.settled_at is not None]
-    in_ledger = set(UsageRecord.objects.filter(request_id__in=settled_ids).values_list("request_id", flat=True))
+    written = in_ledger(r.request_id for r in reservations if r.settled_at is not None)
     amounts: dict[str, int] = {}
     for res in reservations:
-        if res.settled_at is not None and res.request_id in in_ledger:
+        if res.settled_at is not None and res.request_id in written:
             continue
         for name, amount, kind in res.parts:
             if res.settled_at is None:
@@ -435,10 +451,6 @@ def _pg_pending_amounts() -> dict[str, int]:
 
 
 def _pg_apply(parts: list[Any], actual_micro: int, actual_requests: int, swept: bool) -> None:
-    from django.db.models import F
-
-    from tenants.models import BudgetCounter
-
     for name, amount, kind in sorted(parts):
         actual = actual_requests if kind == "q" else actual_micro
         delta = actual if swept else actual - int(amount)
@@ -447,10 +459,6 @@ def _pg_apply(parts: list[Any], actual_micro: int, actual_requests: int, swept: 
 
 
 def _pg_settle(request_id: str, actual_micro: int, actual_requests: int) -> bool:
-    from django.db import close_old_connections, transaction
-
-    from tenants.models import BudgetReservation
-
     close_old_connections()
     with transaction.atomic():
         res = (
@@ -469,8 +477,6 @@ def _pg_settle(request_id: str, actual_micro: int, actual_requests: int) -> bool
 
 
 def _pg_renew(request_ids: list[str]) -> None:
-    from tenants.models import BudgetReservation
-
     BudgetReservation.objects.filter(request_id__in=request_ids, swept=False, settled_at__isnull=True).update(
         expires_at=datetime.now(UTC) + timedelta(seconds=_lease_seconds())
     )
@@ -478,17 +484,11 @@ def _pg_renew(request_ids: list[str]) -> None:
 
 def pg_sweep(now: float | None = None) -> int:
     """Release PostgreSQL reservations whose lease expired. Returns how many."""
-    from django.db import close_old_connections, transaction
-    from django.db.models import F
-
-    from gateway.models import UsageRecord
-    from tenants.models import BudgetCounter, BudgetReservation
-
     close_old_connections()
     moment = datetime.fromtimestamp(now, UTC) if now is not None else datetime.now(UTC)
     # Settled reservations whose usage row is in the ledger have served their purpose.
     settled = list(BudgetReservation.objects.filter(settled_at__isnull=False).values_list("request_id", flat=True))
-    done = UsageRecord.objects.filter(request_id__in=settled).values_list("request_id", flat=True)
+    done = in_ledger(settled)
     BudgetReservation.objects.filter(request_id__in=list(done), settled_at__isnull=False).delete()
     released = 0
     expired = BudgetReservation.objects.filter(swept=False, settled_at__isnull=True, expires_at__lte=moment)
@@ -508,7 +508,7 @@ def pg_sweep(now: float | None = None) -> int:
 # --- in-process (embedded mode) ------------------------------------------------------------------
 
 
-class MemoryCounters:
+class MemoryCounters(CounterStore):
     """One process, one event loop: check-and-add runs without an await in between, so it is atomic."""
 
     name = "memory"
@@ -617,6 +617,13 @@ def redis_suspect() -> bool:
     return time.monotonic() < _redis_down_until
 
 
+def degrade_or_refuse() -> None:
+    """Redis is unreachable: go on without it (policy ``degrade``: budgets in PostgreSQL, rate
+    limits per process) or raise ``EnforcementUnavailable`` (policy ``refuse``)."""
+    if settings.CHITTYCAN_REDIS_FAILURE_POLICY != "degrade":
+        raise EnforcementUnavailable("Redis unreachable and CHITTYCAN_REDIS_FAILURE_POLICY is refuse")
+
+
 async def redis_recovered() -> None:
     """After an outage, drop every Redis counter: spend during the outage is only in PostgreSQL,
     so each counter is rebuilt from the ledger when next used."""
@@ -628,7 +635,7 @@ async def redis_recovered() -> None:
     log.warning("Redis is back: %d budget counters dropped, rebuilt from the ledger on next use", dropped)
 
 
-def store_by_name(name: str) -> RedisCounters | PostgresCounters | MemoryCounters:
+def store_by_name(name: str) -> CounterStore:
     if name == "redis":
         return _redis_store
     if name == "postgres":
@@ -640,8 +647,6 @@ def peek_sync(counter: Counter, root: int | None = None) -> int | None:
     """The live value of a counter in the primary store, or None if it is not built or unreachable."""
     if not settings.REDIS_URL:
         return _memory_store.values.get(counter.name)
-    import redis
-
     if root is None:
         root = _root_of(counter)
     try:
@@ -656,8 +661,6 @@ def peek_sync(counter: Counter, root: int | None = None) -> int | None:
 
 
 def _root_of(counter: Counter) -> int:
-    from tenants.models import ApiKey, Tenant
-
     if counter.scope == "k":
         tenant = ApiKey.objects.select_related("tenant").get(pk=counter.scope_id).tenant
     else:

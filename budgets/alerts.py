@@ -28,10 +28,9 @@ from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from budgets.models import AlertSent, Budget
 from core.money import format_usd
 from gateway import analytics
-from gateway.models import AlertSent
-from tenants.models import Budget
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,8 @@
-"""Celery tasks for budgets: the drift reconciler and the reservation sweeper.
+"""Celery tasks for budgets: the drift reconciler, the reservation sweeper and the alerts.
+
+Task names are those the tasks had before budgets got their own app (``tenants.*``,
+``gateway.tasks.*``): the beat schedule and messages already queued (alert deliveries retry for
+hours) keep finding them.
 
 ``reconcile_budgets`` compares every live budget and quota counter with what PostgreSQL's ledger
 says it must hold (settled spend, plus rows handed off but not yet written, plus open
@@ -13,14 +17,20 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
+import redis
 from asgiref.sync import async_to_sync
 from celery import shared_task
 from django.conf import settings
+from django.db import OperationalError, transaction
 
-from gateway import budgets, counters
+from budgets import alerts, counters, periods, spend
+from budgets.models import Budget
+from core import runtime
+from tenants.models import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +47,8 @@ class Drift:
         return self.live - self.expected
 
 
-def live_counters(when: datetime | None = None) -> list[tuple[int, budgets.Counter]]:
+def live_counters(when: datetime | None = None) -> list[tuple[int, periods.Counter]]:
     """Every budget and plan-quota counter of the current periods, with its tree's root id."""
-    from tenants.models import Budget, Tenant
-
     now = when or datetime.now(UTC)
     roots: dict[int, int] = {}
 
@@ -50,16 +58,16 @@ def live_counters(when: datetime | None = None) -> list[tuple[int, budgets.Count
             roots[tenant.pk] = int(chain[-1].pk)
         return roots[tenant.pk]
 
-    found: list[tuple[int, budgets.Counter]] = []
+    found: list[tuple[int, periods.Counter]] = []
     for budget in Budget.objects.select_related("tenant", "api_key__tenant"):
         owner = budget.tenant if budget.tenant_id else budget.api_key.tenant  # type: ignore[union-attr]
         assert owner is not None
-        found.append((root_of(owner), budgets.budget_counter(budget, now)))
+        found.append((root_of(owner), periods.budget_counter(budget, now)))
     for tenant in Tenant.objects.filter(plan__monthly_request_quota__isnull=False).select_related("plan"):
         assert tenant.plan is not None and tenant.plan.monthly_request_quota is not None
-        name = f"q{tenant.pk}:{budgets.period_key('month', tenant.time_zone, now)}"
+        name = f"q{tenant.pk}:{periods.period_key('month', tenant.time_zone, now)}"
         quota = int(tenant.plan.monthly_request_quota)
-        counter = budgets.Counter(name, "q", quota, budgets.MONTH_TTL, tenant.time_zone)
+        counter = periods.Counter(name, "q", quota, periods.MONTH_TTL, tenant.time_zone)
         found.append((root_of(tenant), counter))
     return found
 
@@ -74,8 +82,6 @@ def _open_amounts(conn: Any, root: int) -> dict[str, int]:
 
 def measure_drift() -> list[Drift]:
     """One pass: every Redis counter that exists and differs from the ledger."""
-    import redis
-
     if not settings.REDIS_URL:
         return []
     conn = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
@@ -90,7 +96,7 @@ def measure_drift() -> list[Drift]:
                 continue  # not built yet: it is built from the ledger when first used
             if root not in open_by_root:
                 open_by_root[root] = _open_amounts(conn, root)
-            expected = budgets.ledger_value(counter, unwritten) + open_by_root[root].get(key, 0)
+            expected = spend.ledger_value(counter, unwritten) + open_by_root[root].get(key, 0)
             live = int(raw)
             if live != expected:
                 drifts.append(Drift(counter.name, root, live, expected))
@@ -102,8 +108,6 @@ def measure_drift() -> list[Drift]:
 def reconcile(*, repair: bool = False, settle_time: float = 1.0) -> list[Drift]:
     """Report counters that disagree with the ledger twice in a row (``settle_time`` apart, so a
     request finishing between the two reads is not reported). ``repair`` corrects them."""
-    import redis
-
     first = {(d.root, d.counter): d for d in measure_drift()}
     if not first:
         return []
@@ -131,7 +135,6 @@ def sweep_reservations() -> int:
     """Release reservations whose lease expired (gateway processes also do this themselves)."""
     released = counters.pg_sweep()
     if settings.REDIS_URL:
-        from core import runtime
 
         async def sweep() -> int:
             try:
@@ -141,3 +144,26 @@ def sweep_reservations() -> int:
 
         released += async_to_sync(sweep)()
     return released
+
+
+@shared_task(
+    name="gateway.tasks.check_budget_alerts", autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5
+)
+def check_budget_alerts() -> int:
+    with transaction.atomic():
+        due = alerts.check_budgets()
+        for alert in due:
+            transaction.on_commit(partial(deliver_budget_alert.delay, alert.pk))
+    return len(due)
+
+
+@shared_task(
+    name="gateway.tasks.deliver_budget_alert",
+    autoretry_for=(alerts.DeliveryError, OperationalError),
+    retry_backoff=5,
+    retry_backoff_max=3600,
+    retry_jitter=True,
+    max_retries=10,
+)
+def deliver_budget_alert(alert_id: int) -> None:
+    alerts.deliver(alert_id)

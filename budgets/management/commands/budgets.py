@@ -7,10 +7,13 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from budgets import services
+from budgets.models import Budget
+from budgets.service import spend_status
+from budgets.spend import subtree_ids
+from budgets.tasks import reconcile, sweep_reservations
 from core import money
-from gateway import budgets
-from tenants import services
-from tenants.models import ApiKey, Budget, Tenant
+from tenants.models import ApiKey, Tenant
 
 ACTOR = "cli"
 
@@ -94,13 +97,13 @@ class Command(BaseCommand):
             root = Tenant.objects.filter(slug=opts["tenant"]).first()
             if root is None:
                 raise CommandError(f"no tenant {opts['tenant']!r}")
-            ids = budgets.subtree_ids(root.pk)
+            ids = subtree_ids(root.pk)
             rows = rows.filter(tenant_id__in=ids) | rows.filter(api_key__tenant_id__in=ids)
         header = f"{'scope':<32} {'period':<8} {'kind':<5} {'limit':>14} {'spent':>14} {'in flight':>12}  used"
         self.stdout.write(header)
         for b in rows:
             scope = f"tenant {b.tenant.slug}" if b.tenant else f"key {b.api_key.prefix}"  # type: ignore[union-attr]
-            status = budgets.spend_status(b)
+            status = spend_status(b)
             self.stdout.write(
                 f"{scope:<32} {b.period:<8} {'hard' if b.hard else 'soft':<5} "
                 f"{money.format_usd(b.limit_micro):>14} {money.format_usd(status.spent_micro):>14} "
@@ -108,8 +111,6 @@ class Command(BaseCommand):
             )
 
     def _reconcile(self, opts: dict[str, Any]) -> None:
-        from tenants.tasks import reconcile
-
         drifts = reconcile(repair=opts["repair"])
         if not drifts:
             self.stdout.write("no drift: every live counter equals the ledger")
@@ -122,6 +123,4 @@ class Command(BaseCommand):
             raise CommandError(f"{len(drifts)} counter(s) drift from the ledger (run with --repair to fix)")
 
     def _sweep(self, opts: dict[str, Any]) -> None:
-        from tenants.tasks import sweep_reservations
-
         self.stdout.write(f"released {sweep_reservations()} expired reservation(s)")

@@ -1,0 +1,223 @@
+"""Admin for budgets (edited in USD, written through ``budgets.services``), the PostgreSQL
+fallback's counters and reservations, and the alerts sent.
+
+The tenant page shows its budgets inline: ``tenants.admin`` knows nothing of budgets (they sit
+above it), so this module registers the tenant admin again with the inline added.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from django import forms
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.forms import ModelForm
+from django.http import HttpRequest
+
+from budgets import services
+from budgets.models import AlertSent, Budget, BudgetCounter, BudgetReservation
+from tenants.admin import (
+    ADMIN_LABEL,
+    MICRO,
+    URL_FIELDS,
+    AuditedAdmin,
+    ReadOnlyAdmin,
+    TenantAdmin,
+    adopt,
+    https_formfield,
+    usd,
+)
+from tenants.models import Tenant
+
+# --- budgets --------------------------------------------------------------------------------------
+
+
+class BudgetForm(forms.ModelForm):
+    """Budgets are edited in USD (up to 6 decimals) and stored as integer micro-USD."""
+
+    limit_usd = forms.DecimalField(
+        label="Limit (USD)", min_value=Decimal(0), decimal_places=6, max_digits=18, help_text="e.g. 500.00"
+    )
+    new_webhook_secret = forms.CharField(
+        label="Webhook secret",
+        required=False,
+        widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "new-password"}),
+        help_text="Write-only: type a new one to replace it; leave empty to keep the current one.",
+    )
+    clear_webhook_secret = forms.BooleanField(label="Remove the webhook secret", required=False)
+
+    class Meta:
+        model = Budget
+        formfield_callback = https_formfield
+        fields = [
+            "tenant",
+            "api_key",
+            "period",
+            "limit_usd",
+            "hard",
+            "alert_thresholds",
+            "alert_emails",
+            "webhook_url",
+        ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is not None:
+            self.fields["limit_usd"].initial = Decimal(self.instance.limit_micro) / MICRO
+
+    def clean_alert_thresholds(self) -> list[int]:
+        value = self.cleaned_data.get("alert_thresholds") or []
+        if not isinstance(value, list) or not all(isinstance(v, int) and 0 < v <= 1000 for v in value):
+            raise forms.ValidationError("A list of percentages, e.g. [50, 80, 100].")
+        return sorted(set(value))
+
+    def clean_alert_emails(self) -> list[str]:
+        value = self.cleaned_data.get("alert_emails") or []
+        if not isinstance(value, list) or not all(isinstance(v, str) and "@" in v for v in value):
+            raise forms.ValidationError('A list of email addresses, e.g. ["ops@example.com"].')
+        return value
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("limit_usd") is not None:
+            self.instance.limit_micro = int(data["limit_usd"] * MICRO)
+        if data.get("new_webhook_secret"):
+            self.instance.webhook_secret = data["new_webhook_secret"]
+        elif data.get("clear_webhook_secret"):
+            self.instance.webhook_secret = ""
+        if "tenant" in self.fields and "api_key" in self.fields:
+            if bool(data.get("tenant")) == bool(data.get("api_key")):
+                raise forms.ValidationError("A budget belongs to a tenant or to one API key: choose exactly one.")
+        return data
+
+    def save(self, commit: bool = True) -> Budget:
+        self.instance.limit_micro = int(self.cleaned_data["limit_usd"] * MICRO)
+        return super().save(commit)  # type: ignore[no-any-return]
+
+
+# --- the tenant page ------------------------------------------------------------------------------
+
+
+class TenantBudgetInline(admin.TabularInline):
+    model = Budget
+    form = BudgetForm
+    fk_name = "tenant"
+    formfield_overrides = URL_FIELDS
+    fields = [
+        "period",
+        "limit_usd",
+        "hard",
+        "alert_thresholds",
+        "alert_emails",
+        "webhook_url",
+        "new_webhook_secret",
+        "clear_webhook_secret",
+    ]
+    extra = 0
+
+
+class TenantWithBudgetsAdmin(TenantAdmin):
+    """The tenant admin of ``tenants.admin``, with the tenant's budgets inline (written through
+    ``budgets.services`` like every other budget write)."""
+
+    inlines = [*TenantAdmin.inlines, TenantBudgetInline]
+
+    def save_formset(self, request: HttpRequest, form: ModelForm, formset: Any, change: bool) -> None:
+        if formset.model is not Budget:
+            super().save_formset(request, form, formset, change)
+            return
+        formset.save(commit=False)
+        for budget in formset.deleted_objects:
+            services.budget_delete(budget=budget, actor_label=ADMIN_LABEL)
+        for budget in formset.new_objects:
+            save_budget(budget)
+        for budget, fields in formset.changed_objects:
+            save_budget(budget, moved="period" in fields)
+
+
+def save_budget(budget: Budget, *, moved: bool = False) -> Budget:
+    """A budget as a form left it, through the budget service. ``moved``: its scope or period
+    changed, so the stored budget is deleted and one is set for the new scope and period."""
+    if moved:
+        stored = Budget.objects.select_related("tenant", "api_key__tenant").get(pk=budget.pk)
+        services.budget_delete(budget=stored, actor_label=ADMIN_LABEL)
+    saved = services.budget_set(
+        tenant=budget.tenant,
+        api_key=budget.api_key,
+        period=budget.period,
+        limit_micro=budget.limit_micro,
+        hard=budget.hard,
+        alert_thresholds=budget.alert_thresholds,
+        alert_emails=budget.alert_emails,
+        webhook_url=budget.webhook_url,
+        webhook_secret=budget.webhook_secret,
+        actor_label=ADMIN_LABEL,
+    )
+    adopt(budget, saved)
+    return saved
+
+
+admin.site.unregister(Tenant)
+admin.site.register(Tenant, TenantWithBudgetsAdmin)
+
+
+# --- budgets, counters, reservations, alerts ------------------------------------------------------
+
+
+@admin.register(Budget)
+class BudgetAdmin(AuditedAdmin[Budget]):
+    form = BudgetForm
+    list_display = ["scope", "period", "limit_usd_display", "limit_micro", "hard", "alert_thresholds"]
+    list_filter = ["period", "hard"]
+    list_select_related = ["tenant", "api_key", "api_key__tenant"]
+    search_fields = ["tenant__slug", "api_key__prefix"]
+    autocomplete_fields = ["tenant", "api_key"]
+
+    fields = [*BudgetForm.Meta.fields, "new_webhook_secret", "clear_webhook_secret"]
+
+    def save_model(self, request: HttpRequest, obj: Budget, form: ModelForm, change: bool) -> None:
+        save_budget(obj, moved=change and bool({"tenant", "api_key", "period"} & set(form.changed_data)))
+
+    def delete_model(self, request: HttpRequest, obj: Budget) -> None:
+        services.budget_delete(budget=obj, actor_label=ADMIN_LABEL)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Budget]) -> None:
+        for budget in queryset.select_related("tenant", "api_key__tenant"):
+            services.budget_delete(budget=budget, actor_label=ADMIN_LABEL)
+
+    @admin.display(description="scope")
+    def scope(self, obj: Budget) -> str:
+        return f"tenant {obj.tenant.slug}" if obj.tenant else f"key {obj.api_key.prefix if obj.api_key else '?'}"
+
+    @admin.display(description="limit (USD)", ordering="limit_micro")
+    def limit_usd_display(self, obj: Budget) -> str:
+        return usd(obj.limit_micro)
+
+
+@admin.register(BudgetCounter)
+class BudgetCounterAdmin(ReadOnlyAdmin[BudgetCounter]):
+    """The PostgreSQL fallback's spend counters (see docs/budgets.md): for inspection only."""
+
+    list_display = ["name", "value", "synced_at"]
+    search_fields = ["name"]
+
+
+@admin.register(BudgetReservation)
+class BudgetReservationAdmin(ReadOnlyAdmin[BudgetReservation]):
+    list_display = ["request_id", "created_at", "expires_at", "swept"]
+    list_filter = ["swept"]
+    search_fields = ["request_id"]
+    date_hierarchy = "created_at"
+
+
+@admin.register(AlertSent)
+class AlertSentAdmin(ReadOnlyAdmin[AlertSent]):
+    list_display = ["created_at", "budget", "period_key", "threshold", "spend", "email_sent_at", "webhook_sent_at"]
+    list_select_related = ["budget__tenant", "budget__api_key"]
+    date_hierarchy = "created_at"
+
+    @admin.display(description="spend / limit (USD)")
+    def spend(self, obj: AlertSent) -> str:
+        return f"{usd(obj.spend_micro)} / {usd(obj.limit_micro)}"

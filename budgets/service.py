@@ -1,0 +1,289 @@
+"""The budget service: what the reserve and settle stages ask of budgets.
+
+- ``budgets_for(key)``: the budgets of a key, of its tenant and of every ancestor, cached per
+  process (``CHITTYCAN_AUTH_CACHE_TTL``) and dropped at once when a budget, key or tenant changes
+  (``core.invalidation``).
+- ``reserve(request_id, key, when, amount_micro)``: the worst case on every budget counter of
+  the key and its tenant chain, plus one request on every plan quota, all or nothing. Returns the
+  ``Reservation``, a ``Refusal`` (which hard budget or quota would be overrun), or None when
+  nothing is counted for this key.
+- ``settle(reservation, actual_micro, requests)``: brings the reservation to the actual cost,
+  exactly once.
+- ``spend_status(budget)``: spend against one budget now (alerts, the API, the CLI).
+
+While a request runs, this process renews its reservation's lease (``renew_leases``, run by the
+``budget-leases`` background task, which also sweeps expired ones). When Redis is unreachable,
+``CHITTYCAN_REDIS_FAILURE_POLICY`` decides: ``degrade`` enforces budgets in PostgreSQL alone (row
+locks), ``refuse`` makes ``reserve`` raise ``counters.EnforcementUnavailable``. There is no
+fail-open path. See docs/budgets.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from asgiref.sync import sync_to_async
+from cachetools import TTLCache
+from django.conf import settings
+from django.db.models import Q
+
+from budgets import counters
+from budgets.counters import Reservation
+from budgets.models import Budget
+from budgets.periods import BudgetInfo, Counter, budget_counter, counters_for, period_bounds
+from budgets.spend import ledger_value
+from core import invalidation
+from core.runtime import background
+from tenants.keyinfo import KeyInfo, TenantInfo
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Refusal",
+    "Reservation",
+    "SpendStatus",
+    "budgets_for",
+    "forget_budgets",
+    "load_budgets",
+    "renew_leases",
+    "reserve",
+    "settle",
+    "spend_status",
+]
+
+
+# --- a key's budgets ------------------------------------------------------------------------------
+
+
+def load_budgets(key: KeyInfo) -> tuple[BudgetInfo, ...]:
+    """Budgets of a key and of every tenant in its chain, in one query (synchronous)."""
+    zones = {t.id: t.time_zone for t in key.lineage}
+    key_zone = key.lineage[0].time_zone
+    query = Q(tenant_id__in=list(zones))
+    if key.id is not None:
+        query |= Q(api_key_id=key.id)
+    found = []
+    for b in Budget.objects.filter(query).order_by("pk"):
+        if b.tenant_id:
+            found.append(BudgetInfo(b.pk, "tenant", b.tenant_id, b.period, b.limit_micro, b.hard, zones[b.tenant_id]))
+        else:
+            assert b.api_key_id is not None
+            found.append(BudgetInfo(b.pk, "key", b.api_key_id, b.period, b.limit_micro, b.hard, key_zone))
+    return tuple(found)
+
+
+_CACHE_MAX = 100_000
+_CacheKey = tuple[int | None, tuple[TenantInfo, ...]]
+_cache: TTLCache[_CacheKey, tuple[BudgetInfo, ...]] = TTLCache(
+    maxsize=_CACHE_MAX, ttl=settings.CHITTYCAN_AUTH_CACHE_TTL
+)
+# The cache is read by the event loop and dropped by whichever thread commits a change; a load
+# that began before a drop is not cached after it (the generation moved on).
+_cache_lock = threading.Lock()
+_generation = 0
+
+
+@invalidation.subscribe
+def forget_budgets() -> None:
+    """Drop every cached budget (a budget, key or tenant changed)."""
+    global _generation
+    with _cache_lock:
+        _generation += 1
+        _cache.clear()
+
+
+async def budgets_for(key: KeyInfo) -> tuple[BudgetInfo, ...]:
+    """The key's budgets, its tenant's and every ancestor's. No query on the warm path."""
+    slot = (key.id, key.lineage)  # the chain's ids and time zones are part of the answer
+    with _cache_lock:
+        found = _cache.get(slot)
+        generation = _generation
+    if found is None:
+        found = await sync_to_async(load_budgets, thread_sensitive=False)(key)
+        with _cache_lock:
+            if generation == _generation:
+                _cache[slot] = found
+    return found
+
+
+# --- reserve and settle ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The request would take a hard budget or a plan quota over its limit: the first counter
+    that would go over, what it holds and what the request wanted to add."""
+
+    counter: Counter
+    current: int
+    amount: int
+    tenant: str  # slug of the tenant the budget or quota belongs to (its id if not in the key's chain); "" for a key
+
+    @property
+    def quota(self) -> bool:
+        """A plan's monthly request quota (not a money budget)."""
+        return self.counter.scope == "q"
+
+    @property
+    def scope(self) -> str:
+        """``tenant`` (its whole subtree) or ``key``."""
+        return "key" if self.counter.scope == "k" else "tenant"
+
+    @property
+    def period(self) -> str:
+        """``day``, ``month`` or ``total``."""
+        return {"d": "day", "m": "month", "t": "total"}[self.counter.period_key[0]]
+
+    @property
+    def period_label(self) -> str:
+        """The period itself: ``2026-11`` or ``2026-11-22``."""
+        return self.counter.period_key[1:]
+
+    @property
+    def limit(self) -> int:
+        return self.counter.limit or 0
+
+    @property
+    def left(self) -> int:
+        """What remained under the limit (micro-USD, or requests for a quota)."""
+        return max(0, self.limit - self.current)
+
+
+def _refusal(key: KeyInfo, refused: counters.Refused) -> Refusal:
+    counter = refused.counter
+    slugs = {t.id: t.slug for t in key.lineage}
+    owner = "" if counter.scope == "k" else slugs.get(counter.scope_id, str(counter.scope_id))
+    return Refusal(counter, refused.current, refused.amount, owner)
+
+
+async def _reserve_parts(request_id: str, root: int, parts: list[counters.Part]) -> Reservation | counters.Refused:
+    if settings.REDIS_URL and not counters.redis_suspect():
+        try:
+            if counters.degraded():
+                await counters.redis_recovered()
+            return await counters.primary().reserve(request_id, root, parts)
+        except counters.CounterUnavailable:
+            counters.redis_failed()
+    if settings.REDIS_URL:
+        counters.degrade_or_refuse()
+        return await counters.postgres().reserve(request_id, root, parts)
+    return await counters.primary().reserve(request_id, root, parts)
+
+
+async def reserve(request_id: str, key: KeyInfo, when: datetime, amount_micro: int) -> Reservation | Refusal | None:
+    """Reserve ``amount_micro`` on every budget counter of ``key`` and its tenant chain and one
+    request on every plan quota, for the periods ``when`` falls in: all or nothing.
+
+    Returns the reservation (settle it with ``settle``), the refusal, or None when no budget or
+    quota counts this key. Idempotent by ``request_id``. Raises
+    ``counters.EnforcementUnavailable`` when Redis is unreachable under the ``refuse`` policy.
+    """
+    wanted = counters_for(key, await budgets_for(key), when)
+    if not wanted:
+        return None
+    parts = [counters.Part(c, 1 if c.kind == "q" else amount_micro) for c in wanted]
+    outcome = await _reserve_parts(request_id, key.root_id, parts)
+    if isinstance(outcome, counters.Refused):
+        return _refusal(key, outcome)
+    _active[request_id] = outcome
+    return outcome
+
+
+async def settle(reservation: Reservation, actual_micro: int, requests: int) -> None:
+    """Bring a reservation to the actual cost (``requests``: 1 if the request reached a provider,
+    else 0). Settling twice changes nothing. With Redis down the counters are dropped and rebuilt
+    from the ledger once it is back, so a lost settlement is repaired then."""
+    _active.pop(reservation.request_id, None)
+    try:
+        await counters.store_by_name(reservation.store).settle(reservation, actual_micro, requests)
+    except counters.CounterUnavailable:
+        counters.redis_failed()
+        log.warning("could not settle a reservation (Redis down)", extra={"request_id": reservation.request_id})
+
+
+# --- leases and the sweeper -----------------------------------------------------------------------
+
+#: Reservations this process holds, by request id: their leases are renewed until settled.
+_active: dict[str, Reservation] = {}
+
+
+async def renew_leases() -> None:
+    """Extend the lease of every reservation this process holds (long streams keep theirs)."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for res in list(_active.values()):
+        groups.setdefault((res.store, res.root), []).append(res.request_id)
+    for (store, root), ids in groups.items():
+        try:
+            await counters.store_by_name(store).renew(root, ids)
+        except counters.CounterUnavailable:
+            counters.redis_failed()
+
+
+@background("budget-leases")
+async def _lease_loop() -> None:
+    interval = float(settings.CHITTYCAN_RESERVATION_SWEEP_INTERVAL)
+    last_renew = last_pg = time.monotonic()
+    while True:
+        await asyncio.sleep(interval)
+        now = time.monotonic()
+        if now - last_renew >= settings.CHITTYCAN_RESERVATION_LEASE / 3:
+            last_renew = now
+            await renew_leases()
+        try:
+            if not (settings.REDIS_URL and counters.redis_suspect()):
+                await counters.primary().sweep()
+        except counters.CounterUnavailable:
+            counters.redis_failed()
+        if settings.REDIS_URL and (counters.degraded() or now - last_pg >= 60):
+            last_pg = now
+            await counters.postgres().sweep()
+
+
+# --- spend against one budget ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpendStatus:
+    budget_id: int
+    counter: str
+    period_start: datetime | None
+    period_end: datetime | None
+    limit_micro: int
+    hard: bool
+    spent_micro: int  # settled spend in the ledger for the current period
+    reserved_micro: int  # live counter minus ledger: open reservations and rows not yet written (>= 0)
+
+    @property
+    def remaining_micro(self) -> int:
+        return max(0, self.limit_micro - self.spent_micro - self.reserved_micro)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.spent_micro / self.limit_micro if self.limit_micro else 100.0
+
+
+def spend_status(budget: Budget, when: datetime | None = None) -> SpendStatus:
+    """Current spend against a budget (for alerts, the API and the dashboard). Synchronous.
+
+    ``spent_micro`` comes from the ledger (the truth); ``reserved_micro`` is what the live counter
+    holds beyond it (in-flight requests), read from whichever counter store is active.
+    """
+    counter = budget_counter(budget, when)
+    spent = ledger_value(counter)
+    live = counters.peek_sync(counter)
+    start, end = period_bounds(counter.period_key, counter.time_zone)
+    return SpendStatus(
+        budget_id=budget.pk,
+        counter=counter.name,
+        period_start=start,
+        period_end=end,
+        limit_micro=budget.limit_micro,
+        hard=budget.hard,
+        spent_micro=spent,
+        reserved_micro=max(0, (live if live is not None else spent) - spent),
+    )
