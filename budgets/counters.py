@@ -75,6 +75,26 @@ class Reservation:
     counters: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A rate-limit window taken with a Redis reservation, in the same script (see ``RESERVE_LUA``).
+
+    ``key`` must carry the tree's hash tag so one script can touch it with the counters."""
+
+    key: str
+    amount: int
+    limit: int
+    per_request: bool  # counted even when a budget refuses (requests per minute, not tokens)
+
+
+@dataclass(slots=True)
+class Gated:
+    """What the gates said: each one's value after the call, and the full one (if any)."""
+
+    values: list[int]
+    full: int | None = None  # index of the gate that had no room (then nothing was counted)
+
+
 class CounterUnavailable(Exception):
     """The store cannot be reached (Redis down); the failure policy decides what happens."""
 
@@ -132,29 +152,55 @@ def _swept_key(root: int) -> str:
 
 
 # --- Lua ---------------------------------------------------------------------------------------
-# KEYS[1] reservations hash, KEYS[2] lease zset, KEYS[3..] counters.
-# ARGV[1] request id, ARGV[2] lease expiry (ms), then per counter: amount, limit (-1: none), ttl, kind.
-# Returns {1} admitted, {2} already reserved (idempotent), {0, i, current} refused on counter i,
-# {3, i, j, ...} counters i, j... do not exist yet (build them from the ledger, then retry).
+# KEYS[1] reservations hash, KEYS[2] lease zset, KEYS[3..2+n] counters, then the gates' keys.
+# ARGV[1] request id, ARGV[2] lease expiry (ms), ARGV[3] n (counters), ARGV[4] gate ttl (s),
+# then per counter: amount, limit (-1: none), ttl, kind; then per gate: amount, limit, per-request.
+# Gates are rate-limit windows taken in the same call (one round trip for the whole admission):
+# all must have room, or nothing is counted; a budget refusal still counts the per-request ones.
+# Returns {1, gates...} admitted, {2} already reserved (idempotent), {0, i, current, gates...}
+# refused on counter i, {3, i, j, ...} counters i, j... do not exist yet (build them from the
+# ledger, then retry), {4, j, gates...} gate j is full. ``gates...``: each gate's value after.
 RESERVE_LUA = """
 local rid = ARGV[1]
-if redis.call('HEXISTS', KEYS[1], rid) == 1 then return {2} end
-local n = #KEYS - 2
+local n = tonumber(ARGV[3])
+local m = #KEYS - 2 - n
+local g0 = 4 + n * 4
+if n > 0 and redis.call('HEXISTS', KEYS[1], rid) == 1 then return {2} end
 local missing = {}
 for i = 1, n do
   if redis.call('EXISTS', KEYS[2 + i]) == 0 then missing[#missing + 1] = i end
 end
 if #missing > 0 then return {3, unpack(missing)} end
-for i = 1, n do
-  local limit = tonumber(ARGV[2 + (i - 1) * 4 + 2])
-  if limit >= 0 then
-    local current = tonumber(redis.call('GET', KEYS[2 + i]))
-    if current + tonumber(ARGV[2 + (i - 1) * 4 + 1]) > limit then return {0, i, current} end
+local gates = {}
+for j = 1, m do gates[j] = tonumber(redis.call('GET', KEYS[2 + n + j]) or '0') end
+for j = 1, m do
+  if gates[j] + tonumber(ARGV[g0 + (j - 1) * 3 + 1]) > tonumber(ARGV[g0 + (j - 1) * 3 + 2]) then
+    return {4, j, unpack(gates)}
   end
 end
+local refused, current = 0, 0
+for i = 1, n do
+  local limit = tonumber(ARGV[4 + (i - 1) * 4 + 2])
+  if limit >= 0 then
+    local value = tonumber(redis.call('GET', KEYS[2 + i]))
+    if value + tonumber(ARGV[4 + (i - 1) * 4 + 1]) > limit then
+      refused, current = i, value
+      break
+    end
+  end
+end
+for j = 1, m do
+  local base = g0 + (j - 1) * 3
+  if refused == 0 or ARGV[base + 3] == '1' then
+    gates[j] = redis.call('INCRBY', KEYS[2 + n + j], ARGV[base + 1])
+    redis.call('EXPIRE', KEYS[2 + n + j], ARGV[4])
+  end
+end
+if refused > 0 then return {0, refused, current, unpack(gates)} end
+if n == 0 then return {1, unpack(gates)} end
 local parts = {}
 for i = 1, n do
-  local base = 2 + (i - 1) * 4
+  local base = 4 + (i - 1) * 4
   redis.call('INCRBY', KEYS[2 + i], ARGV[base + 1])
   local ttl = tonumber(ARGV[base + 3])
   if ttl > 0 then redis.call('EXPIRE', KEYS[2 + i], ttl) end
@@ -162,7 +208,7 @@ for i = 1, n do
 end
 redis.call('HSET', KEYS[1], rid, cjson.encode(parts))
 redis.call('ZADD', KEYS[2], ARGV[2], rid)
-return {1}
+return {1, unpack(gates)}
 """
 
 # KEYS[1] reservations, KEYS[2] lease, KEYS[3] swept, KEYS[4..] the request's counters.
@@ -267,21 +313,44 @@ class RedisCounters(CounterStore):
             raise CounterUnavailable(str(exc)) from exc
 
     async def reserve(self, request_id: str, root: int, parts: list[Part]) -> Reservation | Refused:
+        outcome, _ = await self.admit(request_id, root, parts, [], 0)
+        assert outcome is not None  # without gates nothing can be gated
+        return outcome
+
+    async def admit(
+        self, request_id: str, root: int, parts: list[Part], gates: list[Gate], gate_ttl: int
+    ) -> tuple[Reservation | Refused | None, Gated]:
+        """``reserve`` and the gates in one script: the reservation (or refusal) and what the gates
+        said. No outcome when there are no parts, or when a gate was full (``Gated.full``: then
+        nothing at all was counted)."""
         keys = [_res_key(root), _lease_key(root), *(counter_key(root, p.counter.name) for p in parts)]
-        args: list[Any] = [request_id, int((time.time() + _lease_seconds()) * 1000)]
+        keys.extend(g.key for g in gates)
+        args: list[Any] = [request_id, int((time.time() + _lease_seconds()) * 1000), len(parts), gate_ttl]
         for p in parts:
             limit = p.counter.limit if p.counter.limit is not None else -1
             args.extend((p.amount, limit, p.counter.ttl, p.counter.kind))
+        for g in gates:
+            args.extend((g.amount, g.limit, 1 if g.per_request else 0))
         for _ in range(3):
             result = await self._run(RESERVE_LUA, keys, args)
             status = int(result[0])
-            if status in (1, 2):
-                return Reservation("redis", root, request_id, [p.counter.name for p in parts])
+            if status == 1:
+                reservation = self._reservation(root, request_id, parts) if parts else None
+                return reservation, Gated([int(v) for v in result[1:]])
+            if status == 2:
+                return self._reservation(root, request_id, parts), Gated([0] * len(gates))
             if status == 0:
                 index = int(result[1]) - 1
-                return Refused(parts[index].counter, int(result[2]), parts[index].amount)
+                refused = Refused(parts[index].counter, int(result[2]), parts[index].amount)
+                return refused, Gated([int(v) for v in result[3:]])
+            if status == 4:
+                return None, Gated([int(v) for v in result[2:]], full=int(result[1]) - 1)
             await self.build(root, [parts[int(i) - 1].counter for i in result[1:]])
         raise CounterUnavailable("budget counters could not be built")
+
+    @staticmethod
+    def _reservation(root: int, request_id: str, parts: list[Part]) -> Reservation:
+        return Reservation("redis", root, request_id, [p.counter.name for p in parts])
 
     async def build(self, root: int, missing: list[Counter]) -> None:
         values = await sync_to_async(_ledger_values, thread_sensitive=False)(missing, True)
@@ -588,6 +657,11 @@ RETRY_AFTER_FAILURE = 1.0
 
 def primary() -> RedisCounters | MemoryCounters:
     return _redis_store if settings.REDIS_URL else _memory_store
+
+
+def primary_redis() -> RedisCounters:
+    """The Redis store (only when REDIS_URL is set)."""
+    return _redis_store
 
 
 def postgres() -> PostgresCounters:

@@ -52,6 +52,7 @@ __all__ = [
     "load_budgets",
     "renew_leases",
     "reserve",
+    "reserve_gated",
     "settle",
     "spend_status",
 ]
@@ -188,6 +189,33 @@ async def reserve(request_id: str, key: KeyInfo, when: datetime, amount_micro: i
         return None
     parts = [counters.Part(c, 1 if c.kind == "q" else amount_micro) for c in wanted]
     outcome = await _reserve_parts(request_id, key.root_id, parts)
+    return _outcome(request_id, key, outcome)
+
+
+async def reserve_gated(
+    request_id: str, key: KeyInfo, when: datetime, amount_micro: int, gates: list[counters.Gate], gate_ttl: int
+) -> tuple[Reservation | Refusal | None, counters.Gated]:
+    """``reserve`` and rate-limit gates in one Redis round trip (``counters.RESERVE_LUA``).
+
+    Only when Redis is the store: raises ``counters.CounterUnavailable`` if it cannot be reached,
+    having counted nothing here; the caller then enforces the limits and the reservation the
+    two-step way (per process, PostgreSQL), which applies the failure policy.
+    """
+    if not settings.REDIS_URL or counters.redis_suspect():
+        raise counters.CounterUnavailable("Redis is not the store")
+    wanted = counters_for(key, await budgets_for(key), when)
+    parts = [counters.Part(c, 1 if c.kind == "q" else amount_micro) for c in wanted]
+    try:
+        if counters.degraded():
+            await counters.redis_recovered()
+        outcome, gated = await counters.primary_redis().admit(request_id, key.root_id, parts, gates, gate_ttl)
+    except counters.CounterUnavailable:
+        counters.redis_failed()
+        raise
+    return (_outcome(request_id, key, outcome) if outcome is not None else None), gated
+
+
+def _outcome(request_id: str, key: KeyInfo, outcome: Reservation | counters.Refused) -> Reservation | Refusal:
     if isinstance(outcome, counters.Refused):
         return _refusal(key, outcome)
     _active[request_id] = outcome

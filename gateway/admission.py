@@ -73,25 +73,31 @@ def _refusal(refusal: service.Refusal) -> QuotaExceeded:
     )
 
 
-async def _hit(key: KeyInfo, tokens: int) -> limits.RateResult | None:
-    if settings.REDIS_URL and not counters.redis_suspect():
-        try:
-            return await limits.hit(key, tokens, use_redis=True)
-        except counters.CounterUnavailable:
-            counters.redis_failed()
-            _degrading()
-    elif settings.REDIS_URL:
-        _degrading()
-    return await limits.hit(key, tokens, use_redis=False)
-
-
 async def rate_limit(ctx: RequestContext, tokens: int) -> None:
-    """RPM/TPM for the key and its tenants; what was taken is kept in ``ctx.rate_ticket``."""
+    """RPM/TPM for the key and its tenants.
+
+    With Redis, the windows are only planned here (``ctx.rate_plan``): the reserve stage takes them
+    in the same script as the reservation, one round trip for both. Without Redis (or with Redis
+    down under the ``degrade`` policy) they are counted in this process now.
+    """
     key = ctx.key
     assert key is not None
+    if settings.REDIS_URL and not counters.redis_suspect():
+        ctx.rate_plan = limits.plan(key, tokens)
+        return
+    _limit_locally(ctx, key, tokens)
+
+
+def _limit_locally(ctx: RequestContext, key: KeyInfo, tokens: int) -> None:
     if not limits.windows_for(key, tokens):
         return  # nothing to enforce: Redis is not needed, whatever its state
-    result = await _hit(key, tokens)
+    if settings.REDIS_URL:
+        _degrading()
+    _apply(ctx, limits.hit(key, tokens))
+
+
+def _apply(ctx: RequestContext, result: limits.RateResult | None) -> None:
+    """Rate-limit headers on the answer; a 429 if a window was full; else what to settle."""
     if result is None:
         return
     ctx.extra_headers.extend(result.headers)
@@ -108,7 +114,8 @@ async def rate_limit(ctx: RequestContext, tokens: int) -> None:
 
 
 async def reserve(ctx: RequestContext, max_output_tokens: int) -> None:
-    """The worst-case reservation on every budget and quota counter, all or nothing.
+    """The worst-case reservation on every budget and quota counter, all or nothing, with the
+    rate-limit windows the limit stage planned (one Redis round trip for both).
 
     A refusal also gives back what the rate limiter took: the request never happened.
     """
@@ -116,18 +123,33 @@ async def reserve(ctx: RequestContext, max_output_tokens: int) -> None:
     key = ctx.key
     assert key is not None
     when = datetime.fromtimestamp(ctx.created_at, UTC)
+    rate, ctx.rate_plan = ctx.rate_plan, None
+    if rate is not None:
+        try:
+            outcome, gated = await service.reserve_gated(
+                ctx.request_id, key, when, ctx.reserved_micro, limits.gates(rate), limits.GATE_TTL
+            )
+        except counters.CounterUnavailable:
+            _limit_locally(ctx, key, rate.tokens)  # Redis failed: the two-step way below, per the policy
+        else:
+            admitted = not isinstance(outcome, service.Refusal)
+            _apply(ctx, limits.taken(rate, gated, tokens_counted=admitted))
+            if isinstance(outcome, service.Refusal):
+                raise _refusal(outcome)  # the request windows counted it; the token windows did not
+            ctx.reservation = outcome
+            return
     try:
-        outcome = await service.reserve(ctx.request_id, key, when, ctx.reserved_micro)
+        found = await service.reserve(ctx.request_id, key, when, ctx.reserved_micro)
     except counters.EnforcementUnavailable:
         await _release_rate(ctx)
         raise _policy_error() from None
     except BaseException:
         await _release_rate(ctx)
         raise
-    if isinstance(outcome, service.Refusal):
+    if isinstance(found, service.Refusal):
         await _release_rate(ctx)
-        raise _refusal(outcome)
-    ctx.reservation = outcome
+        raise _refusal(found)
+    ctx.reservation = found
 
 
 async def _release_rate(ctx: RequestContext) -> None:

@@ -11,7 +11,7 @@ from gateway import tokens
 
 if TYPE_CHECKING:
     from budgets.counters import Reservation
-    from gateway.limits import RateTicket
+    from gateway.limits import RatePlan, RateTicket
     from gateway.routing.table import DeploymentRoute, ModelRoute
     from tenants.keyinfo import KeyInfo
 
@@ -49,6 +49,7 @@ class RequestContext:
     usage: Usage | None = None
     cost_micro: int = 0
     reserved_micro: int = 0
+    rate_plan: RatePlan | None = None  # the rate windows to take in Redis with the reservation
     rate_ticket: RateTicket | None = None  # what the rate limiter took (given back at settle)
     reservation: Reservation | None = None  # the budget reservation (settled to the actual cost)
     reached_provider: bool = False

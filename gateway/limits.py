@@ -1,8 +1,9 @@
 """Stage 3, limit: requests and tokens per minute, per key and per tenant (and each ancestor).
 
-Fixed one-minute windows (UTC minute boundaries) in Redis, shared by every gateway process: one
-Lua script checks every window of the request and, only if all have room, counts it in all of
-them (one round trip, all or nothing). A fixed window lets a client send up to twice its limit
+Fixed one-minute windows (UTC minute boundaries) in Redis, shared by every gateway process. The
+windows are taken in the same Lua script as the budget reservation (``budgets.counters.Gate``):
+one round trip admits the request, only if every window has room and every hard budget can take
+the worst case. A fixed window lets a client send up to twice its limit
 across a minute boundary; in exchange each check is one script on a handful of integer keys.
 
 Tokens are counted the way OpenAI does at admission: the prompt estimate plus the output cap
@@ -22,7 +23,7 @@ from typing import Any
 import redis
 from django.conf import settings
 
-from budgets.counters import CounterUnavailable
+from budgets.counters import CounterUnavailable, Gate, Gated
 from core.runtime import redis_client
 from tenants.keyinfo import KeyInfo
 
@@ -74,21 +75,6 @@ def _redis_key(root: int, name: str, window: int) -> str:
     return f"{settings.REDIS_PREFIX}:rl:{{{root}}}:{name}:{window}"
 
 
-# KEYS: window counters. ARGV[1] ttl, then per key: amount, limit.
-# {1, value_1, ...} counted in all; {0, i, value_1, ...} window i is full, nothing counted.
-HIT_LUA = """
-local values = {}
-for i = 1, #KEYS do values[i] = tonumber(redis.call('GET', KEYS[i]) or '0') end
-for i = 1, #KEYS do
-  if values[i] + tonumber(ARGV[2 * i]) > tonumber(ARGV[2 * i + 1]) then return {0, i, unpack(values)} end
-end
-for i = 1, #KEYS do
-  values[i] = redis.call('INCRBY', KEYS[i], ARGV[2 * i])
-  redis.call('EXPIRE', KEYS[i], ARGV[1])
-end
-return {1, unpack(values)}
-"""
-
 # KEYS: token windows. ARGV[1] delta. Existing windows only.
 ADJUST_LUA = """
 for i = 1, #KEYS do
@@ -133,30 +119,58 @@ def _result(
     return RateResult(False, None, _headers(windows, values, reset), reset, windows[refused_index])
 
 
-async def hit(key: KeyInfo, tokens: int, *, use_redis: bool) -> RateResult | None:
-    """Count a request in every window it belongs to, or refuse it. None when no limit applies."""
+@dataclass(slots=True)
+class RatePlan:
+    """The windows a request will be counted in, to be taken in Redis with its reservation."""
+
+    root: int
+    windows: list[Window]
+    keys: list[str]
+    tokens: int
+    window: int
+    now: float
+
+
+#: Seconds a window's Redis key lives (it is only read during its minute).
+GATE_TTL = WINDOW * 2
+
+
+def plan(key: KeyInfo, tokens: int) -> RatePlan | None:
+    """The Redis windows of a request, or None when no limit applies."""
     windows = windows_for(key, tokens)
     if not windows:
         return None
     now = time.time()
     window = int(now // WINDOW)
-    if use_redis:
-        root = key.root_id
-        keys = [_redis_key(root, w.name, window) for w in windows]
-        args: list[Any] = [WINDOW * 2]
-        for w in windows:
-            args.extend((w.amount, w.limit))
-        try:
-            raw = await _script(HIT_LUA)(keys=keys, args=args)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise CounterUnavailable(str(exc)) from exc
-        status = int(raw[0])
-        ticket = RateTicket("redis", root, window, [k for k, w in zip(keys, windows, strict=True) if w.kind == "t"])
-        if status == 1:
-            ticket.charged_tokens = tokens
-            return _result(windows, 1, [int(v) for v in raw[1:]], ticket, now)
-        return _result(windows, 0, [int(v) for v in raw[2:]], ticket, now, int(raw[1]) - 1)
-    return _memory_hit(key, windows, window, tokens, now)
+    root = key.root_id
+    keys = [_redis_key(root, w.name, window) for w in windows]
+    return RatePlan(root, windows, keys, tokens, window, now)
+
+
+def gates(rate: RatePlan) -> list[Gate]:
+    return [Gate(k, w.amount, w.limit, w.kind == "r") for k, w in zip(rate.keys, rate.windows, strict=True)]
+
+
+def taken(rate: RatePlan, gated: Gated, *, tokens_counted: bool) -> RateResult:
+    """What the gates of ``rate`` said, as a result; ``tokens_counted``: the token windows were
+    counted (the request was admitted), so settling corrects them to the tokens actually used."""
+    token_keys = [k for k, w in zip(rate.keys, rate.windows, strict=True) if w.kind == "t"]
+    ticket = RateTicket("redis", rate.root, rate.window, token_keys)
+    if gated.full is not None:
+        return _result(rate.windows, 0, gated.values, ticket, rate.now, gated.full)
+    if tokens_counted:
+        ticket.charged_tokens = rate.tokens
+    return _result(rate.windows, 1, gated.values, ticket, rate.now)
+
+
+def hit(key: KeyInfo, tokens: int) -> RateResult | None:
+    """Count a request in this process's windows, or refuse it (no Redis: the embedded mode, or
+    Redis down under the ``degrade`` policy). None when no limit applies."""
+    windows = windows_for(key, tokens)
+    if not windows:
+        return None
+    now = time.time()
+    return _memory_hit(key, windows, int(now // WINDOW), tokens, now)
 
 
 def _memory_hit(key: KeyInfo, windows: list[Window], window: int, tokens: int, now: float) -> RateResult:
