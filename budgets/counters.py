@@ -46,7 +46,7 @@ from django.db.models import F
 from budgets.models import BudgetCounter, BudgetReservation
 from budgets.periods import Counter
 from budgets.spend import in_ledger, ledger_value
-from core.runtime import redis_client
+from core.runtime import OnError, RedisBatch, redis_client
 from tenants.models import ApiKey, Tenant
 
 log = logging.getLogger(__name__)
@@ -369,6 +369,15 @@ class RedisCounters(CounterStore):
         ]
         done = await self._run(SETTLE_LUA, keys, [reservation.request_id, actual_micro, actual_requests])
         return bool(done)
+
+    def settle_in(
+        self, batch: RedisBatch, reservation: Reservation, actual_micro: int, actual_requests: int, on_error: OnError
+    ) -> None:
+        """``settle``, sent with the request's other closing commands in one round trip."""
+        root = reservation.root
+        keys = [_res_key(root), _lease_key(root), _swept_key(root)]
+        keys.extend(counter_key(root, n) for n in reservation.counters)
+        batch.script(self._script(SETTLE_LUA), keys, [reservation.request_id, actual_micro, actual_requests], on_error)
 
     async def renew(self, root: int, request_ids: list[str]) -> None:
         expiry = int((time.time() + _lease_seconds()) * 1000)

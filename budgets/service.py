@@ -21,6 +21,7 @@ fail-open path. See docs/budgets.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -38,7 +39,7 @@ from budgets.models import Budget
 from budgets.periods import BudgetInfo, Counter, budget_counter, counters_for, period_bounds
 from budgets.spend import ledger_value
 from core import invalidation
-from core.runtime import background
+from core.runtime import RedisBatch, background
 from tenants.keyinfo import KeyInfo, TenantInfo
 
 log = logging.getLogger(__name__)
@@ -222,16 +223,26 @@ def _outcome(request_id: str, key: KeyInfo, outcome: Reservation | counters.Refu
     return outcome
 
 
-async def settle(reservation: Reservation, actual_micro: int, requests: int) -> None:
+async def settle(reservation: Reservation, actual_micro: int, requests: int, batch: RedisBatch | None = None) -> None:
     """Bring a reservation to the actual cost (``requests``: 1 if the request reached a provider,
-    else 0). Settling twice changes nothing. With Redis down the counters are dropped and rebuilt
-    from the ledger once it is back, so a lost settlement is repaired then."""
+    else 0). Settling twice changes nothing. With ``batch``, a Redis settlement joins the request's
+    closing round trip. With Redis down the counters are dropped and rebuilt from the ledger once it
+    is back, so a lost settlement is repaired then."""
     _active.pop(reservation.request_id, None)
+    if batch is not None and reservation.store == "redis":
+        counters.primary_redis().settle_in(
+            batch, reservation, actual_micro, requests, on_error=functools.partial(_settle_failed, reservation)
+        )
+        return
     try:
         await counters.store_by_name(reservation.store).settle(reservation, actual_micro, requests)
     except counters.CounterUnavailable:
-        counters.redis_failed()
-        log.warning("could not settle a reservation (Redis down)", extra={"request_id": reservation.request_id})
+        _settle_failed(reservation)
+
+
+def _settle_failed(reservation: Reservation, exc: BaseException | None = None) -> None:
+    counters.redis_failed()
+    log.warning("could not settle a reservation (Redis down)", extra={"request_id": reservation.request_id})
 
 
 # --- leases and the sweeper -----------------------------------------------------------------------

@@ -10,11 +10,13 @@ import asyncio
 import gc
 import logging
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from django.conf import settings
+from redis.commands.core import AsyncScript
 
 from core import backoff, dbsafe, invalidation
 
@@ -68,6 +70,59 @@ async def close_redis() -> None:
     conn = _redis.pop(asyncio.get_running_loop(), None)
     if conn is not None:
         await conn.aclose()
+
+
+OnError = Callable[[BaseException], Awaitable[None] | None]
+
+
+class RedisBatch:
+    """Commands one request sends to Redis together, in one round trip (a pipeline, not a
+    transaction): each keeps its own outcome, and a command that fails calls its ``on_error``
+    (with the whole batch's error if Redis could not be reached).
+
+    Scripts go by their SHA; one the server does not know yet (first use, a restarted Redis) is
+    run again on its own, which loads it.
+    """
+
+    __slots__ = ("_calls",)
+
+    def __init__(self) -> None:
+        self._calls: list[tuple[AsyncScript | None, list[Any], list[Any], OnError]] = []
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def script(self, script: AsyncScript, keys: list[Any], args: list[Any], on_error: OnError) -> None:
+        self._calls.append((script, keys, args, on_error))
+
+    def command(self, *args: Any, on_error: OnError) -> None:
+        self._calls.append((None, [], list(args), on_error))
+
+    async def send(self) -> None:
+        calls, self._calls = self._calls, []
+        if not calls:
+            return
+        pipe = redis_client().pipeline(transaction=False)
+        for script, keys, args, _ in calls:
+            if script is None:
+                pipe.execute_command(*args)
+            else:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+        results: list[Any]
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            results = [exc] * len(calls)
+        for (script, keys, args, on_error), result in zip(calls, results, strict=True):
+            if isinstance(result, redis.exceptions.NoScriptError) and script is not None:
+                try:
+                    result = await script(keys=keys, args=args)
+                except (redis.RedisError, OSError) as exc:
+                    result = exc
+            if isinstance(result, BaseException):
+                outcome = on_error(result)
+                if outcome is not None:
+                    await outcome
 
 
 def background(

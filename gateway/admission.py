@@ -21,6 +21,7 @@ from django.conf import settings
 
 from budgets import counters, service
 from core import money
+from core.runtime import RedisBatch
 from gateway import limits
 from gateway.context import RequestContext
 from gateway.errors import QuotaExceeded, RateLimited, ServiceUnavailable
@@ -162,16 +163,20 @@ async def _release_rate(ctx: RequestContext) -> None:
 
 
 async def settle(ctx: RequestContext) -> None:
-    """Bring the rate ticket and the reservation to what was used. Runs once per request."""
+    """Bring the rate ticket and the reservation to what was used. Runs once per request.
+
+    With Redis the corrections are queued on ``ctx.closing``, which the record stage sends with
+    the ledger hand-off: one round trip after the upstream call."""
     ctx.reserved_micro = 0
     reached = ctx.reached_provider
+    batch = ctx.closing = RedisBatch() if settings.REDIS_URL else None
     ticket, ctx.rate_ticket = ctx.rate_ticket, None
     if ticket is not None:
         used = ctx.usage.prompt_tokens + ctx.usage.completion_tokens if ctx.usage is not None and reached else 0
         try:
-            await limits.adjust(ticket, used)
+            await limits.adjust(ticket, used, batch)
         except counters.CounterUnavailable:
             counters.redis_failed()
     reservation, ctx.reservation = ctx.reservation, None
     if reservation is not None:
-        await service.settle(reservation, ctx.cost_micro if reached else 0, 1 if reached else 0)
+        await service.settle(reservation, ctx.cost_micro if reached else 0, 1 if reached else 0, batch)

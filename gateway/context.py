@@ -11,6 +11,7 @@ from gateway import tokens
 
 if TYPE_CHECKING:
     from budgets.counters import Reservation
+    from core.runtime import RedisBatch
     from gateway.limits import RatePlan, RateTicket
     from gateway.routing.table import DeploymentRoute, ModelRoute
     from tenants.keyinfo import KeyInfo
@@ -52,6 +53,7 @@ class RequestContext:
     rate_plan: RatePlan | None = None  # the rate windows to take in Redis with the reservation
     rate_ticket: RateTicket | None = None  # what the rate limiter took (given back at settle)
     reservation: Reservation | None = None  # the budget reservation (settled to the actual cost)
+    closing: RedisBatch | None = None  # settle's Redis commands, sent by record with the ledger hand-off
     reached_provider: bool = False
     status: str = "ok"
     http_status: int = 200

@@ -23,8 +23,8 @@ from typing import Any
 import redis
 from django.conf import settings
 
-from budgets.counters import CounterUnavailable, Gate, Gated
-from core.runtime import redis_client
+from budgets.counters import CounterUnavailable, Gate, Gated, redis_failed
+from core.runtime import RedisBatch, redis_client
 from tenants.keyinfo import KeyInfo
 
 WINDOW = 60
@@ -192,13 +192,19 @@ def _memory_hit(key: KeyInfo, windows: list[Window], window: int, tokens: int, n
     return _result(windows, 1, values, ticket, now)
 
 
-async def adjust(ticket: RateTicket, actual_tokens: int) -> None:
-    """Correct the token windows to the tokens actually used (refunds the unused output cap)."""
+async def adjust(ticket: RateTicket, actual_tokens: int, batch: RedisBatch | None = None) -> None:
+    """Correct the token windows to the tokens actually used (refunds the unused output cap).
+
+    With ``batch``, a Redis correction joins the request's closing round trip instead of taking
+    its own."""
     delta = actual_tokens - ticket.charged_tokens
     if not delta or not ticket.token_keys:
         return
     ticket.charged_tokens = actual_tokens
     if ticket.store == "redis":
+        if batch is not None:
+            batch.script(_script(ADJUST_LUA), ticket.token_keys, [delta], on_error=_adjust_failed)
+            return
         try:
             await _script(ADJUST_LUA)(keys=ticket.token_keys, args=[delta])
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
@@ -208,3 +214,8 @@ async def adjust(ticket: RateTicket, actual_tokens: int) -> None:
         for name in ticket.token_keys:
             if name in _memory:
                 _memory[name] = max(0, _memory[name] + delta)
+
+
+def _adjust_failed(exc: BaseException) -> None:
+    """A lost correction only leaves a window high until its minute ends."""
+    redis_failed()

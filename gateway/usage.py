@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import functools
 import logging
 import os
 import re
@@ -39,7 +40,7 @@ from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
 
 from core import backoff
-from core.runtime import background, redis_client
+from core.runtime import RedisBatch, background, redis_client
 from gateway.context import RequestContext
 
 log = logging.getLogger(__name__)
@@ -111,17 +112,25 @@ async def hand_off(row: dict[str, Any]) -> None:
         _memory_event.set()
 
 
-async def hand_off_or_spool(row: dict[str, Any]) -> None:
+async def hand_off_or_spool(row: dict[str, Any], batch: RedisBatch | None = None) -> None:
     """Hand the row off; if the queue is unreachable, append it to the local spool file.
 
-    The spool is an append-only JSON-lines file, fsynced per row, replayed by the writer loop
-    (``replay_spool``); the unique request id makes a replay harmless.
+    With ``batch`` (and Redis), the ``XADD`` joins the request's closing round trip; the row is
+    spooled if that fails. The spool is an append-only JSON-lines file, fsynced per row, replayed
+    by the writer loop (``replay_spool``); the unique request id makes a replay harmless.
     """
+    if batch is not None and settings.REDIS_URL:
+        batch.command("XADD", stream_key(), "*", b"row", orjson.dumps(row), on_error=functools.partial(_spool, row))
+        return
     try:
         await hand_off(row)
     except Exception:
-        log.warning("usage queue unreachable; spooling row", extra={"request_id": row.get("request_id")})
-        await sync_to_async(spool_row, thread_sensitive=False)(row)
+        await _spool(row)
+
+
+async def _spool(row: dict[str, Any], exc: BaseException | None = None) -> None:
+    log.warning("usage queue unreachable; spooling row", extra={"request_id": row.get("request_id")})
+    await sync_to_async(spool_row, thread_sensitive=False)(row)
 
 
 # --- spool ------------------------------------------------------------------------------------
