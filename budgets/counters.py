@@ -341,12 +341,12 @@ def _unwritten_rows() -> list[dict[str, Any]]:
     """Usage rows handed off to the Redis stream but not yet in the ledger."""
     import redis
 
-    from gateway import usage
-    from gateway.models import UsageRecord
+    from ledger import writer
+    from ledger.models import UsageRecord
 
     conn = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
     try:
-        entries: Any = conn.xrange(usage.stream_key(), count=100_000)
+        entries: Any = conn.xrange(writer.stream_key(), count=100_000)
     finally:
         conn.close()
     rows = [orjson.loads(fields[b"row"]) for _, fields in entries or () if fields and fields.get(b"row")]
