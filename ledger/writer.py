@@ -184,6 +184,60 @@ def replay_spool() -> int:
     return replayed
 
 
+# --- handed off, not yet written ---------------------------------------------------------------
+
+
+def _stream_rows() -> list[dict[str, Any]]:
+    conn = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
+    try:
+        entries: Any = conn.xrange(stream_key(), count=100_000)
+    finally:
+        conn.close()
+    _, rows, _ = _decode(entries or [])
+    return rows
+
+
+def _spooled_rows() -> list[dict[str, Any]]:
+    """Rows in this host's spool files, read without taking their locks: a line being appended
+    right now (torn) is skipped, not moved aside; the replayer deals with it."""
+    directory: Path = settings.CHITTYCAN_USAGE_SPOOL_DIR
+    rows: list[dict[str, Any]] = []
+    for path in sorted(directory.glob("usage-*.jsonl")) if directory.exists() else ():
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue  # replayed meanwhile: its rows are in the ledger now
+        for line in data.splitlines():
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("request_id"):
+                rows.append(row)
+    return rows
+
+
+def pending_rows() -> list[dict[str, Any]]:
+    """Rows handed off but not yet in the ledger, each request once: the Redis stream (every
+    process's rows, when ``REDIS_URL`` is set) and this host's spool files. Synchronous; call
+    off the event loop. Raises ``redis.RedisError`` if Redis is unreachable.
+
+    Rows already in the ledger when this looks are left out. A row the writer commits just after
+    is returned and may also be in a ledger sum the caller takes afterwards: the caller counts it
+    once (``ledger_value`` of the budgets subtracts such rows in the same statement).
+    """
+    rows = [*(_stream_rows() if settings.REDIS_URL else ()), *_spooled_rows()]
+    unique = list({str(r["request_id"]): r for r in rows if r.get("request_id")}.values())
+    if not unique:
+        return []
+    written = set(
+        UsageRecord.objects.filter(request_id__in=[r["request_id"] for r in unique]).values_list(
+            "request_id", flat=True
+        )
+    )
+    return [r for r in unique if r["request_id"] not in written]
+
+
 # --- database -----------------------------------------------------------------------------------
 
 

@@ -247,6 +247,23 @@ def test_spool_append_after_replay_starts_a_new_file(make_tenant, settings, tmp_
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 2
 
 
+def test_pending_rows_are_the_stream_and_the_spool_minus_the_ledger(make_tenant, settings, tmp_path):
+    """What budget counters add to the ledger: rows handed off and not yet written, each once."""
+    tenant = make_tenant("ledger-pending")
+    settings.CHITTYCAN_USAGE_SPOOL_DIR = tmp_path
+    streamed, spooled, written = _row(tenant.pk), _row(tenant.pk), _row(tenant.pk)
+    conn = _redis()
+    for row in (streamed, written, streamed):  # a hand-off retried after a timeout queues a row twice
+        conn.xadd(writer.stream_key(), {b"row": orjson.dumps(row)})
+    conn.close()
+    writer.spool_row(spooled)
+    writer.spool_row(written)
+    (tmp_path / "usage-torn.jsonl").write_bytes(b'{"request_id": "req_torn", "tena')  # mid-append
+    writer.write_rows([written])
+    pending = sorted(r["request_id"] for r in writer.pending_rows())
+    assert pending == sorted([streamed["request_id"], spooled["request_id"]])
+
+
 def test_backoff_grows_and_is_capped(settings):
     settings.CHITTYCAN_USAGE_RETRY_BASE = 0.5
     settings.CHITTYCAN_USAGE_RETRY_MAX = 8.0
