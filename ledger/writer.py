@@ -36,6 +36,7 @@ from typing import Any
 
 import orjson
 import redis
+import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
@@ -364,7 +365,21 @@ async def _write_and_ack(ids: list[bytes], rows: list[dict[str, Any]], bad: list
         await conn.xdel(stream_key(), *ids)
 
 
-async def drain_redis_once(count: int | None = None, block_ms: int = 1000) -> int:
+#: How long an idle writer's read waits for new rows. A blocked XREADGROUP holds the socket
+#: silent, so the wait must end well inside the client's socket timeout (``read_block_ms``);
+#: otherwise every idle read ends in a timeout that looks like Redis being down.
+READ_BLOCK_MS = 500
+
+
+def read_block_ms(conn: aioredis.Redis, wanted: int = READ_BLOCK_MS) -> int:
+    """``wanted`` milliseconds, but at most half the client's socket timeout."""
+    timeout = conn.connection_pool.connection_kwargs.get("socket_timeout")
+    if not timeout:
+        return wanted
+    return max(1, min(wanted, int(float(timeout) * 1000) // 2))
+
+
+async def drain_redis_once(count: int | None = None, block_ms: int = READ_BLOCK_MS) -> int:
     """Read one batch for this consumer (its own pending entries first) and write it.
 
     Raises a transient database error without acknowledging anything: the entries stay pending
@@ -372,6 +387,7 @@ async def drain_redis_once(count: int | None = None, block_ms: int = 1000) -> in
     """
     await _ensure_group()
     conn = redis_client()
+    block_ms = read_block_ms(conn, block_ms)
     batch = count or settings.CHITTYCAN_USAGE_BATCH_SIZE
     name = consumer_name()
     # Entries this consumer read but did not ack (a failed write): retry them first.

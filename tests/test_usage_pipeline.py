@@ -4,6 +4,8 @@ PostgreSQL outage (kept pending in the Redis stream) and a Redis outage (spooled
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -262,6 +264,24 @@ def test_pending_rows_are_the_stream_and_the_spool_minus_the_ledger(make_tenant,
     writer.write_rows([written])
     pending = sorted(r["request_id"] for r in writer.pending_rows())
     assert pending == sorted([streamed["request_id"], spooled["request_id"]])
+
+
+def test_an_idle_writer_does_not_report_redis_unavailable(settings, tmp_path, caplog):
+    """The writer's blocking read ends inside the Redis client's socket timeout: with nothing to
+    write it waits quietly, it does not time out, warn and back off."""
+    settings.CHITTYCAN_USAGE_SPOOL_DIR = tmp_path
+
+    async def idle():
+        task = asyncio.create_task(writer.writer_loop())
+        await asyncio.sleep(3.0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.INFO, logger="ledger.writer"):
+        _run(idle)
+    assert _redis().xinfo_groups(writer.stream_key())[0]["name"] == writer.GROUP.encode()  # it did read
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_backoff_grows_and_is_capped(settings):
