@@ -108,6 +108,26 @@ class UsageTotals(models.Model):
         abstract = True
 
 
+def unique_per_key(bucket: str, prefix: str) -> tuple[models.UniqueConstraint, models.UniqueConstraint]:
+    """One rollup row per bucket, tenant, key (or no key), model and provider.
+
+    Two partial unique constraints rather than one with ``nulls_distinct=False``: SQLite cannot
+    create that one (Django skips it there with warning models.W047), partial ones it can.
+    """
+    return (
+        models.UniqueConstraint(
+            fields=[bucket, "tenant", "api_key", "model", "provider"],
+            condition=models.Q(api_key__isnull=False),
+            name=f"{prefix}_unique",
+        ),
+        models.UniqueConstraint(
+            fields=[bucket, "tenant", "model", "provider"],
+            condition=models.Q(api_key__isnull=True),
+            name=f"{prefix}_unique_keyless",
+        ),
+    )
+
+
 class HourlyUsage(UsageTotals):
     """Usage per UTC hour, tenant, key, model and provider; recomputed from the ledger."""
 
@@ -116,13 +136,7 @@ class HourlyUsage(UsageTotals):
     class Meta:
         db_table = "gateway_hourlyusage"
         ordering = ["-hour"]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["hour", "tenant", "api_key", "model", "provider"],
-                name="hourly_usage_unique",
-                nulls_distinct=False,
-            ),
-        ]
+        constraints = [*unique_per_key("hour", "hourly_usage")]
         indexes = [models.Index(fields=["tenant", "hour"], name="hourly_usage_tenant")]
 
     def __str__(self) -> str:
@@ -137,13 +151,7 @@ class DailyUsage(UsageTotals):
     class Meta:
         db_table = "gateway_dailyusage"
         ordering = ["-date"]
-        constraints = [
-            models.UniqueConstraint(
-                fields=["date", "tenant", "api_key", "model", "provider"],
-                name="daily_usage_unique",
-                nulls_distinct=False,
-            ),
-        ]
+        constraints = [*unique_per_key("date", "daily_usage")]
         indexes = [models.Index(fields=["tenant", "date"], name="daily_usage_tenant")]
 
     def __str__(self) -> str:

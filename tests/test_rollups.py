@@ -3,10 +3,16 @@ retention changes neither the rollups nor the spend computed from the ledger."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
+import pytest
 from django.conf import settings
+from django.db import IntegrityError, transaction
 
 from ledger import analytics, retention, rollups, tasks, writer
 from ledger.models import DailyUsage, HourlyUsage, RollupHour, UsageRecord
@@ -143,3 +149,32 @@ def test_tasks_are_scheduled_and_run(make_tenant):
     assert tasks.rollup_usage.apply().get()["hours"] >= 1
     assert HourlyUsage.objects.get(tenant_id=tenant.pk).cost_micro == 42
     assert tasks.prune_usage.apply().get()["rows"] == 0
+
+
+def test_one_rollup_row_per_bucket_with_or_without_a_key(make_tenant):
+    tenant = make_tenant("rollup-unique")
+    key_id = 7  # the key is a plain id without a database constraint
+    hour = datetime(2026, 11, 22, 10, tzinfo=UTC)
+    for api_key_id in (None, key_id):
+        HourlyUsage.objects.create(hour=hour, tenant=tenant, api_key_id=api_key_id, model="m", provider="p")
+        with pytest.raises(IntegrityError), transaction.atomic():
+            HourlyUsage.objects.create(hour=hour, tenant=tenant, api_key_id=api_key_id, model="m", provider="p")
+        DailyUsage.objects.create(date=hour.date(), tenant=tenant, api_key_id=api_key_id, model="m", provider="p")
+        with pytest.raises(IntegrityError), transaction.atomic():
+            DailyUsage.objects.create(date=hour.date(), tenant=tenant, api_key_id=api_key_id, model="m", provider="p")
+
+
+def test_sqlite_creates_the_rollup_unique_constraints(tmp_path):
+    """The embedded default (no DATABASE_URL: SQLite) gets the same constraints: no models.W047."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env["CHITTYCAN_VAR_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--database", "default"],
+        cwd=Path(settings.BASE_DIR),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "W047" not in result.stdout + result.stderr
