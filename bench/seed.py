@@ -76,7 +76,7 @@ def setup(upstream: str) -> dict[str, object]:
 
 
 def count() -> int:
-    from gateway.models import UsageRecord
+    from ledger.models import UsageRecord
     from tenants.models import Tenant
 
     tenant = Tenant.objects.filter(slug=TENANT).first()

@@ -1,6 +1,6 @@
 """Export runs to Stripe (see billing_export/services.py and docs/billing-export.md).
 
-An ``ExportRun`` turns not-yet-exported ledger rows (``gateway.UsageRecord`` with ``cost_micro > 0``)
+An ``ExportRun`` turns not-yet-exported ledger rows (``ledger.UsageRecord`` with ``cost_micro > 0``)
 into ``ExportLine`` rows, one Billing Meter event each, and marks every covered ledger row with an
 ``ExportedUsage`` row whose primary key is the ledger row's id. A ledger row can therefore be billed
 by one line only, ever: the database refuses a second mark. Nothing here cascades on delete, so a

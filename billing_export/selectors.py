@@ -8,7 +8,7 @@ from django.db.models import Count, Exists, OuterRef, QuerySet, Sum
 
 from billing_export.models import ExportedUsage, ExportLine, ExportRun
 from billing_export.services import Period
-from gateway.models import UsageRecord
+from ledger.models import UsageRecord
 
 __all__ = ["Reconciliation", "period_reconciliation", "run_lines", "run_list"]
 

@@ -32,7 +32,7 @@ from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from billing_export.models import ExportedUsage, ExportLine, ExportRun, Granularity
-from gateway.models import UsageRecord
+from ledger.models import UsageRecord
 from tenants.models import Tenant
 
 __all__ = [

@@ -29,8 +29,8 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from budgets.models import AlertSent, Budget
+from budgets.spend import budget_spend, budget_tenant
 from core.money import format_usd
-from gateway import analytics
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def check_budget(budget: Budget, now: datetime | None = None) -> list[AlertSent]
     thresholds = _thresholds(budget)
     if not thresholds or budget.limit_micro <= 0:
         return []
-    spend = analytics.budget_spend(budget, now)
+    spend = budget_spend(budget, now)
     crossed = [t for t in thresholds if spend.spent_micro * 100 >= t * budget.limit_micro]
     if not crossed:
         return []
@@ -108,7 +108,7 @@ def check_budgets(now: datetime | None = None) -> list[AlertSent]:
 
 def payload(alert: AlertSent) -> dict[str, Any]:
     budget = alert.budget
-    tenant = analytics.budget_tenant(budget)
+    tenant = budget_tenant(budget)
     return {
         "type": "budget.threshold_crossed",
         "alert_id": alert.pk,

@@ -47,6 +47,7 @@ from budgets.models import BudgetCounter, BudgetReservation
 from budgets.periods import Counter
 from budgets.spend import in_ledger, ledger_value
 from core.runtime import OnError, RedisBatch, redis_client
+from ledger import writer
 from tenants.models import ApiKey, Tenant
 
 log = logging.getLogger(__name__)
@@ -416,24 +417,8 @@ class RedisCounters(CounterStore):
 
 
 def _unwritten_rows() -> list[dict[str, Any]]:
-    """Usage rows handed off to the Redis stream but not yet in the ledger."""
-    import redis
-
-    from gateway import usage
-    from gateway.models import UsageRecord
-
-    conn = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
-    try:
-        entries: Any = conn.xrange(usage.stream_key(), count=100_000)
-    finally:
-        conn.close()
-    rows = [orjson.loads(fields[b"row"]) for _, fields in entries or () if fields and fields.get(b"row")]
-    if not rows:
-        return []
-    written = set(
-        UsageRecord.objects.filter(request_id__in=[r["request_id"] for r in rows]).values_list("request_id", flat=True)
-    )
-    return [r for r in rows if r["request_id"] not in written]
+    """Usage rows handed off (Redis stream, this host's spool) but not yet in the ledger."""
+    return writer.pending_rows()
 
 
 def _ledger_values(counters: list[Counter], include_stream: bool) -> list[int]:

@@ -1,21 +1,25 @@
 """What the ledger says a counter must hold: the budgets' read side of the usage ledger.
 
 PostgreSQL's usage ledger is the truth; the live counters (``budgets.counters``) are rebuilt from
-it and checked against it. Every query budgets make of the ledger is here. Synchronous: call off
-the event loop.
+it and checked against it, and a budget's spend (``budget_spend``, for alerts and the API) is
+read from it. Every query budgets make of the ledger is here. Synchronous: call off the event loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from django.db.models import Count, Q, Sum
+from django.utils import timezone
 
+from budgets.models import Budget
 from budgets.periods import Counter, period_bounds
-from gateway.analytics import sealed_rollups
-from gateway.models import UsageRecord
+from ledger import analytics
+from ledger.models import UsageRecord
 from tenants.models import Tenant
 
 
@@ -56,7 +60,7 @@ def ledger_value(counter: Counter, unwritten: list[dict[str, Any]] | None = None
     if start is not None and end is not None:
         rows = rows.filter(created_at__gte=start, created_at__lt=end)
     # Raw rows past retention are pruned into sealed hourly rollups: count those too.
-    sealed_rows = sealed_rollups(subtree, counter.scope_id if counter.scope == "k" else None, start, end)
+    sealed_rows = analytics.sealed_rollups(subtree, counter.scope_id if counter.scope == "k" else None, start, end)
     sealed = int(sealed_rows.aggregate(v=Sum("calls" if counter.kind == "q" else "cost_micro"))["v"] or 0)
     pending = [row for row in unwritten or () if _matches(counter, subtree, row)]
     ids = [str(row["request_id"]) for row in pending]
@@ -74,3 +78,63 @@ def in_ledger(request_ids: Iterable[str]) -> set[str]:
     """Which of these requests have their usage row in the ledger."""
     ids = list(request_ids)
     return set(UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True))
+
+
+# --- a budget's spend -----------------------------------------------------------------------------
+
+
+def budget_tenant(budget: Budget) -> Tenant:
+    if budget.tenant_id:
+        assert budget.tenant is not None
+        return budget.tenant
+    assert budget.api_key is not None
+    return budget.api_key.tenant
+
+
+@dataclass(frozen=True)
+class BudgetSpend:
+    budget_id: int
+    period: str
+    period_key: str
+    period_start: datetime | None
+    period_end: datetime | None
+    limit_micro: int
+    spent_micro: int
+    hard: bool
+
+    @property
+    def remaining_micro(self) -> int:
+        return max(0, self.limit_micro - self.spent_micro)
+
+    @property
+    def percent(self) -> Decimal:
+        if not self.limit_micro:
+            return Decimal(100) if self.spent_micro else Decimal(0)
+        return (Decimal(self.spent_micro) * 100 / Decimal(self.limit_micro)).quantize(Decimal("0.01"))
+
+
+def budget_spend(budget: Budget, when: datetime | None = None) -> BudgetSpend:
+    """What a budget's scope spent in the period ``when`` (default now) falls in, from the ledger."""
+    when = when or timezone.now()
+    tenant = budget_tenant(budget)
+    start, end = analytics.period_bounds(budget.period, tenant.time_zone, when)
+    if budget.tenant_id:
+        spent = analytics.spend_micro(tenant_ids=subtree_ids(budget.tenant_id), start=start, end=end)
+    else:
+        spent = analytics.spend_micro(api_key_id=budget.api_key_id, start=start, end=end)
+    return BudgetSpend(
+        budget_id=budget.pk,
+        period=budget.period,
+        period_key=analytics.period_key(budget.period, tenant.time_zone, when),
+        period_start=start,
+        period_end=end,
+        limit_micro=budget.limit_micro,
+        spent_micro=spent,
+        hard=budget.hard,
+    )
+
+
+def monthly_budget_micro(tenant: Tenant) -> int | None:
+    """The tenant's monthly budget (for ``ledger.analytics.month_report``), if it has one."""
+    budget = Budget.objects.filter(tenant=tenant, period=Budget.Period.MONTH).first()
+    return None if budget is None else int(budget.limit_micro)

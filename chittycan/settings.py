@@ -31,6 +31,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "channels",
     "tenants",
+    "ledger",
     "budgets",
     "gateway",
     "billing_export",

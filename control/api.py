@@ -23,10 +23,11 @@ from rest_framework.views import APIView
 from budgets import services as budget_services
 from budgets.models import Budget
 from budgets.service import spend_status
+from budgets.spend import budget_spend
 from control import serializers as s
 from control.permissions import HasTenantAccess, Scope, scope_of
 from control.tokens import ManagementTokenAuthentication
-from gateway import analytics
+from ledger import analytics
 from tenants import services
 from tenants.models import ApiKey, Tenant
 
@@ -175,7 +176,7 @@ class ApiKeyViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, ScopedView
 def budget_status(budget: Budget) -> dict[str, Any]:
     """Spend vs limit now: settled spend from the ledger, plus in-flight reservations when the
     budget enforcement layer can report them."""
-    spend = analytics.budget_spend(budget)
+    spend = budget_spend(budget)
     reserved: int | None = None
     try:
         reserved = int(spend_status(budget).reserved_micro)

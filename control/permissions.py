@@ -18,7 +18,7 @@ from rest_framework import permissions
 from rest_framework.request import Request
 
 from control.models import TenantMembership
-from gateway.analytics import subtree_ids
+from ledger.analytics import subtree_ids
 
 
 class Scope:

@@ -4,3 +4,12 @@ from django.apps import AppConfig
 class GatewayConfig(AppConfig):
     name = "gateway"
     verbose_name = "Gateway"
+
+    def ready(self) -> None:
+        # The ledger's analytics price cache hits with the gateway's price table (ledger never
+        # imports gateway). Imported here, not at the top: they import models, and the app
+        # registry is not ready while this module is imported.
+        from gateway import pricing  # noqa: PLC0415  (app registry not ready at module import)
+        from ledger import analytics  # noqa: PLC0415  (app registry not ready at module import)
+
+        analytics.use_price_history(pricing.price_history)

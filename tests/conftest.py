@@ -106,13 +106,13 @@ def _wait_usage_drained(timeout: float = 5.0) -> None:
     """Wait until the usage writer has written every queued row (the stream is empty)."""
     import redis
 
-    from gateway import usage
+    from ledger import writer
 
     conn = redis.Redis.from_url(settings.REDIS_URL)
     deadline = time.monotonic() + timeout
     try:
         time.sleep(0.05)  # a row handed off just after the response ended
-        while conn.xlen(usage.stream_key()) and time.monotonic() < deadline:
+        while conn.xlen(writer.stream_key()) and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
         conn.close()
@@ -227,7 +227,7 @@ def openai_client(gateway_server: ServerThread, tenant_key: tuple[Any, str]) -> 
 
 def wait_usage(count: int, timeout: float = 10.0, **filters: Any) -> list[Any]:
     """Wait until the ledger holds ``count`` rows matching ``filters`` (the writer is asynchronous)."""
-    from gateway.models import UsageRecord
+    from ledger.models import UsageRecord
 
     deadline = time.monotonic() + timeout
     while True:

@@ -15,7 +15,8 @@ from django_otp.oath import TOTP
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from budgets.models import Budget
-from gateway.models import LLMModel, Provider, UsageRecord
+from gateway.models import LLMModel, Provider
+from ledger.models import UsageRecord
 from tenants import keys, services
 from tenants.models import ApiKey, AuditEvent, Plan, Tenant
 
@@ -98,7 +99,7 @@ def test_every_registered_model_changelist_add_and_change_pages_load(admin_clien
         "tenants.AuditEvent",
         "gateway.Provider",
         "gateway.LLMModel",
-        "gateway.UsageRecord",
+        "ledger.UsageRecord",
         "otp_totp.TOTPDevice",
     }
     assert ours <= set(checked)
@@ -258,15 +259,15 @@ def test_budget_in_usd_stored_in_micro_usd(admin_client, rows):
 
 def test_ledger_is_read_only(admin_client, rows):
     record = UsageRecord.objects.get(request_id="req_admin1")
-    assert admin_client.get(reverse("admin:gateway_usagerecord_add")).status_code == 403
-    page = admin_client.get(reverse("admin:gateway_usagerecord_changelist")).content.decode()
+    assert admin_client.get(reverse("admin:ledger_usagerecord_add")).status_code == 403
+    page = admin_client.get(reverse("admin:ledger_usagerecord_changelist")).content.decode()
     assert "req_admin1" in page and "acme-ml" in page and "$0.000095" in page
-    response = admin_client.post(reverse("admin:gateway_usagerecord_change", args=[record.pk]), {"cost_micro": "1"})
+    response = admin_client.post(reverse("admin:ledger_usagerecord_change", args=[record.pk]), {"cost_micro": "1"})
     assert response.status_code == 403
     record.refresh_from_db()
     assert record.cost_micro == 95
     assert (
-        admin_client.get(reverse("admin:gateway_usagerecord_changelist") + "?created_at__year=2026").status_code == 200
+        admin_client.get(reverse("admin:ledger_usagerecord_changelist") + "?created_at__year=2026").status_code == 200
     )
 
 

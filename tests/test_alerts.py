@@ -19,7 +19,7 @@ from budgets import alerts, tasks
 from budgets import services as budget_services
 from budgets.models import AlertSent
 from chittycan.celery import app as celery_app
-from gateway import usage
+from ledger import writer
 from tenants import services
 
 
@@ -71,7 +71,7 @@ def eager_celery(settings):
 
 
 def _spend(tenant, micro, when=None, key_id=None):
-    usage.write_rows(
+    writer.write_rows(
         [
             {
                 "request_id": f"req_{uuid.uuid4().hex}",

@@ -12,8 +12,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from budgets import services
-from gateway import analytics, rollups, usage
 from gateway.models import LLMModel, Price
+from ledger import analytics, retention, writer
 
 
 def _row(tenant, when, cost, **extra):
@@ -41,7 +41,7 @@ def test_costs_per_local_day_with_budget_and_projection(make_tenant):
     org = make_tenant("cli-org", time_zone="Europe/Paris")
     team = make_tenant("cli-team", parent=org, kind="team", time_zone="Europe/Paris")
     services.budget_set(tenant=org, period="month", limit_micro=30_000_000)  # 1 USD a day in September
-    usage.write_rows(
+    writer.write_rows(
         [
             # 23:30 UTC on Aug 31 is 01:30 on Sep 1 in Paris: September's first day.
             _row(org, datetime(2026, 8, 31, 23, 30, tzinfo=UTC), 1_500_000),
@@ -68,19 +68,19 @@ def test_costs_per_local_day_with_budget_and_projection(make_tenant):
 
     # The same numbers once the raw rows are pruned (rollups carry them).
     before = text
-    rollups.prune_usage(now=datetime(2027, 1, 1, tzinfo=UTC), retention_days=30)
+    retention.prune_usage(now=datetime(2027, 1, 1, tzinfo=UTC), retention_days=30)
     assert run("analytics", "costs", "--tenant", "cli-org", "--month", "2026-09") == before
 
 
 def test_projection_for_the_current_month(make_tenant):
     tenant = make_tenant("cli-proj", time_zone="America/New_York")
     services.budget_set(tenant=tenant, period="month", limit_micro=10_000_000)
-    usage.write_rows([_row(tenant, datetime(2026, 11, 2, 15, tzinfo=UTC), 1_000_000)])
+    writer.write_rows([_row(tenant, datetime(2026, 11, 2, 15, tzinfo=UTC), 1_000_000)])
     now = datetime(2026, 11, 10, 17, tzinfo=UTC)  # Nov 10 in New York: 10 of 30 days
     report = analytics.month_report(tenant, 2026, 11, now=now)
     assert (report.total_micro, report.elapsed_days, report.projected_micro) == (1_000_000, 10, 3_000_000)
     assert report.verdict == "OK" and report.remaining_micro == 9_000_000
-    usage.write_rows([_row(tenant, datetime(2026, 11, 9, 15, tzinfo=UTC), 3_000_000)])
+    writer.write_rows([_row(tenant, datetime(2026, 11, 9, 15, tzinfo=UTC), 3_000_000)])
     report = analytics.month_report(tenant, 2026, 11, now=now)
     assert (report.projected_micro, report.verdict) == (12_000_000, "OVER")
     text = run("analytics", "costs", "--tenant", "cli-proj")
@@ -127,7 +127,7 @@ def test_metrics_show(make_tenant):
     ]
     rows += [_row(org, now - timedelta(days=3), 5000, latency_ms=5000)]  # outside --since
     rows += [_row(other, now - timedelta(minutes=5), 7777, latency_ms=1)]  # another tenant
-    usage.write_rows(rows)
+    writer.write_rows(rows)
 
     text = run("metrics", "show", "--tenant", "metrics-org", "--since", "24h")
     assert "Requests:              100 (0 errors)" in text

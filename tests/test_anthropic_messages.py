@@ -600,7 +600,7 @@ def test_claude_code_style_request_through_an_openai_upstream(openai_backed_clau
 
 def test_hard_budget_refuses_messages_with_a_billing_error(openai_backed_claude, gateway_server, make_tenant, make_key):
     from budgets import services
-    from gateway.models import UsageRecord
+    from ledger.models import UsageRecord
 
     tenant = make_tenant("claude-team")
     key = make_key(tenant)

@@ -18,7 +18,7 @@ from django.core.management import CommandError, call_command
 
 from billing_export import selectors, services
 from billing_export.models import ExportedUsage, ExportLine, ExportRun
-from gateway.models import UsageRecord
+from ledger.models import UsageRecord
 
 HEADER = ["identifier", "timestamp", "event_name", "payload_stripe_customer_id", "payload_value"]
 _seq = iter(range(1, 10**9))

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from billing_export import selectors, services
 from billing_export.models import ExportedUsage
-from gateway.models import UsageRecord
+from ledger.models import UsageRecord
 
 GHOST = 987_654  # a tenant id with ledger rows but no tenant any more
 WIDE = "cus_" + "W" * 100  # a customer id too long for a readable identifier

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from billing_export import services
 from billing_export.models import ExportLine
-from gateway.models import UsageRecord
+from ledger.models import UsageRecord
 from tests.fakes.server import ServerThread
 from tests.fakes.stripe_server import FakeStripe
 from tests.test_billing_export import add_rows, database_url_for_children

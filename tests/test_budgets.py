@@ -15,7 +15,7 @@ import redis
 from django.conf import settings
 
 from budgets import periods, service
-from gateway.models import UsageRecord
+from ledger.models import UsageRecord
 from tests.conftest import wait_usage
 from tests.fakes.openai_upstream import Reply, sse, usage_for
 
@@ -291,21 +291,21 @@ def test_counters_are_rebuilt_from_the_ledger_after_redis_loses_them(upstream, g
 def test_usage_rows_not_yet_written_count_when_a_counter_is_built(transactional_db, make_tenant):
     """A row still in the usage stream (handed off, writer behind) is part of the rebuilt value."""
     from budgets import counters
-    from gateway import usage
+    from ledger import writer
 
     tenant = make_tenant("pending")
     row = {"request_id": "req_pending1", "created_at": time.time(), "tenant_id": tenant.pk, "api_key_id": None}
     row["cost_micro"] = 1234
     conn = redis.Redis.from_url(settings.REDIS_URL)
-    conn.xadd(usage.stream_key(), {b"row": orjson.dumps(row)})
+    conn.xadd(writer.stream_key(), {b"row": orjson.dumps(row)})
     conn.close()
     counter = periods.Counter(month_name("t", tenant.pk), "m", 5000, 60, "UTC")
     # Counted exactly once whether or not a running writer has meanwhile moved it to the ledger.
     assert counters._ledger_values([counter], True) == [1234]
     # The moment between the writer's commit and its XDEL: in the ledger and still in the stream.
-    usage.write_rows([{**row, "endpoint": "chat", "requested_model": "m"}])
+    writer.write_rows([{**row, "endpoint": "chat", "requested_model": "m"}])
     conn = redis.Redis.from_url(settings.REDIS_URL)
-    conn.xadd(usage.stream_key(), {b"row": orjson.dumps(row)})
+    conn.xadd(writer.stream_key(), {b"row": orjson.dumps(row)})
     conn.close()
     assert UsageRecord.objects.filter(request_id="req_pending1").count() == 1
     assert counters._ledger_values([counter], True) == [1234]

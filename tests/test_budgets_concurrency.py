@@ -18,7 +18,7 @@ import pytest
 import redis
 from django.conf import settings
 
-from gateway.models import UsageRecord
+from ledger.models import UsageRecord
 from tests.conftest import wait_usage
 from tests.fakes.openai_upstream import Reply, usage_for
 from tests.test_budgets import counter_value, month_name

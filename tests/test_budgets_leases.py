@@ -129,7 +129,7 @@ def test_counters_start_from_the_ledger(store, make_tenant):
     from datetime import UTC, datetime
 
     from budgets.periods import period_key
-    from gateway.models import UsageRecord
+    from ledger.models import UsageRecord
 
     tenant = make_tenant("ledgered")
     child = make_tenant("ledgered-child", parent=tenant)

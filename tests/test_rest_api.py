@@ -19,7 +19,7 @@ from budgets import services as budget_services
 from budgets.models import Budget
 from control import tokens
 from control.models import TenantMembership
-from gateway import usage
+from ledger import writer
 from tenants import keys, services
 from tenants.models import ApiKey, AuditEvent
 
@@ -232,7 +232,7 @@ def test_budgets_crud_and_rights(world):
 
 
 def _spend(tenant, micro, model="gpt-4o", key=None, when=None):
-    usage.write_rows(
+    writer.write_rows(
         [
             {
                 "request_id": f"req_{uuid.uuid4().hex}",

@@ -3,13 +3,19 @@ retention changes neither the rollups nor the spend computed from the ledger."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
+import pytest
 from django.conf import settings
+from django.db import IntegrityError, transaction
 
-from gateway import analytics, rollups, tasks, usage
-from gateway.models import DailyUsage, HourlyUsage, RollupHour, UsageRecord
+from ledger import analytics, retention, rollups, tasks, writer
+from ledger.models import DailyUsage, HourlyUsage, RollupHour, UsageRecord
 
 NOW = datetime(2026, 11, 22, 12, 30, tzinfo=UTC)
 
@@ -47,7 +53,7 @@ def test_hourly_and_daily_rollups_are_exact_and_idempotent(make_tenant):
     child = make_tenant("rollup-ny-team", parent=ny, kind="team", time_zone="America/New_York")
     h1 = datetime(2026, 11, 22, 3, 10, tzinfo=UTC)  # 22:10 on Nov 21 in New York
     h2 = datetime(2026, 11, 22, 5, 20, tzinfo=UTC)  # 00:20 on Nov 22 in New York
-    usage.write_rows(
+    writer.write_rows(
         [
             _row(ny, h1, cost=100, ttft=20, latency=40),
             _row(ny, h1 + timedelta(minutes=5), cost=250, status="upstream_error", latency=60),
@@ -76,7 +82,7 @@ def test_hourly_and_daily_rollups_are_exact_and_idempotent(make_tenant):
     assert _snapshot() == before
 
     # A late row (spooled during an outage) for an old hour lands in that hour's bucket.
-    usage.write_rows([_row(ny, h1 + timedelta(minutes=30), cost=1000)])
+    writer.write_rows([_row(ny, h1 + timedelta(minutes=30), cost=1000)])
     rollups.rollup_usage()
     big = HourlyUsage.objects.get(tenant_id=ny.pk, hour=h1.replace(minute=0), model="gpt-4o")
     assert (big.calls, big.cost_micro) == (3, 1350)
@@ -91,8 +97,8 @@ def test_prune_keeps_rollups_and_ledger_spend_unchanged(make_tenant):
     now = datetime.now(UTC)
     old = (now - timedelta(days=settings.CHITTYCAN_USAGE_RETENTION_DAYS + 5)).replace(minute=10)
     recent = now - timedelta(days=3)
-    usage.write_rows([_row(tenant, old, cost=300), _row(tenant, old + timedelta(hours=2), cost=5)])
-    usage.write_rows([_row(tenant, recent, cost=11), _row(tenant, recent, cost=13)])
+    writer.write_rows([_row(tenant, old, cost=300), _row(tenant, old + timedelta(hours=2), cost=5)])
+    writer.write_rows([_row(tenant, recent, cost=11), _row(tenant, recent, cost=13)])
     rollups.rollup_usage()
     snapshot = _snapshot()
     ids = [tenant.pk]
@@ -100,7 +106,7 @@ def test_prune_keeps_rollups_and_ledger_spend_unchanged(make_tenant):
     old_window = analytics.spend_micro(tenant_ids=ids, start=old - timedelta(days=1), end=old + timedelta(days=1))
     assert (total_before, old_window) == (329, 305)
 
-    result = rollups.prune_usage(now=now)
+    result = retention.prune_usage(now=now)
     assert (result.rows, result.hours) == (2, 2)
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 2  # the recent rows stay
     assert not UsageRecord.objects.filter(created_at__lt=result.cutoff).exists()
@@ -116,12 +122,12 @@ def test_prune_keeps_rollups_and_ledger_spend_unchanged(make_tenant):
     ]
 
     # Running it all again changes nothing.
-    assert rollups.prune_usage(now=now).rows == 0
+    assert retention.prune_usage(now=now).rows == 0
     rollups.rollup_usage()
     assert _snapshot() == snapshot
 
     # A row that arrives for a sealed hour is added to that hour once, then pruned.
-    usage.write_rows([_row(tenant, old + timedelta(minutes=1), cost=1)])
+    writer.write_rows([_row(tenant, old + timedelta(minutes=1), cost=1)])
     rollups.rollup_usage()
     rollups.rollup_usage()
     hour = HourlyUsage.objects.get(tenant_id=tenant.pk, hour=old.replace(minute=0, second=0, microsecond=0))
@@ -132,7 +138,7 @@ def test_prune_keeps_rollups_and_ledger_spend_unchanged(make_tenant):
 
 def test_tasks_are_scheduled_and_run(make_tenant):
     tenant = make_tenant("rollup-task")
-    usage.write_rows([_row(tenant, datetime.now(UTC) - timedelta(minutes=5), cost=42)])
+    writer.write_rows([_row(tenant, datetime.now(UTC) - timedelta(minutes=5), cost=42)])
     scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
     assert {
         "gateway.tasks.rollup_usage",
@@ -143,3 +149,32 @@ def test_tasks_are_scheduled_and_run(make_tenant):
     assert tasks.rollup_usage.apply().get()["hours"] >= 1
     assert HourlyUsage.objects.get(tenant_id=tenant.pk).cost_micro == 42
     assert tasks.prune_usage.apply().get()["rows"] == 0
+
+
+def test_one_rollup_row_per_bucket_with_or_without_a_key(make_tenant):
+    tenant = make_tenant("rollup-unique")
+    key_id = 7  # the key is a plain id without a database constraint
+    hour = datetime(2026, 11, 22, 10, tzinfo=UTC)
+    for api_key_id in (None, key_id):
+        HourlyUsage.objects.create(hour=hour, tenant=tenant, api_key_id=api_key_id, model="m", provider="p")
+        with pytest.raises(IntegrityError), transaction.atomic():
+            HourlyUsage.objects.create(hour=hour, tenant=tenant, api_key_id=api_key_id, model="m", provider="p")
+        DailyUsage.objects.create(date=hour.date(), tenant=tenant, api_key_id=api_key_id, model="m", provider="p")
+        with pytest.raises(IntegrityError), transaction.atomic():
+            DailyUsage.objects.create(date=hour.date(), tenant=tenant, api_key_id=api_key_id, model="m", provider="p")
+
+
+def test_sqlite_creates_the_rollup_unique_constraints(tmp_path):
+    """The embedded default (no DATABASE_URL: SQLite) gets the same constraints: no models.W047."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env["CHITTYCAN_VAR_DIR"] = str(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check", "--database", "default"],
+        cwd=Path(settings.BASE_DIR),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "W047" not in result.stdout + result.stderr

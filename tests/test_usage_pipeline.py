@@ -4,6 +4,8 @@ PostgreSQL outage (kept pending in the Redis stream) and a Redis outage (spooled
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -16,8 +18,8 @@ from django.conf import settings
 from django.db import OperationalError, connection
 
 from core import runtime
-from gateway import usage
-from gateway.models import UsageRecord
+from ledger import writer
+from ledger.models import UsageRecord
 from tests.conftest import wait_usage
 
 
@@ -124,8 +126,8 @@ def postgres_outage():
 def test_rows_are_idempotent_by_request_id(make_tenant):
     tenant = make_tenant("ledger-a")
     rows = [_row(tenant.pk) for _ in range(5)]
-    assert usage.write_rows(rows) == 5
-    assert usage.write_rows([*rows, _row(tenant.pk, request_id=rows[0]["request_id"])]) == 0
+    assert writer.write_rows(rows) == 5
+    assert writer.write_rows([*rows, _row(tenant.pk, request_id=rows[0]["request_id"])]) == 0
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 5
 
 
@@ -135,12 +137,12 @@ def test_batch_from_stream_is_written_and_acknowledged(make_tenant):
 
     async def hand_all():
         for row in rows:
-            await usage.hand_off(row)
-        return await usage.drain_redis_once(count=100, block_ms=10)
+            await writer.hand_off(row)
+        return await writer.drain_redis_once(count=100, block_ms=10)
 
     assert _run(hand_all) == 30
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 30
-    assert _redis().xlen(usage.stream_key()) == 0
+    assert _redis().xlen(writer.stream_key()) == 0
 
 
 def test_poison_row_goes_to_dead_letter_and_does_not_block_the_batch(make_tenant):
@@ -150,14 +152,14 @@ def test_poison_row_goes_to_dead_letter_and_does_not_block_the_batch(make_tenant
 
     async def go():
         for row in [good[0], poison, *good[1:]]:
-            await usage.hand_off(row)
-        await usage.drain_redis_once(count=100, block_ms=10)
+            await writer.hand_off(row)
+        await writer.drain_redis_once(count=100, block_ms=10)
 
     _run(go)
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 3
-    [(_, fields)] = _redis().xrange(usage.dead_letter_key())
+    [(_, fields)] = _redis().xrange(writer.dead_letter_key())
     assert orjson.loads(fields[b"row"])["request_id"] == poison["request_id"]
-    assert _redis().xlen(usage.stream_key()) == 0
+    assert _redis().xlen(writer.stream_key()) == 0
 
 
 def test_rows_of_a_crashed_writer_are_claimed_once(make_tenant, settings):
@@ -166,18 +168,18 @@ def test_rows_of_a_crashed_writer_are_claimed_once(make_tenant, settings):
     rows = [_row(tenant.pk) for _ in range(6)]
 
     async def go():
-        await usage._ensure_group()
+        await writer._ensure_group()
         for row in rows:
-            await usage.hand_off(row)
+            await writer.hand_off(row)
         conn = runtime.redis_client()
-        await conn.xreadgroup(usage.GROUP, "crashed-writer", {usage.stream_key(): ">"}, count=100)
+        await conn.xreadgroup(writer.GROUP, "crashed-writer", {writer.stream_key(): ">"}, count=100)
 
     _run(go)
-    usage.write_rows(rows[:4])  # it had committed these before dying
+    writer.write_rows(rows[:4])  # it had committed these before dying
     settings.CHITTYCAN_USAGE_CLAIM_IDLE_MS = 0
-    assert _run(usage.drain_redis_once, count=100, block_ms=10) == 6
+    assert _run(writer.drain_redis_once, count=100, block_ms=10) == 6
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 6
-    assert _redis().xpending(usage.stream_key(), usage.GROUP)["pending"] == 0
+    assert _redis().xpending(writer.stream_key(), writer.GROUP)["pending"] == 0
 
 
 def test_postgres_outage_keeps_rows_pending_then_writes_exactly_n(upstream, gateway_server, openai_client, tenant_key):
@@ -199,14 +201,14 @@ def test_postgres_outage_keeps_rows_pending_then_writes_exactly_n(upstream, gate
             _in_new_thread(lambda: UsageRecord.objects.count())
         time.sleep(1.0)  # ... so it retries with backoff while the rows wait in the stream.
         assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 1
-        assert _redis().xlen(usage.stream_key()) == n
+        assert _redis().xlen(writer.stream_key()) == n
     rows = wait_usage(n + 1, timeout=60, tenant_id=tenant.pk)
     assert len(rows) == n + 1
     time.sleep(0.5)  # anything doubled would show up by now
     stored = set(UsageRecord.objects.filter(tenant_id=tenant.pk).values_list("request_id", flat=True))
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == n + 1
     assert set(request_ids) <= stored
-    assert _redis().xlen(usage.stream_key()) == 0
+    assert _redis().xlen(writer.stream_key()) == 0
 
 
 def test_redis_outage_spools_and_replay_survives_a_database_outage(make_tenant, settings, tmp_path):
@@ -218,7 +220,7 @@ def test_redis_outage_spools_and_replay_survives_a_database_outage(make_tenant, 
 
     async def spool_all():
         for row in rows:
-            await usage.hand_off_or_spool(row)
+            await writer.hand_off_or_spool(row)
 
     _run(spool_all)
     settings.REDIS_URL = real_url
@@ -226,33 +228,68 @@ def test_redis_outage_spools_and_replay_survives_a_database_outage(make_tenant, 
     assert len(spool_file.read_bytes().splitlines()) == 8
 
     with postgres_outage(), pytest.raises(OperationalError):
-        _in_new_thread(usage.replay_spool)
+        _in_new_thread(writer.replay_spool)
     assert spool_file.exists()  # kept for the next replay
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 0
 
-    usage.write_rows(rows[:2])  # some rows already made it (e.g. a replay that died after commit)
-    assert _in_new_thread(usage.replay_spool) == 8
+    writer.write_rows(rows[:2])  # some rows already made it (e.g. a replay that died after commit)
+    assert _in_new_thread(writer.replay_spool) == 8
     assert not spool_file.exists()
-    assert _in_new_thread(usage.replay_spool) == 0
+    assert _in_new_thread(writer.replay_spool) == 0
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 8
 
 
 def test_spool_append_after_replay_starts_a_new_file(make_tenant, settings, tmp_path):
     tenant = make_tenant("ledger-f")
     settings.CHITTYCAN_USAGE_SPOOL_DIR = tmp_path
-    usage.spool_row(_row(tenant.pk))
-    assert usage.replay_spool() == 1
-    usage.spool_row(_row(tenant.pk))
-    assert usage.replay_spool() == 1
+    writer.spool_row(_row(tenant.pk))
+    assert writer.replay_spool() == 1
+    writer.spool_row(_row(tenant.pk))
+    assert writer.replay_spool() == 1
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 2
+
+
+def test_pending_rows_are_the_stream_and_the_spool_minus_the_ledger(make_tenant, settings, tmp_path):
+    """What budget counters add to the ledger: rows handed off and not yet written, each once."""
+    tenant = make_tenant("ledger-pending")
+    settings.CHITTYCAN_USAGE_SPOOL_DIR = tmp_path
+    streamed, spooled, written = _row(tenant.pk), _row(tenant.pk), _row(tenant.pk)
+    conn = _redis()
+    for row in (streamed, written, streamed):  # a hand-off retried after a timeout queues a row twice
+        conn.xadd(writer.stream_key(), {b"row": orjson.dumps(row)})
+    conn.close()
+    writer.spool_row(spooled)
+    writer.spool_row(written)
+    (tmp_path / "usage-torn.jsonl").write_bytes(b'{"request_id": "req_torn", "tena')  # mid-append
+    writer.write_rows([written])
+    pending = sorted(r["request_id"] for r in writer.pending_rows())
+    assert pending == sorted([streamed["request_id"], spooled["request_id"]])
+
+
+def test_an_idle_writer_does_not_report_redis_unavailable(settings, tmp_path, caplog):
+    """The writer's blocking read ends inside the Redis client's socket timeout: with nothing to
+    write it waits quietly, it does not time out, warn and back off."""
+    settings.CHITTYCAN_USAGE_SPOOL_DIR = tmp_path
+
+    async def idle():
+        task = asyncio.create_task(writer.writer_loop())
+        await asyncio.sleep(3.0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.INFO, logger="ledger.writer"):
+        _run(idle)
+    assert _redis().xinfo_groups(writer.stream_key())[0]["name"] == writer.GROUP.encode()  # it did read
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_backoff_grows_and_is_capped(settings):
     settings.CHITTYCAN_USAGE_RETRY_BASE = 0.5
     settings.CHITTYCAN_USAGE_RETRY_MAX = 8.0
-    assert 0.5 <= usage.backoff_seconds(1) <= 1.0
-    assert 2.0 <= usage.backoff_seconds(3) <= 4.0
-    assert 4.0 <= usage.backoff_seconds(30) <= 8.0
+    assert 0.5 <= writer.backoff_seconds(1) <= 1.0
+    assert 2.0 <= writer.backoff_seconds(3) <= 4.0
+    assert 4.0 <= writer.backoff_seconds(30) <= 8.0
 
 
 def test_embedded_mode_spools_rows_while_the_database_is_down(make_tenant, settings, tmp_path):
@@ -260,13 +297,13 @@ def test_embedded_mode_spools_rows_while_the_database_is_down(make_tenant, setti
     tenant = make_tenant("ledger-g")
     settings.CHITTYCAN_USAGE_SPOOL_DIR = tmp_path
     rows = [_row(tenant.pk) for _ in range(4)]
-    usage._memory_queue.extend(rows)
+    writer._memory_queue.extend(rows)
     with postgres_outage(), pytest.raises(OperationalError):
-        _in_new_thread(lambda: asyncio.run(usage.drain_memory_once()))
-    assert not usage._memory_queue
+        _in_new_thread(lambda: asyncio.run(writer.drain_memory_once()))
+    assert not writer._memory_queue
     [spool_file] = list(tmp_path.glob("usage-*.jsonl"))
     assert len(spool_file.read_bytes().splitlines()) == 4
-    assert _in_new_thread(usage.replay_spool) == 4
+    assert _in_new_thread(writer.replay_spool) == 4
     assert UsageRecord.objects.filter(tenant_id=tenant.pk).count() == 4
 
 

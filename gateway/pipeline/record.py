@@ -1,19 +1,55 @@
 """Stage 10, record: one ledger row for every request that reached a provider.
 
-The row is handed durably to the usage writer (a Redis stream, or the local spool when Redis is
-unreachable); the writer inserts it, idempotent by request id. With Redis, the hand-off goes in
-one round trip with the settle stage's commands (``ctx.closing``).
+The row (a plain dict, ``created_at`` a Unix timestamp) is built here from the context and handed
+durably to the ledger's writer (``ledger.writer``: a Redis stream, or the local spool when Redis is
+unreachable); the writer inserts it, idempotent by request id. With Redis, the hand-off goes in one
+round trip with the settle stage's commands (``ctx.closing``).
 """
 
 from __future__ import annotations
 
-from gateway import usage
+from typing import Any
+
 from gateway.context import RequestContext
+from ledger import writer
 
 
 async def run(ctx: RequestContext) -> None:
     batch, ctx.closing = ctx.closing, None
     if ctx.reached_provider:
-        await usage.hand_off_or_spool(usage.row_from_context(ctx), batch)
+        await writer.hand_off_or_spool(row_from_context(ctx), batch)
     if batch is not None:
         await batch.send()
+
+
+def row_from_context(ctx: RequestContext) -> dict[str, Any]:
+    usage = ctx.usage
+    key = ctx.key
+    deployment = ctx.deployment
+    return {
+        "request_id": ctx.request_id,
+        "created_at": ctx.created_at,
+        "tenant_id": key.tenant.id if key else None,
+        "api_key_id": key.id if key else None,
+        "endpoint": ctx.endpoint,
+        "requested_model": ctx.requested_model[:200],
+        "served_model": deployment.upstream_model if deployment else "",
+        "provider": deployment.provider.slug if deployment else "",
+        "deployment_id": deployment.id if deployment else None,
+        "prompt_tokens": usage.prompt_tokens if usage else 0,
+        "cached_tokens": usage.cached_tokens if usage else 0,
+        "cache_write_tokens": usage.cache_write_tokens if usage else 0,
+        "completion_tokens": usage.completion_tokens if usage else 0,
+        "reasoning_tokens": usage.reasoning_tokens if usage else 0,
+        "cost_micro": ctx.cost_micro,
+        "usage_source": usage.source if usage else "estimated",
+        "latency_ms": ctx.elapsed_ms(),
+        "ttft_ms": ctx.ttft_ms,
+        "status": ctx.status,
+        "http_status": ctx.http_status,
+        "error_type": ctx.error_type[:100],
+        "stream": ctx.stream,
+        "cache_hit": ctx.cache_hit,
+        "end_user": ctx.end_user[:200],
+        "timings": ctx.timings,
+    }

@@ -8,8 +8,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 from django.utils import timezone
 
-from gateway import analytics
-from gateway.management.commands._report import parse_since, table, tenant_by_slug, usd
+from ledger import analytics
+from ledger.management.commands._report import parse_since, table, tenant_by_slug, usd
 
 
 class Command(BaseCommand):

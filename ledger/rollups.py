@@ -1,4 +1,4 @@
-"""Hourly and daily usage rollups, and pruning of raw ledger rows past retention.
+"""Hourly and daily usage rollups, recomputed from the ledger.
 
 - ``HourlyUsage`` (per UTC hour, tenant, key, model, provider) is recomputed from the raw ledger
   rows of the hour: re-running changes nothing. The job finds the hours to recompute by the
@@ -7,10 +7,9 @@
 - ``DailyUsage`` (per calendar day in the tenant's time zone) is recomputed from the hourly rows,
   never from raw rows, so pruning cannot change it. Hours are assigned to the local day they
   start in (exact for every whole-hour UTC offset).
-- Pruning takes one hour at a time: under a table lock that holds back concurrent inserts for a
-  moment, it recomputes the hour from its raw rows, deletes exactly those rows and marks the hour
-  sealed. A row that still arrives for a sealed hour is added to the hour's rollup and deleted in
-  one transaction, so it is counted once and the rollup stays the record.
+- An hour whose raw rows were pruned (``ledger.retention``) is *sealed*: its rollup is the record.
+  A row that still arrives for a sealed hour is added to the hour's rollup and deleted in one
+  transaction (``absorb_late_rows``), so it is counted once.
 """
 
 from __future__ import annotations
@@ -22,13 +21,13 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Count, F, Max, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, NullIf, TruncHour
 from django.utils import timezone
 
-from gateway.models import DailyUsage, HourlyUsage, RollupCursor, RollupHour, UsageRecord
+from ledger.models import DailyUsage, HourlyUsage, RollupCursor, RollupHour, UsageRecord
+from tenants.models import Tenant
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +83,11 @@ def _grouped_raw(rows: QuerySet[UsageRecord]) -> list[dict[str, Any]]:
     )
 
 
-def _hour_rows(hour: datetime) -> QuerySet[UsageRecord]:
+def hour_rows(hour: datetime) -> QuerySet[UsageRecord]:
     return UsageRecord.objects.filter(created_at__gte=hour, created_at__lt=hour + HOUR)
 
 
-def _lock_ledger() -> None:
+def lock_ledger() -> None:
     """Hold back inserts into the ledger until the transaction ends (PostgreSQL; SQLite writes
     are serialised anyway)."""
     if connection.vendor == "postgresql":
@@ -120,8 +119,8 @@ def recompute_hour(hour: datetime) -> set[int]:
     state, _ = RollupHour.objects.select_for_update().get_or_create(hour=hour)
     touched = set(HourlyUsage.objects.filter(hour=hour).values_list("tenant_id", flat=True))
     if state.sealed:
-        return _absorb_late_rows(hour)
-    groups = _grouped_raw(_hour_rows(hour))
+        return absorb_late_rows(hour)
+    groups = _grouped_raw(hour_rows(hour))
     HourlyUsage.objects.filter(hour=hour).delete()
     HourlyUsage.objects.bulk_create(_hourly_objects(hour, groups))
     state.computed_at = timezone.now()
@@ -129,10 +128,10 @@ def recompute_hour(hour: datetime) -> set[int]:
     return touched | _tenants_of(groups)
 
 
-def _absorb_late_rows(hour: datetime) -> set[int]:
+def absorb_late_rows(hour: datetime) -> set[int]:
     """Add the raw rows of a sealed hour to its rollup and delete them (same transaction)."""
-    _lock_ledger()
-    rows = _hour_rows(hour)
+    lock_ledger()
+    rows = hour_rows(hour)
     groups = _grouped_raw(rows)
     if not groups:
         return set()
@@ -185,8 +184,6 @@ def recompute_day(tenant_id: int, day: date, time_zone: str) -> None:
 
 
 def _tenant_zones(tenant_ids: Iterable[int]) -> dict[int, str]:
-    from tenants.models import Tenant
-
     zones = dict(Tenant.objects.filter(pk__in=list(tenant_ids)).values_list("pk", "time_zone"))
     return {int(k): str(v) for k, v in zones.items()}
 
@@ -196,7 +193,7 @@ def _days_of(hour: datetime, time_zone: str) -> set[date]:
     return {hour.astimezone(zone).date()}
 
 
-def _refresh_days(pairs: Iterable[tuple[int, datetime]]) -> int:
+def refresh_days(pairs: Iterable[tuple[int, datetime]]) -> int:
     pairs = list(pairs)
     zones = _tenant_zones({t for t, _ in pairs})
     days: set[tuple[int, date, str]] = set()
@@ -237,7 +234,7 @@ def rollup_usage() -> RollupResult:
     for hour in hours:
         for tenant_id in recompute_hour(hour):
             pairs.append((tenant_id, hour))
-    days = _refresh_days(pairs)
+    days = refresh_days(pairs)
     RollupCursor.objects.update_or_create(name=CURSOR, defaults={"position": newest})
     return RollupResult(hours=hours, days=days, cursor=newest)
 
@@ -252,52 +249,5 @@ def rebuild(start: datetime, end: datetime) -> RollupResult:
             pairs.append((tenant_id, hour))
         result.hours.append(hour)
         hour += HOUR
-    result.days = _refresh_days(pairs)
-    return result
-
-
-@dataclass
-class PruneResult:
-    cutoff: datetime
-    hours: int = 0
-    rows: int = 0
-
-
-def prune_usage(now: datetime | None = None, retention_days: int | None = None) -> PruneResult:
-    """Delete raw ledger rows older than the retention period, one rolled-up hour at a time.
-
-    Each hour is recomputed from its raw rows and its rows deleted in the same transaction (with
-    inserts held back), then sealed: rollups do not change and no row escapes them.
-    """
-    now = now or timezone.now()
-    days = settings.CHITTYCAN_USAGE_RETENTION_DAYS if retention_days is None else retention_days
-    cutoff = (now - timedelta(days=days)).astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    result = PruneResult(cutoff=cutoff)
-    rollup_usage()  # catch up first, so every bucket about to lose its rows is current
-    hours = sorted(
-        set(
-            UsageRecord.objects.filter(created_at__lt=cutoff)
-            .annotate(h=TruncHour("created_at", tzinfo=UTC))
-            .values_list("h", flat=True)
-            .distinct()
-            .order_by()
-        )
-    )
-    for hour in hours:
-        with transaction.atomic():
-            _lock_ledger()
-            state, _ = RollupHour.objects.select_for_update().get_or_create(hour=hour)
-            if state.sealed:
-                tenants = _absorb_late_rows(hour)
-            else:
-                tenants = recompute_hour(hour)
-                deleted, _ = _hour_rows(hour).delete()
-                result.rows += deleted
-                state.sealed = True
-                state.computed_at = timezone.now()
-                state.save(update_fields=["sealed", "computed_at"])
-            _refresh_days((t, hour) for t in tenants)
-        result.hours += 1
-    if result.rows:
-        log.info("pruned %d usage rows in %d hours before %s", result.rows, result.hours, cutoff.isoformat())
+    result.days = refresh_days(pairs)
     return result

@@ -1,10 +1,11 @@
-"""Stage 9, record: one usage row per request, handed off durably before the response completes.
+"""The usage writer: ledger rows handed off durably before a response completes, then written.
 
-With Redis the row is appended to a Redis stream (``XADD``) and the gateway's writer task (one
-per process, in a consumer group) inserts rows in batches, acknowledging them only after the
-database committed; rows of a crashed writer are claimed by another. Inserts are idempotent by
-request id (``ON CONFLICT DO NOTHING``), so a replay never doubles a row. Without Redis (embedded
-mode) rows queue in memory and the same writer inserts them.
+The gateway builds one row per request (``gateway.pipeline.record``) and hands it off here. With
+Redis the row is appended to a Redis stream (``XADD``) and the writer task (one per gateway
+process, in a consumer group) inserts rows in batches, acknowledging them only after the database
+committed; rows of a crashed writer are claimed by another. Inserts are idempotent by request id
+(``ON CONFLICT DO NOTHING``), so a replay never doubles a row. Without Redis (embedded mode) rows
+queue in memory and the same writer inserts them.
 
 Failure handling:
 
@@ -35,13 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import redis
+import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections
+from django.db import DatabaseError, InterfaceError, OperationalError, close_old_connections, connection
 
 from core import backoff
 from core.runtime import RedisBatch, background, redis_client
-from gateway.context import RequestContext
+from ledger.models import UsageRecord
 
 log = logging.getLogger(__name__)
 
@@ -67,39 +70,6 @@ def consumer_name() -> str:
 
 def _setting(name: str, default: float) -> float:
     return float(getattr(settings, name, default))
-
-
-def row_from_context(ctx: RequestContext) -> dict[str, Any]:
-    usage = ctx.usage
-    key = ctx.key
-    deployment = ctx.deployment
-    return {
-        "request_id": ctx.request_id,
-        "created_at": ctx.created_at,
-        "tenant_id": key.tenant.id if key else None,
-        "api_key_id": key.id if key else None,
-        "endpoint": ctx.endpoint,
-        "requested_model": ctx.requested_model[:200],
-        "served_model": deployment.upstream_model if deployment else "",
-        "provider": deployment.provider.slug if deployment else "",
-        "deployment_id": deployment.id if deployment else None,
-        "prompt_tokens": usage.prompt_tokens if usage else 0,
-        "cached_tokens": usage.cached_tokens if usage else 0,
-        "cache_write_tokens": usage.cache_write_tokens if usage else 0,
-        "completion_tokens": usage.completion_tokens if usage else 0,
-        "reasoning_tokens": usage.reasoning_tokens if usage else 0,
-        "cost_micro": ctx.cost_micro,
-        "usage_source": usage.source if usage else "estimated",
-        "latency_ms": ctx.elapsed_ms(),
-        "ttft_ms": ctx.ttft_ms,
-        "status": ctx.status,
-        "http_status": ctx.http_status,
-        "error_type": ctx.error_type[:100],
-        "stream": ctx.stream,
-        "cache_hit": ctx.cache_hit,
-        "end_user": ctx.end_user[:200],
-        "timings": ctx.timings,
-    }
 
 
 async def hand_off(row: dict[str, Any]) -> None:
@@ -224,18 +194,68 @@ def replay_spool() -> int:
     return replayed
 
 
+# --- handed off, not yet written ---------------------------------------------------------------
+
+
+def _stream_rows() -> list[dict[str, Any]]:
+    conn = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
+    try:
+        entries: Any = conn.xrange(stream_key(), count=100_000)
+    finally:
+        conn.close()
+    _, rows, _ = _decode(entries or [])
+    return rows
+
+
+def _spooled_rows() -> list[dict[str, Any]]:
+    """Rows in this host's spool files, read without taking their locks: a line being appended
+    right now (torn) is skipped, not moved aside; the replayer deals with it."""
+    directory: Path = settings.CHITTYCAN_USAGE_SPOOL_DIR
+    rows: list[dict[str, Any]] = []
+    for path in sorted(directory.glob("usage-*.jsonl")) if directory.exists() else ():
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue  # replayed meanwhile: its rows are in the ledger now
+        for line in data.splitlines():
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("request_id"):
+                rows.append(row)
+    return rows
+
+
+def pending_rows() -> list[dict[str, Any]]:
+    """Rows handed off but not yet in the ledger, each request once: the Redis stream (every
+    process's rows, when ``REDIS_URL`` is set) and this host's spool files. Synchronous; call
+    off the event loop. Raises ``redis.RedisError`` if Redis is unreachable.
+
+    Rows already in the ledger when this looks are left out. A row the writer commits just after
+    is returned and may also be in a ledger sum the caller takes afterwards: the caller counts it
+    once (``ledger_value`` of the budgets subtracts such rows in the same statement).
+    """
+    rows = [*(_stream_rows() if settings.REDIS_URL else ()), *_spooled_rows()]
+    unique = list({str(r["request_id"]): r for r in rows if r.get("request_id")}.values())
+    if not unique:
+        return []
+    written = set(
+        UsageRecord.objects.filter(request_id__in=[r["request_id"] for r in unique]).values_list(
+            "request_id", flat=True
+        )
+    )
+    return [r for r in unique if r["request_id"] not in written]
+
+
 # --- database -----------------------------------------------------------------------------------
 
 
 def _usage_fields() -> set[str]:
-    from gateway.models import UsageRecord
-
     return {f.attname for f in UsageRecord._meta.concrete_fields if f.attname not in ("id", "recorded_at")}
 
 
-def _to_record(row: dict[str, Any], fields: set[str]) -> Any:
-    from gateway.models import UsageRecord
-
+def _to_record(row: dict[str, Any], fields: set[str]) -> UsageRecord:
     data = {k: v for k, v in row.items() if k in fields}
     data["created_at"] = datetime.fromtimestamp(float(data["created_at"]), tz=UTC)
     return UsageRecord(**data)
@@ -246,10 +266,6 @@ def write_rows(rows: list[dict[str, Any]]) -> int:
 
     Raises on any database error; see ``write_rows_resilient`` for the writer's policy.
     """
-    from django.db import connection
-
-    from gateway.models import UsageRecord
-
     if not rows:
         return 0
     if connection.vendor == "postgresql":
@@ -268,10 +284,6 @@ def _write_rows_postgres(rows: list[dict[str, Any]]) -> int:
     Same rows as ``bulk_create`` but without building a model instance and compiling a value per
     field per row: on the benchmark the ORM path cost ~0.2 ms of the gateway's CPU per request.
     """
-    from django.db import connection
-
-    from gateway.models import UsageRecord
-
     fields = [f for f in UsageRecord._meta.concrete_fields if f.attname not in ("id", "recorded_at") and f.column]
     columns: list[list[Any]] = [[] for _ in fields]
     for row in rows:
@@ -321,8 +333,6 @@ def write_rows_resilient(rows: list[dict[str, Any]]) -> tuple[int, list[dict[str
 
 
 async def _ensure_group() -> None:
-    import redis
-
     try:
         await redis_client().xgroup_create(stream_key(), GROUP, id="0", mkstream=True)
     except redis.ResponseError as exc:
@@ -364,7 +374,21 @@ async def _write_and_ack(ids: list[bytes], rows: list[dict[str, Any]], bad: list
         await conn.xdel(stream_key(), *ids)
 
 
-async def drain_redis_once(count: int | None = None, block_ms: int = 1000) -> int:
+#: How long an idle writer's read waits for new rows. A blocked XREADGROUP holds the socket
+#: silent, so the wait must end well inside the client's socket timeout (``read_block_ms``);
+#: otherwise every idle read ends in a timeout that looks like Redis being down.
+READ_BLOCK_MS = 500
+
+
+def read_block_ms(conn: aioredis.Redis, wanted: int = READ_BLOCK_MS) -> int:
+    """``wanted`` milliseconds, but at most half the client's socket timeout."""
+    timeout = conn.connection_pool.connection_kwargs.get("socket_timeout")
+    if not timeout:
+        return wanted
+    return max(1, min(wanted, int(float(timeout) * 1000) // 2))
+
+
+async def drain_redis_once(count: int | None = None, block_ms: int = READ_BLOCK_MS) -> int:
     """Read one batch for this consumer (its own pending entries first) and write it.
 
     Raises a transient database error without acknowledging anything: the entries stay pending
@@ -372,6 +396,7 @@ async def drain_redis_once(count: int | None = None, block_ms: int = 1000) -> in
     """
     await _ensure_group()
     conn = redis_client()
+    block_ms = read_block_ms(conn, block_ms)
     batch = count or settings.CHITTYCAN_USAGE_BATCH_SIZE
     name = consumer_name()
     # Entries this consumer read but did not ack (a failed write): retry them first.
@@ -447,8 +472,6 @@ REDIS_RETRY_MAX = 5.0
 
 @background("usage-writer")
 async def writer_loop() -> None:
-    import redis
-
     global _memory_event
     spool = _SpoolTimer()
     db_failures = redis_failures = 0

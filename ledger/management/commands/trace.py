@@ -7,7 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.money import format_usd
-from gateway.models import UsageRecord
+from ledger.models import UsageRecord
 
 
 class Command(BaseCommand):

@@ -10,8 +10,8 @@ from zoneinfo import ZoneInfo
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from gateway import analytics, rollups
-from gateway.management.commands._report import parse_month, table, tenant_by_slug, usd
+from ledger import analytics, retention, rollups
+from ledger.management.commands._report import parse_month, table, tenant_by_slug, usd
 
 
 class Command(BaseCommand):
@@ -37,7 +37,7 @@ class Command(BaseCommand):
             days = options.get("days")
             if days is not None and days < 1:
                 raise CommandError("--days must be at least 1")
-            pruned = rollups.prune_usage(retention_days=days)
+            pruned = retention.prune_usage(retention_days=days)
             self.stdout.write(
                 f"pruned {pruned.rows} rows in {pruned.hours} hours before {pruned.cutoff:%Y-%m-%d %H:%M} UTC"
             )

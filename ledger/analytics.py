@@ -3,11 +3,18 @@
 Spend always comes from the ledger: raw ``UsageRecord`` rows, plus the hourly rollups of sealed
 hours (whose raw rows were pruned past retention), so totals stay exact after pruning.
 Calendar periods (day, month) are taken in the tenant's time zone.
+
+Two things the ledger reports on belong to apps above it, which register them when they start:
+the prices of the models the gateway serves (``use_price_history``, from ``gateway.apps``), which
+price what cache hits saved, and a tenant's monthly budget (``use_monthly_budget``, from
+``budgets.apps``), which the month report compares spend with. A budget's own spend from the
+ledger is ``budgets.spend.budget_spend``.
 """
 
 from __future__ import annotations
 
 import calendar
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -19,9 +26,49 @@ from django.db.models import Count, F, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, NullIf, TruncDate
 from django.utils import timezone
 
-from budgets.models import Budget
-from gateway.models import HourlyUsage, RollupHour, UsageRecord
+from core import money
+from core.money import PriceInfo, Usage
+from ledger.models import HourlyUsage, RollupHour, UsageRecord
 from tenants.models import ApiKey, Tenant
+
+#: The prices of a public model name (or alias), newest first; empty if the name is unknown.
+PriceHistory = Callable[[str], Sequence[PriceInfo]]
+
+
+def _no_prices(name: str) -> Sequence[PriceInfo]:
+    return ()
+
+
+_price_history: PriceHistory = _no_prices
+
+
+def use_price_history(history: PriceHistory) -> None:
+    """Register where ``metrics`` finds prices when its caller passes none."""
+    global _price_history
+    _price_history = history
+
+
+#: A tenant's monthly budget in integer micro-USD, or None if it has none.
+MonthlyBudget = Callable[[Tenant], int | None]
+
+
+def _no_budget(tenant: Tenant) -> int | None:
+    return None
+
+
+_monthly_budget: MonthlyBudget = _no_budget
+
+
+def use_monthly_budget(lookup: MonthlyBudget) -> None:
+    """Register where ``month_report`` finds a tenant's monthly budget."""
+    global _monthly_budget
+    _monthly_budget = lookup
+
+
+#: Calendar periods (the periods of budgets, too): a day or a month in the tenant's time zone, or
+#: all time.
+DAY, MONTH, TOTAL = "day", "month", "total"
+
 
 # --- scopes and periods -------------------------------------------------------------------------
 
@@ -49,32 +96,24 @@ def month_bounds(year: int, month: int, time_zone: str) -> tuple[datetime, datet
 
 def period_key(period: str, time_zone: str, when: datetime) -> str:
     """``2026-11-22`` (day), ``2026-11`` (month) or ``total``: the period ``when`` falls in, locally."""
-    if period == Budget.Period.TOTAL:
+    if period == TOTAL:
         return "total"
     local = when.astimezone(ZoneInfo(time_zone))
-    return f"{local:%Y-%m-%d}" if period == Budget.Period.DAY else f"{local:%Y-%m}"
+    return f"{local:%Y-%m-%d}" if period == DAY else f"{local:%Y-%m}"
 
 
 def period_bounds(period: str, time_zone: str, when: datetime) -> tuple[datetime | None, datetime | None]:
     """UTC start (inclusive) and end (exclusive) of the calendar period ``when`` falls in."""
-    if period == Budget.Period.TOTAL:
+    if period == TOTAL:
         return None, None
     zone = ZoneInfo(time_zone)
     local = when.astimezone(zone)
-    if period == Budget.Period.DAY:
+    if period == DAY:
         start = datetime(local.year, local.month, local.day, tzinfo=zone)
         nxt = local.date() + timedelta(days=1)
         end = datetime(nxt.year, nxt.month, nxt.day, tzinfo=zone)
         return start.astimezone(UTC), end.astimezone(UTC)
     return month_bounds(local.year, local.month, time_zone)
-
-
-def budget_tenant(budget: Budget) -> Tenant:
-    if budget.tenant_id:
-        assert budget.tenant is not None
-        return budget.tenant
-    assert budget.api_key is not None
-    return budget.api_key.tenant
 
 
 # --- spend --------------------------------------------------------------------------------------
@@ -120,49 +159,6 @@ def spend_micro(
     total = raw.aggregate(s=Sum("cost_micro"))["s"] or 0
     sealed = sealed_rollups(tenant_ids, api_key_id, start, end).aggregate(s=Sum("cost_micro"))["s"] or 0
     return int(total) + int(sealed)
-
-
-@dataclass(frozen=True)
-class BudgetSpend:
-    budget_id: int
-    period: str
-    period_key: str
-    period_start: datetime | None
-    period_end: datetime | None
-    limit_micro: int
-    spent_micro: int
-    hard: bool
-
-    @property
-    def remaining_micro(self) -> int:
-        return max(0, self.limit_micro - self.spent_micro)
-
-    @property
-    def percent(self) -> Decimal:
-        if not self.limit_micro:
-            return Decimal(100) if self.spent_micro else Decimal(0)
-        return (Decimal(self.spent_micro) * 100 / Decimal(self.limit_micro)).quantize(Decimal("0.01"))
-
-
-def budget_spend(budget: Budget, when: datetime | None = None) -> BudgetSpend:
-    """What a budget's scope spent in the period ``when`` (default now) falls in, from the ledger."""
-    when = when or timezone.now()
-    tenant = budget_tenant(budget)
-    start, end = period_bounds(budget.period, tenant.time_zone, when)
-    if budget.tenant_id:
-        spent = spend_micro(tenant_ids=subtree_ids(budget.tenant_id), start=start, end=end)
-    else:
-        spent = spend_micro(api_key_id=budget.api_key_id, start=start, end=end)
-    return BudgetSpend(
-        budget_id=budget.pk,
-        period=budget.period,
-        period_key=period_key(budget.period, tenant.time_zone, when),
-        period_start=start,
-        period_end=end,
-        limit_micro=budget.limit_micro,
-        spent_micro=spent,
-        hard=budget.hard,
-    )
 
 
 # --- per day, grouped ---------------------------------------------------------------------------
@@ -267,45 +263,25 @@ def _percentiles(rows: QuerySet[UsageRecord], points: tuple[float, ...]) -> list
     return [values[max(0, min(len(values) - 1, -(-int(p * 1000) * len(values) // 1000) - 1))] for p in points]
 
 
-def _price_savings(rows: QuerySet[UsageRecord]) -> int:
+def _price_savings(rows: QuerySet[UsageRecord], history: PriceHistory) -> int:
     """What cache hits would have cost at the prices in force when they were served."""
-    from core import money
-    from core.money import PriceInfo, Usage
-    from gateway.models import LLMModel, Price
-
     total = 0
-    prices: dict[str, list[Price]] = {}
+    prices: dict[str, Sequence[PriceInfo]] = {}
     for row in rows.filter(cache_hit=True).only(
         "requested_model", "created_at", "prompt_tokens", "cached_tokens", "cache_write_tokens", "completion_tokens"
     ):
         if row.requested_model not in prices:
-            model = LLMModel.objects.filter(name=row.requested_model).first() or next(
-                (m for m in LLMModel.objects.all() if row.requested_model in (m.aliases or [])), None
-            )
-            prices[row.requested_model] = (
-                list(Price.objects.filter(model=model).order_by("-effective_from")) if model else []
-            )
+            prices[row.requested_model] = history(row.requested_model)
         price = next((p for p in prices[row.requested_model] if p.effective_from <= row.created_at), None)
         if price is None:
             continue
-        info = PriceInfo(
-            effective_from=price.effective_from,
-            input_per_mtok=price.input_per_mtok,
-            cached_input_per_mtok=price.cached_input_per_mtok
-            if price.cached_input_per_mtok is not None
-            else price.input_per_mtok,
-            cache_write_per_mtok=price.cache_write_per_mtok
-            if price.cache_write_per_mtok is not None
-            else price.input_per_mtok,
-            output_per_mtok=price.output_per_mtok,
-        )
         usage = Usage(
             prompt_tokens=row.prompt_tokens,
             cached_tokens=row.cached_tokens,
             cache_write_tokens=row.cache_write_tokens,
             completion_tokens=row.completion_tokens,
         )
-        total += money.cost_micro(info, usage)
+        total += money.cost_micro(price, usage)
     return total
 
 
@@ -338,7 +314,15 @@ class Metrics:
         return (2 * cost + requests) // (2 * requests)
 
 
-def metrics(*, tenant_ids: list[int] | None, since: datetime, until: datetime | None = None) -> Metrics:
+def metrics(
+    *,
+    tenant_ids: list[int] | None,
+    since: datetime,
+    until: datetime | None = None,
+    prices: PriceHistory | None = None,
+) -> Metrics:
+    """Requests, cost, latency and cache savings in [since, until); cache hits are priced by
+    ``prices`` (default: the registered ``PriceHistory``)."""
     rows = _raw(tenant_ids, None).filter(created_at__gte=since)
     if until is not None:
         rows = rows.filter(created_at__lt=until)
@@ -357,7 +341,7 @@ def metrics(*, tenant_ids: list[int] | None, since: datetime, until: datetime | 
         .annotate(n=Count("id"), c=Coalesce(Sum("cost_micro"), Value(0)))
         .order_by("-n", "m")
     ]
-    savings = _price_savings(rows) - int(totals["hit_cost"])
+    savings = _price_savings(rows, prices or _price_history) - int(totals["hit_cost"])
     return Metrics(
         requests=int(totals["n"]),
         errors=int(totals["err"]),
@@ -436,14 +420,13 @@ def month_report(tenant: Tenant, year: int, month: int, now: datetime | None = N
         elapsed = 0
     else:
         elapsed = local_now.day
-    budget = Budget.objects.filter(tenant=tenant, period=Budget.Period.MONTH).first()
     return MonthReport(
         tenant=tenant,
         year=year,
         month=month,
         days=days,
         total_micro=sum(c for _, _, c in days),
-        budget_micro=None if budget is None else int(budget.limit_micro),
+        budget_micro=_monthly_budget(tenant),
         elapsed_days=elapsed,
         days_in_month=days_in_month,
     )
