@@ -6,4 +6,4 @@ class BillingExportConfig(AppConfig):
     verbose_name = "Billing export"
 
     def ready(self) -> None:
-        from billing_export import checks  # noqa: F401  (registers the system checks)
+        from billing_export import checks  # noqa: F401, PLC0415  (registers the system checks once apps are ready)

@@ -507,7 +507,7 @@ def export_run_push(
     than 35 days are marked stale and not sent. A connection failure or a 5xx stops the push
     (re-run it); a 4xx marks that line failed and goes on.
     """
-    from billing_export import stripe_api
+    from billing_export import stripe_api  # noqa: PLC0415  (the stripe SDK is loaded only to push)
 
     if lines is None:
         if period is None:

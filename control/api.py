@@ -25,6 +25,7 @@ from budgets.models import Budget
 from budgets.service import spend_status
 from budgets.spend import budget_spend
 from control import serializers as s
+from control.models import TenantMembership
 from control.permissions import HasTenantAccess, Scope, scope_of
 from control.tokens import ManagementTokenAuthentication
 from ledger import analytics
@@ -367,8 +368,6 @@ class MeView(APIView):
     permission_classes = [HasTenantAccess]
 
     def get(self, request: Request) -> Response:
-        from control.models import TenantMembership
-
         memberships = TenantMembership.objects.filter(user_id=int(request.user.pk or 0)).select_related("tenant")
         return Response(
             {

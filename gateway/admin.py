@@ -13,6 +13,7 @@ from django.contrib import admin
 from django.db.models import Count, QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
+from django.utils import timezone
 
 from gateway import catalog
 from gateway.models import Deployment, LLMModel, Price, Provider
@@ -183,8 +184,6 @@ class LLMModelAdmin(AuditedAdmin[LLMModel]):
 
     @admin.display(description="price now (USD / 1M in, out)")
     def current_price(self, obj: LLMModel) -> str:
-        from django.utils import timezone
-
         now = timezone.now()
         current = [p for p in obj.prices.all() if p.effective_from <= now]
         if not current:

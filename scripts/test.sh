@@ -4,6 +4,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
+# The import rules are part of the suite (CI runs this): the layer contracts (pyproject.toml
+# [tool.importlinter]) and ruff, whose PLC0415 refuses an import hidden in a function.
+.venv/bin/ruff check --quiet . || { echo "test.sh: ruff found problems (see above)"; exit 1; }
+.venv/bin/lint-imports --no-cache > /tmp/chittycan-import-contracts.log 2>&1 || {
+  cat /tmp/chittycan-import-contracts.log; echo "test.sh: an import contract is broken (see above)"; exit 1; }
+grep -E "^Contracts:" /tmp/chittycan-import-contracts.log
+
 source scripts/services.sh
 ensure_services test.sh || exit 2
 
