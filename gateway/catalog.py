@@ -12,9 +12,10 @@ is written, audited or announced when nothing did.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, time
 from decimal import Decimal
-from typing import TypedDict, Unpack
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
@@ -106,6 +107,49 @@ def _stored_secret(provider: Provider) -> str | None:
         return None
 
 
+_Row = TypeVar("_Row", Provider, LLMModel, Deployment, Price)
+
+
+class _Who(TypedDict):
+    """Who made a change, for the audit row."""
+
+    actor: AbstractBaseUser | None
+    actor_label: str
+    source: str
+
+
+def _created(kind: str, row: _Row, label: str, who: _Who) -> _Row:
+    """Validate and save a new row, audit ``<kind>.create`` and tell the gateway after commit."""
+    row.full_clean()
+    row.save()
+    audit.record(f"{kind}.create", target=label, **who)
+    invalidation.announce_on_commit()
+    return row
+
+
+def _updated(
+    kind: str, row: _Row, stored: _Row, fields: Mapping[str, Any], who: _Who, label: Callable[[_Row], str]
+) -> audit.Changes:
+    """Set ``fields`` on ``row`` where they differ from ``stored`` (the row as committed); save,
+    audit and announce only what changed."""
+    changes = audit.diff(stored, fields)
+    if not changes:
+        return changes
+    for name, value in fields.items():
+        setattr(row, name, value)
+    row.full_clean()
+    row.save(update_fields=list(changes))
+    audit.record(f"{kind}.update", target=label(row), changes=changes, **who)
+    invalidation.announce_on_commit()
+    return changes
+
+
+def _deleted(kind: str, row: Provider | LLMModel | Deployment | Price, label: str, who: _Who) -> None:
+    row.delete()
+    audit.record(f"{kind}.delete", target=label, **who)
+    invalidation.announce_on_commit()
+
+
 # --- providers ----------------------------------------------------------------------------------
 
 
@@ -121,11 +165,7 @@ def provider_create(
     """Create a provider; ``api_key`` is stored encrypted and never logged."""
     provider = Provider(**fields)
     provider.api_key = api_key
-    provider.full_clean()
-    provider.save()
-    audit.record("provider.create", target=provider.slug, actor=actor, actor_label=actor_label, source=source)
-    invalidation.announce_on_commit()
-    return provider
+    return _created("provider", provider, provider.slug, _Who(actor=actor, actor_label=actor_label, source=source))
 
 
 @transaction.atomic
@@ -170,10 +210,7 @@ def provider_delete(
     provider: Provider, *, actor: AbstractBaseUser | None = None, actor_label: str = "", source: str = ""
 ) -> None:
     """Delete a provider. One that deployments still use cannot be deleted (``ProtectedError``)."""
-    target = provider.slug
-    provider.delete()
-    audit.record("provider.delete", target=target, actor=actor, actor_label=actor_label, source=source)
-    invalidation.announce_on_commit()
+    _deleted("provider", provider, provider.slug, _Who(actor=actor, actor_label=actor_label, source=source))
 
 
 # --- public models ------------------------------------------------------------------------------
@@ -188,11 +225,7 @@ def model_create(
     **fields: Unpack[ModelFields],
 ) -> LLMModel:
     model = LLMModel(**fields)
-    model.full_clean()
-    model.save()
-    audit.record("model.create", target=model.name, actor=actor, actor_label=actor_label, source=source)
-    invalidation.announce_on_commit()
-    return model
+    return _created("model", model, model.name, _Who(actor=actor, actor_label=actor_label, source=source))
 
 
 @transaction.atomic
@@ -205,18 +238,8 @@ def model_update(
     **fields: Unpack[ModelFields],
 ) -> audit.Changes:
     stored = LLMModel.objects.select_for_update().get(pk=model.pk)
-    changes = audit.diff(stored, fields)
-    if not changes:
-        return changes
-    for name, value in fields.items():
-        setattr(model, name, value)
-    model.full_clean()
-    model.save(update_fields=list(changes))
-    audit.record(
-        "model.update", target=model.name, changes=changes, actor=actor, actor_label=actor_label, source=source
-    )
-    invalidation.announce_on_commit()
-    return changes
+    who = _Who(actor=actor, actor_label=actor_label, source=source)
+    return _updated("model", model, stored, fields, who, lambda m: m.name)
 
 
 @transaction.atomic
@@ -224,10 +247,7 @@ def model_delete(
     model: LLMModel, *, actor: AbstractBaseUser | None = None, actor_label: str = "", source: str = ""
 ) -> None:
     """Delete a public model with its deployments and prices (the ledger keeps its name)."""
-    target = model.name
-    model.delete()
-    audit.record("model.delete", target=target, actor=actor, actor_label=actor_label, source=source)
-    invalidation.announce_on_commit()
+    _deleted("model", model, model.name, _Who(actor=actor, actor_label=actor_label, source=source))
 
 
 # --- deployments --------------------------------------------------------------------------------
@@ -242,17 +262,8 @@ def deployment_create(
     **fields: Unpack[DeploymentFields],
 ) -> Deployment:
     deployment = Deployment(**fields)
-    deployment.full_clean()
-    deployment.save()
-    audit.record(
-        "deployment.create",
-        target=deployment_label(deployment),
-        actor=actor,
-        actor_label=actor_label,
-        source=source,
-    )
-    invalidation.announce_on_commit()
-    return deployment
+    who = _Who(actor=actor, actor_label=actor_label, source=source)
+    return _created("deployment", deployment, deployment_label(deployment), who)
 
 
 @transaction.atomic
@@ -265,33 +276,16 @@ def deployment_update(
     **fields: Unpack[DeploymentFields],
 ) -> audit.Changes:
     stored = Deployment.objects.select_for_update().get(pk=deployment.pk)
-    changes = audit.diff(stored, fields)
-    if not changes:
-        return changes
-    for name, value in fields.items():
-        setattr(deployment, name, value)
-    deployment.full_clean()
-    deployment.save(update_fields=list(changes))
-    audit.record(
-        "deployment.update",
-        target=deployment_label(deployment),
-        changes=changes,
-        actor=actor,
-        actor_label=actor_label,
-        source=source,
-    )
-    invalidation.announce_on_commit()
-    return changes
+    who = _Who(actor=actor, actor_label=actor_label, source=source)
+    return _updated("deployment", deployment, stored, fields, who, deployment_label)
 
 
 @transaction.atomic
 def deployment_delete(
     deployment: Deployment, *, actor: AbstractBaseUser | None = None, actor_label: str = "", source: str = ""
 ) -> None:
-    target = deployment_label(deployment)
-    deployment.delete()
-    audit.record("deployment.delete", target=target, actor=actor, actor_label=actor_label, source=source)
-    invalidation.announce_on_commit()
+    who = _Who(actor=actor, actor_label=actor_label, source=source)
+    _deleted("deployment", deployment, deployment_label(deployment), who)
 
 
 # --- prices -------------------------------------------------------------------------------------
@@ -306,11 +300,7 @@ def price_create(
     **fields: Unpack[PriceFields],
 ) -> Price:
     price = Price(**fields)
-    price.full_clean()
-    price.save()
-    audit.record("price.create", target=price_label(price), actor=actor, actor_label=actor_label, source=source)
-    invalidation.announce_on_commit()
-    return price
+    return _created("price", price, price_label(price), _Who(actor=actor, actor_label=actor_label, source=source))
 
 
 @transaction.atomic
@@ -323,30 +313,12 @@ def price_update(
     **fields: Unpack[PriceFields],
 ) -> audit.Changes:
     stored = Price.objects.select_for_update().get(pk=price.pk)
-    changes = audit.diff(stored, fields)
-    if not changes:
-        return changes
-    for name, value in fields.items():
-        setattr(price, name, value)
-    price.full_clean()
-    price.save(update_fields=list(changes))
-    audit.record(
-        "price.update",
-        target=price_label(price),
-        changes=changes,
-        actor=actor,
-        actor_label=actor_label,
-        source=source,
-    )
-    invalidation.announce_on_commit()
-    return changes
+    who = _Who(actor=actor, actor_label=actor_label, source=source)
+    return _updated("price", price, stored, fields, who, price_label)
 
 
 @transaction.atomic
 def price_delete(
     price: Price, *, actor: AbstractBaseUser | None = None, actor_label: str = "", source: str = ""
 ) -> None:
-    target = price_label(price)
-    price.delete()
-    audit.record("price.delete", target=target, actor=actor, actor_label=actor_label, source=source)
-    invalidation.announce_on_commit()
+    _deleted("price", price, price_label(price), _Who(actor=actor, actor_label=actor_label, source=source))
