@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 # Per event loop, held weakly by the loop (tests and the benchmark run several loops in a process).
 _redis: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
+_last_redis: tuple[asyncio.AbstractEventLoop, aioredis.Redis] | None = None
 _tasks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Task[None]]] = (
     weakref.WeakKeyDictionary()
 )
@@ -48,7 +49,11 @@ def freeze_heap() -> None:
 
 def redis_client() -> aioredis.Redis:
     """The async Redis client for this event loop. Only valid when REDIS_URL is set."""
+    global _last_redis
     loop = asyncio.get_running_loop()
+    last = _last_redis
+    if last is not None and last[0] is loop:
+        return last[1]  # the common case, without a weak reference per call
     conn = _redis.get(loop)
     if conn is None:
         # A bounded pool: a request holds a connection for one short command at a time, so under a
@@ -62,11 +67,14 @@ def redis_client() -> aioredis.Redis:
             timeout=settings.CHITTYCAN_REDIS_POOL_TIMEOUT,
         )
         conn = _redis[loop] = aioredis.Redis(connection_pool=pool)
+    _last_redis = (loop, conn)
     return conn
 
 
 async def close_redis() -> None:
     """Close this event loop's Redis client (server shutdown, tests)."""
+    global _last_redis
+    _last_redis = None
     conn = _redis.pop(asyncio.get_running_loop(), None)
     if conn is not None:
         await conn.aclose()

@@ -20,19 +20,20 @@ from django.conf import settings
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
+_last: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
 _transport: Callable[[], httpx.AsyncBaseTransport] | None = None
 
 
 @contextlib.contextmanager
 def use_transport(factory: Callable[[], httpx.AsyncBaseTransport]) -> Iterator[None]:
     """Build every upstream client from ``factory``'s transport while the block runs."""
-    global _transport
-    previous, _transport = _transport, factory
+    global _transport, _last
+    previous, _transport, _last = _transport, factory, None
     _clients.clear()
     try:
         yield
     finally:
-        _transport = previous
+        _transport, _last = previous, None
         _clients.clear()
 
 
@@ -82,15 +83,22 @@ def _build_client() -> httpx.AsyncClient:
 
 
 def client() -> httpx.AsyncClient:
+    global _last
     loop = asyncio.get_running_loop()
+    last = _last
+    if last is not None and last[0] is loop and not last[1].is_closed:
+        return last[1]  # the common case, without a weak reference per call
     found = _clients.get(loop)
     if found is None or found.is_closed:
         found = _clients[loop] = _build()
+    _last = (loop, found)
     return found
 
 
 async def aclose() -> None:
     """Close this loop's client (server shutdown, tests)."""
+    global _last
+    _last = None
     found = _clients.pop(asyncio.get_running_loop(), None)
     if found is not None:
         await found.aclose()
