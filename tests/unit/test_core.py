@@ -1,0 +1,25 @@
+"""``core``: the backoff rule and the invalidation registry (no services needed)."""
+
+from __future__ import annotations
+
+from core import backoff, invalidation
+
+
+def test_backoff_grows_is_capped_and_stays_within_its_jitter() -> None:
+    for exponent, nominal in ((0, 0.1), (1, 0.2), (3, 0.8), (10, 2.0), (500, 2.0)):
+        for _ in range(50):
+            wait = backoff.delay(exponent, base=0.1, cap=2.0, low=0.75, high=1.25)
+            assert 0.75 * nominal <= wait <= 1.25 * nominal
+    assert all(0.5 <= backoff.delay(1, base=0.5, cap=30.0) <= 1.0 for _ in range(50))  # equal jitter by default
+
+
+def test_a_subscribed_cache_is_dropped_by_an_announcement_once() -> None:
+    dropped: list[str] = []
+
+    def drop() -> None:
+        dropped.append("cache")
+
+    assert invalidation.subscribe(drop) is drop
+    invalidation.subscribe(drop)  # subscribing twice does not drop twice
+    invalidation.announce()  # no REDIS_URL in unit tests: this process only
+    assert dropped == ["cache"]
