@@ -153,7 +153,8 @@ def test_counters_start_from_the_ledger(store, make_tenant):
     assert value(store, tenant.pk, money) == 2_000
 
 
-def test_celery_tasks_sweep_and_reconcile(transactional_db, settings):
+def test_celery_tasks_sweep_and_reconcile(transactional_db, settings, paused_gateway_writer):
+    """(The in-process test gateway's own lease sweeper is paused: it would race the task.)"""
     from budgets.tasks import reconcile_budgets, sweep_reservations
 
     settings.CHITTYCAN_RESERVATION_LEASE = 0.05
