@@ -284,14 +284,6 @@ def test_an_idle_writer_does_not_report_redis_unavailable(settings, tmp_path, ca
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-def test_backoff_grows_and_is_capped(settings):
-    settings.CHITTYCAN_USAGE_RETRY_BASE = 0.5
-    settings.CHITTYCAN_USAGE_RETRY_MAX = 8.0
-    assert 0.5 <= writer.backoff_seconds(1) <= 1.0
-    assert 2.0 <= writer.backoff_seconds(3) <= 4.0
-    assert 4.0 <= writer.backoff_seconds(30) <= 8.0
-
-
 def test_embedded_mode_spools_rows_while_the_database_is_down(make_tenant, settings, tmp_path):
     """Without Redis the queue is in memory: a database outage moves the batch to the spool."""
     tenant = make_tenant("ledger-g")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from core import backoff, invalidation
+from ledger import writer
 
 
 def test_backoff_grows_is_capped_and_stays_within_its_jitter() -> None:
@@ -23,3 +26,11 @@ def test_a_subscribed_cache_is_dropped_by_an_announcement_once() -> None:
     invalidation.subscribe(drop)  # subscribing twice does not drop twice
     invalidation.announce()  # no REDIS_URL in unit tests: this process only
     assert dropped == ["cache"]
+
+
+def test_the_usage_writer_backoff_grows_and_is_capped(settings: Any) -> None:
+    settings.CHITTYCAN_USAGE_RETRY_BASE = 0.5
+    settings.CHITTYCAN_USAGE_RETRY_MAX = 8.0
+    assert 0.5 <= writer.backoff_seconds(1) <= 1.0
+    assert 2.0 <= writer.backoff_seconds(3) <= 4.0
+    assert 4.0 <= writer.backoff_seconds(30) <= 8.0
