@@ -29,7 +29,7 @@ from django.utils import timezone
 from core import money
 from core.money import PriceInfo, Usage
 from ledger.models import HourlyUsage, RollupHour, UsageRecord
-from tenants.models import ApiKey, Tenant
+from tenants.models import Tenant
 
 #: The prices of a public model name (or alias), newest first; empty if the name is unknown.
 PriceHistory = Callable[[str], Sequence[PriceInfo]]
@@ -430,7 +430,3 @@ def month_report(tenant: Tenant, year: int, month: int, now: datetime | None = N
         elapsed_days=elapsed,
         days_in_month=days_in_month,
     )
-
-
-def key_ids_of(tenant_ids: list[int]) -> list[int]:
-    return list(ApiKey.objects.filter(tenant_id__in=tenant_ids).values_list("pk", flat=True))

@@ -16,7 +16,7 @@ from core import backoff
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.providers import get_provider
-from gateway.providers.base import NativeMessages, Operation, Provider, UpstreamCall
+from gateway.providers.base import NativeMessages, Operation, Provider, UpstreamCall, close_stream
 from gateway.providers.bridge import MessagesViaChat
 from gateway.routing.table import DeploymentRoute
 
@@ -154,12 +154,6 @@ async def open_stream(ctx: RequestContext, operation: Operation) -> tuple[Json, 
 
     opened: tuple[Json, AsyncIterator[Json]] = await _attempts(ctx, attempt)
     return opened
-
-
-async def close_stream(stream: AsyncIterator[Any]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 async def count_tokens(ctx: RequestContext, body: Json) -> int | None:

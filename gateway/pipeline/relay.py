@@ -20,6 +20,7 @@ from core import money
 from gateway.context import RequestContext, Responder
 from gateway.errors import GatewayError, UpstreamError
 from gateway.formats import StreamTracker, WireFormat
+from gateway.providers.base import close_stream
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ async def send_stream(
     finally:
         if ctx.usage is None:
             ctx.usage = tracker.usage()  # what was relayed before the end, estimated where unreported
-        await asyncio.shield(_close(rest))
+        await asyncio.shield(close_stream(rest))
     await responder.finish()
 
 
@@ -124,9 +125,3 @@ async def with_keepalive(events: AsyncIterator[Json], interval: float) -> AsyncG
         if pending is not None and not pending.done():
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
-
-
-async def _close(stream: AsyncIterator[Any]) -> None:
-    aclose = getattr(stream, "aclose", None)
-    if aclose is not None:
-        await aclose()

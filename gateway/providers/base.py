@@ -207,3 +207,10 @@ async def streamed_post(
         raise connection_error(exc) from exc
     finally:
         await response.aclose()
+
+
+async def close_stream(stream: AsyncIterator[Any]) -> None:
+    """Close a provider's stream (an async generator's ``aclose`` ends the upstream request)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()
