@@ -18,6 +18,7 @@ from django.http import HttpRequest
 
 from budgets import services
 from budgets.models import AlertSent, Budget, BudgetCounter, BudgetReservation
+from core import egress
 from tenants.admin import (
     ADMIN_LABEL,
     MICRO,
@@ -77,6 +78,11 @@ class BudgetForm(forms.ModelForm):
         value = self.cleaned_data.get("alert_emails") or []
         if not isinstance(value, list) or not all(isinstance(v, str) and "@" in v for v in value):
             raise forms.ValidationError('A list of email addresses, e.g. ["ops@example.com"].')
+        return value
+
+    def clean_webhook_url(self) -> str:
+        value = str(self.cleaned_data.get("webhook_url") or "")
+        egress.validate_url(value)
         return value
 
     def clean(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from django.utils import timezone
 
 from budgets.models import AlertSent, Budget
 from budgets.spend import budget_spend, budget_tenant
+from core import egress
 from core.money import format_usd
 
 log = logging.getLogger(__name__)
@@ -151,15 +152,22 @@ def _send_webhook(alert: AlertSent, data: dict[str, Any]) -> None:
     headers = {"content-type": "application/json", TIMESTAMP_HEADER: str(timestamp)}
     if budget.webhook_secret:
         headers[SIGNATURE_HEADER] = sign(budget.webhook_secret, timestamp, body)
-    response = httpx.post(
-        budget.webhook_url,
-        content=body,
-        headers=headers,
-        timeout=settings.CHITTYCAN_ALERT_WEBHOOK_TIMEOUT,
-        follow_redirects=False,
-    )
+    # The egress policy again (DNS may have changed since the URL was saved), the connection pinned
+    # to the vetted address, no redirect followed (a 3xx is a failure). What is stored says only
+    # which kind of failure it was: never the body, nor a socket error that would map ports.
+    try:
+        response = egress.send(
+            "POST",
+            budget.webhook_url,
+            content=body,
+            headers=headers,
+            timeout=settings.CHITTYCAN_ALERT_WEBHOOK_TIMEOUT,
+        )
+    except (httpx.HTTPError, OSError, ValueError) as exc:
+        log.warning("budget %s webhook failed: %s", budget.pk, egress.failure_class(exc))
+        raise DeliveryError(egress.failure_class(exc)) from None
     if not 200 <= response.status_code < 300:
-        raise DeliveryError(f"webhook answered {response.status_code}")
+        raise DeliveryError(egress.failure_class(response=response))
 
 
 def deliver(alert_id: int) -> AlertSent:
@@ -178,7 +186,7 @@ def deliver(alert_id: int) -> AlertSent:
         try:
             _send_webhook(alert, data)
             alert.webhook_sent_at = timezone.now()
-        except (httpx.HTTPError, DeliveryError) as exc:
+        except DeliveryError as exc:
             errors.append(f"webhook: {exc}")
     alert.last_error = "; ".join(errors)
     alert.save(update_fields=["attempts", "email_sent_at", "webhook_sent_at", "last_error"])

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
 from budgets.models import Budget
-from core import invalidation
+from core import egress, invalidation
 from tenants import audit
 from tenants.models import ApiKey, Tenant
 
@@ -51,6 +52,10 @@ def budget_set(
     if alert_emails is not None:
         budget.alert_emails = list(alert_emails)
     if webhook_url is not None:
+        try:
+            egress.validate_url(webhook_url)  # checked again when an alert is sent
+        except ValidationError as exc:
+            raise ValidationError({"webhook_url": exc.error_list}) from None
         budget.webhook_url = webhook_url
     if webhook_secret is not None:
         budget.webhook_secret = webhook_secret

@@ -247,3 +247,10 @@ CHITTYCAN_STRIPE_MAX_NETWORK_RETRIES = env_int("CHITTYCAN_STRIPE_MAX_NETWORK_RET
 CHITTYCAN_STRIPE_AUTO_PUSH = env_bool("CHITTYCAN_STRIPE_AUTO_PUSH", False)
 if CHITTYCAN_STRIPE_AUTO_PUSH:
     CELERY_BEAT_SCHEDULE["stripe-export"] = {"task": "billing_export.tasks.export_and_push", "schedule": 3600.0}
+
+# --- Egress policy (docs/security.md) ---------------------------------------------------------
+# Stored URLs the gateway calls (budget webhooks, provider base URLs) may not reach loopback,
+# private, link-local, CGNAT, multicast or metadata addresses unless named here: comma-separated
+# host names, addresses and CIDRs, e.g. "127.0.0.1,localhost,10.0.5.0/24". A named destination
+# may also be reached over http in production (elsewhere production requires https).
+CHITTYCAN_EGRESS_ALLOW = env_str("CHITTYCAN_EGRESS_ALLOW", "")

@@ -7,6 +7,7 @@ from typing import Any
 from rest_framework import serializers
 
 from budgets.models import Budget
+from core import egress
 from tenants.models import ApiKey, Tenant
 
 KNOWN_ENDPOINTS = ("chat", "completions", "embeddings", "messages", "models")
@@ -126,6 +127,10 @@ class BudgetSerializer(serializers.ModelSerializer[Budget]):
 
     def get_has_webhook_secret(self, obj: Budget) -> bool:
         return bool(obj.webhook_secret)
+
+    def validate_webhook_url(self, value: str) -> str:
+        egress.validate_url(value)  # a Django ValidationError becomes this field's 400 error
+        return value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if self.instance is None:

@@ -15,6 +15,7 @@ from django.forms import ModelForm
 from django.http import HttpRequest
 from django.utils import timezone
 
+from core import egress
 from gateway import catalog
 from gateway.models import Deployment, LLMModel, Price, Provider
 from tenants.admin import AuditedAdmin, actor_of, adopt, https_formfield
@@ -49,6 +50,11 @@ class ProviderForm(forms.ModelForm):
             "max_retries",
             "is_active",
         ]
+
+    def clean_base_url(self) -> str:
+        value = str(self.cleaned_data.get("base_url") or "")
+        egress.validate_url(value)
+        return value
 
     def clean(self) -> dict[str, Any]:
         data = super().clean() or {}

@@ -1,7 +1,8 @@
 """Writes to the catalogue: providers, public models, their deployments and prices.
 
 The one write path for these rows: the admin, ``can apply`` and anything else that changes them
-call these functions. Each runs in one transaction, validates the row (``full_clean``), writes an
+call these functions. Each runs in one transaction, validates the row (``full_clean``; a provider's
+``base_url`` also against the egress policy, ``core.egress``), writes an
 audit row through ``tenants.audit`` and announces the change to every gateway process after
 commit, so routes and prices are reloaded.
 
@@ -18,9 +19,10 @@ from decimal import Decimal
 from typing import Any, TypedDict, TypeVar, Unpack
 
 from django.contrib.auth.base_user import AbstractBaseUser
+from django.core.exceptions import ValidationError
 from django.db import transaction
 
-from core import invalidation
+from core import egress, invalidation
 from gateway.models import Deployment, LLMModel, Price, Provider
 from tenants import audit
 
@@ -99,6 +101,14 @@ def price_label(price: Price) -> str:
     return f"{price.model.name} from {text}"
 
 
+def _check_base_url(provider: Provider) -> None:
+    """The egress policy (``core.egress``) on the base URL, as a field error."""
+    try:
+        egress.validate_url(provider.base_url)
+    except ValidationError as exc:
+        raise ValidationError({"base_url": exc.error_list}) from None
+
+
 def _stored_secret(provider: Provider) -> str | None:
     """The stored credential, or None when it cannot be read (encrypted under another key)."""
     try:
@@ -165,6 +175,7 @@ def provider_create(
     """Create a provider; ``api_key`` is stored encrypted and never logged."""
     provider = Provider(**fields)
     provider.api_key = api_key
+    _check_base_url(provider)
     return _created("provider", provider, provider.slug, _Who(actor=actor, actor_label=actor_label, source=source))
 
 
@@ -191,6 +202,8 @@ def provider_update(
         update_fields.append("api_key_encrypted")
     if not changes:
         return changes
+    if "base_url" in changes:
+        _check_base_url(provider)
     provider.full_clean()
     provider.save(update_fields=update_fields)
     audit.record(

@@ -5,19 +5,34 @@ httpx's default transport collapses under concurrency, so ``aiohttp`` (httpx-aio
 default. One client per event loop (held weakly by the loop: the benchmark and tests run several
 loops in one process). ``use_transport`` swaps the transport, e.g. for an ``httpx.MockTransport``
 that answers in an upstream's wire format, so providers are tested without a network.
+
+Egress policy (``core.egress``, docs/security.md): every new upstream connection checks the
+addresses it is about to connect to, after DNS resolution and including address literals, and
+connects only to those (the ``Host`` header and TLS SNI stay the host name). The check runs where
+the connection resolves its host (aiohttp's connector, with its DNS cache of 10 s; httpcore's
+network backend), so a kept-alive connection costs nothing per request and no lookup is added to
+the ``/v1`` path. A refused destination is a connection error (the upstream call fails over or
+ends in 502).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import typing
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import aiohttp
+import httpcore
 import httpx
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.tracing import Trace
 from django.conf import settings
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
+
+from core import egress
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
 _last: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
@@ -51,6 +66,85 @@ class _NoCookies(httpx.Cookies):
         return None
 
 
+class _EgressResolver(AbstractResolver):
+    """aiohttp's DNS lookups through ``core.egress.resolve`` (getaddrinfo in a thread, as aiohttp's
+    own threaded resolver does; tests substitute the answers)."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        addresses = await asyncio.get_running_loop().run_in_executor(None, egress.resolve, host, port)
+        if not addresses:
+            raise OSError(f"cannot resolve {host}")
+        flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+        return [
+            ResolveResult(
+                hostname=host,
+                host=address,
+                port=port,
+                family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                proto=0,
+                flags=flags,
+            )
+            for address in addresses
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+class _EgressConnector(aiohttp.TCPConnector):
+    """Checks what each new connection is about to connect to (names and address literals alike)."""
+
+    async def _resolve_host(self, host: str, port: int, traces: Sequence[Trace] | None = None) -> list[ResolveResult]:
+        hosts = await super()._resolve_host(host, port, traces)
+        egress.vet_addresses(host, [h["host"] for h in hosts])  # EgressBlocked is an OSError
+        return hosts
+
+
+class _EgressBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend for the ``httpx`` transport: resolve, check, connect to the
+    checked address (httpcore still sends SNI and Host for the name)."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
+        self._inner = inner
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109  (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = await asyncio.get_running_loop().run_in_executor(None, egress.resolve, host, port)
+        try:
+            vetted = egress.vet_addresses(host, addresses)
+        except egress.EgressBlocked as exc:
+            raise httpcore.ConnectError(str(exc)) from exc
+        last: Exception | None = None
+        for address in vetted:
+            try:
+                return await self._inner.connect_tcp(
+                    address, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+                )
+            except httpcore.ConnectError as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109  (httpcore's interface)
+        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("unix sockets are not upstreams")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
 def _build() -> httpx.AsyncClient:
     found = _build_client()
     found._cookies = _NoCookies()  # httpx has no public switch; its own cookie handling is bypassed
@@ -69,17 +163,21 @@ def _build_client() -> httpx.AsyncClient:
     if settings.CHITTYCAN_HTTP_TRANSPORT == "aiohttp":
 
         def session() -> aiohttp.ClientSession:  # called inside the running loop, on first use
-            connector = aiohttp.TCPConnector(
+            connector = _EgressConnector(
                 limit=settings.CHITTYCAN_HTTP_MAX_CONNECTIONS,
                 keepalive_timeout=30.0,
                 ssl=httpx.create_ssl_context(trust_env=False),
+                resolver=_EgressResolver(),
             )
             # aiohttp's default cookie jar would keep upstream cookies across tenants too.
             return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
         transport = AiohttpTransport(limits=limits, client=session)
         return HttpxAiohttpClient(limits=limits, timeout=timeout, trust_env=False, transport=transport)
-    return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
+    native = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    # httpx has no public switch for httpcore's network backend; the pool is httpcore's own.
+    native._pool._network_backend = _EgressBackend(native._pool._network_backend)
+    return httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False, transport=native)
 
 
 def client() -> httpx.AsyncClient:

@@ -11,6 +11,7 @@ no services (``make test-unit``); its conftest opts them out of the per-test res
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
@@ -24,6 +25,13 @@ from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.server import ServerThread
 
 UNIT_TESTS = Path(__file__).resolve().parent / "unit"
+
+# The fake upstreams and webhook receivers listen on loopback, which the egress policy refuses
+# unless the operator allows it (core.egress, docs/security.md): the suite allows it, for this
+# process and for the gateway processes some tests start. tests/test_egress.py narrows it again.
+TEST_EGRESS_ALLOW = "127.0.0.1,::1,localhost"
+os.environ["CHITTYCAN_EGRESS_ALLOW"] = TEST_EGRESS_ALLOW
+settings.CHITTYCAN_EGRESS_ALLOW = TEST_EGRESS_ALLOW
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

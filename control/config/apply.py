@@ -30,6 +30,7 @@ from django.db import IntegrityError, transaction
 from budgets import services as budget_services
 from budgets.models import Budget
 from control.config.schema import MICRO, SECRET_REF, ConfigError, Document, ModelSpec, TenantSpec
+from core import egress
 from gateway import catalog
 from gateway.models import Deployment, LLMModel, Price, Provider
 from tenants import audit, services
@@ -111,6 +112,13 @@ class _Applier:
         except DjangoValidationError as exc:
             raise ConfigError([f"{self.filename}: {kind} {target}: {_messages(exc)}"]) from None
 
+    def check_url(self, url: str, path: str) -> None:
+        """The egress policy (``core.egress``) on a URL of the file, as ``<file>: <path>: <why>``."""
+        try:
+            egress.validate_url(url)
+        except DjangoValidationError as exc:
+            raise ConfigError([f"{self.filename}: {path}: {' '.join(exc.messages)}"]) from None
+
     def created(self, kind: str, target: str) -> None:
         self.changes.append(Change("create", kind, target))
 
@@ -182,6 +190,7 @@ class _Applier:
                 "max_retries": spec.max_retries,
                 "is_active": spec.active,
             }
+            self.check_url(spec.base_url, f"providers[{i}].base_url")
             provider = Provider.objects.filter(slug=spec.slug).first()
             try:
                 current = provider.api_key if provider is not None else ""
@@ -363,6 +372,7 @@ class _Applier:
                 "alert_emails": list(budget.emails),
                 "webhook_url": budget.webhook,
             }
+            self.check_url(budget.webhook, f"tenants[{i}].budgets[{j}].webhook")
             target = f"{tenant.slug} per {budget.period}"
             current_secret = row.webhook_secret if row is not None else ""
             new_secret, note = self.secret(
