@@ -302,8 +302,10 @@ def failure_class(exc: BaseException | None = None, response: httpx.Response | N
         return f"HTTP {response.status_code}"
     if isinstance(exc, EgressBlocked):
         return BLOCKED
+    if isinstance(exc, httpx.ConnectTimeout | httpx.ConnectError):
+        return "connection failed"  # refused or unanswered alike: a closed port looks like a filtered one
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
-        return "timed out"
+        return "timed out"  # connected, then no answer in time
     if isinstance(exc, httpx.HTTPError | OSError):
         return "connection failed"
     if isinstance(exc, ValueError):
