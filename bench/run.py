@@ -210,6 +210,7 @@ def tree_env(args: argparse.Namespace, tree: Tree, var_dir: Path) -> dict[str, s
             "REDIS_URL": args.redis_url,
             "CHITTYCAN_REDIS_PREFIX": tree.redis_prefix,
             "CHITTYCAN_MODE": "prod",
+            "CHITTYCAN_EGRESS_ALLOW": "127.0.0.1",  # the fake upstream is on loopback (docs/security.md)
             "CHITTYCAN_VAR_DIR": str(var_dir),
             "LOG_LEVEL": "WARNING",
             "PYTHONUNBUFFERED": "1",
