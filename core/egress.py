@@ -90,12 +90,18 @@ class EgressBlocked(OSError):
 
 
 def system_resolver(host: str, port: int) -> list[str]:
-    """Every address ``getaddrinfo`` gives for ``host`` (an empty list when it does not resolve)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return []
-    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+    """Every address ``getaddrinfo`` gives for ``host`` (an empty list when it does not resolve).
+
+    Like aiohttp's own resolver, only address families this machine has an address of
+    (``AI_ADDRCONFIG``), falling back to all of them (a literal ``::1`` on an IPv4-only host)."""
+    for flags in (socket.AI_ADDRCONFIG, 0):
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+        except (socket.gaierror, UnicodeError):
+            continue
+        if infos:
+            return list(dict.fromkeys(str(info[4][0]) for info in infos))
+    return []
 
 
 _resolver: Resolver = system_resolver
@@ -164,7 +170,10 @@ def policy() -> Policy:
         return cached[1]
     allow = settings.CHITTYCAN_EGRESS_ALLOW
     # The dev-mode Ollama is the operator's own setting, not a stored row: its host is allowed.
-    ollama = httpx.URL(settings.OLLAMA_BASE_URL).host if settings.OLLAMA_BASE_URL else ""
+    try:
+        ollama = httpx.URL(settings.OLLAMA_BASE_URL).host if settings.OLLAMA_BASE_URL else ""
+    except httpx.InvalidURL:
+        ollama = ""
     found = Policy.parse(f"{allow},{ollama}", mode=settings.CHITTYCAN_MODE)
     _policy = (key, found)
     return found
