@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import typing
 import weakref
@@ -33,6 +34,8 @@ from django.conf import settings
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
 
 from core import egress
+
+log = logging.getLogger(__name__)
 
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
 _last: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
@@ -98,7 +101,11 @@ class _EgressConnector(aiohttp.TCPConnector):
 
     async def _resolve_host(self, host: str, port: int, traces: Sequence[Trace] | None = None) -> list[ResolveResult]:
         hosts = await super()._resolve_host(host, port, traces)
-        egress.vet_addresses(host, [h["host"] for h in hosts])  # EgressBlocked is an OSError
+        try:
+            egress.vet_addresses(host, [h["host"] for h in hosts])
+        except egress.EgressBlocked as exc:
+            log.warning("upstream %s:%s %s", host, port, exc)
+            raise  # an OSError: aiohttp makes it a connection error
         return hosts
 
 
@@ -121,6 +128,7 @@ class _EgressBackend(httpcore.AsyncNetworkBackend):
         try:
             vetted = egress.vet_addresses(host, addresses)
         except egress.EgressBlocked as exc:
+            log.warning("upstream %s:%s %s", host, port, exc)
             raise httpcore.ConnectError(str(exc)) from exc
         last: Exception | None = None
         for address in vetted:

@@ -553,10 +553,36 @@ def test_v1_request_to_a_rebound_provider_fails_cleanly(
     messages: Any = [{"role": "user", "content": "hi"}]
     with pytest.raises(openai.APIStatusError) as info:
         client.chat.completions.create(model="rebound-model", messages=messages)
-    assert 500 < info.value.status_code < 600
+    assert info.value.status_code == 502  # a connection failure, not a 500
     assert "127.0.0.1" not in str(info.value.body)
     assert app.requests == []
     prod.CHITTYCAN_EGRESS_ALLOW = "upstream.rebind.test"
     reply = client.chat.completions.create(model="rebound-model", messages=messages)
     assert reply.choices[0].message.content
     assert app.requests[-1].headers["host"] == f"upstream.rebind.test:{httpx.URL(server.url).port}"
+
+
+def test_v1_falls_back_past_a_refused_provider(
+    prod: Any,
+    dns: dict[str, list[str]],
+    fake_openai: Any,
+    gateway_server: Any,
+    make_tenant: Callable[..., Any],
+    make_key: Callable[..., str],
+) -> None:
+    app, server = fake_openai
+    port = httpx.URL(server.url).port
+    prod.CHITTYCAN_EGRESS_ALLOW = "good.test"  # by name: the same fake upstream under another name is not
+    dns["good.test"] = dns["inside.rebind.test"] = ["127.0.0.1"]
+    refused = Provider(slug="refused", kind="openai", base_url=f"http://inside.rebind.test:{port}/v1", max_retries=0)
+    refused.save()
+    good = Provider(slug="good", kind="openai", base_url=f"http://good.test:{port}/v1", max_retries=0)
+    good.save()
+    add_model("fallback-model", refused, priority=0)
+    add_model("fallback-model", good, priority=1)
+    tenant = make_tenant("egress-fallback")
+    client = openai.OpenAI(base_url=f"{gateway_server.url}/v1", api_key=make_key(tenant), max_retries=0)
+    messages: Any = [{"role": "user", "content": "hi"}]
+    raw = client.chat.completions.with_raw_response.create(model="fallback-model", messages=messages)
+    assert raw.headers["x-chittycan-provider"] == "good"
+    assert [r.headers["host"] for r in app.requests] == [f"good.test:{port}"]
