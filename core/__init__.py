@@ -2,4 +2,5 @@
 
 - ``core.invalidation``: the registry caches subscribe to; configuration writers announce changes.
 - ``core.backoff``: the one exponential-backoff-with-jitter rule.
+- ``core.egress``: where stored outbound URLs (webhooks, provider base URLs) may go (docs/security.md).
 """
