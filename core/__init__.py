@@ -2,4 +2,5 @@
 
 - ``core.invalidation``: the registry caches subscribe to; configuration writers announce changes.
 - ``core.backoff``: the one exponential-backoff-with-jitter rule.
+- ``core.preflight``: what a server checks before serving (a real SECRET_KEY, ``check --deploy``).
 """
