@@ -386,3 +386,44 @@ def test_root_and_the_admins_view_site_link_lead_to_the_admin(gateway_server, tr
     landed = client.get(view_site.group(1), follow_redirects=True)
     assert landed.status_code == 200 and str(landed.url).endswith("/admin/")
     client.close()
+
+
+# --- can quickstart: no default admin password in production ---------------------------------------
+
+
+def quickstart(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CAN, "quickstart", "--key-file", str(tmp_path / "demo-key.txt")],
+        cwd=ROOT,
+        env=base_env(tmp_path, SECRET_KEY=settings.SECRET_KEY, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_quickstart_in_production_creates_no_admin_with_a_default_password(tmp_path: Path, transactional_db) -> None:
+    result = quickstart(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert not get_user_model().objects.filter(username="admin").exists()
+    assert "can createsuperuser --username admin" in result.stdout and "CHITTYCAN_ADMIN_PASSWORD" in result.stdout
+    assert "chittycan-admin" not in result.stdout and "offline mock" not in result.stdout
+    assert "export OPENAI_API_KEY=chitty_" in result.stdout  # the demo tenant and key still come
+
+
+def test_quickstart_in_production_takes_the_password_from_the_environment(tmp_path: Path, transactional_db) -> None:
+    weak = quickstart(tmp_path, CHITTYCAN_ADMIN_PASSWORD="admin")
+    assert weak.returncode != 0 and "CHITTYCAN_ADMIN_PASSWORD is refused" in weak.stderr
+    assert not get_user_model().objects.filter(username="admin").exists()
+    strong = quickstart(tmp_path, CHITTYCAN_ADMIN_PASSWORD=PASSWORD)
+    assert strong.returncode == 0, strong.stderr
+    admin = get_user_model().objects.get(username="admin")
+    assert admin.is_superuser and admin.check_password(PASSWORD) and not admin.check_password("chittycan-admin")
+    assert PASSWORD not in strong.stdout  # the operator's secret is not echoed
+
+
+def test_quickstart_in_dev_mode_keeps_the_local_default(tmp_path: Path, transactional_db) -> None:
+    result = quickstart(tmp_path, CHITTYCAN_MODE="dev")
+    assert result.returncode == 0, result.stderr
+    assert get_user_model().objects.get(username="admin").check_password("chittycan-admin")
+    assert "admin / chittycan-admin" in result.stdout and "offline mock" in result.stdout
