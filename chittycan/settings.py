@@ -22,6 +22,16 @@ CHITTYCAN_SECRET_KEY_PROBLEM = "" if CHITTYCAN_MODE == "dev" else secret_key_pro
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = [h.strip() for h in env_str("ALLOWED_HOSTS", "*").split(",") if h.strip()]
 CSRF_TRUSTED_ORIGINS = [o.strip() for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+# HTTPS hardening, as `manage.py check --deploy` (run by `can serve` in production) asks for it.
+# Off by default so that a plain-HTTP local install works; see docs/deployment.md.
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # the container health check calls plain HTTP on loopback
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+# Behind a proxy that terminates TLS and sets X-Forwarded-Proto (and strips it from clients).
+if env_bool("CHITTYCAN_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = [
     "daphne",

@@ -427,3 +427,24 @@ def test_quickstart_in_dev_mode_keeps_the_local_default(tmp_path: Path, transact
     assert result.returncode == 0, result.stderr
     assert get_user_model().objects.get(username="admin").check_password("chittycan-admin")
     assert "admin / chittycan-admin" in result.stdout and "offline mock" in result.stdout
+
+
+def test_the_https_settings_from_the_environment_satisfy_check_deploy(tmp_path: Path) -> None:
+    hardened = {
+        "SECRET_KEY": STRONG_SECRET,
+        "SESSION_COOKIE_SECURE": "true",
+        "CSRF_COOKIE_SECURE": "true",
+        "SECURE_SSL_REDIRECT": "true",
+        "SECURE_HSTS_SECONDS": "31536000",
+        "CHITTYCAN_TRUST_X_FORWARDED_PROTO": "true",
+    }
+    for env, expect_warnings in (
+        (base_env(tmp_path, SECRET_KEY=STRONG_SECRET), True),
+        (base_env(tmp_path, **hardened), False),
+    ):
+        result = subprocess.run(
+            [CAN, "check", "--deploy"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        output = result.stdout + result.stderr
+        for check_id in ("security.W004", "security.W008", "security.W012", "security.W016"):
+            assert (check_id in output) is expect_warnings, output
