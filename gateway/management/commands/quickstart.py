@@ -73,6 +73,7 @@ Python (pip install openai):
   client = OpenAI()  # reads OPENAI_API_KEY and OPENAI_BASE_URL
   reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "Say hello"}}])
   print(reply.choices[0].message.content, reply.usage)
+
 {dev_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
 """
         )
