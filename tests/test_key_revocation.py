@@ -14,8 +14,10 @@ from typing import Any
 import httpx
 import pytest
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
+from control import tokens
 from core import invalidation
 from gateway import auth
 from tenants import keys, services
@@ -96,6 +98,24 @@ def test_admin_revocation_is_immediate_for_the_gateway_in_the_same_process(gatew
     assert api_key_of(key).revoked_at is not None
     assert ask(gateway_server.url, key).status_code == 401
     client.close()
+
+
+def test_rest_api_revocation_is_immediate_and_only_for_who_may_revoke(gateway_server, upstream, tenant_key):
+    _, key = tenant_key
+    api_key = api_key_of(key)
+    assert ask(gateway_server.url, key).status_code == 200
+    users = get_user_model().objects
+    _, outsider = tokens.token_create(user=users.create_user("mallory", password="pw-mallory-123"))
+    _, operator = tokens.token_create(user=users.create_superuser("root", "root@example.com", "pw-root-123"))
+    url = f"{gateway_server.url}/api/keys/{api_key.pk}/revoke/"
+
+    refused = httpx.post(url, headers={"Authorization": f"Bearer {outsider}"})
+    assert refused.status_code in (403, 404)  # not a member of the key's tenant
+    assert ask(gateway_server.url, key).status_code == 200  # and still served
+
+    done = httpx.post(url, headers={"Authorization": f"Bearer {operator}"})
+    assert done.status_code == 200, done.text
+    assert ask(gateway_server.url, key).status_code == 401
 
 
 def test_a_key_loaded_while_it_is_revoked_is_not_cached(gateway_server, upstream, tenant_key, monkeypatch) -> None:
