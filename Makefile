@@ -25,7 +25,8 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt
 	bash scripts/install_anthropic_legacy.sh
 	touch $@
 
-install: $(VENV)/.installed ## create the virtualenv and install the gateway
+install: $(VENV)/.installed ## create the virtualenv, install the gateway, collect the admin's static files
+	$(PY) manage.py collectstatic --no-input -v 0
 
 install-dev: $(VENV)/.installed-dev ## install what the tests and linters need
 

@@ -1,4 +1,6 @@
-"""ASGI entry point: the hot /v1 routes go to Channels consumers, everything else to Django."""
+"""ASGI entry point: /static/ is answered by WhiteNoise (chittycan/staticfiles.py), the hot /v1
+routes go to Channels consumers, everything else to Django. Outside dev mode it refuses to load
+without a real SECRET_KEY (core/preflight.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +16,20 @@ from django.core.asgi import get_asgi_application  # noqa: E402
 
 django_asgi_app = get_asgi_application()
 
+from core import preflight  # noqa: E402
+
+preflight.require_secret_key()
+
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.urls import re_path  # noqa: E402
 
 from chittycan.routing import hot_routes  # noqa: E402
+from chittycan.staticfiles import StaticFilesApp  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {"http": URLRouter([*hot_routes, re_path(r"", django_asgi_app)])}  # type: ignore[arg-type]
+application = StaticFilesApp(
+    ProtocolTypeRouter(
+        {"http": URLRouter([*hot_routes, re_path(r"", django_asgi_app)])}  # type: ignore[arg-type]
+    )
 )
 
 from core.runtime import freeze_heap  # noqa: E402

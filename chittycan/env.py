@@ -63,3 +63,29 @@ def env_secret(name: str, default: str = "") -> str:
         with open(path, encoding="utf-8") as fh:
             return fh.read().strip()
     return os.environ.get(name, default)
+
+
+#: How to make a SECRET_KEY, as printed when one is missing or weak.
+GENERATE_SECRET_KEY = "python3 -c 'import secrets; print(secrets.token_urlsafe(50))'"
+SECRET_KEY_MIN_LENGTH = 32
+
+
+def secret_key_problem(value: str, dev_default: str) -> str:
+    """Why ``value`` is not a production SECRET_KEY ("" when it is one).
+
+    API key hashes and the provider-credential encryption key are derived from it, so the public
+    development default, a short value or one of a few repeated characters is refused."""
+    how = (
+        f"Set SECRET_KEY (or SECRET_KEY_FILE, a file holding it) to a long random value, e.g. "
+        f'SECRET_KEY="$({GENERATE_SECRET_KEY})", or set CHITTYCAN_MODE=dev for local development.'
+    )
+    if not value.strip():
+        return f"SECRET_KEY is empty. {how}"
+    if value == dev_default:
+        return f"SECRET_KEY is not set: the public development default would be used outside dev mode. {how}"
+    if len(value) < SECRET_KEY_MIN_LENGTH or len(set(value)) < 5:
+        return (
+            f"SECRET_KEY is too weak ({len(value)} characters, {len(set(value))} distinct; "
+            f"at least {SECRET_KEY_MIN_LENGTH} and 5 are needed). {how}"
+        )
+    return ""

@@ -6,16 +6,32 @@ from pathlib import Path
 
 import dj_database_url
 
-from chittycan.env import env_bool, env_choice, env_float, env_int, env_secret, env_str
+from chittycan.env import env_bool, env_choice, env_float, env_int, env_secret, env_str, secret_key_problem
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("CHITTYCAN_VAR_DIR", str(BASE_DIR / "var")))
 
+# prod: route by configuration. dev: every model goes to Ollama (OLLAMA_BASE_URL) or the mock model.
+CHITTYCAN_MODE = env_choice("CHITTYCAN_MODE", "prod", ("prod", "dev"))
+
 _DEV_SECRET = "chittycan-insecure-development-secret-change-me"
 SECRET_KEY = env_secret("SECRET_KEY", _DEV_SECRET)
+# Outside dev mode the servers refuse to start while this says why SECRET_KEY is unfit
+# (core/preflight.py): the development default, or too short to be a secret.
+CHITTYCAN_SECRET_KEY_PROBLEM = "" if CHITTYCAN_MODE == "dev" else secret_key_problem(SECRET_KEY, _DEV_SECRET)
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = [h.strip() for h in env_str("ALLOWED_HOSTS", "*").split(",") if h.strip()]
 CSRF_TRUSTED_ORIGINS = [o.strip() for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()]
+# HTTPS hardening, as `manage.py check --deploy` (run by `can serve` in production) asks for it.
+# Off by default so that a plain-HTTP local install works; see docs/deployment.md.
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # the container health check calls plain HTTP on loopback
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
+# Behind a proxy that terminates TLS and sets X-Forwarded-Proto (and strips it from clients).
+if env_bool("CHITTYCAN_TRUST_X_FORWARDED_PROTO", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
 INSTALLED_APPS = [
     "daphne",
@@ -43,6 +59,7 @@ if env_str("CHITTYCAN_SERVING") in ("uvicorn", "granian"):
     INSTALLED_APPS.remove("daphne")
 
 MIDDLEWARE = [
+    "chittycan.middleware.RequestIdMiddleware",  # x-request-id on every /v1 answer Django gives
     "django.middleware.security.SecurityMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -144,8 +161,18 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
+# Static files (the admin's CSS and JS): `manage.py collectstatic` copies them to STATIC_ROOT at
+# install (`make install`) and image build time; chittycan/staticfiles.py serves them with
+# WhiteNoise in front of the ASGI app (content types, caching, ETags, gzip variants).
 STATIC_URL = "static/"
-STATIC_ROOT = VAR_DIR / "static"
+STATIC_ROOT = Path(env_str("CHITTYCAN_STATIC_ROOT", str(VAR_DIR / "static")))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+}
+# Dev mode also serves straight from the apps' static directories (a checkout run without
+# `make install`); what collectstatic copied wins. Production serves STATIC_ROOT only.
+WHITENOISE_USE_FINDERS = CHITTYCAN_MODE == "dev"
 
 EMAIL_BACKEND = env_str("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "chittycan@localhost")
@@ -166,8 +193,6 @@ LOGGING = {
 }
 
 # --- Gateway ---------------------------------------------------------------------------------
-# prod: route by configuration. dev: every model goes to Ollama (OLLAMA_BASE_URL) or the mock model.
-CHITTYCAN_MODE = env_choice("CHITTYCAN_MODE", "prod", ("prod", "dev"))
 OLLAMA_BASE_URL = env_str("OLLAMA_BASE_URL", "")
 CHITTYCAN_DEV_OLLAMA_MODEL = env_str("CHITTYCAN_DEV_OLLAMA_MODEL", "llama3.2")
 

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.http import HttpRequest, JsonResponse
-from django.urls import include, path, re_path
+from django.urls import include, path, re_path, reverse_lazy
+from django.views.generic import RedirectView
 
 from gateway.api import api as v1_api
 from gateway.api import unknown_url
@@ -13,6 +14,8 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 
 urlpatterns = [
+    # `/` (and so the admin's "View site" link) leads to the control plane: the admin.
+    path("", RedirectView.as_view(url=reverse_lazy("admin:index"), permanent=False), name="home"),
     path("admin/", admin.site.urls),
     path("v1/", v1_api.urls),
     re_path(r"^v1/(?P<rest>.*)$", unknown_url),  # after the API: any other /v1 path, in the envelope

@@ -1,4 +1,6 @@
-"""WSGI entry point (admin and management API only; the /v1 data plane needs ASGI)."""
+"""WSGI entry point (admin and management API only; the /v1 data plane needs ASGI).
+
+Outside dev mode it refuses to load without a real SECRET_KEY (core/preflight.py)."""
 
 from __future__ import annotations
 
@@ -8,3 +10,7 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chittycan.settings")
 application = get_wsgi_application()
+
+from core import preflight  # noqa: E402
+
+preflight.require_secret_key()

@@ -188,11 +188,17 @@ async def stop_background() -> None:
 
 @background("invalidation")
 async def _listen_for_invalidation() -> None:
+    """Drop this process's caches when another process announces a change: over Redis pub/sub, or
+    in embedded mode by watching the stamp file (see ``core.invalidation``)."""
     if not settings.REDIS_URL:
+        await _watch_invalidation_stamp()
         return
 
     pubsub = redis_client().pubsub()
     await pubsub.subscribe(invalidation.channel())
+    # Announcements made while this process was not subscribed (start-up, a Redis restart that
+    # killed the previous listener) were missed: start from fresh caches.
+    invalidation.drop_local()
     try:
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
@@ -200,3 +206,13 @@ async def _listen_for_invalidation() -> None:
                 invalidation.drop_local()
     finally:
         await pubsub.aclose()
+
+
+async def _watch_invalidation_stamp() -> None:
+    last = invalidation.stamp()
+    while True:
+        await asyncio.sleep(invalidation.STAMP_POLL_INTERVAL)
+        now = invalidation.stamp()
+        if now != last:
+            last = now
+            invalidation.drop_local()

@@ -26,10 +26,15 @@ _INVALID = "Incorrect API key provided."
 #: Verified keys (and unknown prefixes, as None) by prefix: an LRU bounded in size, each entry
 #: kept for CHITTYCAN_AUTH_CACHE_TTL seconds, dropped at once when configuration changes.
 _cache: TTLCache[str, KeyInfo | None] = TTLCache(maxsize=100_000, ttl=settings.CHITTYCAN_AUTH_CACHE_TTL)
+#: Bumped by every invalidation: a key read from the database before a change (a revocation) that
+#: lands after it is not cached, or the revoked key would be served from the cache for a TTL.
+_generation = 0
 
 
 @invalidation.subscribe
 def invalidate() -> None:
+    global _generation
+    _generation += 1
     _cache.clear()
 
 
@@ -52,7 +57,10 @@ async def authenticate(token: str) -> KeyInfo:
     try:
         info = _cache[prefix]
     except KeyError:
-        info = _cache[prefix] = await sync_to_async(load_key, thread_sensitive=False)(prefix)
+        generation = _generation
+        info = await sync_to_async(load_key, thread_sensitive=False)(prefix)
+        if generation == _generation:
+            _cache[prefix] = info
     if info is None or not keys.verify_key(token, info.hashed):
         raise AuthenticationFailed(_INVALID)
     if info.expires_at is not None and info.expires_at <= time.time():

@@ -17,6 +17,8 @@ export BENCH_DATABASE_URL=${BENCH_DATABASE_URL:-postgres://$PGUSER@$PGHOST:$PGPO
 export BENCH_REDIS_URL=${BENCH_REDIS_URL:-redis://$REDIS_HOST:$REDIS_PORT/8}
 export BENCH_REDIS_PREFIX=${BENCH_REDIS_PREFIX:-ccbench}
 PY=${BENCH_PYTHON:-.venv/bin/python}
+# The gateway runs in prod mode, which refuses the public development SECRET_KEY.
+export SECRET_KEY=${SECRET_KEY:-chittycan-bench-secret-not-for-production-5d2b8e4a1c}
 
 # The benchmark's own database: created once, migrated every run (a no-op when current).
 "$PY" - <<EOF

@@ -18,6 +18,8 @@ export DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres@$PGHOST:$PGPORT/chi
 export REDIS_URL=${TEST_REDIS_URL:-redis://$REDIS_HOST:$REDIS_PORT/9}
 export CHITTYCAN_REDIS_PREFIX=${CHITTYCAN_REDIS_PREFIX:-cctest}
 export CHITTYCAN_USAGE_FLUSH_INTERVAL=0.02
+# Outside dev mode the gateway refuses the public development SECRET_KEY (core/preflight.py).
+export SECRET_KEY=${SECRET_KEY:-chittycan-test-suite-secret-not-for-production-9f3a7c1e}
 export CHITTYCAN_VAR_DIR=${CHITTYCAN_VAR_DIR:-$(mktemp -d /tmp/chittycan-test.XXXXXX)}
 export PYTHONDONTWRITEBYTECODE=1
 

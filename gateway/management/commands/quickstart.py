@@ -1,17 +1,28 @@
-"""``can quickstart``: a demo tenant, an admin user and a key, printed with copy-pasteable snippets."""
+"""``can quickstart``: a demo tenant, an admin user and a key, printed with copy-pasteable snippets.
+
+In dev mode (``make run``) the admin user gets a known password (``CHITTYCAN_ADMIN_PASSWORD``,
+default ``chittycan-admin``). In production there is no default password: the admin user is
+created only with ``CHITTYCAN_ADMIN_PASSWORD`` set (and accepted by the password validators);
+otherwise quickstart prints the ``createsuperuser`` command to run instead.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandParser
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from tenants import services
 from tenants.models import ApiKey, Tenant
 
 DEMO_SLUG = "demo"
+ADMIN_USER = "admin"
+DEV_ADMIN_PASSWORD = "chittycan-admin"
 
 
 class Command(BaseCommand):
@@ -22,14 +33,10 @@ class Command(BaseCommand):
         parser.add_argument("--key-file", default="var/demo-key.txt", help="where the demo key is kept")
 
     def handle(self, *args: Any, **opts: Any) -> None:
+        self.ensure_admin()  # first: a refused password leaves nothing half done
         tenant = Tenant.objects.filter(slug=DEMO_SLUG).first() or services.tenant_create(
             slug=DEMO_SLUG, name="Demo", actor_label="quickstart"
         )
-        user_model = get_user_model()
-        password = os.environ.get("CHITTYCAN_ADMIN_PASSWORD", "chittycan-admin")
-        if not user_model.objects.filter(username="admin").exists():
-            user_model.objects.create_superuser("admin", "admin@localhost", password)
-            self.stdout.write(f"admin user: admin / {password}  (change it: manage.py changepassword admin)")
         key_file = opts["key_file"]
         plaintext = ""
         if os.path.exists(key_file):
@@ -44,6 +51,11 @@ class Command(BaseCommand):
                 fh.write(plaintext + "\n")
             os.chmod(key_file, 0o600)
         base = f"http://127.0.0.1:{opts['port']}/v1"
+        dev_note = (
+            "Every model answers from the offline mock (CHITTYCAN_MODE=dev), priced as the real model.\n"
+            if settings.CHITTYCAN_MODE == "dev"
+            else ""
+        )
         self.stdout.write(
             f"""
 ChittyCan is ready. Demo tenant key (kept in {key_file}):
@@ -62,7 +74,39 @@ Python (pip install openai):
   reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "Say hello"}}])
   print(reply.choices[0].message.content, reply.usage)
 
-Every model answers from the offline mock (CHITTYCAN_MODE=dev), priced as the real model.
-Admin: http://127.0.0.1:{opts["port"]}/admin/
+{dev_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
 """
+        )
+
+    def ensure_admin(self) -> None:
+        """The ``admin`` superuser: a known password in dev mode only; in production one the
+        operator chose (``CHITTYCAN_ADMIN_PASSWORD``), or none and the command to make it."""
+        user_model = get_user_model()
+        if user_model.objects.filter(username=ADMIN_USER).exists():
+            return
+        password = os.environ.get("CHITTYCAN_ADMIN_PASSWORD", "")
+        if settings.CHITTYCAN_MODE == "dev":
+            password = password or DEV_ADMIN_PASSWORD
+            user_model.objects.create_superuser(ADMIN_USER, "admin@localhost", password)
+            self.stdout.write(
+                f"admin user: {ADMIN_USER} / {password}  (dev mode; change it: can changepassword {ADMIN_USER})"
+            )
+            return
+        if not password:
+            self.stdout.write(
+                "No admin user was created: production has no default password. Create one with\n"
+                f"  can createsuperuser --username {ADMIN_USER}\n"
+                "(or run quickstart again with CHITTYCAN_ADMIN_PASSWORD set). Signing in to the admin also\n"
+                "asks for a TOTP second factor (see docs/deployment.md)."
+            )
+            return
+        user = user_model(username=ADMIN_USER, email="admin@localhost")
+        try:
+            validate_password(password, user)
+        except ValidationError as exc:
+            raise CommandError("CHITTYCAN_ADMIN_PASSWORD is refused: " + " ".join(exc.messages)) from exc
+        user_model.objects.create_superuser(ADMIN_USER, "admin@localhost", password)
+        self.stdout.write(
+            f"admin user: {ADMIN_USER}, with the password from CHITTYCAN_ADMIN_PASSWORD. Signing in to the admin"
+            " also asks for a TOTP second factor (see docs/deployment.md)."
         )

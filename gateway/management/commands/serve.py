@@ -1,4 +1,7 @@
-"""``can serve``: the production server for the ASGI app (uvicorn by default; granian, daphne)."""
+"""``can serve``: the production server for the ASGI app (uvicorn by default; granian, daphne).
+
+Outside dev mode it refuses to start without a real SECRET_KEY and prints what Django's
+``check --deploy`` finds (errors stop it, warnings do not)."""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ import sys
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from core import preflight
 
 
 class Command(BaseCommand):
@@ -21,6 +26,8 @@ class Command(BaseCommand):
         parser.add_argument("--access-log", action="store_true", help="log every request (slower)")
 
     def handle(self, *args: Any, **opts: Any) -> None:
+        if settings.CHITTYCAN_MODE != "dev":
+            self.preflight()
         host, port, workers = opts["host"], opts["port"], opts["workers"]
         app = "chittycan.asgi:application"
         if opts["server"] == "uvicorn":
@@ -73,3 +80,22 @@ class Command(BaseCommand):
         self.stdout.write(f"ChittyCan gateway on http://{host}:{port} ({opts['server']}, {workers} worker(s))")
         sys.stdout.flush()
         os.execv(sys.executable, argv)
+
+    def preflight(self) -> None:
+        """Production only: refuse a missing or weak SECRET_KEY; print ``check --deploy`` findings."""
+        problem = preflight.secret_key_problem()
+        if problem:
+            raise CommandError(f"ChittyCan refuses to start: {problem}")
+        findings = preflight.deploy_findings()
+        for message in findings:
+            self.stderr.write(f"check --deploy: {message}")
+        serious = [m for m in findings if preflight.is_serious(m)]
+        if serious:
+            raise CommandError(
+                f"ChittyCan refuses to start: `check --deploy` found {len(serious)} error(s) (above); fix them first."
+            )
+        if findings:
+            self.stderr.write(
+                f"check --deploy: {len(findings)} warning(s), serving anyway"
+                " (see docs/deployment.md, 'Security checks')."
+            )

@@ -7,6 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from core import invalidation
 from tenants import keys, services
 from tenants.management.commands._cli import format_scopes, parse_expires, parse_scopes, table
 from tenants.models import ApiKey, Tenant
@@ -130,12 +131,14 @@ class Command(BaseCommand):
             self.stdout.write(f"{api_key.prefix} was already revoked at {api_key.revoked_at:%Y-%m-%d %H:%M %Z}")
             return
         services.key_revoke(api_key=api_key, actor_label=ACTOR)
-        self.stdout.write(f"revoked {api_key.prefix} ({api_key.tenant.slug})")
+        self.stdout.write(f"revoked {api_key.prefix} ({api_key.tenant.slug}): refused {invalidation.takes_effect()}")
 
     def _rotate(self, opts: dict[str, Any]) -> None:
         api_key = find_key(opts["prefix"])
         if api_key.revoked_at is not None:
             raise CommandError(f"{api_key.prefix} is revoked; issue a new key with `can keys create` instead")
         new_key, plaintext = services.key_rotate(api_key=api_key, actor_label=ACTOR)
-        self.stderr.write(f"{api_key.prefix} is revoked; its replacement is {new_key.prefix}.")
+        self.stderr.write(
+            f"{api_key.prefix} is revoked (refused {invalidation.takes_effect()}); its replacement is {new_key.prefix}."
+        )
         self._print_new(new_key, plaintext)
