@@ -18,10 +18,12 @@ from django.http import HttpRequest
 
 from budgets import services
 from budgets.models import AlertSent, Budget, BudgetCounter, BudgetReservation
+from budgets.service import SpendStatus, spend_status
 from tenants.admin import (
     ADMIN_LABEL,
     MICRO,
     URL_FIELDS,
+    ApiKeyAdmin,
     AuditedAdmin,
     ReadOnlyAdmin,
     TenantAdmin,
@@ -29,7 +31,7 @@ from tenants.admin import (
     https_formfield,
     usd,
 )
-from tenants.models import Tenant
+from tenants.models import ApiKey, Tenant
 
 # --- budgets --------------------------------------------------------------------------------------
 
@@ -47,6 +49,11 @@ class BudgetForm(forms.ModelForm):
         help_text="Write-only: type a new one to replace it; leave empty to keep the current one.",
     )
     clear_webhook_secret = forms.BooleanField(label="Remove the webhook secret", required=False)
+    allow_weaken = forms.BooleanField(
+        label="Allow weakening",
+        required=False,
+        help_text="Needed to raise a hard budget's limit, make it soft or move it to another scope or period.",
+    )
 
     class Meta:
         model = Budget
@@ -90,7 +97,26 @@ class BudgetForm(forms.ModelForm):
         if "tenant" in self.fields and "api_key" in self.fields:
             if bool(data.get("tenant")) == bool(data.get("api_key")):
                 raise forms.ValidationError("A budget belongs to a tenant or to one API key: choose exactly one.")
+        self._check_weaken(data)
         return data
+
+    def _check_weaken(self, data: dict[str, Any]) -> None:
+        if self.instance.pk is None or data.get("allow_weaken"):
+            return
+        stored = Budget.objects.filter(pk=self.instance.pk).first()
+        if stored is None or not stored.hard:
+            return
+        limit = int(data["limit_usd"] * MICRO) if data.get("limit_usd") is not None else stored.limit_micro
+        moved = bool({"tenant", "api_key", "period"} & set(self.changed_data))
+        if "hard" in data and not data["hard"]:
+            raise forms.ValidationError("This would turn a hard budget soft: tick 'Allow weakening' to do it.")
+        if limit > stored.limit_micro:
+            raise forms.ValidationError(
+                f"This would raise the hard limit from {usd(stored.limit_micro)} to {usd(limit)}: "
+                "tick 'Allow weakening' to do it."
+            )
+        if moved:
+            raise forms.ValidationError("This would move a hard budget: tick 'Allow weakening' to do it.")
 
     def save(self, commit: bool = True) -> Budget:
         self.instance.limit_micro = int(self.cleaned_data["limit_usd"] * MICRO)
@@ -100,7 +126,45 @@ class BudgetForm(forms.ModelForm):
 # --- the tenant page ------------------------------------------------------------------------------
 
 
-class TenantBudgetInline(admin.TabularInline):
+class SpendColumns:
+    """Spent, reserved, remaining and percent used of a budget in its current period, for admin
+    lists and inlines: from the ledger and the live counter (``budgets.service.spend_status``),
+    the ledger alone when the counter is not reachable. One lookup per budget and page."""
+
+    @staticmethod
+    def _status(obj: Budget | None) -> SpendStatus | None:
+        if obj is None or obj.pk is None:
+            return None
+        found: SpendStatus | None = getattr(obj, "_spend_status", None)
+        if found is None:
+            found = spend_status(obj)
+            obj._spend_status = found  # type: ignore[attr-defined]
+        return found
+
+    @admin.display(description="spent (USD)")
+    def spent(self, obj: Budget | None) -> str:
+        status = self._status(obj)
+        return "-" if status is None else usd(status.spent_micro)
+
+    @admin.display(description="reserved (USD)")
+    def reserved(self, obj: Budget | None) -> str:
+        status = self._status(obj)
+        if status is None:
+            return "-"
+        return usd(status.reserved_micro) if status.live else f"{usd(0)} (no live counter)"
+
+    @admin.display(description="remaining (USD)")
+    def remaining(self, obj: Budget | None) -> str:
+        status = self._status(obj)
+        return "-" if status is None else usd(status.remaining_micro)
+
+    @admin.display(description="used")
+    def used(self, obj: Budget | None) -> str:
+        status = self._status(obj)
+        return "-" if status is None else f"{status.percent:.1f}%"
+
+
+class TenantBudgetInline(SpendColumns, admin.TabularInline):
     model = Budget
     form = BudgetForm
     fk_name = "tenant"
@@ -114,7 +178,13 @@ class TenantBudgetInline(admin.TabularInline):
         "webhook_url",
         "new_webhook_secret",
         "clear_webhook_secret",
+        "allow_weaken",
+        "spent",
+        "reserved",
+        "remaining",
+        "used",
     ]
+    readonly_fields = ["spent", "reserved", "remaining", "used"]
     extra = 0
 
 
@@ -129,32 +199,43 @@ class TenantWithBudgetsAdmin(TenantAdmin):
             super().save_formset(request, form, formset, change)
             return
         formset.save(commit=False)
-        for budget in formset.deleted_objects:
-            services.budget_delete(budget=budget, actor_label=ADMIN_LABEL)
+        for budget in formset.deleted_objects:  # ticking "delete" and saving is the explicit consent
+            services.budget_delete(budget=budget, allow_weaken=True, actor_label=ADMIN_LABEL)
         for budget in formset.new_objects:
             save_budget(budget)
         for budget, fields in formset.changed_objects:
-            save_budget(budget, moved="period" in fields)
+            row = next((f for f in formset.forms if f.instance is budget), None)
+            allow = bool(row is not None and row.cleaned_data.get("allow_weaken"))
+            save_budget(budget, moved="period" in fields, allow_weaken=allow)
 
 
-def save_budget(budget: Budget, *, moved: bool = False) -> Budget:
-    """A budget as a form left it, through the budget service. ``moved``: its scope or period
+def save_budget(budget: Budget, *, moved: bool = False, allow_weaken: bool = False) -> Budget:
+    """A budget as a form left it, through the budget service (the form has checked that a hard
+    budget is only weakened with "Allow weakening" ticked). ``moved``: its scope or period
     changed, so the stored budget is deleted and one is set for the new scope and period."""
-    if moved:
+    fields: dict[str, Any] = {
+        "alert_thresholds": budget.alert_thresholds,
+        "alert_emails": budget.alert_emails,
+        "webhook_url": budget.webhook_url,
+        "webhook_secret": budget.webhook_secret,
+        "allow_weaken": allow_weaken,
+        "actor_label": ADMIN_LABEL,
+    }
+    if budget.pk is not None and not moved:
         stored = Budget.objects.select_related("tenant", "api_key__tenant").get(pk=budget.pk)
-        services.budget_delete(budget=stored, actor_label=ADMIN_LABEL)
-    saved = services.budget_set(
-        tenant=budget.tenant,
-        api_key=budget.api_key,
-        period=budget.period,
-        limit_micro=budget.limit_micro,
-        hard=budget.hard,
-        alert_thresholds=budget.alert_thresholds,
-        alert_emails=budget.alert_emails,
-        webhook_url=budget.webhook_url,
-        webhook_secret=budget.webhook_secret,
-        actor_label=ADMIN_LABEL,
-    )
+        saved = services.budget_update(stored, limit_micro=budget.limit_micro, hard=budget.hard, **fields).budget
+    else:
+        if moved:
+            stored = Budget.objects.select_related("tenant", "api_key__tenant").get(pk=budget.pk)
+            services.budget_delete(budget=stored, allow_weaken=allow_weaken, actor_label=ADMIN_LABEL)
+        saved = services.budget_put(
+            tenant=budget.tenant,
+            api_key=budget.api_key,
+            period=budget.period,
+            limit_micro=budget.limit_micro,
+            hard=budget.hard,
+            **fields,
+        ).budget
     adopt(budget, saved)
     return saved
 
@@ -163,29 +244,97 @@ admin.site.unregister(Tenant)
 admin.site.register(Tenant, TenantWithBudgetsAdmin)
 
 
+# --- the API key page -----------------------------------------------------------------------------
+
+
+class KeyBudgetInline(SpendColumns, admin.TabularInline):
+    """The key's own budgets with their spend, read-only (edit them on the budget pages)."""
+
+    model = Budget
+    fk_name = "api_key"
+    verbose_name = "budget of this key"
+    verbose_name_plural = "budgets of this key (edit them under Budgets)"
+    fields = ["period", "hard", "limit", "spent", "reserved", "remaining", "used"]
+    readonly_fields = ["period", "hard", "limit", "spent", "reserved", "remaining", "used"]
+    extra = 0
+    max_num = 0
+    can_delete = False
+    show_change_link = True
+
+    @admin.display(description="limit (USD)")
+    def limit(self, obj: Budget) -> str:
+        return usd(obj.limit_micro)
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class ApiKeyWithBudgetsAdmin(ApiKeyAdmin):
+    """The key admin of ``tenants.admin`` with, on an existing key's page, its budgets and their
+    spend (``tenants.admin`` knows nothing of budgets: they sit above it). The add page is
+    ``ApiKeyAdmin``'s own."""
+
+    def get_inline_instances(self, request: HttpRequest, obj: ApiKey | None = None) -> list[Any]:
+        found = list(super().get_inline_instances(request, obj))
+        if obj is not None:
+            found.append(KeyBudgetInline(self.model, self.admin_site))
+        return found
+
+
+admin.site.unregister(ApiKey)
+admin.site.register(ApiKey, ApiKeyWithBudgetsAdmin)
+
+
 # --- budgets, counters, reservations, alerts ------------------------------------------------------
 
 
 @admin.register(Budget)
-class BudgetAdmin(AuditedAdmin[Budget]):
+class BudgetAdmin(SpendColumns, AuditedAdmin[Budget]):
     form = BudgetForm
-    list_display = ["scope", "period", "limit_usd_display", "limit_micro", "hard", "alert_thresholds"]
+    list_display = [
+        "scope",
+        "period",
+        "limit_usd_display",
+        "limit_micro",
+        "hard",
+        "spent",
+        "reserved",
+        "remaining",
+        "used",
+        "alert_thresholds",
+    ]
     list_filter = ["period", "hard"]
     list_select_related = ["tenant", "api_key", "api_key__tenant"]
     search_fields = ["tenant__slug", "api_key__prefix"]
     autocomplete_fields = ["tenant", "api_key"]
 
-    fields = [*BudgetForm.Meta.fields, "new_webhook_secret", "clear_webhook_secret"]
+    fields = [*BudgetForm.Meta.fields, "new_webhook_secret", "clear_webhook_secret", "allow_weaken"]
+
+    def get_fields(self, request: HttpRequest, obj: Budget | None = None) -> list[Any]:
+        if obj is None:
+            return list(self.fields)
+        return [*self.fields, "spent", "reserved", "remaining", "used"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Budget | None = None) -> list[str]:
+        return [] if obj is None else ["spent", "reserved", "remaining", "used"]
 
     def save_model(self, request: HttpRequest, obj: Budget, form: ModelForm, change: bool) -> None:
-        save_budget(obj, moved=change and bool({"tenant", "api_key", "period"} & set(form.changed_data)))
+        save_budget(
+            obj,
+            moved=change and bool({"tenant", "api_key", "period"} & set(form.changed_data)),
+            allow_weaken=bool(form.cleaned_data.get("allow_weaken")),
+        )
 
+    # Deleting, confirmed on Django's "Are you sure?" page, is the explicit consent to lose a cap.
     def delete_model(self, request: HttpRequest, obj: Budget) -> None:
-        services.budget_delete(budget=obj, actor_label=ADMIN_LABEL)
+        services.budget_delete(budget=obj, allow_weaken=True, actor_label=ADMIN_LABEL)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Budget]) -> None:
         for budget in queryset.select_related("tenant", "api_key__tenant"):
-            services.budget_delete(budget=budget, actor_label=ADMIN_LABEL)
+            services.budget_delete(budget=budget, allow_weaken=True, actor_label=ADMIN_LABEL)
 
     @admin.display(description="scope")
     def scope(self, obj: Budget) -> str:
