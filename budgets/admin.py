@@ -15,6 +15,8 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
 from budgets import services
 from budgets.models import AlertSent, Budget, BudgetCounter, BudgetReservation
@@ -247,41 +249,52 @@ admin.site.register(Tenant, TenantWithBudgetsAdmin)
 # --- the API key page -----------------------------------------------------------------------------
 
 
-class KeyBudgetInline(SpendColumns, admin.TabularInline):
-    """The key's own budgets with their spend, read-only (edit them on the budget pages)."""
-
-    model = Budget
-    fk_name = "api_key"
-    verbose_name = "budget of this key"
-    verbose_name_plural = "budgets of this key (edit them under Budgets)"
-    fields = ["period", "hard", "limit", "spent", "reserved", "remaining", "used"]
-    readonly_fields = ["period", "hard", "limit", "spent", "reserved", "remaining", "used"]
-    extra = 0
-    max_num = 0
-    can_delete = False
-    show_change_link = True
-
-    @admin.display(description="limit (USD)")
-    def limit(self, obj: Budget) -> str:
-        return usd(obj.limit_micro)
-
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-
 class ApiKeyWithBudgetsAdmin(ApiKeyAdmin):
-    """The key admin of ``tenants.admin`` with, on an existing key's page, its budgets and their
-    spend (``tenants.admin`` knows nothing of budgets: they sit above it). The add page is
-    ``ApiKeyAdmin``'s own."""
+    """The key admin of ``tenants.admin`` with, on an existing key's page, a read-only panel of its
+    budgets and their spend (``tenants.admin`` knows nothing of budgets: they sit above it). A
+    read-only field, not an inline, so the key's form posts exactly what it did before; the add
+    page is ``ApiKeyAdmin``'s own."""
 
-    def get_inline_instances(self, request: HttpRequest, obj: ApiKey | None = None) -> list[Any]:
-        found = list(super().get_inline_instances(request, obj))
-        if obj is not None:
-            found.append(KeyBudgetInline(self.model, self.admin_site))
-        return found
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[Any]:
+        fields = list(super().get_fields(request, obj))
+        return fields if obj is None else [*fields, "budget_spend"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:
+        fields = list(super().get_readonly_fields(request, obj))
+        return fields if obj is None else [*fields, "budget_spend"]
+
+    @admin.display(description="budgets of this key")
+    def budget_spend(self, obj: ApiKey) -> str:
+        """The key's own budgets (its tenants' budgets are on their pages), current period."""
+        rows = []
+        for budget in Budget.objects.filter(api_key=obj).select_related("api_key__tenant").order_by("period", "-hard"):
+            status = spend_status(budget)
+            reserved = usd(status.reserved_micro) if status.live else f"{usd(0)} (no live counter)"
+            link = reverse("admin:budgets_budget_change", args=[budget.pk])
+            rows.append(
+                (
+                    link,
+                    budget.period,
+                    "hard" if budget.hard else "soft",
+                    usd(budget.limit_micro),
+                    usd(status.spent_micro),
+                    reserved,
+                    usd(status.remaining_micro),
+                    f"{status.percent:.1f}%",
+                )
+            )
+        if not rows:
+            return "none (add one under Budgets)"
+        body = format_html_join(
+            "",
+            '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>',
+            rows,
+        )
+        return format_html(
+            '<table class="chittycan-key-budgets"><thead><tr><th>period</th><th>kind</th><th>limit</th>'
+            "<th>spent</th><th>reserved</th><th>remaining</th><th>used</th></tr></thead><tbody>{}</tbody></table>",
+            body,
+        )
 
 
 admin.site.unregister(ApiKey)

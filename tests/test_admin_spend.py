@@ -103,7 +103,7 @@ def test_tenant_page_shows_its_budgets_spend(admin_client, world):
 
 def test_key_page_shows_the_keys_budgets_and_spend(admin_client, world):
     page = _cells(admin_client.get(reverse("admin:tenants_apikey_change", args=[world["key"].pk])).content.decode())
-    assert "budgets of this key" in page.lower()
+    assert "budgets of this key" in page.lower() and "chittycan-key-budgets" in page
     assert "$1.000001" in page and "100.0%" in page and "$1.00" in page
     add = admin_client.get(reverse("admin:tenants_apikey_add"))
     assert add.status_code == 200 and "budgets of this key" not in add.content.decode().lower()
@@ -157,3 +157,31 @@ def test_spend_falls_back_to_the_ledger_when_redis_is_unreachable(admin_client, 
     page = _cells(admin_client.get(reverse("admin:budgets_budget_changelist")).content.decode())
     assert "$1.000002" in page and "$2.999998" in page and "25.0%" in page
     assert "(no live counter)" in page
+
+
+def test_admin_form_refuses_to_weaken_a_hard_budget_unless_ticked(admin_client, world):
+    hard = world["hard"]
+    url = reverse("admin:budgets_budget_change", args=[hard.pk])
+    form = {
+        "tenant": str(world["acme"].pk),
+        "api_key": "",
+        "period": "month",
+        "limit_usd": "4.5",
+        "hard": "on",
+        "alert_thresholds": "[50, 80, 100]",
+        "alert_emails": "[]",
+        "webhook_url": "",
+    }
+    response = admin_client.post(url, form)
+    assert response.status_code == 200 and "Allow weakening" in response.content.decode()
+    assert Budget.objects.get(pk=hard.pk).limit_micro == 4_000_000
+    response = admin_client.post(url, {**form, "hard": ""})  # turning it soft is weakening too
+    assert response.status_code == 200 and Budget.objects.get(pk=hard.pk).hard
+    response = admin_client.post(url, {**form, "limit_usd": "3"})  # tightening needs no tick
+    assert response.status_code == 302 and Budget.objects.get(pk=hard.pk).limit_micro == 3_000_000
+    response = admin_client.post(url, {**form, "allow_weaken": "on"})
+    assert response.status_code == 302 and Budget.objects.get(pk=hard.pk).limit_micro == 4_500_000
+    # A second hard budget on the same scope and period is a form error, not a 500.
+    add = {**form, "limit_usd": "1"}
+    response = admin_client.post(reverse("admin:budgets_budget_add"), add)
+    assert response.status_code == 200 and Budget.objects.filter(tenant=world["acme"], hard=True).count() == 1
