@@ -11,13 +11,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 
-from budgets import alerts, services
+from budgets import alerts, counters, services
 from budgets.models import AlertSent, Budget
 from budgets.periods import BudgetInfo, counters_for
+from budgets.tasks import live_counters, reconcile
 from ledger.models import UsageRecord
 from tenants.keyinfo import KeyInfo, TenantInfo
 from tests.conftest import wait_usage
@@ -278,3 +281,22 @@ def test_apply_refuses_two_hard_budgets_for_one_period(db, tmp_path):
         call_command("apply", "-f", str(path), stdout=io.StringIO(), stderr=err)
     assert "tenants[0].budgets[1]: a second hard month budget (also at tenants[0].budgets[0])" in err.getvalue()
     assert not Budget.objects.filter(tenant__slug="yaml-co").exists()
+
+
+def test_reconcile_repairs_a_shared_counter_once(upstream, gateway_server, make_tenant, make_key):
+    tenant = make_tenant("levels-drift")
+    key = make_key(tenant)
+    services.budget_set(tenant=tenant, period="month", limit_micro=LIMIT)
+    services.budget_set(tenant=tenant, period="month", limit_micro=LIMIT // 2, hard=False)
+    services.budget_set(tenant=tenant, period="month", limit_micro=LIMIT * 2, hard=False)
+    upstream.push("/v1/chat/completions", chat_reply(3000))
+    assert [r.status_code for r in fire([gateway_server.url], key, 1)] == [200]
+    wait_usage(1, tenant=tenant)
+    name = month_name("t", tenant.pk)
+    assert [c.name for _, c in live_counters()].count(name) == 1
+    conn = redis.Redis.from_url(settings.REDIS_URL)
+    conn.incrby(counters.counter_key(tenant.pk, name), 1_000)  # drift
+    conn.close()
+    [drift] = [d for d in reconcile(repair=True, settle_time=0.1) if d.counter == name]
+    assert drift.drift == 1_000
+    assert counter_value(tenant.pk, name) == ACTUAL
