@@ -104,7 +104,7 @@ def _run(entry: Entry) -> None:
             return
         started = time.monotonic()
         result = task()
-        log.info(
+        log.debug(
             "embedded scheduler ran %s",
             entry.name,
             extra={"task": entry.task, "seconds": round(time.monotonic() - started, 3), "result": str(result)[:200]},
