@@ -100,7 +100,30 @@ class BudgetForm(forms.ModelForm):
             if bool(data.get("tenant")) == bool(data.get("api_key")):
                 raise forms.ValidationError("A budget belongs to a tenant or to one API key: choose exactly one.")
         self._check_weaken(data)
+        self._check_levels(data)
         return data
+
+    def _check_levels(self, data: dict[str, Any]) -> None:
+        """One hard budget per owner and period, soft ones at distinct limits (the database says
+        so too, but an inline row is saved after its form is validated: say it on the form)."""
+        tenant = data.get("tenant") if "tenant" in self.fields else None
+        api_key = data.get("api_key") if "api_key" in self.fields else None
+        tenant_id = tenant.pk if isinstance(tenant, Tenant) else self.instance.tenant_id
+        api_key_id = api_key.pk if isinstance(api_key, ApiKey) else self.instance.api_key_id
+        period, hard = data.get("period") or self.instance.period, bool(data.get("hard"))
+        if data.get("limit_usd") is None or (tenant_id is None and api_key_id is None):
+            return
+        rows = Budget.objects.filter(tenant_id=tenant_id, api_key_id=api_key_id, period=period, hard=hard)
+        if not hard:
+            rows = rows.filter(limit_micro=int(data["limit_usd"] * MICRO))
+        clash = rows.exclude(pk=self.instance.pk).first() if self.instance.pk else rows.first()
+        if clash is not None:
+            if hard:
+                raise forms.ValidationError(
+                    f"This scope already has a hard {period} budget ({usd(clash.limit_micro)}): change that one, "
+                    "or make this one soft (an alert level)."
+                )
+            raise forms.ValidationError(f"This scope already has a soft {period} budget at {usd(clash.limit_micro)}.")
 
     def _check_weaken(self, data: dict[str, Any]) -> None:
         if self.instance.pk is None or data.get("allow_weaken"):

@@ -185,3 +185,45 @@ def test_admin_form_refuses_to_weaken_a_hard_budget_unless_ticked(admin_client, 
     add = {**form, "limit_usd": "1"}
     response = admin_client.post(reverse("admin:budgets_budget_add"), add)
     assert response.status_code == 200 and Budget.objects.filter(tenant=world["acme"], hard=True).count() == 1
+
+
+def test_tenant_page_refuses_a_second_hard_budget_inline(admin_client, world):
+    acme = world["acme"]
+    form = {
+        "slug": acme.slug,
+        "name": acme.name,
+        "kind": acme.kind,
+        "parent": "",
+        "is_active": "on",
+        "plan": "",
+        "time_zone": "UTC",
+        "stripe_customer_id": "",
+        "rpm_limit": "",
+        "tpm_limit": "",
+        "allowed_models": "[]",
+    }
+    existing = list(Budget.objects.filter(tenant=acme).order_by("pk"))
+    rows = [
+        {
+            "id": str(b.pk),
+            "tenant": str(acme.pk),
+            "period": b.period,
+            "limit_usd": str(b.limit_micro / 1_000_000),
+            "hard": "on" if b.hard else "",
+            "alert_thresholds": "[50, 80, 100]",
+            "alert_emails": "[]",
+            "webhook_url": "",
+        }
+        for b in existing
+    ]
+    extra = {"tenant": str(acme.pk), "period": "month", "limit_usd": "9", "hard": "on"}
+    extra.update({"alert_thresholds": "[]", "alert_emails": "[]", "webhook_url": ""})
+    data = dict(form)
+    data.update({"budgets-TOTAL_FORMS": str(len(rows) + 1), "budgets-INITIAL_FORMS": str(len(rows))})
+    data.update({"budgets-MIN_NUM_FORMS": "0", "budgets-MAX_NUM_FORMS": "1000"})
+    for i, row in enumerate([*rows, extra]):
+        data.update({f"budgets-{i}-{k}": v for k, v in row.items()})
+    response = admin_client.post(reverse("admin:tenants_tenant_change", args=[acme.pk]), data)
+    assert response.status_code == 200, response.status_code  # the form again, with the error
+    assert "This scope already has a hard month budget ($4.00)" in response.content.decode()
+    assert Budget.objects.filter(tenant=acme, hard=True).get().limit_micro == 4_000_000
