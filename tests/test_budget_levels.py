@@ -62,6 +62,11 @@ def test_one_hard_and_many_soft_levels_per_scope_and_period(make_tenant):
     ):
         with pytest.raises(ValidationError):
             extra.full_clean()
+    # Turning a soft level hard beside the cap, or moving it onto another level, is refused too.
+    with pytest.raises(ValidationError):
+        services.budget_update(soft[0], hard=True)
+    with pytest.raises(ValidationError):
+        services.budget_update(soft[0], limit_micro=800_000_000)
     # Another period is another scope.
     assert services.budget_set(tenant=tenant, period="day", limit_micro=1).hard
 
