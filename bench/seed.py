@@ -62,7 +62,7 @@ def setup(upstream: str) -> dict[str, object]:
     )
     Tenant.objects.filter(pk=tenant.pk).update(rpm_limit=LARGE_RPM, tpm_limit=LARGE_TPM)
     Budget.objects.update_or_create(
-        tenant=tenant, period=Budget.Period.MONTH, defaults={"limit_micro": LARGE_BUDGET_MICRO, "hard": True}
+        tenant=tenant, period=Budget.Period.MONTH, hard=True, defaults={"limit_micro": LARGE_BUDGET_MICRO}
     )
     # One key per run: revoke the previous runs' keys so the table stays small.
     ApiKey.objects.filter(tenant=tenant, revoked_at__isnull=True).update(revoked_at=datetime.now(tz=UTC))
@@ -70,7 +70,7 @@ def setup(upstream: str) -> dict[str, object]:
         tenant=tenant, name="bench", rpm_limit=LARGE_RPM, tpm_limit=LARGE_TPM, actor_label="bench"
     )
     Budget.objects.update_or_create(
-        api_key=api_key, period=Budget.Period.DAY, defaults={"limit_micro": LARGE_BUDGET_MICRO, "hard": True}
+        api_key=api_key, period=Budget.Period.DAY, hard=True, defaults={"limit_micro": LARGE_BUDGET_MICRO}
     )
     return {"key": plaintext, "tenant_id": tenant.pk, "model": MODEL, "rows": count()}
 

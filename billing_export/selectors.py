@@ -10,7 +10,16 @@ from billing_export.models import ExportedUsage, ExportLine, ExportRun
 from billing_export.services import Period
 from ledger.models import UsageRecord
 
-__all__ = ["Reconciliation", "period_reconciliation", "run_lines", "run_list"]
+__all__ = ["UNEXPORTED", "Reconciliation", "period_reconciliation", "run_lines", "run_list", "unexported"]
+
+#: Why ``unexported`` rows are held back from pruning (``ledger.holds``; shown by ``can analytics prune``).
+UNEXPORTED = "billable and not yet exported to Stripe (run `can billing export` for their period)"
+
+
+def unexported(rows: QuerySet[UsageRecord]) -> QuerySet[UsageRecord]:
+    """The billable rows of ``rows`` that no export has covered yet: the export reads them raw, so
+    retention must keep them (registered as a ``ledger.holds`` hold when the app is ready)."""
+    return rows.filter(cost_micro__gt=0).exclude(Exists(ExportedUsage.objects.filter(usage_id=OuterRef("pk"))))
 
 
 def run_list(*, period: str | None = None, limit: int = 50) -> QuerySet[ExportRun]:

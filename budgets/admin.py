@@ -15,14 +15,18 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
 from budgets import services
 from budgets.models import AlertSent, Budget, BudgetCounter, BudgetReservation
+from budgets.service import SpendStatus, spend_status
 from core import egress
 from tenants.admin import (
     ADMIN_LABEL,
     MICRO,
     URL_FIELDS,
+    ApiKeyAdmin,
     AuditedAdmin,
     ReadOnlyAdmin,
     TenantAdmin,
@@ -30,7 +34,7 @@ from tenants.admin import (
     https_formfield,
     usd,
 )
-from tenants.models import Tenant
+from tenants.models import ApiKey, Tenant
 
 # --- budgets --------------------------------------------------------------------------------------
 
@@ -48,6 +52,11 @@ class BudgetForm(forms.ModelForm):
         help_text="Write-only: type a new one to replace it; leave empty to keep the current one.",
     )
     clear_webhook_secret = forms.BooleanField(label="Remove the webhook secret", required=False)
+    allow_weaken = forms.BooleanField(
+        label="Allow weakening",
+        required=False,
+        help_text="Needed to raise a hard budget's limit, make it soft or move it to another scope or period.",
+    )
 
     class Meta:
         model = Budget
@@ -96,7 +105,49 @@ class BudgetForm(forms.ModelForm):
         if "tenant" in self.fields and "api_key" in self.fields:
             if bool(data.get("tenant")) == bool(data.get("api_key")):
                 raise forms.ValidationError("A budget belongs to a tenant or to one API key: choose exactly one.")
+        self._check_weaken(data)
+        self._check_levels(data)
         return data
+
+    def _check_levels(self, data: dict[str, Any]) -> None:
+        """One hard budget per owner and period, soft ones at distinct limits (the database says
+        so too, but an inline row is saved after its form is validated: say it on the form)."""
+        tenant = data.get("tenant") if "tenant" in self.fields else None
+        api_key = data.get("api_key") if "api_key" in self.fields else None
+        tenant_id = tenant.pk if isinstance(tenant, Tenant) else self.instance.tenant_id
+        api_key_id = api_key.pk if isinstance(api_key, ApiKey) else self.instance.api_key_id
+        period, hard = data.get("period") or self.instance.period, bool(data.get("hard"))
+        if data.get("limit_usd") is None or (tenant_id is None and api_key_id is None):
+            return
+        rows = Budget.objects.filter(tenant_id=tenant_id, api_key_id=api_key_id, period=period, hard=hard)
+        if not hard:
+            rows = rows.filter(limit_micro=int(data["limit_usd"] * MICRO))
+        clash = rows.exclude(pk=self.instance.pk).first() if self.instance.pk else rows.first()
+        if clash is not None:
+            if hard:
+                raise forms.ValidationError(
+                    f"This scope already has a hard {period} budget ({usd(clash.limit_micro)}): change that one, "
+                    "or make this one soft (an alert level)."
+                )
+            raise forms.ValidationError(f"This scope already has a soft {period} budget at {usd(clash.limit_micro)}.")
+
+    def _check_weaken(self, data: dict[str, Any]) -> None:
+        if self.instance.pk is None or data.get("allow_weaken"):
+            return
+        stored = Budget.objects.filter(pk=self.instance.pk).first()
+        if stored is None or not stored.hard:
+            return
+        limit = int(data["limit_usd"] * MICRO) if data.get("limit_usd") is not None else stored.limit_micro
+        moved = bool({"tenant", "api_key", "period"} & set(self.changed_data))
+        if "hard" in data and not data["hard"]:
+            raise forms.ValidationError("This would turn a hard budget soft: tick 'Allow weakening' to do it.")
+        if limit > stored.limit_micro:
+            raise forms.ValidationError(
+                f"This would raise the hard limit from {usd(stored.limit_micro)} to {usd(limit)}: "
+                "tick 'Allow weakening' to do it."
+            )
+        if moved:
+            raise forms.ValidationError("This would move a hard budget: tick 'Allow weakening' to do it.")
 
     def save(self, commit: bool = True) -> Budget:
         self.instance.limit_micro = int(self.cleaned_data["limit_usd"] * MICRO)
@@ -106,7 +157,45 @@ class BudgetForm(forms.ModelForm):
 # --- the tenant page ------------------------------------------------------------------------------
 
 
-class TenantBudgetInline(admin.TabularInline):
+class SpendColumns:
+    """Spent, reserved, remaining and percent used of a budget in its current period, for admin
+    lists and inlines: from the ledger and the live counter (``budgets.service.spend_status``),
+    the ledger alone when the counter is not reachable. One lookup per budget and page."""
+
+    @staticmethod
+    def _status(obj: Budget | None) -> SpendStatus | None:
+        if obj is None or obj.pk is None:
+            return None
+        found: SpendStatus | None = getattr(obj, "_spend_status", None)
+        if found is None:
+            found = spend_status(obj)
+            obj._spend_status = found  # type: ignore[attr-defined]
+        return found
+
+    @admin.display(description="spent (USD)")
+    def spent(self, obj: Budget | None) -> str:
+        status = self._status(obj)
+        return "-" if status is None else usd(status.spent_micro)
+
+    @admin.display(description="reserved (USD)")
+    def reserved(self, obj: Budget | None) -> str:
+        status = self._status(obj)
+        if status is None:
+            return "-"
+        return usd(status.reserved_micro) if status.live else f"{usd(0)} (no live counter)"
+
+    @admin.display(description="remaining (USD)")
+    def remaining(self, obj: Budget | None) -> str:
+        status = self._status(obj)
+        return "-" if status is None else usd(status.remaining_micro)
+
+    @admin.display(description="used")
+    def used(self, obj: Budget | None) -> str:
+        status = self._status(obj)
+        return "-" if status is None else f"{status.percent:.1f}%"
+
+
+class TenantBudgetInline(SpendColumns, admin.TabularInline):
     model = Budget
     form = BudgetForm
     fk_name = "tenant"
@@ -120,7 +209,13 @@ class TenantBudgetInline(admin.TabularInline):
         "webhook_url",
         "new_webhook_secret",
         "clear_webhook_secret",
+        "allow_weaken",
+        "spent",
+        "reserved",
+        "remaining",
+        "used",
     ]
+    readonly_fields = ["spent", "reserved", "remaining", "used"]
     extra = 0
 
 
@@ -135,32 +230,43 @@ class TenantWithBudgetsAdmin(TenantAdmin):
             super().save_formset(request, form, formset, change)
             return
         formset.save(commit=False)
-        for budget in formset.deleted_objects:
-            services.budget_delete(budget=budget, actor_label=ADMIN_LABEL)
+        for budget in formset.deleted_objects:  # ticking "delete" and saving is the explicit consent
+            services.budget_delete(budget=budget, allow_weaken=True, actor_label=ADMIN_LABEL)
         for budget in formset.new_objects:
             save_budget(budget)
         for budget, fields in formset.changed_objects:
-            save_budget(budget, moved="period" in fields)
+            row = next((f for f in formset.forms if f.instance is budget), None)
+            allow = bool(row is not None and row.cleaned_data.get("allow_weaken"))
+            save_budget(budget, moved="period" in fields, allow_weaken=allow)
 
 
-def save_budget(budget: Budget, *, moved: bool = False) -> Budget:
-    """A budget as a form left it, through the budget service. ``moved``: its scope or period
+def save_budget(budget: Budget, *, moved: bool = False, allow_weaken: bool = False) -> Budget:
+    """A budget as a form left it, through the budget service (the form has checked that a hard
+    budget is only weakened with "Allow weakening" ticked). ``moved``: its scope or period
     changed, so the stored budget is deleted and one is set for the new scope and period."""
-    if moved:
+    fields: dict[str, Any] = {
+        "alert_thresholds": budget.alert_thresholds,
+        "alert_emails": budget.alert_emails,
+        "webhook_url": budget.webhook_url,
+        "webhook_secret": budget.webhook_secret,
+        "allow_weaken": allow_weaken,
+        "actor_label": ADMIN_LABEL,
+    }
+    if budget.pk is not None and not moved:
         stored = Budget.objects.select_related("tenant", "api_key__tenant").get(pk=budget.pk)
-        services.budget_delete(budget=stored, actor_label=ADMIN_LABEL)
-    saved = services.budget_set(
-        tenant=budget.tenant,
-        api_key=budget.api_key,
-        period=budget.period,
-        limit_micro=budget.limit_micro,
-        hard=budget.hard,
-        alert_thresholds=budget.alert_thresholds,
-        alert_emails=budget.alert_emails,
-        webhook_url=budget.webhook_url,
-        webhook_secret=budget.webhook_secret,
-        actor_label=ADMIN_LABEL,
-    )
+        saved = services.budget_update(stored, limit_micro=budget.limit_micro, hard=budget.hard, **fields).budget
+    else:
+        if moved:
+            stored = Budget.objects.select_related("tenant", "api_key__tenant").get(pk=budget.pk)
+            services.budget_delete(budget=stored, allow_weaken=allow_weaken, actor_label=ADMIN_LABEL)
+        saved = services.budget_put(
+            tenant=budget.tenant,
+            api_key=budget.api_key,
+            period=budget.period,
+            limit_micro=budget.limit_micro,
+            hard=budget.hard,
+            **fields,
+        ).budget
     adopt(budget, saved)
     return saved
 
@@ -169,29 +275,108 @@ admin.site.unregister(Tenant)
 admin.site.register(Tenant, TenantWithBudgetsAdmin)
 
 
+# --- the API key page -----------------------------------------------------------------------------
+
+
+class ApiKeyWithBudgetsAdmin(ApiKeyAdmin):
+    """The key admin of ``tenants.admin`` with, on an existing key's page, a read-only panel of its
+    budgets and their spend (``tenants.admin`` knows nothing of budgets: they sit above it). A
+    read-only field, not an inline, so the key's form posts exactly what it did before; the add
+    page is ``ApiKeyAdmin``'s own."""
+
+    def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[Any]:
+        fields = list(super().get_fields(request, obj))
+        return fields if obj is None else [*fields, "budget_spend"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[str]:
+        fields = list(super().get_readonly_fields(request, obj))
+        return fields if obj is None else [*fields, "budget_spend"]
+
+    @admin.display(description="budgets of this key")
+    def budget_spend(self, obj: ApiKey) -> str:
+        """The key's own budgets (its tenants' budgets are on their pages), current period."""
+        rows = []
+        for budget in Budget.objects.filter(api_key=obj).select_related("api_key__tenant").order_by("period", "-hard"):
+            status = spend_status(budget)
+            reserved = usd(status.reserved_micro) if status.live else f"{usd(0)} (no live counter)"
+            link = reverse("admin:budgets_budget_change", args=[budget.pk])
+            rows.append(
+                (
+                    link,
+                    budget.period,
+                    "hard" if budget.hard else "soft",
+                    usd(budget.limit_micro),
+                    usd(status.spent_micro),
+                    reserved,
+                    usd(status.remaining_micro),
+                    f"{status.percent:.1f}%",
+                )
+            )
+        if not rows:
+            return "none (add one under Budgets)"
+        body = format_html_join(
+            "",
+            '<tr><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>',
+            rows,
+        )
+        return format_html(
+            '<table class="chittycan-key-budgets"><thead><tr><th>period</th><th>kind</th><th>limit</th>'
+            "<th>spent</th><th>reserved</th><th>remaining</th><th>used</th></tr></thead><tbody>{}</tbody></table>",
+            body,
+        )
+
+
+admin.site.unregister(ApiKey)
+admin.site.register(ApiKey, ApiKeyWithBudgetsAdmin)
+
+
 # --- budgets, counters, reservations, alerts ------------------------------------------------------
 
 
 @admin.register(Budget)
-class BudgetAdmin(AuditedAdmin[Budget]):
+class BudgetAdmin(SpendColumns, AuditedAdmin[Budget]):
     form = BudgetForm
-    list_display = ["scope", "period", "limit_usd_display", "limit_micro", "hard", "alert_thresholds"]
+    list_display = [
+        "scope",
+        "period",
+        "limit_usd_display",
+        "limit_micro",
+        "hard",
+        "spent",
+        "reserved",
+        "remaining",
+        "used",
+        "alert_thresholds",
+    ]
     list_filter = ["period", "hard"]
     list_select_related = ["tenant", "api_key", "api_key__tenant"]
     search_fields = ["tenant__slug", "api_key__prefix"]
     autocomplete_fields = ["tenant", "api_key"]
 
-    fields = [*BudgetForm.Meta.fields, "new_webhook_secret", "clear_webhook_secret"]
+    fields = [*BudgetForm.Meta.fields, "new_webhook_secret", "clear_webhook_secret", "allow_weaken"]
+
+    def get_fields(self, request: HttpRequest, obj: Budget | None = None) -> list[Any]:
+        if obj is None:
+            return list(self.fields)
+        return [*self.fields, "spent", "reserved", "remaining", "used"]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Budget | None = None) -> list[str]:
+        return [] if obj is None else ["spent", "reserved", "remaining", "used"]
 
     def save_model(self, request: HttpRequest, obj: Budget, form: ModelForm, change: bool) -> None:
-        save_budget(obj, moved=change and bool({"tenant", "api_key", "period"} & set(form.changed_data)))
+        save_budget(
+            obj,
+            moved=change and bool({"tenant", "api_key", "period"} & set(form.changed_data)),
+            allow_weaken=bool(form.cleaned_data.get("allow_weaken")),
+        )
 
+    # Deleting, confirmed on Django's "Are you sure?" page, is the explicit consent to lose a cap.
     def delete_model(self, request: HttpRequest, obj: Budget) -> None:
-        services.budget_delete(budget=obj, actor_label=ADMIN_LABEL)
+        services.budget_delete(budget=obj, allow_weaken=True, actor_label=ADMIN_LABEL)
 
     def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Budget]) -> None:
         for budget in queryset.select_related("tenant", "api_key__tenant"):
-            services.budget_delete(budget=budget, actor_label=ADMIN_LABEL)
+            services.budget_delete(budget=budget, allow_weaken=True, actor_label=ADMIN_LABEL)
 
     @admin.display(description="scope")
     def scope(self, obj: Budget) -> str:

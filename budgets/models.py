@@ -11,6 +11,7 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from core.money import format_usd_short
 from tenants.models import ApiKey, Tenant
 
 __all__ = ["AlertSent", "Budget", "BudgetCounter", "BudgetReservation"]
@@ -23,8 +24,10 @@ def _default_thresholds() -> list[int]:
 class Budget(models.Model):
     """A spend limit on a tenant (counting its whole subtree) or on one key, per period.
 
-    Amounts are integer micro-USD. Day and month periods are calendar periods in the tenant's
-    time zone; TOTAL never resets.
+    An owner has at most one *hard* budget per period (the cap: requests that could go past it are
+    refused with 402) and any number of *soft* ones at distinct limits (alert levels: never refuse,
+    alert at their thresholds). Amounts are integer micro-USD. Day and month periods are calendar
+    periods in the tenant's time zone; TOTAL never resets.
     """
 
     class Period(models.TextChoices):
@@ -51,13 +54,30 @@ class Budget(models.Model):
                 | (models.Q(tenant__isnull=True, api_key__isnull=False)),
                 name="budget_exactly_one_scope",
             ),
-            models.UniqueConstraint(fields=["tenant", "period"], name="budget_unique_tenant_period"),
-            models.UniqueConstraint(fields=["api_key", "period"], name="budget_unique_key_period"),
+            # At most one hard budget (the cap) per owner and period...
+            models.UniqueConstraint(
+                fields=["tenant", "period"], condition=models.Q(hard=True), name="budget_one_hard_tenant_period"
+            ),
+            models.UniqueConstraint(
+                fields=["api_key", "period"], condition=models.Q(hard=True), name="budget_one_hard_key_period"
+            ),
+            # ... and any number of soft ones (alert levels), each at its own limit.
+            models.UniqueConstraint(
+                fields=["tenant", "period", "limit_micro"],
+                condition=models.Q(hard=False),
+                name="budget_soft_tenant_period_limit",
+            ),
+            models.UniqueConstraint(
+                fields=["api_key", "period", "limit_micro"],
+                condition=models.Q(hard=False),
+                name="budget_soft_key_period_limit",
+            ),
         ]
 
     def __str__(self) -> str:
         scope = f"tenant {self.tenant}" if self.tenant_id else f"key {self.api_key}"
-        return f"{scope}: {self.limit_micro / 1_000_000:.2f} USD per {self.period}"
+        kind = "hard" if self.hard else "soft"
+        return f"{scope}: {format_usd_short(self.limit_micro)} USD per {self.period} ({kind})"
 
 
 class BudgetCounter(models.Model):

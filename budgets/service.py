@@ -296,6 +296,7 @@ class SpendStatus:
     hard: bool
     spent_micro: int  # settled spend in the ledger for the current period
     reserved_micro: int  # live counter minus ledger: open reservations and rows not yet written (>= 0)
+    live: bool = True  # False: the live counter was not built or not reachable (reserved_micro is 0 then)
 
     @property
     def remaining_micro(self) -> int:
@@ -310,7 +311,9 @@ def spend_status(budget: Budget, when: datetime | None = None) -> SpendStatus:
     """Current spend against a budget (for alerts, the API and the dashboard). Synchronous.
 
     ``spent_micro`` comes from the ledger (the truth); ``reserved_micro`` is what the live counter
-    holds beyond it (in-flight requests), read from whichever counter store is active.
+    holds beyond it (in-flight requests), read from whichever counter store is active. When that
+    counter is not built yet or Redis is unreachable, ``live`` is False and the ledger alone
+    answers (``reserved_micro`` 0).
     """
     counter = budget_counter(budget, when)
     spent = ledger_value(counter)
@@ -325,4 +328,5 @@ def spend_status(budget: Budget, when: datetime | None = None) -> SpendStatus:
         hard=budget.hard,
         spent_micro=spent,
         reserved_micro=max(0, (live if live is not None else spent) - spent),
+        live=live is not None,
     )

@@ -135,6 +135,8 @@ def budget_spend(budget: Budget, when: datetime | None = None) -> BudgetSpend:
 
 
 def monthly_budget_micro(tenant: Tenant) -> int | None:
-    """The tenant's monthly budget (for ``ledger.analytics.month_report``), if it has one."""
-    budget = Budget.objects.filter(tenant=tenant, period=Budget.Period.MONTH).first()
+    """The tenant's monthly budget (for ``ledger.analytics.month_report``), if it has one: its hard
+    budget, else its lowest soft one."""
+    rows = Budget.objects.filter(tenant=tenant, period=Budget.Period.MONTH)
+    budget = rows.order_by("-hard", "limit_micro").first()  # the hard cap, else the lowest alert level
     return None if budget is None else int(budget.limit_micro)

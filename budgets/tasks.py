@@ -48,7 +48,8 @@ class Drift:
 
 
 def live_counters(when: datetime | None = None) -> list[tuple[int, periods.Counter]]:
-    """Every budget and plan-quota counter of the current periods, with its tree's root id."""
+    """Every budget and plan-quota counter of the current periods, with its tree's root id, once
+    each (budgets of one scope and period share a counter)."""
     now = when or datetime.now(UTC)
     roots: dict[int, int] = {}
 
@@ -59,10 +60,15 @@ def live_counters(when: datetime | None = None) -> list[tuple[int, periods.Count
         return roots[tenant.pk]
 
     found: list[tuple[int, periods.Counter]] = []
-    for budget in Budget.objects.select_related("tenant", "api_key__tenant"):
+    seen: set[str] = set()
+    for budget in Budget.objects.select_related("tenant", "api_key__tenant").order_by("-hard", "pk"):
         owner = budget.tenant if budget.tenant_id else budget.api_key.tenant  # type: ignore[union-attr]
         assert owner is not None
-        found.append((root_of(owner), periods.budget_counter(budget, now)))
+        counter = periods.budget_counter(budget, now)
+        if counter.name in seen:
+            continue  # a hard budget and its soft levels share one counter: check (and repair) it once
+        seen.add(counter.name)
+        found.append((root_of(owner), counter))
     for tenant in Tenant.objects.filter(plan__monthly_request_quota__isnull=False).select_related("plan"):
         assert tenant.plan is not None and tenant.plan.monthly_request_quota is not None
         name = f"q{tenant.pk}:{periods.period_key('month', tenant.time_zone, now)}"

@@ -237,27 +237,40 @@ class BudgetViewSet(
 
     def _save(self, serializer: serializers.BaseSerializer[Budget], budget: Budget | None) -> Budget:
         v = dict(serializer.validated_data)
+        allow_weaken = bool(v.pop("allow_weaken", False))
         tenant = v.pop("tenant", None) if budget is None else budget.tenant
         api_key = v.pop("api_key", None) if budget is None else budget.api_key
         period = v.pop("period", Budget.Period.MONTH) if budget is None else budget.period
         self._check_budget_rights(tenant, api_key)
         limit = v.pop("limit_micro", None if budget is None else budget.limit_micro)
         hard = v.pop("hard", True if budget is None else budget.hard)
-        if budget is None and Budget.objects.filter(tenant=tenant, api_key=api_key, period=period).exists():
-            raise exceptions.ValidationError({"period": [f"This scope already has a {period} budget; update it."]})
+        settings_: dict[str, Any] = {
+            "alert_thresholds": v.get("alert_thresholds"),
+            "alert_emails": v.get("alert_emails"),
+            "webhook_url": v.get("webhook_url"),
+            "webhook_secret": v.get("webhook_secret"),
+            "allow_weaken": allow_weaken,
+            "actor_label": _actor(self.request),
+        }
         try:
-            return budget_services.budget_set(
-                tenant=tenant,
-                api_key=api_key,
-                period=period,
-                limit_micro=limit,
-                hard=hard,
-                alert_thresholds=v.get("alert_thresholds"),
-                alert_emails=v.get("alert_emails"),
-                webhook_url=v.get("webhook_url"),
-                webhook_secret=v.get("webhook_secret"),
-                actor_label=_actor(self.request),
-            )
+            if budget is not None:
+                return budget_services.budget_update(budget, limit_micro=limit, hard=hard, **settings_).budget
+            same = Budget.objects.filter(tenant=tenant, api_key=api_key, period=period, hard=hard)
+            if not hard:
+                same = same.filter(limit_micro=limit)
+            clash = same.first()
+            if clash is not None:
+                what = f"a hard {period} budget" if hard else f"a soft {period} budget at this limit"
+                raise exceptions.ValidationError(
+                    {"period": [f"This scope already has {what} (id {clash.pk}); update that one."]}
+                )
+            return budget_services.budget_put(
+                tenant=tenant, api_key=api_key, period=period, limit_micro=limit, hard=hard, **settings_
+            ).budget
+        except budget_services.WeakenRefused as exc:
+            raise exceptions.ValidationError(
+                {"allow_weaken": [f"Refused: {exc}. Send allow_weaken: true to do it."]}
+            ) from exc
         except DjangoValidationError as exc:
             raise _django_errors(exc) from exc
         except (ValueError, IntegrityError) as exc:
@@ -279,7 +292,13 @@ class BudgetViewSet(
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         budget = self.get_object()
         self._check_budget_rights(budget.tenant, budget.api_key)
-        budget_services.budget_delete(budget=budget, actor_label=_actor(request))
+        allow_weaken = request.query_params.get("allow_weaken", "").lower() in ("1", "true", "yes")
+        try:
+            budget_services.budget_delete(budget=budget, allow_weaken=allow_weaken, actor_label=_actor(request))
+        except budget_services.WeakenRefused as exc:
+            raise exceptions.ValidationError(
+                {"allow_weaken": [f"Refused: {exc}. Add ?allow_weaken=true to do it."]}
+            ) from exc
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     @action(detail=True, methods=["get"])

@@ -105,6 +105,11 @@ class BudgetSerializer(serializers.ModelSerializer[Budget]):
     alert_emails = serializers.ListField(child=serializers.EmailField(), required=False, max_length=50)
     webhook_secret = serializers.CharField(max_length=200, required=False, allow_blank=True, write_only=True)
     has_webhook_secret = serializers.SerializerMethodField()
+    allow_weaken = serializers.BooleanField(
+        write_only=True,
+        required=False,
+        help_text="Allow raising a hard budget's limit or turning it soft (refused otherwise).",
+    )
 
     class Meta:
         model = Budget
@@ -120,6 +125,7 @@ class BudgetSerializer(serializers.ModelSerializer[Budget]):
             "webhook_url",
             "webhook_secret",
             "has_webhook_secret",
+            "allow_weaken",
             "created_at",
         ]
         read_only_fields = ["id", "created_at", "has_webhook_secret"]

@@ -96,3 +96,11 @@ def worst_case_micro(price: PriceInfo | None, prompt_tokens: int, max_output_tok
 
 def format_usd(micro: int) -> str:
     return f"{Decimal(micro) / Decimal(1_000_000):.6f}"
+
+
+def format_usd_short(micro: int) -> str:
+    """USD for people: exact to the micro-dollar, at least two decimals, no trailing zeros beyond
+    them (``500.00``, ``0.001``, ``12.345678``)."""
+    text = format_usd(micro).rstrip("0")
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"

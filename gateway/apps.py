@@ -13,3 +13,7 @@ class GatewayConfig(AppConfig):
         from ledger import analytics  # noqa: PLC0415  (app registry not ready at module import)
 
         analytics.use_price_history(pricing.price_history)
+
+        # Registers the embedded scheduler with the background tasks a gateway process starts
+        # on its first request (it runs only when CHITTYCAN_EMBEDDED_SCHEDULER is on).
+        from gateway import scheduler  # noqa: F401, PLC0415  (app registry not ready at module import)

@@ -4,12 +4,16 @@ Pruning takes one hour at a time: under a table lock that holds back concurrent 
 moment, it recomputes the hour from its raw rows, deletes exactly those rows and marks the hour
 sealed. From then on the hour's rollup is the record (``ledger.rollups`` adds any row that still
 arrives for it), so spend computed from the ledger does not change when rows are pruned.
+
+Rows under a hold (``ledger.holds``) are never pruned, whatever the retention: an hour holding
+any is left whole (raw, unsealed) and counted as kept back, with the reason. ``billing_export``
+holds every billable row not yet exported to Stripe, which reads raw rows.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
@@ -17,7 +21,7 @@ from django.db import transaction
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
-from ledger import rollups
+from ledger import holds, rollups
 from ledger.models import RollupHour, UsageRecord
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,9 @@ class PruneResult:
     cutoff: datetime
     hours: int = 0
     rows: int = 0
+    kept_hours: int = 0  # hours left whole because a hold keeps some of their rows
+    kept_rows: int = 0  # raw rows left in place past the cutoff (held rows and their hours' others)
+    kept: dict[str, int] = field(default_factory=dict)  # held rows by reason
 
 
 def prune_usage(now: datetime | None = None, retention_days: int | None = None) -> PruneResult:
@@ -54,8 +61,16 @@ def prune_usage(now: datetime | None = None, retention_days: int | None = None) 
         with transaction.atomic():
             rollups.lock_ledger()
             state, _ = RollupHour.objects.select_for_update().get_or_create(hour=hour)
+            kept = holds.held(rollups.hour_rows(hour))
+            for reason, count in kept.items():
+                result.kept[reason] = result.kept.get(reason, 0) + count
             if state.sealed:
-                tenants = rollups.absorb_late_rows(hour)
+                tenants = rollups.absorb_late_rows(hour)  # leaves held rows raw
+                result.kept_rows += rollups.hour_rows(hour).count()
+            elif kept:
+                result.kept_hours += 1
+                result.kept_rows += rollups.hour_rows(hour).count()
+                continue  # left whole: sealing it would fold held rows into the rollup
             else:
                 tenants = rollups.recompute_hour(hour)
                 deleted, _ = rollups.hour_rows(hour).delete()
@@ -67,4 +82,6 @@ def prune_usage(now: datetime | None = None, retention_days: int | None = None) 
         result.hours += 1
     if result.rows:
         log.info("pruned %d usage rows in %d hours before %s", result.rows, result.hours, cutoff.isoformat())
+    if result.kept_rows:
+        log.info("kept back %d usage rows before %s: %s", result.kept_rows, cutoff.isoformat(), result.kept)
     return result

@@ -9,7 +9,8 @@
   start in (exact for every whole-hour UTC offset).
 - An hour whose raw rows were pruned (``ledger.retention``) is *sealed*: its rollup is the record.
   A row that still arrives for a sealed hour is added to the hour's rollup and deleted in one
-  transaction (``absorb_late_rows``), so it is counted once.
+  transaction (``absorb_late_rows``), so it is counted once; a row under a hold
+  (``ledger.holds``: e.g. not yet exported to Stripe) stays raw until the hold lets go.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from django.db.models import Count, F, Max, Q, QuerySet, Sum, Value
 from django.db.models.functions import Coalesce, NullIf, TruncHour
 from django.utils import timezone
 
+from ledger.holds import unheld
 from ledger.models import DailyUsage, HourlyUsage, RollupCursor, RollupHour, UsageRecord
 from tenants.models import Tenant
 
@@ -129,9 +131,10 @@ def recompute_hour(hour: datetime) -> set[int]:
 
 
 def absorb_late_rows(hour: datetime) -> set[int]:
-    """Add the raw rows of a sealed hour to its rollup and delete them (same transaction)."""
+    """Add the raw rows of a sealed hour to its rollup and delete them (same transaction). Rows
+    under a hold (``ledger.holds``) stay raw: analytics counts raw rows and sealed rollups alike."""
     lock_ledger()
-    rows = hour_rows(hour)
+    rows = unheld(hour_rows(hour))
     groups = _grouped_raw(rows)
     if not groups:
         return set()

@@ -272,7 +272,8 @@ def test_example_file_applies_and_round_trips(db, tmp_path, env):
     assert "applied" in out.getvalue()
     assert Provider.objects.get(slug="openai").api_key == "sk-openai-test"
     assert Deployment.objects.filter(model__name="gpt-4o", provider__slug="mock", priority=10).exists()
-    assert Budget.objects.get(tenant__slug="acme", period="month").limit_micro == 5_000_000_000
+    assert Budget.objects.get(tenant__slug="acme", period="month", hard=True).limit_micro == 5_000_000_000
+    assert Budget.objects.get(tenant__slug="acme", period="month", hard=False).limit_micro == 4_000_000_000
     assert Tenant.objects.get(slug="acme-research-search").ancestors()[1].slug == "acme"
     out = io.StringIO()
     call_command("apply", "-f", str(EXAMPLE), stdout=out, stderr=io.StringIO())

@@ -129,7 +129,7 @@ def test_budget_change_reaches_the_gateway_without_restart(upstream, gateway_ser
     wait_usage(1, tenant=tenant)
     # The counter was built from the ledger: the request made before the budget existed counts.
     assert counter_value(tenant.pk, month_name("t", tenant.pk)) == 95
-    services.budget_delete(budget=budget)
+    services.budget_delete(budget=budget, allow_weaken=True)
     chat(client)
 
 
@@ -304,7 +304,9 @@ def test_budgets_command(upstream, gateway_server, make_tenant, make_key):
     assert AuditEvent.objects.filter(action="budget.create", target="cli-co").exists()
     call_command("budgets", "set", "--tenant", "cli-co", "--limit", "2", "--period", "day", "--soft", stdout=out)
     budget.refresh_from_db()
-    assert (budget.limit_micro, budget.hard) == (2_000_000, False)
+    assert (budget.limit_micro, budget.hard) == (1_500_000, True)  # a soft level beside it, never a swap
+    soft = Budget.objects.get(tenant=tenant, hard=False)
+    assert (soft.limit_micro, soft.period) == (2_000_000, "day")
     for bad in ("1.0000001", "-1", "lots"):
         with pytest.raises(CommandError):
             call_command("budgets", "set", "--tenant", "cli-co", "--limit", bad)
@@ -316,5 +318,6 @@ def test_budgets_command(upstream, gateway_server, make_tenant, make_key):
     out = StringIO()
     call_command("budgets", "reconcile", stdout=out)
     assert "no drift" in out.getvalue()
-    call_command("budgets", "delete", "--tenant", "cli-co", "--period", "day", stdout=out)
+    call_command("budgets", "delete", "--tenant", "cli-co", "--period", "day", "--soft", stdout=out)
+    call_command("budgets", "delete", "--tenant", "cli-co", "--period", "day", "--allow-weaken", stdout=out)
     assert not Budget.objects.filter(tenant=tenant).exists()

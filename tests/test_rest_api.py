@@ -219,8 +219,25 @@ def test_budgets_crud_and_rights(world):
         assert res.status_code == 400, bad
     assert alice.patch(f"/api/budgets/{budget_id}/", {"alert_thresholds": [0]}, format="json").status_code == 400
     assert alice.patch(f"/api/budgets/{budget_id}/", {"period": "month"}, format="json").status_code == 400
-    dup = alice.post("/api/budgets/", {"tenant": "team-a1", "period": "day", "limit_micro": 1}, format="json")
-    assert dup.status_code == 400
+    soft_again = {"tenant": "team-a1", "period": "day", "limit_micro": 2_000_000, "hard": False}
+    dup = alice.post("/api/budgets/", soft_again, format="json")
+    assert dup.status_code == 400 and "soft day budget at this limit" in str(dup.json())
+    # A hard cap beside the soft level is fine; a second hard one is not.
+    hard = alice.post("/api/budgets/", {"tenant": "team-a1", "period": "day", "limit_micro": 1_000_000}, format="json")
+    assert hard.status_code == 201, hard.content
+    dup = alice.post("/api/budgets/", {"tenant": "team-a1", "period": "day", "limit_micro": 5}, format="json")
+    assert dup.status_code == 400 and "hard day budget" in str(dup.json())
+    # Weakening the hard one needs allow_weaken, whether raising it, turning it soft or deleting it.
+    hard_url = f"/api/budgets/{hard.json()['id']}/"
+    for change in ({"limit_micro": 1_000_001}, {"hard": False}):
+        res = alice.patch(hard_url, change, format="json")
+        assert res.status_code == 400 and "allow_weaken" in str(res.json()), change
+    assert Budget.objects.get(pk=hard.json()["id"]).limit_micro == 1_000_000
+    assert alice.patch(hard_url, {"limit_micro": 900_000}, format="json").status_code == 200  # lowering is fine
+    res = alice.patch(hard_url, {"limit_micro": 1_500_000, "allow_weaken": True}, format="json")
+    assert res.status_code == 200 and res.json()["limit_micro"] == 1_500_000
+    assert alice.delete(hard_url).status_code == 400
+    assert alice.delete(hard_url + "?allow_weaken=true").status_code == 204
 
     res = alice.patch(f"/api/budgets/{budget_id}/", {"limit_micro": 3_000_000}, format="json")
     assert res.status_code == 200 and res.json()["limit_micro"] == 3_000_000

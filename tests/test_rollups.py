@@ -14,6 +14,7 @@ import pytest
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
+from billing_export.services import export_run_create
 from ledger import analytics, retention, rollups, tasks, writer
 from ledger.models import DailyUsage, HourlyUsage, RollupHour, UsageRecord
 
@@ -92,13 +93,20 @@ def test_hourly_and_daily_rollups_are_exact_and_idempotent(make_tenant):
     )
 
 
+def _export_days(*moments):
+    """Bill the ledger rows of these UTC days to Stripe (a CSV run): only exported rows are pruned."""
+    for day in sorted({m.astimezone(UTC).date() for m in moments}):
+        export_run_create(period=day.isoformat(), actor_label="test")
+
+
 def test_prune_keeps_rollups_and_ledger_spend_unchanged(make_tenant):
-    tenant = make_tenant("rollup-prune")
+    tenant = make_tenant("rollup-prune", stripe_customer_id="cus_rollup")
     now = datetime.now(UTC)
     old = (now - timedelta(days=settings.CHITTYCAN_USAGE_RETENTION_DAYS + 5)).replace(minute=10)
     recent = now - timedelta(days=3)
     writer.write_rows([_row(tenant, old, cost=300), _row(tenant, old + timedelta(hours=2), cost=5)])
     writer.write_rows([_row(tenant, recent, cost=11), _row(tenant, recent, cost=13)])
+    _export_days(old, old + timedelta(hours=2))
     rollups.rollup_usage()
     snapshot = _snapshot()
     ids = [tenant.pk]
@@ -126,8 +134,13 @@ def test_prune_keeps_rollups_and_ledger_spend_unchanged(make_tenant):
     rollups.rollup_usage()
     assert _snapshot() == snapshot
 
-    # A row that arrives for a sealed hour is added to that hour once, then pruned.
+    # A row that arrives for a sealed hour stays raw until it is exported (the export reads raw
+    # rows), then is added to that hour once and pruned.
     writer.write_rows([_row(tenant, old + timedelta(minutes=1), cost=1)])
+    rollups.rollup_usage()
+    assert UsageRecord.objects.filter(created_at__lt=result.cutoff).count() == 1
+    assert analytics.spend_micro(tenant_ids=ids) == total_before + 1
+    _export_days(old)
     rollups.rollup_usage()
     rollups.rollup_usage()
     hour = HourlyUsage.objects.get(tenant_id=tenant.pk, hour=old.replace(minute=0, second=0, microsecond=0))

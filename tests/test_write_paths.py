@@ -152,6 +152,7 @@ def test_admin_writes_plans_keys_and_inline_budgets_through_the_services(staff):
         "allowed_models": "[]",
     }
     row = {"id": str(budget.pk), "tenant": str(org.pk), "period": "day", "limit_usd": "5", "hard": "on"}
+    row["allow_weaken"] = "on"  # moving a hard budget to another period drops the monthly cap
     row.update({"alert_thresholds": "[50, 80, 100]", "alert_emails": "[]", "webhook_url": ""})
     post = {**tenant_form, **inline("budgets", [row], 1)}
     response = staff.post(reverse("admin:tenants_tenant_change", args=[org.pk]), post)

@@ -31,6 +31,7 @@ from budgets import services as budget_services
 from budgets.models import Budget
 from control.config.schema import MICRO, SECRET_REF, ConfigError, Document, ModelSpec, TenantSpec
 from core import egress
+from core.money import format_usd_short
 from gateway import catalog
 from gateway.models import Deployment, LLMModel, Price, Provider
 from tenants import audit, services
@@ -358,22 +359,26 @@ class _Applier:
                     self.changes.append(Change("deactivate", "tenant", tenant.slug, note=note))
 
     def budgets(self, tenant: Tenant, spec: TenantSpec) -> None:
-        """Through ``budgets.services.budget_set``/``budget_delete``, as the admin and the REST API."""
-        existing = {b.period: b for b in Budget.objects.filter(tenant=tenant)}
+        """Through ``budgets.services``, as the admin and the REST API. A budget in the file is
+        the tenant's hard budget for its period, or (``hard: false``) the soft alert level at its
+        limit; the file is explicit, so it may raise or remove a hard budget (noted in the plan)."""
+        existing = {_budget_ident(b.period, b.hard, b.limit_micro): b for b in Budget.objects.filter(tenant=tenant)}
         wanted = set()
         i = next(n for n, t in enumerate(self.doc.tenants) if t.slug == spec.slug)
         for j, budget in enumerate(spec.budgets):
-            wanted.add(budget.period)
-            row = existing.get(budget.period)
+            limit = int(budget.limit_usd * MICRO)
+            ident = _budget_ident(budget.period, budget.hard, limit)
+            wanted.add(ident)
+            row = existing.get(ident)
             desired: dict[str, Any] = {
-                "limit_micro": int(budget.limit_usd * MICRO),
+                "limit_micro": limit,
                 "hard": budget.hard,
                 "alert_thresholds": list(budget.thresholds),
                 "alert_emails": list(budget.emails),
                 "webhook_url": budget.webhook,
             }
             self.check_url(budget.webhook, f"tenants[{i}].budgets[{j}].webhook")
-            target = f"{tenant.slug} per {budget.period}"
+            target = _budget_target(tenant.slug, budget.period, budget.hard, limit)
             current_secret = row.webhook_secret if row is not None else ""
             new_secret, note = self.secret(
                 budget.webhook_secret, current_secret, f"tenants[{i}].budgets[{j}].webhook_secret"
@@ -385,11 +390,14 @@ class _Applier:
                 diff["webhook_secret"] = (audit.HIDDEN, audit.HIDDEN)
             if row is not None and not diff:
                 continue
+            if row is not None and limit > row.limit_micro:
+                self.notes.append(f"{target}: raises the hard limit (weakens the cap)")
             try:
-                budget_services.budget_set(
+                budget_services.budget_put(
                     tenant=tenant,
                     period=budget.period,
                     webhook_secret=new_secret,
+                    allow_weaken=True,
                     actor_label=ACTOR,
                     **desired,
                 )
@@ -401,10 +409,21 @@ class _Applier:
             else:
                 self.updated("budget", target, diff)
         if self.prune:
-            for period, row in existing.items():
-                if period not in wanted:
-                    budget_services.budget_delete(budget=row, actor_label=ACTOR)
-                    self.deleted("budget", f"{tenant.slug} per {period}")
+            for ident, row in existing.items():
+                if ident not in wanted:
+                    budget_services.budget_delete(budget=row, allow_weaken=True, actor_label=ACTOR)
+                    self.deleted("budget", _budget_target(tenant.slug, row.period, row.hard, row.limit_micro))
+
+
+def _budget_ident(period: str, hard: bool, limit_micro: int) -> tuple[str, bool, int | None]:
+    """What identifies a budget in the file: its period if hard, its period and limit if soft."""
+    return (period, hard, None if hard else limit_micro)
+
+
+def _budget_target(slug: str, period: str, hard: bool, limit_micro: int) -> str:
+    if hard:
+        return f"{slug} per {period}"
+    return f"{slug} per {period} (soft at {format_usd_short(limit_micro)} USD)"
 
 
 def _default_kind(parent_kind: str | None, parent: Tenant | None) -> str:

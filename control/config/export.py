@@ -122,7 +122,10 @@ def export() -> dict[str, Any]:
             item["allowed_models"] = list(t.allowed_models)
         _put_if(item, "active", t.is_active, True)
         budgets = []
-        for b in sorted(t.budgets.all(), key=lambda b: ["day", "month", "total"].index(b.period)):
+        order = ["day", "month", "total"]
+        rows = sorted(t.budgets.all(), key=lambda b: (order.index(b.period), not b.hard, b.limit_micro))
+        shared = {b.period for b in rows if sum(1 for o in rows if o.period == b.period) > 1}
+        for b in rows:
             budget: dict[str, Any] = {"period": b.period, "limit_usd": _money(Decimal(b.limit_micro) / MICRO)}
             _put_if(budget, "hard", b.hard, True)
             if list(b.alert_thresholds) != [50, 80, 100]:
@@ -132,7 +135,9 @@ def export() -> dict[str, Any]:
             if b.webhook_url:
                 budget["webhook"] = b.webhook_url
             if b.webhook_secret:
-                budget["webhook_secret"] = "${" + env_name(t.slug, b.period, "WEBHOOK_SECRET") + "}"
+                # A soft level beside other budgets of its period gets a name of its own.
+                level = ("SOFT", str(budget["limit_usd"])) if not b.hard and b.period in shared else ()
+                budget["webhook_secret"] = "${" + env_name(t.slug, b.period, *level, "WEBHOOK_SECRET") + "}"
             budgets.append(budget)
         if budgets:
             item["budgets"] = budgets

@@ -273,6 +273,22 @@ def _dupes(items: list[Any], key: str, where: Path, what: str) -> Iterator[tuple
             seen[value] = i
 
 
+def _budget_dupes(budgets: list[BudgetSpec], where: Path) -> Iterator[tuple[Path, str]]:
+    """One hard budget per period; soft ones (alert levels) at distinct limits."""
+    seen: dict[tuple[str, Decimal | None], int] = {}
+    for i, budget in enumerate(budgets):
+        ident = (budget.period, None if budget.hard else budget.limit_usd)
+        if ident in seen:
+            what = (
+                f"a second hard {budget.period} budget"
+                if budget.hard
+                else f"a second soft {budget.period} budget at {budget.limit_usd}"
+            )
+            yield (*where, i), f"{what} (also at {format_path((*where, seen[ident]))})"
+        else:
+            seen[ident] = i
+
+
 def check_references(doc: Document) -> list[tuple[Path, str]]:
     """What a schema cannot say: uniqueness, references between objects, the tenant tree."""
     problems: list[tuple[Path, str]] = []
@@ -320,5 +336,5 @@ def check_references(doc: Document) -> list[tuple[Path, str]]:
                     hops += 1
         if tenant.plan is not None and tenant.plan not in plan_slugs:
             problems.append(((*path, "plan"), f"no plan {tenant.plan} in plans"))
-        problems += _dupes(tenant.budgets, "period", (*path, "budgets"), "budget period")
+        problems += _budget_dupes(tenant.budgets, (*path, "budgets"))
     return problems

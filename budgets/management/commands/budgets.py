@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from budgets import services
@@ -30,6 +31,16 @@ def usd_to_micro(text: str) -> int:
     return int(micro)
 
 
+def _show(name: str, value: Any) -> str:
+    if value is None:
+        return "none"
+    if name == "limit_micro":
+        return f"{money.format_usd_short(value)} USD"
+    if name == "hard":
+        return "hard" if value else "soft"
+    return str(value)
+
+
 class Command(BaseCommand):
     help = "Set, delete and list budgets; check the live counters against the ledger."
 
@@ -41,11 +52,23 @@ class Command(BaseCommand):
             owner.add_argument("--tenant", metavar="SLUG", help="the tenant (its whole subtree counts)")
             owner.add_argument("--key", metavar="PREFIX", help="one API key, by its public prefix")
             p.add_argument("--period", choices=Budget.Period.values, default="month")
+            p.add_argument(
+                "--allow-weaken",
+                action="store_true",
+                help="allow raising a hard budget's limit or deleting it (refused otherwise)",
+            )
             if name == "set":
                 p.add_argument("--limit", required=True, metavar="USD", help="e.g. 100 or 12.50")
-                p.add_argument("--soft", action="store_true", help="alert only, never refuse")
+                p.add_argument(
+                    "--soft",
+                    action="store_true",
+                    help="an alert level at this limit, never refuses (the hard budget, if any, stays)",
+                )
                 p.add_argument("--thresholds", default="", metavar="50,80,100", help="alert percentages")
                 p.add_argument("--email", action="append", default=None, help="alert recipient (repeatable)")
+            else:
+                p.add_argument("--soft", action="store_true", help="delete a soft alert level, not the hard budget")
+                p.add_argument("--limit", metavar="USD", help="which soft level (needed when there are several)")
         listing = sub.add_parser("list", help="budgets with their current spend")
         listing.add_argument("--tenant", metavar="SLUG", default="", help="this tenant's subtree only")
         rec = sub.add_parser("reconcile", help="compare live counters with the ledger; report drift")
@@ -73,23 +96,54 @@ class Command(BaseCommand):
                 thresholds = [int(t) for t in opts["thresholds"].split(",") if t.strip()]
             except ValueError:
                 raise CommandError("--thresholds: comma-separated whole percentages, e.g. 50,80,100") from None
-        budget = services.budget_set(
-            **self._owner(opts),
-            period=opts["period"],
-            limit_micro=usd_to_micro(opts["limit"]),
-            hard=not opts["soft"],
-            alert_thresholds=thresholds,
-            alert_emails=opts["email"],
-            actor_label=ACTOR,
+        try:
+            change = services.budget_put(
+                **self._owner(opts),
+                period=opts["period"],
+                limit_micro=usd_to_micro(opts["limit"]),
+                hard=not opts["soft"],
+                alert_thresholds=thresholds,
+                alert_emails=opts["email"],
+                allow_weaken=opts["allow_weaken"],
+                actor_label=ACTOR,
+            )
+        except services.WeakenRefused as exc:
+            raise CommandError(f"refused: {exc}; nothing changed (add --allow-weaken to do it)") from None
+        except ValidationError as exc:
+            raise CommandError("; ".join(exc.messages)) from None
+        budget = change.budget
+        if change.before is None:
+            self.stdout.write(f"created budget {budget.pk}: {budget}")
+        elif not change.fields:
+            self.stdout.write(f"unchanged budget {budget.pk}: {budget}")
+        else:
+            self.stdout.write(f"changed budget {budget.pk}: {budget}")
+            for name, (old, new) in change.fields.items():
+                self.stdout.write(f"  {name}: {_show(name, old)} -> {_show(name, new)}")
+        others = Budget.objects.filter(period=budget.period, tenant=budget.tenant, api_key=budget.api_key).exclude(
+            pk=budget.pk
         )
-        self.stdout.write(f"budget {budget.pk}: {budget}{'' if budget.hard else ' (soft)'}")
+        for other in others.order_by("-hard", "limit_micro"):
+            self.stdout.write(f"  also on this scope: budget {other.pk}: {other}")
 
     def _delete(self, opts: dict[str, Any]) -> None:
-        budget = Budget.objects.filter(period=opts["period"], **self._owner(opts)).first()
-        if budget is None:
-            raise CommandError("no such budget")
-        services.budget_delete(budget=budget, actor_label=ACTOR)
-        self.stdout.write("deleted")
+        rows = Budget.objects.filter(period=opts["period"], hard=not opts["soft"], **self._owner(opts))
+        rows = rows.select_related("tenant", "api_key__tenant")
+        if opts["limit"]:
+            rows = rows.filter(limit_micro=usd_to_micro(opts["limit"]))
+        found = list(rows.order_by("limit_micro"))
+        if not found:
+            raise CommandError(f"no such {'soft' if opts['soft'] else 'hard'} budget")
+        if len(found) > 1:
+            levels = ", ".join(money.format_usd_short(b.limit_micro) for b in found)
+            raise CommandError(f"several soft budgets ({levels} USD): say which with --limit")
+        budget = found[0]
+        text = str(budget)
+        try:
+            services.budget_delete(budget=budget, allow_weaken=opts["allow_weaken"], actor_label=ACTOR)
+        except services.WeakenRefused as exc:
+            raise CommandError(f"refused: {exc}; nothing changed (add --allow-weaken to do it)") from None
+        self.stdout.write(f"deleted budget {text}")
 
     def _list(self, opts: dict[str, Any]) -> None:
         rows = Budget.objects.select_related("tenant", "api_key__tenant").order_by("pk")

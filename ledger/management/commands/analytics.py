@@ -41,6 +41,18 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"pruned {pruned.rows} rows in {pruned.hours} hours before {pruned.cutoff:%Y-%m-%d %H:%M} UTC"
             )
+            if pruned.kept_rows:
+                self.stdout.write(
+                    f"kept back {pruned.kept_rows} rows older than that (never pruned, whatever --days says):"
+                )
+                for reason, count in sorted(pruned.kept.items()):
+                    self.stdout.write(f"  {count} rows {reason}")
+                others = pruned.kept_rows - sum(pruned.kept.values())
+                if others:
+                    self.stdout.write(
+                        f"  {others} other rows of the same {pruned.kept_hours} hour(s), "
+                        "pruned together with them later"
+                    )
 
     def costs(self, slug: str, month: str | None) -> None:
         tenant = tenant_by_slug(slug)
