@@ -2,22 +2,30 @@
 ``CHITTYCAN_ADMIN_REQUIRE_OTP`` is off (development only).
 
 It replaces Django's default site (``chittycan.apps.ChittyCanAdminConfig``), so every app's
-``@admin.register`` lands here. Enrol a device with ``can otp enrol --user NAME``.
+``@admin.register`` lands here. Staff without an authenticator enrol one themselves at their first
+sign-in (``chittycan.otp_views``: QR code, then single-use backup codes); ``can otp enrol --user
+NAME`` still enrols one from the shell. After that the login needs the password and either the
+app's 6-digit code or one unused backup code.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from django import forms
 from django.conf import settings
 from django.contrib.admin import AdminSite
 from django.contrib.admin.forms import AdminAuthenticationForm
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import URLPattern, URLResolver, path, reverse
+from django.utils.decorators import method_decorator
+from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_protect
 from django_otp import devices_for_user
 from django_otp.admin import OTPAdminAuthenticationForm
+from django_otp.plugins.otp_static.models import StaticDevice
+from django_otp.plugins.otp_totp.models import TOTPDevice
 
-NO_DEVICE = "No authenticator is enrolled for this account: an operator runs `can otp enrol --user {username}`."
+from chittycan import otp_views
 
 
 def otp_required() -> bool:
@@ -32,17 +40,25 @@ class AdminLoginForm(OTPAdminAuthenticationForm):
             return AdminAuthenticationForm.clean(self)
         return super().clean()  # type: ignore[no-any-return]
 
+    def clean_otp_token(self) -> str:
+        return otp_views.normalise_token(self.cleaned_data.get("otp_token") or "")
+
     def clean_otp(self, user: Any) -> None:
-        if user is not None and not any(True for _ in devices_for_user(user, confirmed=True)):
-            raise forms.ValidationError(NO_DEVICE.format(username=user.get_username()), code="no_device")
+        if user is not None and otp_views.needs_enrolment(user):
+            # First sign-in: the password alone opens the enrolment page, nothing else
+            # (ChittyCanAdminSite.has_permission still wants a verified session).
+            return
         super().clean_otp(user)
 
     def _chosen_device(self, user: Any) -> Any:
         device = super()._chosen_device(user)
         if device is None:
-            # One device (the usual case): no need to pick it from a list first.
-            devices = list(devices_for_user(user, confirmed=True, for_verify=True))
-            if len(devices) == 1:
+            # No list to pick from: the code's shape says which device it is for, the
+            # authenticator app's (digits) or the backup codes (letters and digits).
+            token = self.cleaned_data.get("otp_token") or ""
+            kind = TOTPDevice if otp_views.is_totp_code(token) else StaticDevice
+            devices = [d for d in devices_for_user(user, confirmed=True, for_verify=True) if isinstance(d, kind)]
+            if devices:
                 device = devices[0]
         return device
 
@@ -62,5 +78,24 @@ class ChittyCanAdminSite(AdminSite):
         return True
 
     def login(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        if otp_required() and otp_views.needs_enrolment(request.user):
+            # Signed in with the password and nothing enrolled yet: set up the second factor.
+            return self.enrolment_redirect(request)
         context = {"otp_required": otp_required(), **(extra_context or {})}
-        return super().login(request, context)
+        response = super().login(request, context)
+        if request.method == "POST" and otp_required() and otp_views.needs_enrolment(request.user):
+            return self.enrolment_redirect(request)  # the password was right: straight to enrolment
+        return response
+
+    def enrolment_redirect(self, request: HttpRequest) -> HttpResponseRedirect:
+        url = reverse("admin:otp_enrol", current_app=self.name)
+        target = otp_views.safe_next(request, "")
+        return HttpResponseRedirect(f"{url}?next={target}" if target else url)
+
+    @method_decorator(never_cache)
+    @method_decorator(csrf_protect)
+    def otp_enrol(self, request: HttpRequest) -> HttpResponse:
+        return otp_views.enrol_view(self, request)
+
+    def get_urls(self) -> list[URLPattern | URLResolver]:
+        return [path("otp/enrol/", self.otp_enrol, name="otp_enrol"), *super().get_urls()]

@@ -2,7 +2,8 @@
 
 Every write made here goes through ``tenants.services`` (which audit it and tell the gateway
 processes after commit): the admin has no write path of its own. A new key's plaintext is shown
-once, in a message after saving, and is never stored.
+once, on the page that answers the add (or rotate) POST itself, and is never stored: not in the
+database, the session, or a message cookie.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from django.core.exceptions import FieldDoesNotExist
 from django.db import models, transaction
 from django.db.models import Count, Model, Q, QuerySet
 from django.forms import ModelForm
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html, format_html_join
+from django.utils.cache import add_never_cache_headers
+from django.utils.html import format_html_join
 
 from tenants import services
 from tenants.models import ApiKey, AuditEvent, Plan, Tenant
@@ -325,6 +328,19 @@ class ApiKeyForm(forms.ModelForm):
         return {k: v for k, v in value.items() if v}
 
 
+ISSUED_ATTR = "_chittycan_issued_keys"
+
+
+def issued_keys(request: HttpRequest) -> list[tuple[ApiKey, str]]:
+    """The keys issued while answering this request, with their plaintext (kept on the request
+    object only, so it dies with the response)."""
+    issued: list[tuple[ApiKey, str]] | None = getattr(request, ISSUED_ATTR, None)
+    if issued is None:
+        issued = []
+        setattr(request, ISSUED_ATTR, issued)
+    return issued
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(AuditedAdmin[ApiKey]):
     form = ApiKeyForm
@@ -393,22 +409,29 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
             actor=actor_of(request),
             actor_label=ADMIN_LABEL,
         )
-        self._show_key_once(request, issued, plaintext)
+        issued_keys(request).append((issued, plaintext))
         return issued
 
     def update(self, request: HttpRequest, obj: ApiKey, values: dict[str, Any]) -> None:
         services.key_update(obj, **values, actor=actor_of(request), actor_label=ADMIN_LABEL)
 
-    def _show_key_once(self, request: HttpRequest, api_key: ApiKey, plaintext: str) -> None:
-        messages.warning(
-            request,
-            format_html(
-                'New API key for {}: <code class="chittycan-new-key">{}</code> Copy it now: '
-                "it is shown once and cannot be recovered.",
-                api_key.tenant.slug,
-                plaintext,
-            ),
-        )
+    def response_add(self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None) -> HttpResponse:
+        if not issued_keys(request):
+            return super().response_add(request, obj, post_url_continue)
+        return self.keys_created(request, "API key added")
+
+    def keys_created(self, request: HttpRequest, title: str) -> HttpResponse:
+        """The page that shows the plaintext of the keys this request issued, once. A rendered
+        response, not a redirect: Django's messages would carry the secret in a cookie."""
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "opts": self.opts,
+            "issued": issued_keys(request),
+        }
+        response = TemplateResponse(request, "admin/tenants/apikey/key_created.html", context)
+        add_never_cache_headers(response)
+        return response
 
     @admin.action(description="Revoke selected keys")
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
@@ -419,12 +442,15 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
 
     @admin.action(description="Rotate selected keys (new key shown once, old key revoked)")
-    def rotate_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+    def rotate_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> HttpResponse | None:
         for api_key in queryset.filter(revoked_at__isnull=True).select_related("tenant", "user"):
             new_key, plaintext = services.key_rotate(api_key=api_key, actor=actor_of(request), actor_label=ADMIN_LABEL)
-            self._show_key_once(request, new_key, plaintext)
+            issued_keys(request).append((new_key, plaintext))
         if queryset.filter(revoked_at__isnull=False).exists():
             self.message_user(request, "Revoked keys were skipped.", messages.INFO)
+        if not issued_keys(request):
+            return None
+        return self.keys_created(request, "API keys rotated")
 
 
 # --- audit log -----------------------------------------------------------------------------------

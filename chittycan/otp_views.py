@@ -1,0 +1,174 @@
+"""Second-factor self-enrolment for the admin (django-otp).
+
+A staff user with no confirmed TOTP authenticator who signs in with their password is sent here
+(``ChittyCanAdminSite.login``): the page shows a QR code and the secret in text, the user confirms
+with a code from the app, and gets a set of single-use backup codes, shown once. From then on the
+admin login needs the password and either the app's code or an unused backup code.
+
+An operator can still enrol a device from the shell (``can otp enrol``); ``can otp remove`` resets
+a user, who then enrols again at their next sign-in.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any
+
+import segno
+from django import forms
+from django.contrib.admin import AdminSite
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.utils.safestring import mark_safe
+from django_otp import login as otp_login
+from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
+from django_otp.plugins.otp_totp.models import TOTPDevice
+
+from tenants import audit
+
+BACKUP_CODE_COUNT = 10
+DEVICE_NAME = "authenticator"
+BACKUP_DEVICE_NAME = "backup codes"
+ACTOR_LABEL = "admin"
+TOTP_CODE = re.compile(r"^\d{6,8}$")
+
+
+def normalise_token(value: str) -> str:
+    """What the user typed, without the spaces and dashes people copy along, lower case (backup
+    codes are lower-case base32; the app's codes are digits)."""
+    return re.sub(r"[\s-]+", "", value).lower()
+
+
+def is_totp_code(token: str) -> bool:
+    return bool(TOTP_CODE.match(token))
+
+
+def has_authenticator(user: Any) -> bool:
+    return bool(TOTPDevice.objects.filter(user=user, confirmed=True).exists())
+
+
+def needs_enrolment(user: Any) -> bool:
+    """A signed-in, active staff member with no confirmed authenticator app."""
+    return bool(user.is_authenticated and user.is_active and user.is_staff) and not has_authenticator(user)
+
+
+def new_backup_codes(count: int = BACKUP_CODE_COUNT) -> list[str]:
+    """Random single-use codes; never all digits, so the login form can tell one from an app code."""
+    codes: list[str] = []
+    while len(codes) < count:
+        code = StaticToken.random_token()
+        if not is_totp_code(code) and code not in codes:
+            codes.append(code)
+    return codes
+
+
+def pending_device(user: Any) -> TOTPDevice:
+    """The unconfirmed device this user is enrolling (the same one on a reload, so the QR code
+    already scanned stays valid)."""
+    device = TOTPDevice.objects.filter(user=user, confirmed=False).order_by("id").first()
+    if device is None:
+        device = TOTPDevice.objects.create(user=user, name=DEVICE_NAME, confirmed=False)
+    return device
+
+
+def secret_text(device: TOTPDevice) -> str:
+    """The base32 secret an authenticator app accepts when typed in, in groups of four."""
+    secret = base64.b32encode(device.bin_key).decode("ascii").rstrip("=")
+    return " ".join(secret[i : i + 4] for i in range(0, len(secret), 4))
+
+
+def qr_svg(url: str) -> str:
+    return str(segno.make(url, error="m").svg_inline(scale=5, title="Authenticator QR code"))
+
+
+def safe_next(request: HttpRequest, default: str) -> str:
+    target = request.POST.get("next") or request.GET.get("next") or ""
+    if target and url_has_allowed_host_and_scheme(
+        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return target
+    return default
+
+
+class EnrolForm(forms.Form):
+    token = forms.CharField(
+        label="Code from the app",
+        max_length=20,
+        widget=forms.TextInput(attrs={"autocomplete": "one-time-code", "inputmode": "numeric", "autofocus": True}),
+    )
+
+    def clean_token(self) -> str:
+        token = normalise_token(self.cleaned_data["token"])
+        if not re.fullmatch(r"\d{6}", token):
+            raise forms.ValidationError("Enter the 6-digit code the authenticator app shows.", code="format")
+        return token
+
+
+def confirm(request: HttpRequest, device: TOTPDevice) -> list[str]:
+    """Confirm the device, replace the user's backup codes, mark this session verified."""
+    user = request.user
+    with transaction.atomic():
+        device.confirmed = True
+        device.save(update_fields=["confirmed"])
+        TOTPDevice.objects.filter(user=user, confirmed=False).delete()
+        StaticDevice.objects.filter(user=user).delete()
+        backup = StaticDevice.objects.create(user=user, name=BACKUP_DEVICE_NAME, confirmed=True)
+        codes = new_backup_codes()
+        StaticToken.objects.bulk_create([StaticToken(device=backup, token=code) for code in codes])
+        audit.record(
+            "otp.enrol",
+            target=user.get_username(),
+            data={"device": device.pk, "backup_codes": len(codes), "self_service": True},
+            actor=user if isinstance(user, AbstractBaseUser) else None,
+            actor_label=ACTOR_LABEL,
+        )
+    otp_login(request, device)
+    return codes
+
+
+def enrol_view(site: AdminSite, request: HttpRequest) -> HttpResponse:
+    """GET: the QR code and the secret. POST: the first code; on success the backup codes."""
+    user = request.user
+    login_url = reverse("admin:login", current_app=site.name)
+    index_url = reverse("admin:index", current_app=site.name)
+    if not user.is_authenticated:
+        return HttpResponseRedirect(f"{login_url}?next={request.path}")
+    if not (user.is_active and user.is_staff):
+        return HttpResponseRedirect(login_url)
+    next_url = safe_next(request, index_url)
+    if not needs_enrolment(user):
+        return HttpResponseRedirect(next_url)
+    device = pending_device(user)
+    form = EnrolForm(request.POST if request.method == "POST" else None)
+    context: dict[str, Any] = {
+        **site.each_context(request),
+        "title": "Set up your authenticator",
+        "next": next_url,
+        "username": user.get_username(),
+    }
+    if request.method == "POST" and form.is_valid():
+        allowed, extra = device.verify_is_allowed()
+        if not allowed:
+            form.add_error("token", "Too many wrong codes: wait a moment, then try the current code.")
+        elif device.verify_token(form.cleaned_data["token"]):
+            codes = confirm(request, device)
+            context.update({**site.each_context(request), "title": "Your backup codes", "codes": codes})
+            return TemplateResponse(request, "admin/otp/backup_codes.html", context)
+        else:
+            form.add_error("token", "That code does not match: check the phone's clock and type the current code.")
+    context.update(
+        {
+            "form": form,
+            "qr_svg": mark_safe(qr_svg(device.config_url)),  # segno's own markup
+            "secret": secret_text(device),
+            "config_url": device.config_url,
+            "digits": device.digits,
+            "step": device.step,
+        }
+    )
+    return TemplateResponse(request, "admin/otp/enrol.html", context)
