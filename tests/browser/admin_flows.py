@@ -6,6 +6,7 @@ import base64
 import re
 import time
 
+from django.contrib.auth import get_user_model
 from django_otp.oath import TOTP
 from playwright.sync_api import Page, expect
 
@@ -48,6 +49,17 @@ def enrol(page: Page) -> tuple[str, list[str]]:
     return secret, codes
 
 
+def enrolled_staff(page: Page, username: str) -> tuple[str, list[str]]:
+    """A new superuser (as `can createsuperuser` makes one) who signs in for the first time and
+    enrols their authenticator: the browser is left signed in, with a verified session."""
+    get_user_model().objects.create_superuser(username, f"{username}@example.com", PASSWORD)
+    sign_in(page, username, code=None)
+    secret, codes = enrol(page)
+    page.click("#otp-continue")
+    signed_in_as(page, username)
+    return secret, codes
+
+
 def sign_out(page: Page) -> None:
     page.click("#logout-form button[type=submit]")
     expect(page.locator("#content h1")).to_have_text("Logged out")
@@ -58,3 +70,60 @@ def signed_in_as(page: Page, username: str) -> None:
     page.goto("/admin/")
     expect(page).to_have_url(re.compile(r"/admin/$"))
     expect(page.locator("#user-tools")).to_contain_text(username)
+
+
+def saved(page: Page) -> None:
+    """The admin's confirmation after a save (the changelist, with its success message)."""
+    expect(page.locator("ul.messagelist li.success")).to_be_visible()
+
+
+def choose_related(page: Page, field: str, pk: int, label: str) -> None:
+    """Choose a related row in an autocomplete field the way its widget does (it puts the chosen
+    option into the underlying <select>). A stand-in for the select2 widget while static files
+    are not served; test_autocomplete_tenant_picker drives the widget itself."""
+    page.eval_on_selector(
+        f"#id_{field}",
+        "(select, [value, label]) => select.add(new Option(label, value, true, true))",
+        [str(pk), label],
+    )
+
+
+def add_tenant(page: Page, slug: str, name: str) -> None:
+    page.goto("/admin/tenants/tenant/add/")
+    page.fill("#id_slug", slug)
+    page.fill("#id_name", name)
+    page.select_option("#id_kind", "organisation")
+    page.click("input[name=_save]")
+    saved(page)
+
+
+def add_budget(
+    page: Page,
+    tenant_pk: int,
+    tenant_slug: str,
+    limit_usd: str,
+    *,
+    hard: bool,
+    alerts: list[int],
+    period: str = "month",
+) -> None:
+    """One budget, on today's budget form (one budget per scope and period). The lead extends
+    this one place when a scope can hold a hard cap and soft alert levels together."""
+    page.goto("/admin/budgets/budget/add/")
+    choose_related(page, "tenant", tenant_pk, tenant_slug)
+    page.select_option("#id_period", period)
+    page.fill("#id_limit_usd", limit_usd)
+    page.set_checked("#id_hard", hard)
+    page.fill("#id_alert_thresholds", str(alerts))
+    page.click("input[name=_save]")
+    saved(page)
+
+
+def add_key(page: Page, tenant_pk: int, tenant_slug: str, name: str) -> str:
+    """Add an API key; return its plaintext, read off the page the add POST answered with."""
+    page.goto("/admin/tenants/apikey/add/")
+    choose_related(page, "tenant", tenant_pk, tenant_slug)
+    page.fill("#id_name", name)
+    page.click("input[name=_save]")
+    expect(page.locator(".chittycan-new-key")).to_have_count(1)
+    return page.inner_text(".chittycan-new-key")
