@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django import forms
 from django.conf import settings
 from django.contrib.admin import AdminSite
 from django.contrib.admin.forms import AdminAuthenticationForm
@@ -26,6 +27,8 @@ from django_otp.plugins.otp_static.models import StaticDevice
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from chittycan import otp_views
+
+ENROL_FIRST = "Set up your authenticator app first."
 
 
 def otp_required() -> bool:
@@ -43,11 +46,14 @@ class AdminLoginForm(OTPAdminAuthenticationForm):
     def clean_otp_token(self) -> str:
         return otp_views.normalise_token(self.cleaned_data.get("otp_token") or "")
 
+    enrolling_user: Any = None
+
     def clean_otp(self, user: Any) -> None:
         if user is not None and otp_views.needs_enrolment(user):
-            # First sign-in: the password alone opens the enrolment page, nothing else
-            # (ChittyCanAdminSite.has_permission still wants a verified session).
-            return
+            # First sign-in: the password was right but there is no authenticator yet. Do not log
+            # in; ChittyCanAdminSite.login sends the user to enrol one.
+            self.enrolling_user = user
+            raise forms.ValidationError(ENROL_FIRST, code="enrol_first")
         super().clean_otp(user)
 
     def _chosen_device(self, user: Any) -> Any:
@@ -78,13 +84,17 @@ class ChittyCanAdminSite(AdminSite):
         return True
 
     def login(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
-        if otp_required() and otp_views.needs_enrolment(request.user):
-            # Signed in with the password and nothing enrolled yet: set up the second factor.
+        if otp_required() and request.method == "GET" and otp_views.enrolling_user(request) is not None:
+            # The password was checked (or a session predates the second factor) and nothing is
+            # enrolled: set it up (the enrolment page's "Cancel" signs out).
             return self.enrolment_redirect(request)
         context = {"otp_required": otp_required(), **(extra_context or {})}
         response = super().login(request, context)
-        if request.method == "POST" and otp_required() and otp_views.needs_enrolment(request.user):
-            return self.enrolment_redirect(request)  # the password was right: straight to enrolment
+        form = (getattr(response, "context_data", None) or {}).get("form")
+        if request.method == "POST" and getattr(form, "enrolling_user", None) is not None:
+            # The password was right and nothing is enrolled: on to the enrolment page, not logged in.
+            otp_views.start_enrolment(request, form.enrolling_user)  # type: ignore[union-attr]
+            return self.enrolment_redirect(request)
         return response
 
     def enrolment_redirect(self, request: HttpRequest) -> HttpResponseRedirect:

@@ -5,6 +5,11 @@ A staff user with no confirmed TOTP authenticator who signs in with their passwo
 with a code from the app, and gets a set of single-use backup codes, shown once. From then on the
 admin login needs the password and either the app's code or an unused backup code.
 
+The password alone never logs anyone in: it only marks the session as "enrolling user N" (for a
+few minutes), which opens this page and nothing else (the REST API, which accepts session
+logins, sees an anonymous session). The user is logged in, with a verified second factor, when
+the first code is confirmed.
+
 An operator can still enrol a device from the shell (``can otp enrol``); ``can otp remove`` resets
 a user, who then enrols again at their next sign-in.
 """
@@ -12,25 +17,34 @@ a user, who then enrols again at their next sign-in.
 from __future__ import annotations
 
 import base64
+import functools
 import re
+import time
 from typing import Any
 
 import segno
 from django import forms
+from django.conf import settings
 from django.contrib.admin import AdminSite
+from django.contrib.auth import get_user_model
+from django.contrib.auth import login as auth_login
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.utils.crypto import constant_time_compare
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.safestring import mark_safe
 from django_otp import login as otp_login
+from django_otp.middleware import is_verified as otp_is_verified
 from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from tenants import audit
 
+PENDING_KEY = "chittycan_otp_enrolling"
+PENDING_SECONDS = 600
 BACKUP_CODE_COUNT = 10
 DEVICE_NAME = "authenticator"
 BACKUP_DEVICE_NAME = "backup codes"
@@ -55,6 +69,35 @@ def has_authenticator(user: Any) -> bool:
 def needs_enrolment(user: Any) -> bool:
     """A signed-in, active staff member with no confirmed authenticator app."""
     return bool(user.is_authenticated and user.is_active and user.is_staff) and not has_authenticator(user)
+
+
+def start_enrolment(request: HttpRequest, user: Any) -> None:
+    """The password was right and ``user`` has no authenticator: remember who is enrolling in this
+    session (a new session key, as a login would), without logging them in."""
+    request.session.cycle_key()
+    request.session[PENDING_KEY] = {
+        "user": user.pk,
+        "hash": user.get_session_auth_hash(),
+        "until": time.time() + PENDING_SECONDS,
+    }
+
+
+def enrolling_user(request: HttpRequest) -> Any:
+    """Who may enrol in this request: a signed-in staff member with no authenticator (a session
+    that predates the second factor), or the user whose password this session just checked
+    (same password still, within PENDING_SECONDS). None otherwise."""
+    if request.user.is_authenticated:
+        return request.user if needs_enrolment(request.user) else None
+    pending = request.session.get(PENDING_KEY)
+    if not isinstance(pending, dict) or float(pending.get("until", 0)) < time.time():
+        return None
+    pk = pending.get("user")
+    if not isinstance(pk, int):
+        return None
+    user = get_user_model().objects.filter(pk=pk).first()
+    if user is None or not constant_time_compare(str(pending.get("hash", "")), user.get_session_auth_hash()):
+        return None
+    return user if needs_enrolment(user) else None
 
 
 def new_backup_codes(count: int = BACKUP_CODE_COUNT) -> list[str]:
@@ -109,9 +152,8 @@ class EnrolForm(forms.Form):
         return token
 
 
-def confirm(request: HttpRequest, device: TOTPDevice) -> list[str]:
-    """Confirm the device, replace the user's backup codes, mark this session verified."""
-    user = request.user
+def confirm(request: HttpRequest, user: Any, device: TOTPDevice) -> list[str]:
+    """Confirm the device, replace the user's backup codes, log the user in with it (verified)."""
     with transaction.atomic():
         device.confirmed = True
         device.save(update_fields=["confirmed"])
@@ -127,22 +169,26 @@ def confirm(request: HttpRequest, device: TOTPDevice) -> list[str]:
             actor=user if isinstance(user, AbstractBaseUser) else None,
             actor_label=ACTOR_LABEL,
         )
+    request.session.pop(PENDING_KEY, None)
+    if not request.user.is_authenticated:
+        auth_login(request, user, backend=settings.AUTHENTICATION_BACKENDS[0])
+        # What OTPMiddleware gives request.user at the start of a request, for this response.
+        setattr(user, "is_verified", functools.partial(otp_is_verified, user))  # noqa: B010
     otp_login(request, device)
     return codes
 
 
 def enrol_view(site: AdminSite, request: HttpRequest) -> HttpResponse:
     """GET: the QR code and the secret. POST: the first code; on success the backup codes."""
-    user = request.user
     login_url = reverse("admin:login", current_app=site.name)
     index_url = reverse("admin:index", current_app=site.name)
-    if not user.is_authenticated:
-        return HttpResponseRedirect(f"{login_url}?next={request.path}")
-    if not (user.is_active and user.is_staff):
-        return HttpResponseRedirect(login_url)
     next_url = safe_next(request, index_url)
-    if not needs_enrolment(user):
-        return HttpResponseRedirect(next_url)
+    user = enrolling_user(request)
+    if user is None:
+        # Nobody to enrol: already enrolled (then the login asks for the code), not staff, or
+        # no password checked in this session (recently).
+        target = next_url if request.user.is_authenticated else f"{login_url}?next={next_url}"
+        return HttpResponseRedirect(target)
     device = pending_device(user)
     form = EnrolForm(request.POST if request.method == "POST" else None)
     context: dict[str, Any] = {
@@ -156,7 +202,7 @@ def enrol_view(site: AdminSite, request: HttpRequest) -> HttpResponse:
         if not allowed:
             form.add_error("token", "Too many wrong codes: wait a moment, then try the current code.")
         elif device.verify_token(form.cleaned_data["token"]):
-            codes = confirm(request, device)
+            codes = confirm(request, user, device)
             context.update({**site.each_context(request), "title": "Your backup codes", "codes": codes})
             return TemplateResponse(request, "admin/otp/backup_codes.html", context)
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import re
+import time
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -51,6 +52,10 @@ def test_enrolment_page_shows_qr_and_secret_and_confirmation_gives_backup_codes(
     client = Client()
     response = password_login(client, "erin")
     assert response.status_code == 302 and response["Location"] == f"{ENROL}?next=/admin/tenants/"
+    # The password alone logs nobody in: the REST API (which takes session logins) sees no one.
+    assert "_auth_user_id" not in client.session
+    assert client.get("/api/me/").status_code in (401, 403)
+    assert client.get("/api/tenants/").status_code in (401, 403)
     response = client.get(response["Location"])
     page = response.content.decode()
     assert response.status_code == 200 and "no-store" in response["Cache-Control"]
@@ -86,8 +91,9 @@ def test_enrolment_page_shows_qr_and_secret_and_confirmation_gives_backup_codes(
     device.refresh_from_db()
     assert device.confirmed
     assert sorted(StaticToken.objects.filter(device__user=staff).values_list("token", flat=True)) == sorted(codes)
-    # This session is verified now: the admin opens, and the enrolment page is gone.
+    # This session is logged in and verified now: the admin opens, and the enrolment page is gone.
     assert client.get("/admin/tenants/tenant/").status_code == 200
+    assert client.get("/api/me/").status_code == 200
     assert client.get(ENROL)["Location"] == "/admin/"
 
 
@@ -110,8 +116,32 @@ def test_enrolment_is_only_for_signed_in_staff(db):
     user = get_user_model().objects.create_user("finn", "finn@example.com", PASSWORD)  # not staff
     client = Client()
     client.force_login(user)
-    assert client.get(ENROL)["Location"] == reverse("admin:login")
+    assert client.get(ENROL).status_code == 302
+    assert client.post(ENROL, {"token": "123456"}).status_code == 302
     assert not TOTPDevice.objects.filter(user=user).exists()
+    # Nor does a wrong password start one.
+    get_user_model().objects.create_user("gus", "gus@example.com", PASSWORD, is_staff=True)
+    client = Client()
+    response = client.post(reverse("admin:login"), {"username": "gus", "password": "wrong", "next": "/admin/"})
+    assert response.status_code == 200 and "enter the correct username and password" in response.content.decode()
+    assert client.get(ENROL)["Location"].startswith(reverse("admin:login"))
+
+
+def test_the_password_opens_enrolment_for_a_few_minutes_and_while_it_is_unchanged(staff):
+    client = Client()
+    password_login(client, "erin")
+    assert client.get(ENROL).status_code == 200
+    session = client.session
+    session[otp_views.PENDING_KEY] = {**session[otp_views.PENDING_KEY], "until": time.time() - 1}
+    session.save()
+    assert client.get(ENROL)["Location"].startswith(reverse("admin:login"))
+
+    client = Client()
+    password_login(client, "erin")
+    staff.set_password("a new one entirely")
+    staff.save()
+    assert client.get(ENROL)["Location"].startswith(reverse("admin:login"))
+    assert not TOTPDevice.objects.filter(user=staff, confirmed=True).exists()
 
 
 def test_next_must_stay_on_this_site(staff):
