@@ -11,6 +11,7 @@ app's 6-digit code or one unused backup code.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from django import forms
 from django.conf import settings
@@ -100,7 +101,7 @@ class ChittyCanAdminSite(AdminSite):
     def enrolment_redirect(self, request: HttpRequest) -> HttpResponseRedirect:
         url = reverse("admin:otp_enrol", current_app=self.name)
         target = otp_views.safe_next(request, "")
-        return HttpResponseRedirect(f"{url}?next={target}" if target else url)
+        return HttpResponseRedirect(f"{url}?next={quote(target, safe='/')}" if target else url)
 
     @method_decorator(never_cache)
     @method_decorator(csrf_protect)

@@ -21,6 +21,7 @@ import functools
 import re
 import time
 from typing import Any
+from urllib.parse import quote
 
 import segno
 from django import forms
@@ -187,7 +188,7 @@ def enrol_view(site: AdminSite, request: HttpRequest) -> HttpResponse:
     if user is None:
         # Nobody to enrol: already enrolled (then the login asks for the code), not staff, or
         # no password checked in this session (recently).
-        target = next_url if request.user.is_authenticated else f"{login_url}?next={next_url}"
+        target = next_url if request.user.is_authenticated else f"{login_url}?next={quote(next_url, safe='/')}"
         return HttpResponseRedirect(target)
     device = pending_device(user)
     form = EnrolForm(request.POST if request.method == "POST" else None)

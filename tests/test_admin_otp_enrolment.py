@@ -154,6 +154,15 @@ def test_next_must_stay_on_this_site(staff):
     assert "evil.example" not in page and 'id="otp-continue" href="/admin/"' in page
 
 
+def test_next_with_a_query_string_survives_the_trip(db):
+    get_user_model().objects.create_user("hana", "hana@example.com", PASSWORD, is_staff=True)
+    client = Client()
+    target = "/admin/tenants/tenant/?kind=team&is_active=1"
+    response = client.post(reverse("admin:login"), {"username": "hana", "password": PASSWORD, "next": target})
+    assert response.status_code == 302
+    assert client.get(response["Location"]).context["next"] == target
+
+
 def test_backup_code_works_once_and_a_reset_means_enrolling_again(staff):
     client = Client()
     password_login(client, "erin")
