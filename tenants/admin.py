@@ -8,6 +8,7 @@ database, the session, or a message cookie.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
@@ -15,17 +16,20 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.exceptions import DisallowedModelAdminToField
+from django.contrib.admin.options import IS_POPUP_VAR, TO_FIELD_VAR
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import FieldDoesNotExist
 from django.db import models, transaction
 from django.db.models import Count, Model, Q, QuerySet
 from django.forms import ModelForm
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 from django.utils.html import format_html_join
+from django.utils.http import urlencode
 
 from tenants import services
 from tenants.models import ApiKey, AuditEvent, Plan, Tenant
@@ -418,9 +422,31 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
     def response_add(self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None) -> HttpResponse:
         if not issued_keys(request):
             return super().response_add(request, obj, post_url_continue)
-        return self.keys_created(request, "API key added")
+        popup_done = ""
+        if IS_POPUP_VAR in request.POST:
+            # Added from another form's "+" (a budget's key): the popup shows the key first, and
+            # its "use this key" link then hands the new row (never the secret) to that form.
+            query = {IS_POPUP_VAR: "1", TO_FIELD_VAR: request.POST.get(TO_FIELD_VAR) or ""}
+            popup_done = f"{reverse('admin:tenants_apikey_popup_done', args=[obj.pk])}?{urlencode(query)}"
+        return self.keys_created(request, "API key added", popup_done=popup_done)
 
-    def keys_created(self, request: HttpRequest, title: str) -> HttpResponse:
+    def popup_done(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Close an "add key" popup: Django's popup response, with the key's id and label."""
+        obj = self.get_object(request, object_id)
+        if obj is None or not self.has_view_or_change_permission(request, obj):
+            raise Http404("no such key")
+        to_field = request.GET.get(TO_FIELD_VAR) or ""
+        if to_field and not self.to_field_allowed(request, to_field):
+            raise DisallowedModelAdminToField(f"The field {to_field} cannot be referenced.")
+        value = obj.serializable_value(to_field or "pk")
+        data = json.dumps({"value": str(value), "obj": str(obj)})
+        return TemplateResponse(request, "admin/popup_response.html", {"popup_response_data": data})
+
+    def get_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view(self.popup_done)
+        return [path("<path:object_id>/popup-done/", view, name="tenants_apikey_popup_done"), *super().get_urls()]
+
+    def keys_created(self, request: HttpRequest, title: str, popup_done: str = "") -> HttpResponse:
         """The page that shows the plaintext of the keys this request issued, once. A rendered
         response, not a redirect: Django's messages would carry the secret in a cookie."""
         context = {
@@ -428,6 +454,8 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
             "title": title,
             "opts": self.opts,
             "issued": issued_keys(request),
+            "popup_done": popup_done,
+            "is_popup": bool(popup_done),
         }
         response = TemplateResponse(request, "admin/tenants/apikey/key_created.html", context)
         add_never_cache_headers(response)

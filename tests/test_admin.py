@@ -374,3 +374,30 @@ def test_tenant_created_in_the_admin_goes_through_the_service(admin_client, rows
     org_form.update({"budgets-TOTAL_FORMS": "0", "allowed_models": "[]"})
     response = admin_client.post(reverse("admin:tenants_tenant_change", args=[rows["org"].pk]), org_form)
     assert response.status_code == 200 and "cannot be its own ancestor" in response.content.decode()
+
+
+def test_a_key_added_from_a_budgets_plus_popup_is_shown_then_handed_to_the_form(admin_client, rows):
+    """The "+" beside a budget's key opens "Add API key" in a popup: the popup shows the secret
+    first (Django's own popup answer would close at once and lose it), then its link gives the
+    opener the new key's id and label, never the secret."""
+    response = admin_client.post(
+        reverse("admin:tenants_apikey_add") + "?_to_field=id&_popup=1",
+        {"tenant": rows["org"].pk, "name": "from-popup", "scopes": "{}", "_popup": "1", "_to_field": "id"},
+    )
+    assert response.status_code == 200
+    page = response.content.decode()
+    plaintext = re.findall(r'class="chittycan-new-key">(chitty_[0-9A-Za-z]+)<', page)[0]
+    row = ApiKey.objects.get(name="from-popup")
+    found = re.search(r'id="use-new-key" href="([^"]+)"', page)
+    assert found is not None
+    link = found.group(1).replace("&amp;", "&")
+    assert link == f"/admin/tenants/apikey/{row.pk}/popup-done/?_popup=1&_to_field=id"
+    done = admin_client.get(link)
+    assert done.status_code == 200
+    body = done.content.decode()
+    assert "popup_response.js" in body and f"&quot;value&quot;: &quot;{row.pk}&quot;" in body
+    assert plaintext not in body and row.prefix in body
+    # Not a way to read other things: an unknown key, a field that may not be referenced.
+    assert admin_client.get(f"/admin/tenants/apikey/{row.pk + 999}/popup-done/?_popup=1").status_code == 404
+    assert admin_client.get(f"/admin/tenants/apikey/{row.pk}/popup-done/?_to_field=hashed_secret").status_code == 400
+    assert Client().get(link).status_code == 302  # signed-out: to the login
