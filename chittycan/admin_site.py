@@ -48,6 +48,12 @@ class AdminLoginForm(OTPAdminAuthenticationForm):
         return otp_views.normalise_token(self.cleaned_data.get("otp_token") or "")
 
     enrolling_user: Any = None
+    # No device of the kind the code looks like (a backup code from someone with none): the same
+    # answer as a wrong code, not django-otp's "Please select a device" (there is no list here).
+    otp_error_messages = {
+        **OTPAdminAuthenticationForm.otp_error_messages,
+        "device_required": OTPAdminAuthenticationForm.otp_error_messages["invalid_token"],
+    }
 
     def clean_otp(self, user: Any) -> None:
         if user is not None and otp_views.needs_enrolment(user):

@@ -195,3 +195,18 @@ def test_backup_codes_never_look_like_an_app_code():
     assert len(set(codes)) == 200
     assert not any(otp_views.is_totp_code(code) for code in codes)
     assert otp_views.normalise_token(" AB12-cd34 ") == "ab12cd34"
+
+
+def test_one_users_codes_never_sign_in_another(staff):
+    other = get_user_model().objects.create_user("ivan", "ivan@example.com", PASSWORD, is_staff=True)
+    TOTPDevice.objects.create(user=other, name="phone", confirmed=True)
+    client = Client()
+    password_login(client, "erin")
+    secret = shown_secret(client.get(ENROL).content.decode())
+    page = client.post(ENROL, {"token": code_for(secret)}).content.decode()
+    codes = re.findall(r'class="chittycan-backup-code">([a-z2-7]+)<', page)
+    # erin's backup code and erin's app code, with ivan's password: refused.
+    for token in (codes[0], code_for(secret, ahead=1)):
+        response = password_login(Client(), "ivan", token=token)
+        assert response.status_code == 200 and "Invalid token" in response.content.decode()
+    assert StaticToken.objects.filter(token=codes[0]).exists()  # not spent by the attempt
