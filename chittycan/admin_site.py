@@ -37,15 +37,8 @@ def otp_required() -> bool:
 
 
 class AdminLoginForm(OTPAdminAuthenticationForm):
-    """Password, then the code from the authenticator app (skipped when OTP is switched off)."""
-
-    def clean(self) -> dict[str, Any]:
-        if not otp_required():
-            return AdminAuthenticationForm.clean(self)
-        return super().clean()  # type: ignore[no-any-return]
-
-    def clean_otp_token(self) -> str:
-        return otp_views.normalise_token(self.cleaned_data.get("otp_token") or "")
+    """Password, then the authenticator app's code or a backup code (skipped when OTP is switched
+    off). A right password with no authenticator enrolled sets ``enrolling_user`` instead."""
 
     enrolling_user: Any = None
     # No device of the kind the code looks like (a backup code from someone with none): the same
@@ -54,6 +47,14 @@ class AdminLoginForm(OTPAdminAuthenticationForm):
         **OTPAdminAuthenticationForm.otp_error_messages,
         "device_required": OTPAdminAuthenticationForm.otp_error_messages["invalid_token"],
     }
+
+    def clean(self) -> dict[str, Any]:
+        if not otp_required():
+            return AdminAuthenticationForm.clean(self)
+        return super().clean()  # type: ignore[no-any-return]
+
+    def clean_otp_token(self) -> str:
+        return otp_views.normalise_token(self.cleaned_data.get("otp_token") or "")
 
     def clean_otp(self, user: Any) -> None:
         if user is not None and otp_views.needs_enrolment(user):
