@@ -13,20 +13,21 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 from django_otp.oath import TOTP
 from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from chittycan import otp_views
+from tests.browser.admin_flows import next_login_code
 
 PASSWORD = "correct horse battery staple"
 ENROL = "/admin/otp/enrol/"
 
 
-def code_for(secret_text: str, ahead: int = 0) -> str:
+def code_for(secret_text: str) -> str:
     secret = secret_text.replace(" ", "")
     totp = TOTP(base64.b32decode(secret + "=" * (-len(secret) % 8)), 30, 0, 6, 0)
-    totp.time += ahead * 30
     return f"{totp.token():06d}"
 
 
@@ -95,6 +96,20 @@ def test_enrolment_page_shows_qr_and_secret_and_confirmation_gives_backup_codes(
     assert client.get("/admin/tenants/tenant/").status_code == 200
     assert client.get("/api/me/").status_code == 200
     assert client.get(ENROL)["Location"] == "/admin/"
+
+
+def test_after_wrong_codes_even_the_right_one_waits(staff):
+    """django-otp's throttle (1 s after a failure, doubling): set as after ten failures, so the
+    right code is refused however slow the machine."""
+    client = Client()
+    password_login(client, "erin")
+    secret = shown_secret(client.get(ENROL).content.decode())
+    TOTPDevice.objects.filter(user=staff).update(
+        throttling_failure_count=10, throttling_failure_timestamp=timezone.now()
+    )
+    response = client.post(ENROL, {"token": code_for(secret)})
+    assert response.status_code == 200 and "Too many wrong codes" in response.content.decode()
+    assert not TOTPDevice.objects.filter(user=staff, confirmed=True).exists()
 
 
 def test_a_password_only_session_of_someone_enrolled_cannot_enrol_again(staff):
@@ -174,8 +189,8 @@ def test_backup_code_works_once_and_a_reset_means_enrolling_again(staff):
     assert response.status_code == 302 and response["Location"] == "/admin/tenants/"
     response = password_login(Client(), "erin", token=codes[0])
     assert response.status_code == 200 and "Invalid token" in response.content.decode()
-    # The app's code still works (the next step's: the one just used at enrolment is spent).
-    assert password_login(Client(), "erin", token=code_for(secret, ahead=1)).status_code == 302
+    # The app's code still works (a fresh one: the one used at enrolment is spent).
+    assert password_login(Client(), "erin", token=next_login_code(secret, "erin")).status_code == 302
 
     # An operator resets the user: the next sign-in enrols a new device with new backup codes.
     call_command("otp", "remove", "--user", "erin", stdout=io.StringIO())
@@ -206,7 +221,7 @@ def test_one_users_codes_never_sign_in_another(staff):
     page = client.post(ENROL, {"token": code_for(secret)}).content.decode()
     codes = re.findall(r'class="chittycan-backup-code">([a-z2-7]+)<', page)
     # erin's backup code and erin's app code, with ivan's password: refused.
-    for token in (codes[0], code_for(secret, ahead=1)):
+    for token in (codes[0], next_login_code(secret, "erin")):
         response = password_login(Client(), "ivan", token=token)
         assert response.status_code == 200 and "Invalid token" in response.content.decode()
     assert StaticToken.objects.filter(token=codes[0]).exists()  # not spent by the attempt

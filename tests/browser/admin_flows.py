@@ -8,21 +8,36 @@ import time
 
 from django.contrib.auth import get_user_model
 from django_otp.oath import TOTP
+from django_otp.plugins.otp_totp.models import TOTPDevice
 from playwright.sync_api import Page, expect
 
 PASSWORD = "a long passphrase for the admin"
 TOTP_STEP = 30
 
 
-def totp_code(secret: str, ahead: int = 0) -> str:
-    """The code an authenticator app shows for ``secret`` (base32, as on the enrolment page),
-    ``ahead`` steps from now. django-otp refuses a code of a step it has already accepted, so a
-    second sign-in right after the first uses the next step's code (within its tolerance of one)."""
+def totp_key(secret: str) -> bytes:
     clean = secret.replace(" ", "").upper()
-    key = base64.b32decode(clean + "=" * (-len(clean) % 8))
-    totp = TOTP(key, step=TOTP_STEP, t0=0, digits=6, drift=0)
-    totp.time = time.time() + ahead * TOTP_STEP
+    return base64.b32decode(clean + "=" * (-len(clean) % 8))
+
+
+def totp_code(secret: str) -> str:
+    """The code an authenticator app shows now for ``secret`` (base32, as on the enrolment page)."""
+    totp = TOTP(totp_key(secret), step=TOTP_STEP, t0=0, digits=6, drift=0)
     return f"{totp.token():06d}"
+
+
+def next_login_code(secret: str, username: str) -> str:
+    """The code a user who waits for a fresh one types at their next sign-in. django-otp refuses a
+    code of a step it already accepted, and follows the phone's clock drift it saw last time
+    (within one step either way): so the step after the last one used, or the earliest the
+    device accepts now, whichever is later (no waiting for the next 30-second window)."""
+    device = TOTPDevice.objects.get(user__username=username, confirmed=True)
+    now = int((time.time() - device.t0) // device.step) + device.drift
+    step = max(device.last_t + 1, now - 1)
+    assert step <= now + 1, "no code is acceptable before the next window"
+    totp = TOTP(totp_key(secret), step=device.step, t0=device.t0, digits=device.digits, drift=0)
+    totp.time = device.t0 + step * device.step + device.step / 2
+    return f"{totp.token():0{device.digits}d}"
 
 
 def sign_in(page: Page, username: str, code: str | None, password: str = PASSWORD, next_url: str = "/admin/") -> None:
