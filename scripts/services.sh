@@ -33,3 +33,23 @@ ensure_services() {
     redis_up || { echo "$who: Redis is missing or will not start (install redis-server, or point REDIS_HOST/REDIS_PORT at a server)"; return 2; }
   fi
 }
+
+# Browser tests (tests/browser, Playwright) drive Debian's chromium, never a downloaded browser.
+# Call: ensure_browser <caller name>. Installs the `chromium` package when /usr/bin/chromium is
+# missing (needs root and Debian's package registry); says what is missing if that fails.
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+
+ensure_browser() {
+  local who=$1
+  [ -x "$CHROMIUM" ] && return 0
+  echo "$who: $CHROMIUM is missing; installing Debian's chromium package (browser tests need it)"
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/tmp/chittycan-chromium-install.log 2>&1 || true
+  fi
+  [ -x "$CHROMIUM" ] || {
+    echo "$who: $CHROMIUM is missing and Debian's chromium package could not be installed (the browser"
+    echo "  tests need it; see /tmp/chittycan-chromium-install.log). As root on Debian: apt-get install chromium;"
+    echo "  elsewhere set CHROMIUM=/path/to/a/chromium binary"
+    return 2
+  }
+}

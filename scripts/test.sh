@@ -13,6 +13,7 @@ grep -E "^Contracts:" /tmp/chittycan-import-contracts.log
 
 source scripts/services.sh
 ensure_services test.sh || exit 2
+[[ " $* " == *"not browser"* ]] || ensure_browser test.sh || exit 2  # chromium, for tests/browser
 
 export DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres@$PGHOST:$PGPORT/chittycan}
 export REDIS_URL=${TEST_REDIS_URL:-redis://$REDIS_HOST:$REDIS_PORT/9}

@@ -2,11 +2,13 @@
 
 Every write made here goes through ``tenants.services`` (which audit it and tell the gateway
 processes after commit): the admin has no write path of its own. A new key's plaintext is shown
-once, in a message after saving, and is never stored.
+once, on the page that answers the add (or rotate) POST itself, and is never stored: not in the
+database, the session, or a message cookie.
 """
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from decimal import Decimal
@@ -14,15 +16,20 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.exceptions import DisallowedModelAdminToField
+from django.contrib.admin.options import IS_POPUP_VAR, TO_FIELD_VAR
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import FieldDoesNotExist
 from django.db import models, transaction
 from django.db.models import Count, Model, Q, QuerySet
 from django.forms import ModelForm
-from django.http import HttpRequest
-from django.urls import reverse
+from django.http import Http404, HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
-from django.utils.html import format_html, format_html_join
+from django.utils.cache import add_never_cache_headers
+from django.utils.html import format_html_join
+from django.utils.http import urlencode
 
 from tenants import services
 from tenants.models import ApiKey, AuditEvent, Plan, Tenant
@@ -325,6 +332,19 @@ class ApiKeyForm(forms.ModelForm):
         return {k: v for k, v in value.items() if v}
 
 
+ISSUED_ATTR = "_chittycan_issued_keys"
+
+
+def issued_keys(request: HttpRequest) -> list[tuple[ApiKey, str]]:
+    """The keys issued while answering this request, with their plaintext (kept on the request
+    object only, so it dies with the response)."""
+    issued: list[tuple[ApiKey, str]] | None = getattr(request, ISSUED_ATTR, None)
+    if issued is None:
+        issued = []
+        setattr(request, ISSUED_ATTR, issued)
+    return issued
+
+
 @admin.register(ApiKey)
 class ApiKeyAdmin(AuditedAdmin[ApiKey]):
     form = ApiKeyForm
@@ -393,22 +413,53 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
             actor=actor_of(request),
             actor_label=ADMIN_LABEL,
         )
-        self._show_key_once(request, issued, plaintext)
+        issued_keys(request).append((issued, plaintext))
         return issued
 
     def update(self, request: HttpRequest, obj: ApiKey, values: dict[str, Any]) -> None:
         services.key_update(obj, **values, actor=actor_of(request), actor_label=ADMIN_LABEL)
 
-    def _show_key_once(self, request: HttpRequest, api_key: ApiKey, plaintext: str) -> None:
-        messages.warning(
-            request,
-            format_html(
-                'New API key for {}: <code class="chittycan-new-key">{}</code> Copy it now: '
-                "it is shown once and cannot be recovered.",
-                api_key.tenant.slug,
-                plaintext,
-            ),
-        )
+    def response_add(self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None) -> HttpResponse:
+        if not issued_keys(request):
+            return super().response_add(request, obj, post_url_continue)
+        popup_done = ""
+        if IS_POPUP_VAR in request.POST:
+            # Added from another form's "+" (a budget's key): the popup shows the key first, and
+            # its "use this key" link then hands the new row (never the secret) to that form.
+            query = {IS_POPUP_VAR: "1", TO_FIELD_VAR: request.POST.get(TO_FIELD_VAR) or ""}
+            popup_done = f"{reverse('admin:tenants_apikey_popup_done', args=[obj.pk])}?{urlencode(query)}"
+        return self.keys_created(request, "API key added", popup_done=popup_done)
+
+    def popup_done(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Close an "add key" popup: Django's popup response, with the key's id and label."""
+        obj = self.get_object(request, object_id)
+        if obj is None or not self.has_view_or_change_permission(request, obj):
+            raise Http404("no such key")
+        to_field = request.GET.get(TO_FIELD_VAR) or ""
+        if to_field and not self.to_field_allowed(request, to_field):
+            raise DisallowedModelAdminToField(f"The field {to_field} cannot be referenced.")
+        value = obj.serializable_value(to_field or "pk")
+        data = json.dumps({"value": str(value), "obj": str(obj)})
+        return TemplateResponse(request, "admin/popup_response.html", {"popup_response_data": data})
+
+    def get_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view(self.popup_done)
+        return [path("<path:object_id>/popup-done/", view, name="tenants_apikey_popup_done"), *super().get_urls()]
+
+    def keys_created(self, request: HttpRequest, title: str, popup_done: str = "") -> HttpResponse:
+        """The page that shows the plaintext of the keys this request issued, once. A rendered
+        response, not a redirect: Django's messages would carry the secret in a cookie."""
+        context = {
+            **self.admin_site.each_context(request),
+            "title": title,
+            "opts": self.opts,
+            "issued": issued_keys(request),
+            "popup_done": popup_done,
+            "is_popup": bool(popup_done),
+        }
+        response = TemplateResponse(request, "admin/tenants/apikey/key_created.html", context)
+        add_never_cache_headers(response)
+        return response
 
     @admin.action(description="Revoke selected keys")
     def revoke_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
@@ -419,12 +470,15 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
         self.message_user(request, f"Revoked {count} key(s).", messages.SUCCESS)
 
     @admin.action(description="Rotate selected keys (new key shown once, old key revoked)")
-    def rotate_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+    def rotate_keys(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> HttpResponse | None:
         for api_key in queryset.filter(revoked_at__isnull=True).select_related("tenant", "user"):
             new_key, plaintext = services.key_rotate(api_key=api_key, actor=actor_of(request), actor_label=ADMIN_LABEL)
-            self._show_key_once(request, new_key, plaintext)
+            issued_keys(request).append((new_key, plaintext))
         if queryset.filter(revoked_at__isnull=False).exists():
             self.message_user(request, "Revoked keys were skipped.", messages.INFO)
+        if not issued_keys(request):
+            return None
+        return self.keys_created(request, "API keys rotated")
 
 
 # --- audit log -----------------------------------------------------------------------------------

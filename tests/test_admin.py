@@ -114,13 +114,16 @@ def test_tenant_pages_show_the_tree(admin_client, rows):
     assert subtree.status_code == 200 and "acme-ml" in subtree.content.decode()
 
 
-def test_staff_without_a_device_cannot_log_in_and_a_session_without_otp_is_refused(db):
+def test_staff_without_a_device_is_sent_to_enrolment_and_a_session_without_otp_is_refused(db):
     staff = get_user_model().objects.create_user("bob", "bob@example.com", PASSWORD, is_staff=True)
     client = Client()
     response = otp_login(client, staff, None)
-    assert response.status_code == 200
-    assert "can otp enrol --user bob" in response.content.decode()
-    # A password-only session (e.g. from another login view) still cannot reach the admin.
+    assert response.status_code == 302 and response["Location"] == "/admin/otp/enrol/?next=/admin/"
+    # Enrolment is all the password opens (tests/test_admin_otp_enrolment.py has the rest).
+    assert client.get(reverse("admin:tenants_tenant_changelist")).status_code == 302
+    # A password-only session of someone who has a device still cannot reach the admin.
+    TOTPDevice.objects.create(user=staff, name="phone", confirmed=True)
+    client = Client()
     client.force_login(staff)
     response = client.get(reverse("admin:index"))
     assert response.status_code == 302 and response["Location"].startswith(reverse("admin:login"))
@@ -168,13 +171,17 @@ def test_issuing_a_key_shows_the_plaintext_once(admin_client, rows):
             "expires_at_0": "",
             "expires_at_1": "",
         },
-        follow=True,
     )
+    # On the answer to the POST itself (no redirect), never in a cookie, never cached.
     assert response.status_code == 200
     page = response.content.decode()
     shown = re.findall(r'class="chittycan-new-key">(chitty_[0-9A-Za-z]+)<', page)
     assert len(shown) == 1
     plaintext = shown[0]
+    assert all(plaintext not in morsel.OutputString() for morsel in response.cookies.values())
+    assert "messages" not in response.cookies
+    assert "no-store" in response["Cache-Control"]
+    assert plaintext not in str(admin_client.session.items())
     row = ApiKey.objects.get(name="from-admin")
     assert keys.key_prefix(plaintext) == row.prefix and keys.verify_key(plaintext, row.hashed_secret)
     assert row.scopes == {"models": ["gpt-4o"], "endpoints": ["chat"]}
@@ -197,9 +204,12 @@ def test_bad_scopes_are_refused_in_the_admin(admin_client, rows):
 def test_revoke_and_rotate_actions(admin_client, rows):
     url = reverse("admin:tenants_apikey_changelist")
     key = rows["key"]
-    response = admin_client.post(url, {"action": "rotate_keys", "_selected_action": [key.pk]}, follow=True)
+    response = admin_client.post(url, {"action": "rotate_keys", "_selected_action": [key.pk]})
+    assert response.status_code == 200
     shown = re.findall(r'class="chittycan-new-key">(chitty_[0-9A-Za-z]+)<', response.content.decode())
     assert len(shown) == 1
+    assert all(shown[0] not in morsel.OutputString() for morsel in response.cookies.values())
+    assert "no-store" in response["Cache-Control"]
     key.refresh_from_db()
     new = ApiKey.objects.get(prefix=keys.key_prefix(shown[0]))
     assert key.revoked_at is not None and new.rotated_from_id == key.pk
@@ -364,3 +374,30 @@ def test_tenant_created_in_the_admin_goes_through_the_service(admin_client, rows
     org_form.update({"budgets-TOTAL_FORMS": "0", "allowed_models": "[]"})
     response = admin_client.post(reverse("admin:tenants_tenant_change", args=[rows["org"].pk]), org_form)
     assert response.status_code == 200 and "cannot be its own ancestor" in response.content.decode()
+
+
+def test_a_key_added_from_a_budgets_plus_popup_is_shown_then_handed_to_the_form(admin_client, rows):
+    """The "+" beside a budget's key opens "Add API key" in a popup: the popup shows the secret
+    first (Django's own popup answer would close at once and lose it), then its link gives the
+    opener the new key's id and label, never the secret."""
+    response = admin_client.post(
+        reverse("admin:tenants_apikey_add") + "?_to_field=id&_popup=1",
+        {"tenant": rows["org"].pk, "name": "from-popup", "scopes": "{}", "_popup": "1", "_to_field": "id"},
+    )
+    assert response.status_code == 200
+    page = response.content.decode()
+    plaintext = re.findall(r'class="chittycan-new-key">(chitty_[0-9A-Za-z]+)<', page)[0]
+    row = ApiKey.objects.get(name="from-popup")
+    found = re.search(r'id="use-new-key" href="([^"]+)"', page)
+    assert found is not None
+    link = found.group(1).replace("&amp;", "&")
+    assert link == f"/admin/tenants/apikey/{row.pk}/popup-done/?_popup=1&_to_field=id"
+    done = admin_client.get(link)
+    assert done.status_code == 200
+    body = done.content.decode()
+    assert "popup_response.js" in body and f"&quot;value&quot;: &quot;{row.pk}&quot;" in body
+    assert plaintext not in body and row.prefix in body
+    # Not a way to read other things: an unknown key, a field that may not be referenced.
+    assert admin_client.get(f"/admin/tenants/apikey/{row.pk + 999}/popup-done/?_popup=1").status_code == 404
+    assert admin_client.get(f"/admin/tenants/apikey/{row.pk}/popup-done/?_to_field=hashed_secret").status_code == 400
+    assert Client().get(link).status_code == 302  # signed-out: to the login
