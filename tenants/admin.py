@@ -213,6 +213,7 @@ class TenantAdmin(AuditedAdmin[Tenant]):
     # organisation > team > project: three levels of parents come with each row.
     list_select_related = ["plan", "parent__parent__parent"]
     search_fields = ["slug", "name", "stripe_customer_id"]
+    ordering = ["slug"]  # a stable order for the changelist and the autocomplete pickers' pages
     autocomplete_fields = ["parent"]
     readonly_fields = ["lineage", "children_list", "created_at"]
     fieldsets = [

@@ -60,6 +60,11 @@ def fake_openai() -> Iterator[tuple[FakeOpenAI, ServerThread]]:
 def gateway_server(django_db_setup: Any, django_db_blocker: Any) -> Iterator[ServerThread]:
     """The real gateway ASGI app, served by uvicorn in a thread against the test database."""
     django_db_blocker.unblock()  # the server's own threads use the database between tests too
+    # As `make install` and the image build do: the admin's CSS and JS into STATIC_ROOT (a fresh
+    # directory per run), which the served app indexes when it is built.
+    from django.core.management import call_command
+
+    call_command("collectstatic", interactive=False, verbosity=0)
     from chittycan.asgi import application
 
     server = ServerThread(application, name="gateway").start()

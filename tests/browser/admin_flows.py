@@ -92,15 +92,13 @@ def saved(page: Page) -> None:
     expect(page.locator("ul.messagelist li.success")).to_be_visible()
 
 
-def choose_related(page: Page, field: str, pk: int, label: str) -> None:
-    """Choose a related row in an autocomplete field the way its widget does (it puts the chosen
-    option into the underlying <select>). A stand-in for the select2 widget while static files
-    are not served; test_autocomplete_tenant_picker drives the widget itself."""
-    page.eval_on_selector(
-        f"#id_{field}",
-        "(select, [value, label]) => select.add(new Option(label, value, true, true))",
-        [str(pk), label],
-    )
+def choose_related(page: Page, field: str, label: str) -> None:
+    """Choose a related row in an autocomplete (select2) field as a person does: open the
+    picker, type part of the label, click the match."""
+    page.locator(f".field-{field} .select2-selection").click()
+    page.fill(".select2-container--open .select2-search__field", label)
+    page.locator(".select2-results__option", has_text=label).first.click()
+    expect(page.locator(f".field-{field} .select2-selection__rendered")).to_contain_text(label)
 
 
 def add_tenant(page: Page, slug: str, name: str) -> None:
@@ -114,7 +112,6 @@ def add_tenant(page: Page, slug: str, name: str) -> None:
 
 def add_budget(
     page: Page,
-    tenant_pk: int,
     tenant_slug: str,
     limit_usd: str,
     *,
@@ -122,10 +119,10 @@ def add_budget(
     alerts: list[int],
     period: str = "month",
 ) -> None:
-    """One budget, on today's budget form (one budget per scope and period). The lead extends
-    this one place when a scope can hold a hard cap and soft alert levels together."""
+    """One budget row on the budget form: the scope's hard cap (``hard=True``) or one of its soft
+    alert levels (a scope and period hold one hard budget and any number of soft levels)."""
     page.goto("/admin/budgets/budget/add/")
-    choose_related(page, "tenant", tenant_pk, tenant_slug)
+    choose_related(page, "tenant", tenant_slug)
     page.select_option("#id_period", period)
     page.fill("#id_limit_usd", limit_usd)
     page.set_checked("#id_hard", hard)
@@ -134,10 +131,10 @@ def add_budget(
     saved(page)
 
 
-def add_key(page: Page, tenant_pk: int, tenant_slug: str, name: str) -> str:
+def add_key(page: Page, tenant_slug: str, name: str) -> str:
     """Add an API key; return its plaintext, read off the page the add POST answered with."""
     page.goto("/admin/tenants/apikey/add/")
-    choose_related(page, "tenant", tenant_pk, tenant_slug)
+    choose_related(page, "tenant", tenant_slug)
     page.fill("#id_name", name)
     page.click("input[name=_save]")
     expect(page.locator(".chittycan-new-key")).to_have_count(1)

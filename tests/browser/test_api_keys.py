@@ -26,7 +26,7 @@ def test_new_key_is_shown_once_in_no_cookie_and_works(
     enrolled_staff(page, "kim")
     tenant = Tenant.objects.create(slug="acme", name="Acme")
 
-    plaintext = add_key(page, tenant.pk, "acme", "from-browser")
+    plaintext = add_key(page, "acme", "from-browser")
     assert re.fullmatch(r"chitty_[0-9A-Za-z]+", plaintext)
     row = ApiKey.objects.get(name="from-browser")
     assert row.tenant_id == tenant.pk and keys.verify_key(plaintext, row.hashed_secret)

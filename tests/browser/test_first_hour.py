@@ -3,7 +3,6 @@ they enrolled themselves, creates a tenant, a budget and a key, and the key work
 
 from __future__ import annotations
 
-import pytest
 from playwright.sync_api import Page, expect
 
 from budgets.models import Budget
@@ -41,23 +40,21 @@ def test_first_hour_of_a_new_operator(page: Page, app_server: ServerThread, upst
     tenant = Tenant.objects.get(slug="acme")
     assert tenant.name == "Acme Corp" and tenant.parent_id is None
 
-    # A budget on it: $5.00 a month, hard, alerts at 50 % and 80 %.
-    add_budget(page, tenant.pk, "acme", "5.00", hard=True, alerts=[50, 80])
-    budget = Budget.objects.get(tenant=tenant)
-    assert (budget.period, budget.limit_micro, budget.hard, budget.alert_thresholds) == (
-        "month",
-        5_000_000,
-        True,
-        [50, 80],
-    )
+    # A hard cap on it, $5.00 a month with alerts at 50 % and 80 %, and a soft alert level at $8.
+    add_budget(page, "acme", "5.00", hard=True, alerts=[50, 80])
+    add_budget(page, "acme", "8.00", hard=False, alerts=[100])
+    budgets = sorted(Budget.objects.filter(tenant=tenant), key=lambda b: b.limit_micro)
+    assert [(b.period, b.limit_micro, b.hard, b.alert_thresholds) for b in budgets] == [
+        ("month", 5_000_000, True, [50, 80]),
+        ("month", 8_000_000, False, [100]),
+    ]
 
     # A key, shown once, that works.
-    plaintext = add_key(page, tenant.pk, "acme", "first-key")
+    plaintext = add_key(page, "acme", "first-key")
     assert ApiKey.objects.get(name="first-key").tenant_id == tenant.pk
     assert chat(app_server, plaintext)
 
 
-@pytest.mark.xfail(strict=True, reason="static files: merged from the ops branch")
 def test_autocomplete_tenant_picker_on_add_api_key(page: Page, upstream: object) -> None:
     """The select2 tenant picker works (it needs the admin's static files to be served)."""
     assert page.request.get("/static/admin/js/vendor/select2/select2.full.min.js").status == 200
