@@ -314,3 +314,20 @@ def test_every_shell_block_runs_as_pasted(installed: Path) -> None:
     elapsed = time.monotonic() - started
     print(f"ran {sum(len(s.outcomes) for s in done)} blocks of {len(done)} files in {elapsed:.0f} s", file=sys.stderr)
     assert not failures, "\n\n".join(failures)
+
+
+def test_the_runner_reports_a_failing_block(tmp_path: Path) -> None:
+    """The harness itself: state carries over between blocks, and a failing command is reported
+    with its exit status (also inside a pipeline and a command substitution), ending the session."""
+    doc = ROOT / "README.md"
+    texts = ["X=1; cd var", 'test "$X" = 1 && test -f demo-key.txt', "echo ok | false | cat", "echo never ran"]
+    session = Session(doc, [Block(doc, n + 1, "bash", t, None) for n, t in enumerate(texts)])
+    (tmp_path / "var").mkdir()
+    (tmp_path / "var" / "demo-key.txt").write_text("chitty_x\n")
+    run_session(session, tmp_path / "var", isolated=False)
+    assert [o.returncode for o in session.outcomes] == [0, 0, 1]
+    again = Session(doc, [Block(doc, 1, "bash", 'K=$(.venv/bin/can no-such-command)\necho "got $K"', None)])
+    run_session(again, tmp_path / "var", isolated=False)
+    [outcome] = again.outcomes
+    assert outcome.returncode == 1 and "Unknown command: 'no-such-command'" in outcome.output
+    assert "got" not in outcome.output
