@@ -64,3 +64,12 @@ def test_unknown_command_is_a_clear_error() -> None:
     res = run_can("no-such-command", CHITTYCAN_MODE="dev")
     assert res.returncode != 0
     assert "Unknown command: 'no-such-command'" in res.stderr
+
+
+def test_make_run_says_how_to_reach_can() -> None:
+    """`make run` prints where the CLI is and how to put it on PATH (before the server starts)."""
+    res = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    text = res.stdout
+    assert "The can CLI is .venv/bin/can" in text and "source .venv/bin/activate" in text
+    assert text.index("source .venv/bin/activate") < text.index("can serve")
