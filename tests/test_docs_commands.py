@@ -13,7 +13,7 @@ The session starts where the README's ``make run`` leaves a new operator: a fres
 migrated, with the ``make run`` quickstart done (demo tenant, ``admin`` user, ``var/demo-key.txt``),
 ``CHITTYCAN_MODE=dev``, no Redis. The working directory holds the repository's ``.venv``,
 ``examples``, ``docker`` and ``manage.py`` (symlinks); files the blocks write stay in it. When a
-file's blocks talk to ``127.0.0.1:8080`` or ``localhost:8080``, the session runs ``can serve --port
+file's blocks name ``127.0.0.1:8080`` or ``localhost:8080`` and run ``curl``, the session runs ``can serve --port
 8080`` in the background first, as ``make run`` does, inside a private network namespace
 (``unshare``) so that the port is the session's own even when a real gateway runs on this machine.
 
@@ -263,7 +263,8 @@ def run_session(session: Session, template_var: Path, isolated: bool) -> Session
             (workdir / name).symlink_to(ROOT / name)
         shutil.copytree(template_var, workdir / "var")
         (workdir / ".curlrc").write_text("fail-with-body\n", encoding="utf-8")
-        gateway = any(GATEWAY.search(b.text) for b in session.blocks)
+        # A gateway for the files whose blocks call one (not for a mere export of its URL).
+        gateway = any(GATEWAY.search(b.text) for b in session.blocks) and any("curl" in b.text for b in session.blocks)
         command = ["timeout", "-k", "5", str(SESSION_TIMEOUT), "bash", "-c", session_script(session, workdir, gateway)]
         if gateway and isolated:
             command = ["unshare", "-rn", *command]
@@ -331,3 +332,10 @@ def test_the_runner_reports_a_failing_block(tmp_path: Path) -> None:
     [outcome] = again.outcomes
     assert outcome.returncode == 1 and "Unknown command: 'no-such-command'" in outcome.output
     assert "got" not in outcome.output
+
+
+def test_config_docs_show_the_example_file_as_it_is() -> None:
+    """docs/config.md's complete example is examples/chittycan.yaml, byte for byte."""
+    text = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    example = (ROOT / "examples" / "chittycan.yaml").read_text(encoding="utf-8")
+    assert example in re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
