@@ -34,6 +34,9 @@ run: install ## run the gateway on 127.0.0.1:$(PORT): SQLite, in-process cache, 
 	CHITTYCAN_MODE=$${CHITTYCAN_MODE:-dev} CHITTYCAN_ADMIN_REQUIRE_OTP=$${CHITTYCAN_ADMIN_REQUIRE_OTP:-false} \
 	  $(PY) manage.py migrate --no-input -v 0
 	CHITTYCAN_MODE=$${CHITTYCAN_MODE:-dev} $(PY) manage.py quickstart --port $(PORT)
+	@echo "The can CLI is $(VENV)/bin/can, as the README and docs/ write it (no PATH change needed);"
+	@echo "for a bare 'can' in your shell: source $(VENV)/bin/activate (or: export PATH=\$$PWD/$(VENV)/bin:\$$PATH)"
+	@echo
 	CHITTYCAN_MODE=$${CHITTYCAN_MODE:-dev} CHITTYCAN_ADMIN_REQUIRE_OTP=$${CHITTYCAN_ADMIN_REQUIRE_OTP:-false} \
 	  $(VENV)/bin/can serve --port $(PORT)
 

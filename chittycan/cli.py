@@ -12,30 +12,53 @@ import sys
 
 from django.core.management import execute_from_command_line
 
-OUR_COMMANDS = (
-    "serve",
-    "quickstart",
-    "apply",
-    "export",
-    "keys",
-    "tenants",
-    "otp",
-    "budgets",
-    "analytics",
-    "metrics",
-    "billing",
-    "trace",
-    "apitoken",
-    "members",
-)
+# Every management command of our apps, with the line ``can --help`` shows for it (kept here, not
+# read from the command classes, so ``can --help`` works before settings or a database are set up;
+# tests/test_cli_help.py fails when a command is missing here).
+COMMANDS: dict[str, str] = {
+    "serve": "run the gateway (ASGI) with uvicorn, granian or daphne",
+    "quickstart": "create a demo tenant, an admin user and an API key; print how to call the gateway",
+    "apply": "make the database match a configuration file (-f chittycan.yaml [--dry-run] [--prune])",
+    "export": "write the current configuration as YAML in the `can apply` format (secrets as ${ENV})",
+    "tenants": "create tenants and show the tenant tree",
+    "keys": "create, list, revoke and rotate API keys (new keys are printed once)",
+    "budgets": "set, delete and list budgets; reconcile live counters with the ledger",
+    "analytics": "cost analytics from the usage ledger; rollups and retention (costs|rollup|prune)",
+    "metrics": "latency percentiles, models and cache hits from the usage ledger",
+    "trace": "one request's usage row and per-stage timings, by its x-request-id",
+    "billing": "Stripe usage export: the meter CSV, pushing meter events, runs and reconciliation",
+    "members": "give users a role on a tenant for the management REST API",
+    "apitoken": "create, list and revoke management REST API tokens",
+    "otp": "enrol, list and remove the TOTP devices staff use to log in to the admin",
+}
+OUR_COMMANDS = tuple(COMMANDS)
+
+# Django's own commands an operator needs most often (every Django command works).
+DJANGO_COMMANDS: dict[str, str] = {
+    "migrate": "create or upgrade the database tables",
+    "createsuperuser": "create an admin user (--username NAME)",
+    "changepassword": "change a user's password",
+    "shell": "a Python shell with the project loaded",
+    "check": "check the configuration (--deploy for production settings)",
+}
+
+
+def help_text() -> str:
+    """What ``can``, ``can -h``, ``can --help`` and ``can help`` print."""
+    width = max(len(name) for name in (*COMMANDS, *DJANGO_COMMANDS))
+    lines = ["usage: can <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {text}" for name, text in COMMANDS.items()]
+    lines += ["", "Django commands (every Django management command works):"]
+    lines += [f"  {name.ljust(width)}  {text}" for name, text in DJANGO_COMMANDS.items()]
+    lines += ["", "`can <command> --help` shows a command's options."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chittycan.settings")
-    if not args or args[0] in ("-h", "--help", "help"):
-        print("usage: can <command> [options]\n\ncommands:\n  " + "\n  ".join(OUR_COMMANDS))
-        print("\n`can <command> --help` for a command's options; every Django management command works too.")
+    if not args or args in (["-h"], ["--help"], ["help"]):
+        print(help_text())
         return
     execute_from_command_line(["can", *args])
 

@@ -195,6 +195,9 @@ LOGGING = {
 # --- Gateway ---------------------------------------------------------------------------------
 OLLAMA_BASE_URL = env_str("OLLAMA_BASE_URL", "")
 CHITTYCAN_DEV_OLLAMA_MODEL = env_str("CHITTYCAN_DEV_OLLAMA_MODEL", "llama3.2")
+# Dev mode serves the catalogue's models and aliases; any other name is a 404 as in production,
+# unless this accepts every name (served by the mock or Ollama at $0).
+CHITTYCAN_DEV_ACCEPT_ANY_MODEL = env_bool("CHITTYCAN_DEV_ACCEPT_ANY_MODEL", False)
 
 # HMAC secret for API key hashes; defaults to SECRET_KEY. Changing it invalidates every key.
 CHITTYCAN_KEY_SECRET = env_secret("CHITTYCAN_KEY_SECRET", SECRET_KEY)

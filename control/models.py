@@ -6,7 +6,7 @@ from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
-__all__ = ["ManagementToken", "TenantMembership"]
+__all__ = ["ManagementToken", "SecretReference", "TenantMembership"]
 
 
 class TenantMembership(models.Model):
@@ -53,3 +53,27 @@ class ManagementToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.user})"
+
+
+class SecretReference(models.Model):
+    """The ``${ENV_VAR}`` a configuration file named for a stored secret, so ``can export`` writes
+    the same placeholder back (the value itself is stored encrypted on the row, never here).
+
+    Written by ``can apply`` (``control.config.references``); rows whose object is gone are ignored
+    and removed on the next apply.
+    """
+
+    class Kind(models.TextChoices):
+        PROVIDER_API_KEY = "provider_api_key"
+        BUDGET_WEBHOOK_SECRET = "budget_webhook_secret"
+
+    kind = models.CharField(max_length=32, choices=Kind.choices)
+    object_id = models.PositiveBigIntegerField(help_text="the provider's or the budget's id")
+    env_name = models.CharField(max_length=200, help_text="the environment variable, without ${ }")
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["kind", "object_id"], name="secret_reference_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.object_id}: ${{{self.env_name}}}"

@@ -250,17 +250,18 @@ def test_export_round_trip_is_a_no_op(db, tmp_path, env):
     assert "sk-up-1" not in text and "hook-1" not in text
     data = yaml.safe_load(text)
     [up] = [p for p in data["providers"] if p["slug"] == "up"]
-    assert up["api_key"] == "${UP_API_KEY}"
+    assert up["api_key"] == "${UP_KEY}"  # the placeholder names the file used
     [org] = [t for t in data["tenants"] if t["slug"] == "org"]
     assert org["budgets"][0]["limit_usd"] == "12.345678"
-    assert org["budgets"][0]["webhook_secret"] == "${ORG_MONTH_WEBHOOK_SECRET}"
+    assert org["budgets"][0]["webhook_secret"] == "${HOOK_SECRET}"
     before = AuditEvent.objects.count()
     out = io.StringIO()
     call_command("apply", "-f", str(exported), stdout=out, stderr=io.StringIO())
     assert "no changes" in out.getvalue()
     assert AuditEvent.objects.count() == before
-    # ... and with the placeholders' variables set to the stored values, still nothing to do.
-    env.setenv("UP_API_KEY", "sk-up-1")
+    # ... and with the placeholders' variables unset, still nothing to do (the stored secrets stay).
+    env.delenv("UP_KEY")
+    env.delenv("HOOK_SECRET")
     out = io.StringIO()
     call_command("apply", "-f", str(exported), "--prune", stdout=out, stderr=io.StringIO())
     assert "no changes" in out.getvalue()
@@ -351,3 +352,99 @@ def test_alias_may_not_shadow_a_model_kept_in_the_database(db, tmp_path, env):
     # With --prune the default gpt-4o goes away, so the alias is free.
     assert "applied" in run(tmp_path, text, "--prune")
     assert LLMModel.objects.get(name="m1").aliases == ["m1-latest", "gpt-4o"]
+
+
+# The exports README.md lists for the example file (section "Configure providers, ..."); the
+# docs test runs that README block as pasted too.
+README_EXPORTS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "ACME_BUDGET_WEBHOOK_SECRET")
+
+
+def test_example_needs_only_the_readme_exports(db, tmp_path, monkeypatch):
+    """The groq provider is inactive: it needs no GROQ_API_KEY, and its absence is no error."""
+    for name in SECRETS:
+        monkeypatch.delenv(name, raising=False)
+    for name in README_EXPORTS:
+        monkeypatch.setenv(name, SECRETS[name])
+    # Each of the README's exports is needed: without one, the apply fails and names it.
+    for name in README_EXPORTS:
+        monkeypatch.delenv(name)
+        err = io.StringIO()
+        with pytest.raises(CommandError, match="nothing was written"):
+            call_command("apply", "-f", str(EXAMPLE), "--dry-run", stdout=io.StringIO(), stderr=err)
+        assert f"environment variable {name} is not set" in err.getvalue()
+        monkeypatch.setenv(name, SECRETS[name])
+    out = io.StringIO()
+    call_command("apply", "-f", str(EXAMPLE), "--dry-run", stdout=out, stderr=out)
+    assert "dry run" in out.getvalue().lower()
+    assert "GROQ_API_KEY is not set; none is needed while provider groq is inactive" in out.getvalue()
+    call_command("apply", "-f", str(EXAMPLE), stdout=io.StringIO(), stderr=io.StringIO())
+    groq = Provider.objects.get(slug="groq")
+    assert (groq.is_active, groq.api_key_encrypted) == (False, "")
+    assert Provider.objects.get(slug="anthropic").api_key == "sk-ant-test"
+
+
+def test_inactive_provider_secret_is_used_when_set_and_required_once_active(db, tmp_path, env):
+    text = BASE.replace("    api_key: ${UP_KEY}", "    api_key: ${UP_KEY}\n    active: false")
+    env.delenv("UP_KEY")
+    assert "none is needed while provider up is inactive" in run(tmp_path, text)
+    assert Provider.objects.get(slug="up").api_key_encrypted == ""
+    env.setenv("UP_KEY", "sk-up-9")
+    run(tmp_path, text)
+    assert Provider.objects.get(slug="up").api_key == "sk-up-9"
+    # Activating it with the key stored works; a new active provider without its variable does not.
+    env.delenv("UP_KEY")
+    assert "UP_KEY is not set; the stored secret is kept" in run(tmp_path, BASE)
+    other = BASE.replace("slug: up", "slug: up2").replace("provider: up", "provider: up2")
+    err = io.StringIO()
+    path = tmp_path / "other.yaml"
+    path.write_text(textwrap.dedent(other))
+    with pytest.raises(CommandError, match="nothing was written"):
+        call_command("apply", "-f", str(path), stdout=io.StringIO(), stderr=err)
+    assert "providers[0].api_key: environment variable UP_KEY is not set" in err.getvalue()
+
+
+def test_example_round_trip_keeps_the_placeholder_names(db, tmp_path, env):
+    call_command("apply", "-f", str(EXAMPLE), stdout=io.StringIO(), stderr=io.StringIO())
+    exported = tmp_path / "exported.yaml"
+    call_command("export", "-o", str(exported), stdout=io.StringIO(), stderr=io.StringIO())
+    text = exported.read_text()
+    for name in SECRETS:  # every placeholder of the example comes back under its own name
+        assert "${" + name + "}" in text
+    assert "ACME_MONTH_WEBHOOK_SECRET" not in text and "whsec-test" not in text and "sk-openai-test" not in text
+    data = yaml.safe_load(text)
+    [acme] = [t for t in data["tenants"] if t["slug"] == "acme"]
+    assert acme["budgets"][0]["webhook_secret"] == "${ACME_BUDGET_WEBHOOK_SECRET}"
+    [groq] = [p for p in data["providers"] if p["slug"] == "groq"]
+    assert (groq["api_key"], groq["active"]) == ("${GROQ_API_KEY}", False)  # kept though no key is stored
+    # Applying the export changes nothing, with or without the variables.
+    out = io.StringIO()
+    call_command("apply", "-f", str(exported), stdout=out, stderr=io.StringIO())
+    assert "no changes" in out.getvalue()
+    for name in SECRETS:
+        env.delenv(name)
+    out = io.StringIO()
+    call_command("apply", "-f", str(exported), stdout=out, stderr=io.StringIO())
+    assert "no changes" in out.getvalue()
+
+
+def test_renamed_placeholder_is_exported_under_its_new_name(db, tmp_path, env):
+    run(tmp_path, BASE)
+    env.setenv("NEW_HOOK", "hook-1")
+    env.setenv("UP_KEY_V2", "sk-up-1")
+    run(tmp_path, BASE.replace("${HOOK_SECRET}", "${NEW_HOOK}").replace("${UP_KEY}", "${UP_KEY_V2}"))
+    exported = tmp_path / "exported.yaml"
+    call_command("export", "-o", str(exported), stdout=io.StringIO(), stderr=io.StringIO())
+    data = yaml.safe_load(exported.read_text())
+    [up] = [p for p in data["providers"] if p["slug"] == "up"]
+    [org] = [t for t in data["tenants"] if t["slug"] == "org"]
+    assert (up["api_key"], org["budgets"][0]["webhook_secret"]) == ("${UP_KEY_V2}", "${NEW_HOOK}")
+
+
+def test_secret_set_outside_a_file_is_exported_under_a_derived_name(db, tmp_path):
+    provider = Provider(slug="by-hand", kind="openai", base_url="https://x.example/v1")
+    provider.api_key = "sk-by-hand"
+    provider.save()
+    exported = tmp_path / "exported.yaml"
+    call_command("export", "-o", str(exported), stdout=io.StringIO(), stderr=io.StringIO())
+    [item] = [p for p in yaml.safe_load(exported.read_text())["providers"] if p["slug"] == "by-hand"]
+    assert item["api_key"] == "${BY_HAND_API_KEY}"

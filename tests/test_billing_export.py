@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import random
 import subprocess
@@ -134,6 +135,22 @@ def test_second_export_adds_nothing_keeps_identifiers_and_bills_late_rows_once(m
     billed = sum(ExportLine.objects.values_list("value", flat=True))
     assert billed == sum(UsageRecord.objects.values_list("cost_micro", flat=True)) == 1_234_567 + 1 + 42 + 1007
     assert len(set(ExportLine.objects.values_list("identifier", flat=True))) == 3
+
+
+def test_cli_export_output_has_no_log_lines(make_tenant, tmp_path, caplog):
+    """The human report is not interleaved with the services' JSON log line (shown with -v 2)."""
+    acme = make_tenant("acme", stripe_customer_id="cus_ACME0001")
+    add_rows(acme, [(datetime(2026, 10, 5, 12, tzinfo=UTC), 100)])
+    caplog.set_level("INFO")
+    out, err = io.StringIO(), io.StringIO()
+    call_command("billing", "export", "--period", "2026-10", "--out", str(tmp_path / "c.csv"), stdout=out, stderr=err)
+    assert "export run" in out.getvalue() and "1 new line(s)" in out.getvalue()
+    assert [r for r in caplog.records if r.name.startswith("billing_export")] == []
+    assert logging.getLogger("billing_export").level == logging.NOTSET  # restored after the command
+    acme_rows = add_rows(acme, [(datetime(2026, 10, 6, 12, tzinfo=UTC), 5)])
+    assert acme_rows
+    call_command("billing", "export", "--period", "2026-10", "--out", str(tmp_path / "d.csv"), verbosity=2, stdout=out)
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("billing_export")] == ["billing export"]
 
 
 def test_tenant_without_customer_is_reported_not_dropped(make_tenant, tmp_path):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import openai
 import pytest
 
-from tests.conftest import exact_usage
+from tests.conftest import add_model, exact_usage
 
 HELLO = [{"role": "user", "content": "Say hello in 3 words."}]
 
@@ -98,27 +100,73 @@ def dev_mode(settings):
     invalidation.drop_local()
 
 
-def test_dev_mode_routes_every_model_to_the_mock(dev_mode, upstream, gateway_server, tenant_key):
+def test_dev_mode_routes_catalogue_models_to_the_mock(dev_mode, upstream, gateway_server, tenant_key):
+    from gateway.models import Provider
+
+    # A catalogue model whose provider has no key and is inactive, reached by an alias: dev mode
+    # serves it anyway, priced as the model.
+    idle = Provider.objects.create(
+        slug="anthropic-idle", kind="anthropic", base_url="http://127.0.0.1:9", is_active=False
+    )
+    add_model("claude-sonnet-4", idle, upstream="claude-sonnet-4-20250514", aliases=["claude-sonnet-4-20250514"])
     client = sdk(gateway_server, tenant_key[1])
     res = client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HELLO)
     completion = res.parse()
     assert res.headers["x-chittycan-provider"] == "dev-mock"
     assert "hello" in completion.choices[0].message.content.lower()
     assert upstream.requests == []  # the configured (paid) upstream is never called
-    # Models nobody configured work too, and so do streams and embeddings.
     other = client.chat.completions.create(model="claude-sonnet-4-20250514", messages=HELLO)
     assert other.choices[0].message.content.startswith("Mock reply")
-    parts = list(client.chat.completions.create(model="my-anything", messages=HELLO, stream=True))
+    parts = list(client.chat.completions.create(model="gpt-4o", messages=HELLO, stream=True))
     assert "".join(p.choices[0].delta.content or "" for p in parts) == completion.choices[0].message.content
     assert len(client.embeddings.create(model="text-embedding-3-small", input="x").data[0].embedding) == 1536
     assert upstream.requests == []
     rows = exact_usage(tenant_key[0], 4)
     assert {r.provider for r in rows} == {"dev-mock"}
-    # gpt-4o is priced as gpt-4o, so a team sees what the suite would have cost.
-    assert rows[0].cost_micro > 0
+    # Each is priced as the real model, so a team sees what the suite would have cost.
+    assert all(r.cost_micro > 0 for r in rows if r.endpoint == "chat")
+    assert {r.requested_model for r in rows} >= {"gpt-4o", "claude-sonnet-4-20250514"}
 
 
-def test_dev_mode_uses_ollama_when_configured(dev_mode, fake_ollama, gateway_server, tenant_key, transactional_db):
+def test_dev_mode_unknown_model_is_a_404_as_in_production(dev_mode, upstream, gateway_server, tenant_key):
+    """Error parity: a parity suite's "invalid model rejects" passes against dev mode too."""
+    import anthropic
+
+    client = sdk(gateway_server, tenant_key[1])
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.chat.completions.create(model="gpt-nonexistent-model", messages=HELLO)
+    assert exc.value.code == "model_not_found"
+    body: Any = exc.value.body
+    assert body["type"] == "invalid_request_error" and body["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        list(client.chat.completions.create(model="my-anything", messages=HELLO, stream=True))
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="no-such-embedding", input="x")
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("anything-at-all")
+    claude = anthropic.Anthropic(base_url=gateway_server.url, api_key=tenant_key[1], max_retries=0)
+    with pytest.raises(anthropic.NotFoundError) as aexc:
+        claude.messages.create(model="claude-nonexistent", max_tokens=16, messages=[{"role": "user", "content": "Hi"}])
+    abody: Any = aexc.value.body
+    assert abody["type"] == "error" and abody["error"]["type"] == "not_found_error"
+    # Nothing was served or billed; a catalogue model still answers.
+    assert client.chat.completions.create(model="gpt-4o", messages=HELLO).choices[0].message.content
+    assert [r.requested_model for r in exact_usage(tenant_key[0], 1)] == ["gpt-4o"]
+    assert upstream.requests == []
+
+
+def test_dev_mode_accept_any_model_serves_every_name(dev_mode, upstream, gateway_server, tenant_key):
+    dev_mode.CHITTYCAN_DEV_ACCEPT_ANY_MODEL = True
+    client = sdk(gateway_server, tenant_key[1])
+    parts = list(client.chat.completions.create(model="my-anything", messages=HELLO, stream=True))
+    assert "".join(p.choices[0].delta.content or "" for p in parts).startswith("Mock reply")
+    assert client.models.retrieve("anything-at-all").id == "anything-at-all"
+    [row] = exact_usage(tenant_key[0], 1)
+    assert (row.requested_model, row.provider, row.cost_micro) == ("my-anything", "dev-mock", 0)
+    assert upstream.requests == []
+
+
+def test_dev_mode_uses_ollama_when_configured(dev_mode, upstream, fake_ollama, gateway_server, tenant_key):
     from core import invalidation
 
     dev_mode.OLLAMA_BASE_URL = fake_ollama.url
@@ -146,4 +194,6 @@ def test_passthrough_unlisted_embedding_model(passthrough, gateway_server):
 
 def test_dev_mode_model_lookup(dev_mode, upstream, gateway_server, tenant_key):
     client = sdk(gateway_server, tenant_key[1])
-    assert client.models.retrieve("anything-at-all").id == "anything-at-all"
+    assert client.models.retrieve("gpt-4o").id == "gpt-4o"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("anything-at-all")

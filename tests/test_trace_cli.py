@@ -8,6 +8,7 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+from tenants import keys
 from tests.conftest import wait_usage
 
 
@@ -21,6 +22,10 @@ def test_trace_shows_the_row_of_a_request(upstream, openai_client, tenant_key):
     call_command("trace", request_id, stdout=out)
     text = out.getvalue()
     assert request_id in text
+    tenant, key = tenant_key
+    prefix = keys.key_prefix(key)
+    assert f"tenant    acme  key {prefix}" in text  # the slug and the key's public prefix, not row ids
+    assert f"tenant    {tenant.pk} " not in text
     assert "gpt-4o -> fake-openai:gpt-4o-2024-08-06" in text
     assert "prompt 10" in text and "completion 7" in text
     assert "0.000095 USD (95 micro-USD)" in text

@@ -10,7 +10,9 @@ would change.
 
 Secrets are never in the file: a provider's ``api_key`` (and a budget's ``webhook_secret``) is an
 ``${ENV_VAR}`` reference, read from the environment here. An unset variable keeps the stored
-secret (an error if none is stored).
+secret (an error if none is stored, except for an inactive provider, which needs no credentials
+until it is activated). The reference's name is kept (``control.config.references``) so that
+``can export`` writes the same placeholder back.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from django.db import IntegrityError, transaction
 
 from budgets import services as budget_services
 from budgets.models import Budget
+from control.config import references
 from control.config.schema import MICRO, SECRET_REF, ConfigError, Document, ModelSpec, TenantSpec
 from core import egress
 from core.money import format_usd_short
@@ -130,18 +133,19 @@ class _Applier:
     def deleted(self, kind: str, target: str) -> None:
         self.changes.append(Change("delete", kind, target))
 
-    def secret(self, ref: str | None, current: str, path: str) -> tuple[str | None, str | None]:
-        """(new plaintext or None to keep, a note). Errors when nothing is stored to keep."""
+    def secret(self, ref: str | None, current: str, path: str, *, optional: str = "") -> tuple[str | None, str | None]:
+        """(new plaintext or None to keep, a note). Errors when nothing is stored to keep, unless
+        ``optional`` says why none is needed (an inactive provider)."""
         if ref is None:
             return None, None
-        match = SECRET_REF.match(ref)
-        assert match is not None  # validated by the schema
-        name = match.group(1)
+        name = _ref_name(ref)
         if name in self.env:
             value = self.env[name]
             return (value if value != current else None), None
         if current:
             return None, f"{path}: {name} is not set; the stored secret is kept"
+        if optional:
+            return None, f"{path}: {name} is not set; none is needed while {optional}"
         self.errors.append(f"{self.filename}: {path}: environment variable {name} is not set")
         return None, None
 
@@ -152,6 +156,8 @@ class _Applier:
         self.tenants(plans)
         if self.errors:
             raise ConfigError(self.errors)
+        references.forget_missing(references.PROVIDER_API_KEY, Provider.objects.values_list("pk", flat=True))
+        references.forget_missing(references.BUDGET_WEBHOOK_SECRET, Budget.objects.values_list("pk", flat=True))
 
     def plans(self) -> dict[str, Plan]:
         out: dict[str, Plan] = {}
@@ -197,7 +203,9 @@ class _Applier:
                 current = provider.api_key if provider is not None else ""
             except ValueError:  # encrypted under another key: only a new value helps
                 current = ""
-            new_secret, note = self.secret(spec.api_key, current, f"providers[{i}].api_key")
+            # An inactive provider is never called, so it needs no credentials (used if set).
+            inactive = "" if spec.active else f"provider {spec.slug} is inactive"
+            new_secret, note = self.secret(spec.api_key, current, f"providers[{i}].api_key", optional=inactive)
             if note:
                 self.notes.append(note)
             with self.valid("provider", spec.slug):
@@ -207,6 +215,8 @@ class _Applier:
                 else:
                     changes = catalog.provider_update(provider, api_key=new_secret, **desired, **self.by)
                     self.updated("provider", spec.slug, changes)
+            if spec.api_key is not None:
+                references.remember(references.PROVIDER_API_KEY, provider.pk, _ref_name(spec.api_key))
             out[spec.slug] = provider
         if self.prune:
             # Deployments of pruned models go first, below; whatever still points here is kept.
@@ -388,22 +398,26 @@ class _Applier:
             diff = {k: (getattr(row, k), v) for k, v in desired.items() if getattr(row, k) != v} if row else {}
             if new_secret is not None and row is not None:
                 diff["webhook_secret"] = (audit.HIDDEN, audit.HIDDEN)
+            if budget.webhook_secret is not None and row is not None:
+                references.remember(references.BUDGET_WEBHOOK_SECRET, row.pk, _ref_name(budget.webhook_secret))
             if row is not None and not diff:
                 continue
             if row is not None and limit > row.limit_micro:
                 self.notes.append(f"{target}: raises the hard limit (weakens the cap)")
             try:
-                budget_services.budget_put(
+                saved = budget_services.budget_put(
                     tenant=tenant,
                     period=budget.period,
                     webhook_secret=new_secret,
                     allow_weaken=True,
                     actor_label=ACTOR,
                     **desired,
-                )
+                ).budget
             except (DjangoValidationError, ValueError) as exc:
                 text = "; ".join(exc.messages) if isinstance(exc, DjangoValidationError) else str(exc)
                 raise ConfigError([f"{self.filename}: tenants[{i}].budgets[{j}]: {text}"]) from None
+            if budget.webhook_secret is not None:
+                references.remember(references.BUDGET_WEBHOOK_SECRET, saved.pk, _ref_name(budget.webhook_secret))
             if row is None:
                 self.created("budget", target)
             else:
@@ -424,6 +438,13 @@ def _budget_target(slug: str, period: str, hard: bool, limit_micro: int) -> str:
     if hard:
         return f"{slug} per {period}"
     return f"{slug} per {period} (soft at {format_usd_short(limit_micro)} USD)"
+
+
+def _ref_name(ref: str) -> str:
+    """``${NAME}`` -> ``NAME`` (the schema has validated the form)."""
+    match = SECRET_REF.match(ref)
+    assert match is not None
+    return match.group(1)
 
 
 def _default_kind(parent_kind: str | None, parent: Tenant | None) -> str:

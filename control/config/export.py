@@ -1,7 +1,8 @@
 """``can export``: the current configuration as the document ``can apply`` reads, defaults left out.
 
 Secrets are written as ``${ENV_VAR}`` references, never in plaintext, so ``export`` then
-``apply`` is a no-op.
+``apply`` is a no-op. A reference keeps the name the applied file used (``references``); a secret
+set another way gets a name made from the slug (``OPENAI_API_KEY``, ``ACME_MONTH_WEBHOOK_SECRET``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from control.config import references
 from control.config.schema import MICRO, VERSION
 from gateway.models import LLMModel, Provider
 from tenants.models import Plan, Tenant
@@ -46,12 +48,14 @@ def export() -> dict[str, Any]:
     """The current configuration as the document ``apply`` reads (defaults left out)."""
     out: dict[str, Any] = {"version": VERSION}
     providers = []
+    key_refs = references.names(references.PROVIDER_API_KEY)
+    hook_refs = references.names(references.BUDGET_WEBHOOK_SECRET)
     for p in Provider.objects.order_by("slug"):
         item: dict[str, Any] = {"slug": p.slug, "kind": p.kind}
         if p.base_url:
             item["base_url"] = p.base_url
-        if p.api_key_encrypted:
-            item["api_key"] = "${" + env_name(p.slug, "API_KEY") + "}"
+        if p.api_key_encrypted or p.pk in key_refs:
+            item["api_key"] = "${" + key_refs.get(p.pk, env_name(p.slug, "API_KEY")) + "}"
         if p.extra_headers:
             item["extra_headers"] = dict(p.extra_headers)
         _put_if(item, "connect_timeout", p.connect_timeout, 5.0)
@@ -134,10 +138,12 @@ def export() -> dict[str, Any]:
                 budget["emails"] = list(b.alert_emails)
             if b.webhook_url:
                 budget["webhook"] = b.webhook_url
-            if b.webhook_secret:
-                # A soft level beside other budgets of its period gets a name of its own.
+            if b.webhook_secret or b.pk in hook_refs:
+                # The name the file used; else a derived one (a soft level beside other budgets of
+                # its period gets a name of its own).
                 level = ("SOFT", str(budget["limit_usd"])) if not b.hard and b.period in shared else ()
-                budget["webhook_secret"] = "${" + env_name(t.slug, b.period, *level, "WEBHOOK_SECRET") + "}"
+                name = hook_refs.get(b.pk) or env_name(t.slug, b.period, *level, "WEBHOOK_SECRET")
+                budget["webhook_secret"] = "${" + name + "}"
             budgets.append(budget)
         if budgets:
             item["budgets"] = budgets

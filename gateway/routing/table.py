@@ -173,11 +173,16 @@ def invalidate() -> None:
 _DEV_MOCK = ProviderConfig(id=0, slug="dev-mock", kind="mock", base_url="")
 
 
-def dev_route(name: str, known: ModelRoute | None) -> ModelRoute:
-    """Dev mode: every model goes to Ollama when OLLAMA_BASE_URL is set, otherwise to the mock.
+def dev_route(name: str, known: ModelRoute | None) -> ModelRoute | None:
+    """Dev mode: a catalogue model goes to Ollama when OLLAMA_BASE_URL is set, otherwise to the mock.
 
-    Prices stay those of the model asked for (when known), so a team sees what it would cost.
+    Prices stay those of the model asked for, so a team sees what it would cost. A name the
+    catalogue does not know (neither a model nor an alias) is ``None``, the same 404
+    ``model_not_found`` as in production, so a suite run against dev mode sees production's errors;
+    ``CHITTYCAN_DEV_ACCEPT_ANY_MODEL`` serves every name instead (unknown names at $0).
     """
+    if known is None and not settings.CHITTYCAN_DEV_ACCEPT_ANY_MODEL:
+        return None
     if settings.OLLAMA_BASE_URL:
         provider = ProviderConfig(id=0, slug="dev-ollama", kind="ollama", base_url=settings.OLLAMA_BASE_URL)
         deployment = DeploymentRoute(id=None, provider=provider, upstream_model=settings.CHITTYCAN_DEV_OLLAMA_MODEL)

@@ -10,6 +10,7 @@ can billing status --period 2026-11
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,19 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         action = options["action"]
+        # The services log each run as a JSON line for the server's log pipeline; in a terminal that
+        # line would land in the middle of the human report, which says the same. Warnings still
+        # show (on stderr); -v 2 shows the info lines too.
+        app_logger = logging.getLogger("billing_export")
+        previous = app_logger.level
+        if options.get("verbosity", 1) < 2:
+            app_logger.setLevel(max(logging.WARNING, previous))
         try:
             getattr(self, f"_{action}")(options)
         except (services.ExportError, StripeNotConfigured) as exc:
             raise CommandError(str(exc)) from exc
+        finally:
+            app_logger.setLevel(previous)
 
     # --- actions -------------------------------------------------------------------------
 

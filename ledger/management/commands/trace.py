@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.money import format_usd
 from ledger.models import UsageRecord
+from tenants.models import ApiKey, Tenant
 
 
 class Command(BaseCommand):
@@ -25,7 +26,12 @@ class Command(BaseCommand):
             )
         out = self.stdout.write
         out(f"request   {row.request_id}  {row.created_at:%Y-%m-%d %H:%M:%S.%f} UTC")
-        out(f"tenant    {row.tenant_id}  key {row.api_key_id}  end user {row.end_user or '-'}")
+        tenant = Tenant.objects.filter(pk=row.tenant_id).values_list("slug", flat=True).first()
+        key_id = row.api_key_id
+        key = ApiKey.objects.filter(pk=key_id).values_list("prefix", flat=True).first() if key_id is not None else None
+        key_text = key or (f"(deleted key {key_id})" if key_id is not None else "-")
+        tenant_text = tenant or f"(deleted tenant {row.tenant_id})"
+        out(f"tenant    {tenant_text}  key {key_text}  end user {row.end_user or '-'}")
         out(
             f"endpoint  {row.endpoint}{' (stream)' if row.stream else ''}  status {row.status} ({row.http_status})"
             + (f"  error {row.error_type}" if row.error_type else "")
