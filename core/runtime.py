@@ -186,6 +186,9 @@ async def stop_background() -> None:
             log.debug("background task %s stopped", name)
 
 
+_subscribed_before = False
+
+
 @background("invalidation")
 async def _listen_for_invalidation() -> None:
     """Drop this process's caches when another process announces a change: over Redis pub/sub, or
@@ -194,11 +197,17 @@ async def _listen_for_invalidation() -> None:
         await _watch_invalidation_stamp()
         return
 
+    global _subscribed_before
     pubsub = redis_client().pubsub()
     await pubsub.subscribe(invalidation.channel())
-    # Announcements made while this process was not subscribed (start-up, a Redis restart that
-    # killed the previous listener) were missed: start from fresh caches.
-    invalidation.drop_local()
+    # Announcements made while this process was not subscribed (a Redis restart that killed the
+    # previous listener) were missed: start again from fresh caches. The first subscription comes
+    # within milliseconds of the first request (which starts this task), so the few entries
+    # cached before it are kept: dropping them would make a gateway that has just warmed its
+    # caches need the database again (a PostgreSQL outage right after start would refuse keys).
+    if _subscribed_before:
+        invalidation.drop_local()
+    _subscribed_before = True
     try:
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
