@@ -387,7 +387,13 @@ class Load:
         self.outcomes.append(Outcome(tag, tenant, gateway, started, self.now(), status, code, request_id, complete))
 
     async def run(self) -> list[Outcome]:
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        # An idle connection is dropped after 1 s, well before the server's keep-alive timeout
+        # (uvicorn: 5 s): a request sent on a connection the server is closing that very moment
+        # fails with a reset, a race of keep-alive itself that any client avoids this way (httpx's
+        # default expiry is 5 s, the same as uvicorn's), not a fault of the gateway.
+        limits = httpx.Limits(
+            max_connections=self.concurrency, max_keepalive_connections=self.concurrency, keepalive_expiry=1.0
+        )
         sem = asyncio.Semaphore(self.concurrency)
         tasks: list[asyncio.Task[None]] = []
         self.t0 = time.monotonic()
@@ -514,6 +520,18 @@ class State:
                     held += int(amount)
         return len(values), held
 
+    def open_reservation_ids(self, tenant_ids: list[int]) -> set[str]:
+        """The request ids holding a reservation in the tenants' trees."""
+        conn = self._redis()
+        try:
+            return {
+                field.decode() if isinstance(field, bytes) else str(field)
+                for tenant_id in tenant_ids
+                for field in conn.hkeys(f"{settings.REDIS_PREFIX}:bud:{{{tenant_id}}}:res")
+            }
+        finally:
+            conn.close()
+
     def pg_open_reservations(self) -> int:
         [(n,)] = self._query("SELECT COUNT(*) FROM budgets_budgetreservation WHERE settled_at IS NULL", ())
         return int(n)
@@ -605,8 +623,10 @@ class FaultEnv:
         var_dir = self.root / scenario
         var_dir.mkdir(exist_ok=True)
         env = self.env(var_dir, redis_url, **extra)
+        logs = self.report_dir / "logs"
+        logs.mkdir(exist_ok=True)
         started = [
-            Gateway(env, production_server=True, log_path=var_dir / f"gateway-{n}.log", wait=False)
+            Gateway(env, production_server=True, log_path=logs / f"{scenario}-gateway-{n}.log", wait=False)
             for n in range(count)
         ]
         self.gateways = started
@@ -676,6 +696,15 @@ class FaultEnv:
             if elapsed > bound:
                 return reading, None
             time.sleep(0.5)
+
+    def wait_released(self, ids: set[str], tenant_ids: list[int], bound: float) -> float | None:
+        """Seconds until none of the reservations ``ids`` is open any more (None: not within ``bound``)."""
+        start = time.monotonic()
+        while ids & self.state.open_reservation_ids(tenant_ids):
+            if time.monotonic() - start > bound:
+                return None
+            time.sleep(0.25)
+        return time.monotonic() - start
 
     def record(self, name: str, figures: dict[str, Any]) -> None:
         self.figures[name] = figures

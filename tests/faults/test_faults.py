@@ -74,8 +74,8 @@ def redis_stopped(env: FaultEnv, scenario: str, policy: str) -> tuple[list[Outco
     marks: dict[str, float] = {}
 
     def down() -> None:
-        env.redis.kill()
         marks["down"] = load.now()
+        env.redis.kill()
 
     def up() -> None:
         env.redis.start()
@@ -146,8 +146,8 @@ def test_d_postgres_restarted(faults_env: FaultEnv) -> None:
     marks: dict[str, float] = {}
 
     def down() -> None:
-        env.pg.stop("fast")
         marks["down"] = load.now()
+        env.pg.stop("fast")
 
     def up() -> None:
         env.pg.start()
@@ -172,24 +172,29 @@ def test_e_gateway_killed(faults_env: FaultEnv) -> None:
     load = Load("e", keys(tenants), live(env), rate=RATE, concurrency=60, duration=12)
     victim = env.gateways[0]
     marks: dict[str, float] = {}
+    held: set[str] = set()
+    tenant_ids = [t.tenant_id for t in tenants]
 
     def kill() -> None:
-        victim.kill()
         marks["kill"] = load.now()
+        victim.kill()
+        # The reservations open at the kill: the victim's stay open until their lease expires.
+        held.update(env.state.open_reservation_ids(tenant_ids))
 
     outcomes = run(during(load, (4, kill)))
-    load_end = load.now()
+    released = env.wait_released(held, tenant_ids, bound=CONVERGE_BOUND)
+    released_after_kill = None if released is None else round(load.now() - marks["kill"], 1)
     figures = measure(env, "e", outcomes, tenants, var_dir, converge_bound=CONVERGE_BOUND)
     in_flight = {o.tag for o in outcomes if o.status == 0 and o.gateway == victim.url}
     figures["killed_in_flight"] = len(in_flight)
-    if figures["converged_s"] is not None:
-        figures["recovery"] = (
-            f"reservations settled {load_end - marks['kill'] + figures['converged_s']:.1f} s after kill"
-        )
+    figures["reservations_open_at_kill"] = len(held)
+    figures["released_after_kill_s"] = released_after_kill
+    figures["recovery"] = f"{len(held)} reservations open at the kill, all released {released_after_kill} s after it"
     env.record("e. gateway killed (SIGKILL)", figures)
     # Only requests in flight on the killed process may fail (no answer), and only their upstream
     # calls may lack a row: that process died before it could record them; nobody was answered.
     assert all(o.status in (200, 402) or o.tag in in_flight for o in outcomes), figures["statuses"]
+    assert released_after_kill is not None, f"reservations open at the kill still open: {figures['counters']}"
     assert_money_invariants(figures, allowed_lost=in_flight)
 
 
