@@ -200,6 +200,9 @@ CHITTYCAN_USAGE_RETENTION_DAYS = env_int("CHITTYCAN_USAGE_RETENTION_DAYS", 90)
 CHITTYCAN_USAGE_RETRY_BASE = env_float("CHITTYCAN_USAGE_RETRY_BASE", 0.25)
 CHITTYCAN_USAGE_RETRY_MAX = env_float("CHITTYCAN_USAGE_RETRY_MAX", 30.0)
 CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL = env_float("CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL", 30.0)
+# Each process journals the rows it hands off; one still missing from the ledger after this many
+# seconds (the Redis stream lost it) is written from the journal (ledger/writer.py).
+CHITTYCAN_USAGE_JOURNAL_GRACE = env_float("CHITTYCAN_USAGE_JOURNAL_GRACE", 5.0)
 # Rows another writer read but did not acknowledge for this long are taken over (it crashed).
 CHITTYCAN_USAGE_CLAIM_IDLE_MS = env_int("CHITTYCAN_USAGE_CLAIM_IDLE_MS", 60_000)
 # Budget alerts: webhook timeout and where links in alert emails point.
