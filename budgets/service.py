@@ -163,14 +163,22 @@ def _refusal(key: KeyInfo, refused: counters.Refused) -> Refusal:
     return Refusal(counter, refused.current, refused.amount, owner)
 
 
+#: Attempts at a Redis reservation while the health probe says Redis is up (slow spell, busy pool).
+RETRIES_WHILE_UP = 3
+
+
 async def _reserve_parts(request_id: str, root: int, parts: list[counters.Part]) -> Reservation | counters.Refused:
     if settings.REDIS_URL and not counters.redis_suspect():
-        try:
-            if counters.degraded():
-                await counters.redis_recovered()
-            return await counters.primary().reserve(request_id, root, parts)
-        except counters.CounterUnavailable:
-            counters.redis_failed()
+        # A failed call is retried once if the health probe finds Redis up (a slow spell, a busy
+        # pool): the reservation is idempotent by request id, so a retry never reserves twice.
+        for _attempt in range(RETRIES_WHILE_UP):
+            try:
+                if counters.degraded():
+                    await counters.redis_recovered()
+                return await counters.primary().reserve(request_id, root, parts)
+            except counters.CounterUnavailable:
+                if not await counters.redis_verdict():
+                    break
     if settings.REDIS_URL:
         counters.degrade_or_refuse()
         return await counters.postgres().reserve(request_id, root, parts)
@@ -206,13 +214,19 @@ async def reserve_gated(
         raise counters.CounterUnavailable("Redis is not the store")
     wanted = counters_for(key, await budgets_for(key), when)
     parts = [counters.Part(c, 1 if c.kind == "q" else amount_micro) for c in wanted]
-    try:
-        if counters.degraded():
-            await counters.redis_recovered()
-        outcome, gated = await counters.primary_redis().admit(request_id, key.root_id, parts, gates, gate_ttl)
-    except counters.CounterUnavailable:
-        counters.redis_failed()
-        raise
+    attempts = RETRIES_WHILE_UP
+    while True:
+        try:
+            if counters.degraded():
+                await counters.redis_recovered()
+            outcome, gated = await counters.primary_redis().admit(request_id, key.root_id, parts, gates, gate_ttl)
+            break
+        except counters.CounterUnavailable:
+            attempts -= 1
+            # One failed call is not an outage: retry if the probe finds Redis up. (A retry after
+            # a call that did land finds the reservation and takes the gates once more at worst.)
+            if not attempts or not await counters.redis_verdict():
+                raise
     return (_outcome(request_id, key, outcome) if outcome is not None else None), gated
 
 
@@ -226,23 +240,68 @@ def _outcome(request_id: str, key: KeyInfo, outcome: Reservation | counters.Refu
 async def settle(reservation: Reservation, actual_micro: int, requests: int, batch: RedisBatch | None = None) -> None:
     """Bring a reservation to the actual cost (``requests``: 1 if the request reached a provider,
     else 0). Settling twice changes nothing. With ``batch``, a Redis settlement joins the request's
-    closing round trip. With Redis down the counters are dropped and rebuilt from the ledger once it
-    is back, so a lost settlement is repaired then."""
+    closing round trip. A settlement that fails (Redis down or slow) is queued and retried by the
+    ``budget-settle-retry`` task until it lands; the store's settle is idempotent by request id,
+    so a retry of a settlement that did land (its reply lost) changes nothing."""
     _active.pop(reservation.request_id, None)
     if batch is not None and reservation.store == "redis":
         counters.primary_redis().settle_in(
-            batch, reservation, actual_micro, requests, on_error=functools.partial(_settle_failed, reservation)
+            batch,
+            reservation,
+            actual_micro,
+            requests,
+            on_error=functools.partial(_settle_failed, reservation, actual_micro, requests),
         )
         return
     try:
         await counters.store_by_name(reservation.store).settle(reservation, actual_micro, requests)
     except counters.CounterUnavailable:
-        _settle_failed(reservation)
+        _settle_failed(reservation, actual_micro, requests)
 
 
-def _settle_failed(reservation: Reservation, exc: BaseException | None = None) -> None:
+def _settle_failed(
+    reservation: Reservation, actual_micro: int, requests: int, exc: BaseException | None = None
+) -> None:
     counters.redis_failed()
-    log.warning("could not settle a reservation (Redis down)", extra={"request_id": reservation.request_id})
+    _unsettled[reservation.request_id] = (reservation, actual_micro, requests)
+    log.warning("could not settle a reservation; queued for retry", extra={"request_id": reservation.request_id})
+
+
+#: Settlements that failed, by request id: retried until they land (``retry_settlements``).
+_unsettled: dict[str, tuple[Reservation, int, int]] = {}
+
+
+def unsettled_count() -> int:
+    """Settlements of this process waiting for Redis."""
+    return len(_unsettled)
+
+
+async def retry_settlements() -> int:
+    """Retry every queued settlement once (unless Redis is down). Returns how many landed."""
+    landed = 0
+    for rid, (reservation, actual_micro, requests) in list(_unsettled.items()):
+        if reservation.store == "redis" and counters.redis_suspect():
+            continue
+        try:
+            await counters.store_by_name(reservation.store).settle(reservation, actual_micro, requests)
+        except counters.CounterUnavailable:
+            counters.redis_failed()
+            continue
+        _unsettled.pop(rid, None)
+        landed += 1
+    return landed
+
+
+@background("budget-settle-retry")
+async def _settle_retry_loop() -> None:
+    while True:
+        await asyncio.sleep(SETTLE_RETRY_INTERVAL)
+        if _unsettled:
+            await retry_settlements()
+
+
+#: Seconds between retries of failed settlements.
+SETTLE_RETRY_INTERVAL = 0.5
 
 
 # --- leases and the sweeper -----------------------------------------------------------------------
