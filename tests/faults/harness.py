@@ -334,6 +334,7 @@ class Load:
     max_tokens: int = 50
     timeout: float = 60.0
     outcomes: list[Outcome] = field(default_factory=list)
+    transport_errors: list[str] = field(default_factory=list)
     t0: float = 0.0
 
     def now(self) -> float:
@@ -384,16 +385,14 @@ class Load:
                     complete = bool(data.get("choices"))
         except httpx.TransportError as exc:
             code = code or type(exc).__name__
+            self.transport_errors.append(f"{tag} {gateway} {type(exc).__name__}: {exc!r} cause={exc.__cause__!r}")
         self.outcomes.append(Outcome(tag, tenant, gateway, started, self.now(), status, code, request_id, complete))
 
     async def run(self) -> list[Outcome]:
-        # An idle connection is dropped after 1 s, well before the server's keep-alive timeout
-        # (uvicorn: 5 s): a request sent on a connection the server is closing that very moment
-        # fails with a reset, a race of keep-alive itself that any client avoids this way (httpx's
-        # default expiry is 5 s, the same as uvicorn's), not a fault of the gateway.
-        limits = httpx.Limits(
-            max_connections=self.concurrency, max_keepalive_connections=self.concurrency, keepalive_expiry=1.0
-        )
+        # A connection per request (no keep-alive): no request is ever sent on a connection the
+        # server is just closing for idleness, and no pooled connection is shared between tasks, so
+        # a transport error is the gateway's doing, not the client pool's.
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=0)
         sem = asyncio.Semaphore(self.concurrency)
         tasks: list[asyncio.Task[None]] = []
         self.t0 = time.monotonic()
@@ -472,6 +471,13 @@ class State:
     def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.pg_url, connect_timeout=5) as conn:
             return list(conn.execute(sql, params).fetchall())
+
+    def rows_by_status(self, prefix: str) -> dict[str, int]:
+        found = self._query(
+            "SELECT status, COUNT(*) FROM gateway_usagerecord WHERE end_user LIKE %s GROUP BY status ORDER BY status",
+            (prefix + "-%",),
+        )
+        return {str(status): int(n) for status, n in found}
 
     def rows(self, prefix: str) -> list[tuple[str, str, int, int]]:
         """(end_user tag, request_id, tenant_id, cost_micro) of the ledger rows of one scenario."""
@@ -767,6 +773,9 @@ def measure(
         "statuses": statuses(outcomes),
         "upstream_calls": sum(calls.values()),
         "ledger_rows": len(rows),
+        "tags_called": len(calls),
+        "tags_recorded": len(rows_per_tag),
+        "rows_by_status": env.state.rows_by_status(name),
         "lost": len(lost),
         "lost_tags": lost,
         "doubled": doubled,
