@@ -34,6 +34,7 @@ import redis
 from django.conf import settings
 
 from budgets import counters, periods
+from budgets.models import BudgetReservation
 from ledger import writer
 from tests.fakes.openai_upstream import FakeOpenAI, Reply
 from tests.fakes.server import ServerThread
@@ -539,7 +540,9 @@ class State:
             conn.close()
 
     def pg_open_reservations(self) -> int:
-        [(n,)] = self._query("SELECT COUNT(*) FROM budgets_budgetreservation WHERE settled_at IS NULL", ())
+        """Reservations taken in PostgreSQL (policy degrade) and never settled."""
+        table = BudgetReservation._meta.db_table
+        [(n,)] = self._query(f"SELECT COUNT(*) FROM {table} WHERE settled_at IS NULL", ())
         return int(n)
 
     def stream_length(self) -> int:
@@ -577,14 +580,18 @@ class FaultEnv:
         self.upstream = FaultUpstream()
         self.upstream_server = ServerThread(self.upstream, name="fault-upstream")
         self.gateways: list[Gateway] = []
-        self.pg.start()
-        self.pg.create_database()
-        self.redis.start()
-        self.upstream_server.start()
         self.state = State(self.pg.url, self.redis.url())
-        self.manage("migrate", "--no-input", "-v", "0")
-        spec = orjson.dumps({"upstream": f"{self.upstream_server.url}/v1", "tenants": tenants}).decode()
-        seeded = orjson.loads(self.python("-m", "tests.faults.seed", spec).strip().splitlines()[-1])
+        try:
+            self.pg.start()
+            self.pg.create_database()
+            self.redis.start()
+            self.upstream_server.start()
+            self.manage("migrate", "--no-input", "-v", "0")
+            spec = orjson.dumps({"upstream": f"{self.upstream_server.url}/v1", "tenants": tenants}).decode()
+            seeded = orjson.loads(self.python("-m", "tests.faults.seed", spec).strip().splitlines()[-1])
+        except BaseException:
+            self.destroy()
+            raise
         self.tenants = {label: Tenant(label, d["tenant_id"], d["key"], d["limit_micro"]) for label, d in seeded.items()}
 
     def env(self, var_dir: Path, redis_url: str | None = None, **extra: str) -> dict[str, str]:
@@ -651,7 +658,8 @@ class FaultEnv:
 
     def destroy(self) -> None:
         self.stop_gateways()
-        self.upstream_server.stop()
+        if self.upstream_server.thread.is_alive():
+            self.upstream_server.stop()
         self.redis.destroy()
         self.pg.destroy()
         shutil.rmtree(self.root, ignore_errors=True)
@@ -786,6 +794,7 @@ def measure(
         "counters": reading,
         "drift_micro": sum(abs(r["drift_micro"]) for r in reading.values()),
         "open_reservations": sum(r["open_reservations"] for r in reading.values()),
+        "pg_open_reservations": env.state.pg_open_reservations(),
         "converged_s": None if converged_s is None else round(converged_s, 1),
         "converge_bound_s": converge_bound,
         "overrun_micro": sum(overrun.values()),

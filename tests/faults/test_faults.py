@@ -173,9 +173,11 @@ def test_d_postgres_restarted(faults_env: FaultEnv) -> None:
 
 def test_e_gateway_killed(faults_env: FaultEnv) -> None:
     """One of the two gateways gets SIGKILL at 4 s of a 12 s load; the load balancer (the driver)
-    then sends everything to the other. Its reservations must be released by the survivor's sweeper
-    once their lease (10 s here) expires, and its unwritten stream rows claimed and written."""
+        then sends everything to the other. Its reservations must be released by the survivor's sweeper
+        once their lease (10 s here) expires, and its unwritten stream rows claimed and written. The
+    upstream answers in 0.5 s, so the killed process holds reservations when it dies."""
     env = faults_env
+    env.upstream.reply_delay = 0.5  # about 15 requests in flight, holding reservations, at the kill
     var_dir = env.start_gateways("e")
     tenants = pair(env, "e")
     load = Load("e", keys(tenants), live(env), rate=RATE, concurrency=60, duration=12)
@@ -203,6 +205,7 @@ def test_e_gateway_killed(faults_env: FaultEnv) -> None:
     # Only requests in flight on the killed process may fail (no answer), and only their upstream
     # calls may lack a row: that process died before it could record them; nobody was answered.
     assert all(o.status in (200, 402) or o.tag in in_flight for o in outcomes), figures["statuses"]
+    assert held, "no reservation was open at the kill: the scenario did not test lease expiry"
     assert released_after_kill is not None, f"reservations open at the kill still open: {figures['counters']}"
     assert_money_invariants(figures, allowed_lost=in_flight)
 
