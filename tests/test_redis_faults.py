@@ -256,7 +256,8 @@ def test_counters_converge_to_the_ledger_after_an_outage_and_the_budget_holds(
     assert rows.count() == len(ids)  # one row per answered request, none lost, none doubled
     spent = sum(rows.values_list("cost_micro", flat=True))
     assert spent <= LIMIT  # never overrun
-    # The counter converges to the ledger with no manual step.
+    # The counter converges to the ledger with no manual step, within the bound docs/operations.md
+    # states (10 s after the last incident; the outage ended 4 s before the load stopped).
     name = month_name("t", tenant.pk)
-    wait_for(lambda: counter_value(tenant.pk, name) == spent, timeout=20)
+    wait_for(lambda: counter_value(tenant.pk, name) == spent, timeout=10)
     assert not BudgetReservation.objects.filter(settled_at__isnull=True, swept=False).exists()
