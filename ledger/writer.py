@@ -297,6 +297,14 @@ def journal_forget(request_ids: list[str]) -> None:
         _journal.forget(request_ids)
 
 
+_lost_rows_written = 0
+
+
+def lost_rows_written() -> int:
+    """Rows this process wrote from its journal because the queue had lost them (since start)."""
+    return _lost_rows_written
+
+
 def journal_size() -> int:
     """Rows this process journaled that are not known to be in the ledger yet."""
     return len(_journal.rows) if _journal.pid == os.getpid() else 0
@@ -351,10 +359,13 @@ def recover_orphan_journals() -> int:
             with os.fdopen(os.dup(fd), "rb") as fh:
                 rows = _read_spool_rows(fh.read(), path)
             if rows:
-                _, rejected = write_rows_resilient(rows)
+                new, rejected = write_rows_resilient(rows)
                 if rejected:
                     with open(path.with_name("rejects.jsonl.bad"), "ab") as bad:
                         bad.write(b"".join(orjson.dumps(r) + b"\n" for r in rejected))
+                if new:
+                    global _lost_rows_written
+                    _lost_rows_written += new
                 log.warning("usage journal of a gone process: %d rows checked against the ledger", len(rows))
             path.unlink()
             found += len(rows)
@@ -372,6 +383,8 @@ def _settle_journal(due: list[dict[str, Any]]) -> list[str]:
     if missing:
         new, rejected = write_rows_resilient(missing)
         if new:
+            global _lost_rows_written
+            _lost_rows_written += new
             log.warning("usage journal: wrote %d rows the queue had lost", new)
         for row in rejected:
             spool_row(row)  # kept aside like any rejected row (the replay moves it to the rejects)
@@ -443,6 +456,21 @@ def _spooled_rows() -> list[dict[str, Any]]:
             if isinstance(row, dict) and row.get("request_id"):
                 rows.append(row)
     return rows
+
+
+def local_pending_rows() -> list[dict[str, Any]]:
+    """Rows on this host (spool files, journals) not yet in the ledger, each request once; needs
+    no Redis. Synchronous."""
+    rows = [*_spooled_rows(), *_journaled_rows()]
+    unique = list({str(r["request_id"]): r for r in rows if r.get("request_id")}.values())
+    if not unique:
+        return []
+    written = set(
+        UsageRecord.objects.filter(request_id__in=[r["request_id"] for r in unique]).values_list(
+            "request_id", flat=True
+        )
+    )
+    return [r for r in unique if r["request_id"] not in written]
 
 
 def pending_rows() -> list[dict[str, Any]]:
