@@ -7,7 +7,7 @@ Every scenario reports its figures (tests/faults/harness.py ``measure``, written
 one ledger row, every answered request has its row, counters equal the ledger within a bound after
 recovery, no reservation is left open, no hard budget is overrun.
 
-    bash scripts/test.sh -m faults tests/faults          # this suite (about 5 minutes)
+    bash scripts/test.sh -m faults tests/faults          # this suite (about 4 minutes)
     bash scripts/test.sh -m "not faults"                 # everything else
 """
 
