@@ -1,5 +1,6 @@
-"""The fault suite's environment: one disposable PostgreSQL and Redis, migrated and seeded once per
-session (tests/faults/harness.py), and the figures table printed at the end of the run."""
+"""The fault suite's environment: one disposable PostgreSQL and Redis, migrated and seeded once for
+the module (tests/faults/harness.py) and gone when its last scenario ends, so nothing of it lingers
+while the rest of the suite runs; the figures table is printed at the end of the run."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ TENANTS = {
 _ENVS: list[FaultEnv] = []
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def faults_env() -> Iterator[FaultEnv]:
     env = FaultEnv(TENANTS)
     _ENVS.append(env)
