@@ -1043,7 +1043,10 @@ def degraded() -> bool:
 
 def redis_suspect() -> bool:
     """Redis is down (the probe said so): skip it until the probe sees it answer again."""
-    return health.state == "down"
+    if health.state != "down":
+        return False
+    health._ensure_probe()  # the probe may have died with another event loop
+    return True
 
 
 def degrade_or_refuse() -> None:

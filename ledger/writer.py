@@ -97,9 +97,10 @@ async def hand_off_or_spool(row: dict[str, Any], batch: RedisBatch | None = None
     spooled if that fails. The spool is an append-only JSON-lines file, fsynced per row, replayed
     by the writer loop (``replay_spool``); the unique request id makes a replay harmless.
     """
-    journal_row(row)
+    data = orjson.dumps(row)
+    _journal.append(row, data)
     if batch is not None and settings.REDIS_URL:
-        batch.command("XADD", stream_key(), "*", b"row", orjson.dumps(row), on_error=functools.partial(_spool, row))
+        batch.command("XADD", stream_key(), "*", b"row", data, on_error=functools.partial(_spool, row))
         return
     try:
         await hand_off(row)
@@ -235,11 +236,11 @@ class _Journal:
         self.rows = {}
         return fd
 
-    def append(self, row: dict[str, Any]) -> None:
+    def append(self, row: dict[str, Any], encoded: bytes | None = None) -> None:
         rid = row.get("request_id")
         if not rid:
             return
-        data = orjson.dumps(row) + b"\n"
+        data = (encoded if encoded is not None else orjson.dumps(row)) + b"\n"
         try:
             os.write(self._open(), data)
         except OSError:

@@ -85,3 +85,53 @@ def test_a_killed_gateways_journal_is_written_by_the_next_process(
     second = gateways(**env)
     _ids(fire([second.url], key, 1, max_tokens=10))  # its background tasks start with a request
     _exactly_once(warm + ids)
+
+
+# --- in one process ---------------------------------------------------------------------------
+
+
+def _row(rid: str, tenant_id: int) -> dict:
+    return {
+        "request_id": rid,
+        "created_at": time.time(),
+        "tenant_id": tenant_id,
+        "endpoint": "chat",
+        "requested_model": "m",
+        "cost_micro": 5,
+    }
+
+
+def test_the_journal_empties_once_the_ledger_has_its_rows(transactional_db, make_tenant, settings, tmp_path):
+    import asyncio
+
+    settings.CHITTYCAN_USAGE_SPOOL_DIR = tmp_path
+    settings.CHITTYCAN_USAGE_JOURNAL_GRACE = 0.0
+    tenant = make_tenant("journal-unit")
+    journal = writer._Journal()
+    monkey = writer._journal
+    writer._journal = journal
+    try:
+        writer.journal_row(_row("req_j1", tenant.pk))
+        writer.journal_row(_row("req_j2", tenant.pk))
+        path = next((tmp_path / "journal").glob("journal-*.jsonl"))
+        assert path.stat().st_size > 0 and writer.journal_size() == 2
+        assert {r["request_id"] for r in writer.pending_rows()} >= {"req_j1", "req_j2"}  # counted as pending
+        writer.write_rows([_row("req_j1", tenant.pk)])  # the writer wrote one; the other was lost
+        assert asyncio.run(writer.journal_pass()) == 2
+        assert sorted(UsageRecord.objects.values_list("request_id", flat=True)) == ["req_j1", "req_j2"]
+        assert writer.journal_size() == 0 and path.stat().st_size == 0  # emptied, not grown forever
+        assert writer.lost_rows_written() >= 1
+    finally:
+        writer._journal = monkey
+
+
+def test_spooled_rows_are_replayed_within_a_second_not_at_the_next_round(settings):
+    timer = writer._SpoolTimer()
+    settings.CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL = 30.0
+    import asyncio
+
+    asyncio.run(timer.maybe_replay())  # a periodic round: the next one is 30 s away
+    assert timer.next_at - time.monotonic() > 25
+    writer._spooled_since_replay = True  # a row was spooled
+    timer.soon()
+    assert timer.next_at - time.monotonic() <= 1.0

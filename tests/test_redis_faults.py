@@ -261,3 +261,84 @@ def test_counters_converge_to_the_ledger_after_an_outage_and_the_budget_holds(
     name = month_name("t", tenant.pk)
     wait_for(lambda: counter_value(tenant.pk, name) == spent, timeout=10)
     assert not BudgetReservation.objects.filter(settled_at__isnull=True, swept=False).exists()
+
+
+# --- the reconciler: repair what it can prove, report the rest ---------------------------------
+
+
+def _budget_counter(make_tenant, slug: str):
+    from budgets import services
+
+    tenant = make_tenant(slug)
+    services.budget_set(tenant=tenant, period="month", limit_micro=1_000_000)
+    return tenant, month_name("t", tenant.pk)
+
+
+def _bump(tenant, name: str, delta: int) -> None:
+    import redis
+
+    conn = redis.Redis.from_url(settings.REDIS_URL)
+    conn.incrby(counters.counter_key(tenant.pk, name), delta)
+    conn.close()
+
+
+def test_reconcile_repairs_what_it_can_prove_and_reports_the_rest(
+    transactional_db, make_tenant, paused_gateway_writer, caplog
+):
+    import redis
+
+    from budgets.tasks import reconcile, unrepaired_key
+
+    quiet, quiet_name = _budget_counter(make_tenant, "rec-quiet")
+    busy, busy_name = _budget_counter(make_tenant, "rec-busy")
+    low, low_name = _budget_counter(make_tenant, "rec-low")
+    _record("req_rec_q", quiet, 100)
+    _record("req_rec_b", busy, 100)
+    _record("req_rec_l", low, 100)
+
+    async def open_some() -> None:
+        store = counters.RedisCounters()
+        for tenant, rid in ((quiet, "x"), (busy, "req_rec_open"), (low, "req_rec_open2")):
+            res = await store.reserve(rid, tenant.pk, [counters.Part(_money(tenant.pk, None), 50)])
+            assert isinstance(res, counters.Reservation)
+            if rid == "x":
+                await store.settle(res, 0, 0)
+
+    run(open_some)  # every counter built (ledger 100); busy and low keep a reservation open
+    _bump(quiet, quiet_name, 7)  # a lost update on an idle counter: provably wrong
+    _bump(busy, busy_name, 7)  # above the ledger while a request runs: not provable
+    _bump(low, low_name, -7)  # below the ledger: raising it can only refuse early
+    drifts = {d.counter: d for d in reconcile(repair=True, settle_time=0.2)}
+    assert drifts[quiet_name].repaired and drifts[quiet_name].quiet
+    assert not drifts[busy_name].repaired and not drifts[busy_name].quiet
+    assert drifts[low_name].repaired and not drifts[low_name].quiet
+    assert counter_value(quiet.pk, quiet_name) == 100
+    assert counter_value(busy.pk, busy_name) == 157  # 100 + 50 open + 7, left alone
+    assert counter_value(low.pk, low_name) == 150
+    conn = redis.Redis.from_url(settings.REDIS_URL)
+    assert set(conn.hkeys(unrepaired_key())) == {busy_name.encode()}
+    conn.close()
+    assert any(r.levelname == "ERROR" and "drift" in r.getMessage() for r in caplog.records)
+
+
+def test_a_gateway_reconciles_by_itself_after_an_incident(transactional_db, make_tenant, paused_gateway_writer):
+    from budgets import service
+
+    tenant, name = _budget_counter(make_tenant, "rec-incident")
+    _record("req_inc", tenant, 100)
+
+    async def build() -> None:
+        res = await counters.RedisCounters().reserve("req_inc_b", tenant.pk, [counters.Part(_money(tenant.pk), 1)])
+        assert isinstance(res, counters.Reservation)
+        await counters.RedisCounters().settle(res, 0, 0)
+
+    run(build)
+    _bump(tenant, name, -40)
+    state: dict[str, float] = {}
+    assert run(lambda: service.converge_once(state=state)) is None  # no incident: nothing runs
+    counters.note_incident()
+    at = counters.incident_at()
+    assert run(lambda: service.converge_once(now=at + 0.5, state=state)) is None  # too early
+    drifts = run(lambda: service.converge_once(now=at + service.CONVERGE_DELAY + 0.1, state=state))
+    assert drifts is not None and [d.repaired for d in drifts] == [True]
+    assert counter_value(tenant.pk, name) == 100
