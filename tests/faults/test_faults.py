@@ -212,8 +212,8 @@ def test_e_gateway_killed(faults_env: FaultEnv) -> None:
 
 
 def test_f_1000_mid_stream_disconnects(faults_env: FaultEnv) -> None:
-    """1,000 streaming requests, all at once (1,000 clients), each dropped by its client after the first chunk
-    (the upstream spaces its frames 0.2 s apart, so the stream is really cut mid-way)."""
+    """1,000 streaming requests, all at once (1,000 clients), each dropped by its client after the
+    first chunk (the upstream spaces its frames 0.2 s apart, so the stream is really cut mid-way)."""
     env = faults_env
     env.upstream.frame_delay = 0.2
     var_dir = env.start_gateways("f")
