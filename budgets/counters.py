@@ -32,12 +32,14 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 import redis
+import redis.asyncio as aioredis
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, transaction
@@ -48,6 +50,7 @@ from budgets.periods import Counter
 from budgets.spend import in_ledger, ledger_value
 from core.runtime import OnError, RedisBatch, redis_client
 from ledger import writer
+from ledger.models import UsageRecord
 from tenants.models import ApiKey, Tenant
 
 log = logging.getLogger(__name__)
@@ -74,6 +77,10 @@ class Reservation:
     root: int
     request_id: str
     counters: list[str] = field(default_factory=list)
+    #: (counter name, amount, kind) per counter: what a copy in PostgreSQL needs (see ``publish``).
+    parts: list[tuple[str, int, str]] = field(default_factory=list)
+    #: A Redis reservation copied to PostgreSQL when this process lost Redis (``publish``).
+    published: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +159,16 @@ def _swept_key(root: int) -> str:
     return f"{_tree(root)}:swept"
 
 
+def _late_key(root: int) -> str:
+    """Settlements that found a counter missing (dropped, not yet rebuilt): ``<request id>|<counter
+    key>`` -> actual. A build running at that moment adds them (see ``BUILD_LUA``)."""
+    return f"{_tree(root)}:late"
+
+
+#: Seconds a settlement that found its counter missing is remembered for builds in progress.
+LATE_TTL = 300
+
+
 # --- Lua ---------------------------------------------------------------------------------------
 # KEYS[1] reservations hash, KEYS[2] lease zset, KEYS[3..2+n] counters, then the gates' keys.
 # ARGV[1] request id, ARGV[2] lease expiry (ms), ARGV[3] n (counters), ARGV[4] gate ttl (s),
@@ -212,10 +229,11 @@ redis.call('ZADD', KEYS[2], ARGV[2], rid)
 return {1, unpack(gates)}
 """
 
-# KEYS[1] reservations, KEYS[2] lease, KEYS[3] swept, KEYS[4..] the request's counters.
-# ARGV[1] request id, ARGV[2] actual micro-USD, ARGV[3] actual requests (0 or 1).
+# KEYS[1] reservations, KEYS[2] lease, KEYS[3] swept, KEYS[4] late, KEYS[5..] the request's counters.
+# ARGV[1] request id, ARGV[2] actual micro-USD, ARGV[3] actual requests (0 or 1), ARGV[4] late ttl.
 # Open reservation: counter += actual - reserved. Swept: counter += actual. Neither: nothing.
-# A counter that no longer exists is left alone (it is rebuilt from the ledger when next used).
+# A counter that no longer exists is left alone (it is rebuilt from the ledger when next used),
+# but the settlement is noted in the late hash for a build that read the ledger before it.
 SETTLE_LUA = """
 local rid = ARGV[1]
 local raw = redis.call('HGET', KEYS[1], rid)
@@ -230,7 +248,12 @@ for _, p in ipairs(cjson.decode(raw)) do
   if p[3] == 'q' then actual = tonumber(ARGV[3]) end
   local delta = actual
   if not swept then delta = actual - tonumber(p[2]) end
-  if delta ~= 0 and redis.call('EXISTS', p[1]) == 1 then redis.call('INCRBY', p[1], delta) end
+  if redis.call('EXISTS', p[1]) == 1 then
+    if delta ~= 0 then redis.call('INCRBY', p[1], delta) end
+  elseif not swept then
+    redis.call('HSET', KEYS[4], rid .. '|' .. p[1], actual)
+    redis.call('EXPIRE', KEYS[4], ARGV[4])
+  end
 end
 redis.call('HDEL', KEYS[1], rid)
 redis.call('HDEL', KEYS[3], rid)
@@ -255,9 +278,48 @@ redis.call('HSET', KEYS[3], rid, raw)
 return 1
 """
 
-# KEYS[1] reservations, KEYS[2..] counters to build. ARGV per counter: ledger value, ttl.
-# Sets each counter that still does not exist to ledger + its open reservations.
+# KEYS[1] reservations, KEYS[2] leases, KEYS[3] swept, KEYS[4] late, KEYS[5..4+n] counters to build.
+# ARGV[1] n, ARGV[2] m, then per counter: ledger value, ttl; then m request ids that were open when
+# the ledger was read but whose row it did not have (settled since: their late actual is added);
+# then per request whose usage row the ledger side already counts (in the ledger, the stream, a
+# spool or a journal): request id, actual micro-USD.
+# Such a reservation is settled here (its counters that exist get actual - reserved, or actual if
+# it was swept) and forgotten, so the ledger is its only count; a settle arriving later finds
+# nothing. Then each counter that still does not exist is set to ledger + its open reservations.
 BUILD_LUA = """
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
+local first = 3 + n * 2
+local late = {}
+for j = first, first + m - 1 do
+  local rid = ARGV[j]
+  if redis.call('HEXISTS', KEYS[1], rid) == 0 then
+    for i = 5, 4 + n do
+      local got = redis.call('HGET', KEYS[4], rid .. '|' .. KEYS[i])
+      if got then late[KEYS[i]] = (late[KEYS[i]] or 0) + tonumber(got) end
+    end
+  end
+end
+for j = first + m, #ARGV - 1, 2 do
+  local rid, actual = ARGV[j], tonumber(ARGV[j + 1])
+  local raw = redis.call('HGET', KEYS[1], rid)
+  local swept = false
+  if not raw then
+    raw = redis.call('HGET', KEYS[3], rid)
+    swept = true
+  end
+  if raw then
+    for _, p in ipairs(cjson.decode(raw)) do
+      local a = actual
+      if p[3] == 'q' then a = 1 end
+      local delta = a
+      if not swept then delta = a - tonumber(p[2]) end
+      if delta ~= 0 and redis.call('EXISTS', p[1]) == 1 then redis.call('INCRBY', p[1], delta) end
+    end
+    redis.call('HDEL', KEYS[1], rid)
+    redis.call('HDEL', KEYS[3], rid)
+    redis.call('ZREM', KEYS[2], rid)
+  end
+end
 local open = {}
 local all = redis.call('HGETALL', KEYS[1])
 for i = 2, #all, 2 do
@@ -266,11 +328,11 @@ for i = 2, #all, 2 do
   end
 end
 local built = 0
-for i = 2, #KEYS do
+for i = 5, 4 + n do
   if redis.call('EXISTS', KEYS[i]) == 0 then
-    local value = tonumber(ARGV[(i - 2) * 2 + 1]) + (open[KEYS[i]] or 0)
+    local value = tonumber(ARGV[(i - 5) * 2 + 3]) + (open[KEYS[i]] or 0) + (late[KEYS[i]] or 0)
     redis.call('SET', KEYS[i], string.format('%d', value))
-    local ttl = tonumber(ARGV[(i - 2) * 2 + 2])
+    local ttl = tonumber(ARGV[(i - 5) * 2 + 4])
     if ttl > 0 then redis.call('EXPIRE', KEYS[i], ttl) end
     built = built + 1
   end
@@ -351,14 +413,39 @@ class RedisCounters(CounterStore):
 
     @staticmethod
     def _reservation(root: int, request_id: str, parts: list[Part]) -> Reservation:
-        return Reservation("redis", root, request_id, [p.counter.name for p in parts])
+        return Reservation(
+            "redis",
+            root,
+            request_id,
+            [p.counter.name for p in parts],
+            [(p.counter.name, p.amount, p.counter.kind) for p in parts],
+        )
 
     async def build(self, root: int, missing: list[Counter]) -> None:
-        values = await sync_to_async(_ledger_values, thread_sensitive=False)(missing, True)
-        args: list[Any] = []
+        """Build counters from the ledger, rows not yet written, and reservations still open (in
+        Redis, and in PostgreSQL from an outage's degraded requests still running)."""
+        try:
+            conn = redis_client()
+            opened = await conn.hkeys(_res_key(root))
+            ids = [*opened, *(await conn.hkeys(_swept_key(root)))]
+        except (redis.RedisError, OSError) as exc:
+            raise CounterUnavailable(str(exc)) from exc
+        request_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+        open_ids = [i.decode() if isinstance(i, bytes) else str(i) for i in opened]
+        try:
+            values, done = await sync_to_async(_build_values, thread_sensitive=False)(missing, request_ids)
+        except (redis.RedisError, OSError) as exc:
+            raise CounterUnavailable(str(exc)) from exc
+        unknown = [rid for rid in open_ids if rid not in done]
+        args: list[Any] = [len(missing), len(unknown)]
         for counter, value in zip(missing, values, strict=True):
             args.extend((value, counter.ttl))
-        await self._run(BUILD_LUA, [_res_key(root), *(counter_key(root, c.name) for c in missing)], args)
+        args.extend(unknown)
+        for rid, actual in done.items():
+            args.extend((rid, actual))
+        keys = [_res_key(root), _lease_key(root), _swept_key(root), _late_key(root)]
+        keys.extend(counter_key(root, c.name) for c in missing)
+        await self._run(BUILD_LUA, keys, args)
 
     async def settle(self, reservation: Reservation, actual_micro: int, actual_requests: int) -> bool:
         root = reservation.root
@@ -366,9 +453,11 @@ class RedisCounters(CounterStore):
             _res_key(root),
             _lease_key(root),
             _swept_key(root),
+            _late_key(root),
             *(counter_key(root, n) for n in reservation.counters),
         ]
-        done = await self._run(SETTLE_LUA, keys, [reservation.request_id, actual_micro, actual_requests])
+        args = [reservation.request_id, actual_micro, actual_requests, LATE_TTL]
+        done = await self._run(SETTLE_LUA, keys, args)
         return bool(done)
 
     def settle_in(
@@ -376,30 +465,42 @@ class RedisCounters(CounterStore):
     ) -> None:
         """``settle``, sent with the request's other closing commands in one round trip."""
         root = reservation.root
-        keys = [_res_key(root), _lease_key(root), _swept_key(root)]
+        keys = [_res_key(root), _lease_key(root), _swept_key(root), _late_key(root)]
         keys.extend(counter_key(root, n) for n in reservation.counters)
-        batch.script(self._script(SETTLE_LUA), keys, [reservation.request_id, actual_micro, actual_requests], on_error)
+        args = [reservation.request_id, actual_micro, actual_requests, LATE_TTL]
+        batch.script(self._script(SETTLE_LUA), keys, args, on_error)
 
     async def renew(self, root: int, request_ids: list[str]) -> None:
         expiry = int((time.time() + _lease_seconds()) * 1000)
         await self._run(RENEW_LUA, [_lease_key(root)], [expiry, *request_ids])
 
     async def sweep(self, now: float | None = None) -> int:
-        """Release every reservation whose lease expired (its process died). Returns how many."""
+        """End every reservation whose lease expired (its process died, or its settlement never
+        landed): settled to its usage row's cost if the ledger has the row, else released.
+        Returns how many."""
         conn = redis_client()
         now_ms = int((now if now is not None else time.time()) * 1000)
         released = 0
         try:
+            expired: list[tuple[int, str, str]] = []
             async for raw_key in conn.scan_iter(match=f"{settings.REDIS_PREFIX}:bud:*:lease", count=500):
                 lease = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
                 root = int(lease.split("{", 1)[1].split("}", 1)[0])
-                expired = await conn.zrangebyscore(lease, "-inf", now_ms, start=0, num=500)
-                for rid_raw in expired:
-                    rid = rid_raw.decode() if isinstance(rid_raw, bytes) else str(rid_raw)
-                    raw = await conn.hget(_res_key(root), rid)
-                    names = [p[0] for p in orjson.loads(raw)] if raw else []
-                    keys = [_res_key(root), lease, _swept_key(root), *names]
-                    released += int(await self._script(RELEASE_LUA)(keys=keys, args=[rid, now_ms]))
+                for rid_raw in await conn.zrangebyscore(lease, "-inf", now_ms, start=0, num=500):
+                    expired.append((root, lease, rid_raw.decode() if isinstance(rid_raw, bytes) else str(rid_raw)))
+            if not expired:
+                return 0
+            costs = await sync_to_async(_ledger_costs, thread_sensitive=False)([rid for _, _, rid in expired])
+            for root, lease, rid in expired:
+                raw = await conn.hget(_res_key(root), rid)
+                names = [p[0] for p in orjson.loads(raw)] if raw else []
+                if rid in costs:
+                    keys = [_res_key(root), lease, _swept_key(root), _late_key(root), *names]
+                    args = [rid, costs[rid], 1, LATE_TTL]
+                    released += int(await self._script(SETTLE_LUA)(keys=keys, args=args))
+                    continue
+                keys = [_res_key(root), lease, _swept_key(root), *names]
+                released += int(await self._script(RELEASE_LUA)(keys=keys, args=[rid, now_ms]))
         except (redis.RedisError, OSError) as exc:
             raise CounterUnavailable(str(exc)) from exc
         return released
@@ -427,6 +528,82 @@ def _ledger_values(counters: list[Counter], include_stream: bool) -> list[int]:
     return [ledger_value(c, unwritten) for c in counters]
 
 
+def _ledger_costs(request_ids: list[str]) -> dict[str, int]:
+    """The cost of each of these requests whose usage row is in the ledger or handed off."""
+    close_old_connections()
+    wanted = set(request_ids)
+    costs = {
+        rid: int(cost)
+        for rid, cost in UsageRecord.objects.filter(request_id__in=list(wanted)).values_list("request_id", "cost_micro")
+    }
+    try:
+        pending = _unwritten_rows()
+    except (redis.RedisError, OSError):
+        pending = []
+    for row in pending:
+        rid = str(row.get("request_id"))
+        if rid in wanted and rid not in costs:
+            costs[rid] = int(row.get("cost_micro") or 0)
+    return costs
+
+
+def _ledger_costs_known(request_ids: list[str], pending_cost: dict[str, int]) -> dict[str, int]:
+    """The cost of each of these requests whose row is in the ledger or among ``pending_cost``."""
+    costs = {rid: pending_cost[rid] for rid in request_ids if rid in pending_cost}
+    for rid, cost in UsageRecord.objects.filter(request_id__in=request_ids).values_list("request_id", "cost_micro"):
+        costs[rid] = int(cost)
+    return costs
+
+
+def _build_values(counters: list[Counter], open_ids: list[str]) -> tuple[list[int], dict[str, int]]:
+    """What new Redis counters must hold, and which open (or swept) Redis reservations the ledger
+    side already counts (their usage row is written or handed off), with each one's cost.
+
+    Each value: the ledger, plus rows handed off but not yet written (stream, spool, journals),
+    plus what PostgreSQL reservations add (degraded requests of any process, still running or
+    settled with their row not yet handed off), so a counter built while another process is still
+    degraded does not miss that process's requests in flight (counted at their reserved amount,
+    which the reconciler brings down to the actual once they are done)."""
+    close_old_connections()
+    unwritten = _unwritten_rows()
+    pending_ids = {str(r["request_id"]) for r in unwritten}
+    values = [ledger_value(c, unwritten) for c in counters]
+    extra = _pg_open_amounts(pending_ids)
+    if any(extra.get(c.name) for c in counters):
+        note_incident()  # counted at their reserved amount: the reconciler brings them to actual
+    values = [v + extra.get(c.name, 0) for c, v in zip(counters, values, strict=True)]
+    wanted = set(open_ids)
+    done = {
+        rid: int(cost)
+        for rid, cost in UsageRecord.objects.filter(request_id__in=list(wanted)).values_list("request_id", "cost_micro")
+    }
+    for row in unwritten:
+        rid = str(row["request_id"])
+        if rid in wanted and rid not in done:
+            done[rid] = int(row.get("cost_micro") or 0)
+    return values, done
+
+
+def _pg_open_amounts(pending_ids: set[str]) -> dict[str, int]:
+    """Per counter name: PostgreSQL reservations not swept whose usage row is neither in the
+    ledger nor handed off: open ones at their reserved amount, settled ones at their actual."""
+    reservations = [r for r in BudgetReservation.objects.filter(swept=False) if r.request_id not in pending_ids]
+    if not reservations:
+        return {}
+    written = in_ledger(r.request_id for r in reservations)
+    amounts: dict[str, int] = {}
+    for res in reservations:
+        if res.request_id in written:
+            continue
+        for name, amount, kind in res.parts:
+            if res.settled_at is None:
+                value = int(amount)
+            else:
+                value = res.actual_requests if kind == "q" else res.actual_micro
+            amounts[name] = amounts.get(name, 0) + value
+    return amounts
+
+
 # --- PostgreSQL --------------------------------------------------------------------------------
 
 
@@ -450,10 +627,14 @@ class PostgresCounters(CounterStore):
         rows = {r.name: r for r in BudgetCounter.objects.select_for_update().filter(name__in=names).order_by("name")}
         stale = [n for n in names if rows[n].synced_at < self.since and n in counters]
         if stale:
-            pending = _pg_pending_amounts()
+            # Rows not yet in the ledger that this host holds (spool, journals: Redis is out of
+            # reach), and every PostgreSQL reservation (including Redis reservations that
+            # processes copied here when they lost Redis), each request once.
+            local = writer.local_pending_rows()
+            pending = _pg_pending_amounts({str(r["request_id"]) for r in local})
             now = datetime.now(UTC)
             for n in stale:
-                rows[n].value = ledger_value(counters[n]) + pending.get(n, 0)
+                rows[n].value = ledger_value(counters[n], local) + pending.get(n, 0)
                 rows[n].synced_at = now
                 rows[n].save(update_fields=["value", "synced_at"])
         return rows
@@ -492,14 +673,16 @@ class PostgresCounters(CounterStore):
         return await sync_to_async(pg_sweep, thread_sensitive=False)(now)
 
 
-def _pg_pending_amounts() -> dict[str, int]:
+def _pg_pending_amounts(counted: set[str] | None = None) -> dict[str, int]:
     """What the PostgreSQL reservations add to the ledger, per counter: open reservations at their
-    reserved amount, settled ones at their actual amount until their usage row is in the ledger.
+    reserved amount, settled ones at their actual amount until their usage row is in the ledger
+    (or among ``counted``, rows the caller counts already).
 
     Settled ids are checked against the ledger *before* the caller sums the ledger, so a row written
     in between is counted twice (refusing a little early) rather than not at all."""
     reservations = list(BudgetReservation.objects.filter(swept=False))
     written = in_ledger(r.request_id for r in reservations if r.settled_at is not None)
+    written |= counted or set()
     amounts: dict[str, int] = {}
     for res in reservations:
         if res.settled_at is not None and res.request_id in written:
@@ -545,6 +728,58 @@ def _pg_renew(request_ids: list[str]) -> None:
     )
 
 
+def publish(open_: list[Reservation], settled: list[tuple[Reservation, int, int]]) -> None:
+    """Copy Redis reservations to PostgreSQL (this process just lost Redis): the ones still
+    running as open reservations, the ones whose settlement has not landed as settled ones. Other
+    processes' PostgreSQL counters then count them (a counter re-syncs from the ledger and every
+    PostgreSQL reservation the first time a process touches it after losing Redis)."""
+    close_old_connections()
+    now = datetime.now(UTC)
+    rows = [
+        BudgetReservation(
+            request_id=r.request_id,
+            parts=[list(p) for p in r.parts],
+            expires_at=now + timedelta(seconds=_lease_seconds()),
+        )
+        for r in open_
+        if r.parts
+    ]
+    rows.extend(
+        BudgetReservation(
+            request_id=r.request_id,
+            parts=[list(p) for p in r.parts],
+            expires_at=now,
+            settled_at=now,
+            actual_micro=actual_micro,
+            actual_requests=actual_requests,
+        )
+        for r, actual_micro, actual_requests in settled
+        if r.parts
+    )
+    # Rows already synced (by a process that lost Redis earlier) take the copies now.
+    with transaction.atomic():
+        BudgetReservation.objects.bulk_create(rows, ignore_conflicts=True)
+        amounts: dict[str, int] = {}
+        for row in rows:
+            for name, amount, kind in row.parts:
+                if row.settled_at is None:
+                    value = int(amount)
+                else:
+                    value = row.actual_requests if kind == "q" else row.actual_micro
+                amounts[name] = amounts.get(name, 0) + value
+        for name in sorted(amounts):
+            # A row synced earlier in this outage takes the copies now; a stale one is re-synced
+            # (overwritten, copies included) before anyone uses it.
+            BudgetCounter.objects.filter(name=name).update(value=F("value") + amounts[name])
+    for r in open_:
+        r.published = True
+
+
+def pg_settle_copy(request_id: str, actual_micro: int, actual_requests: int) -> bool:
+    """Settle the PostgreSQL copy of a Redis reservation (see ``publish``), if there is one."""
+    return _pg_settle(request_id, actual_micro, actual_requests)
+
+
 def pg_sweep(now: float | None = None) -> int:
     """Release PostgreSQL reservations whose lease expired. Returns how many."""
     close_old_connections()
@@ -555,6 +790,14 @@ def pg_sweep(now: float | None = None) -> int:
     BudgetReservation.objects.filter(request_id__in=list(done), settled_at__isnull=False).delete()
     released = 0
     expired = BudgetReservation.objects.filter(swept=False, settled_at__isnull=True, expires_at__lte=moment)
+    costs = dict(
+        UsageRecord.objects.filter(request_id__in=list(expired.values_list("request_id", flat=True))).values_list(
+            "request_id", "cost_micro"
+        )
+    )
+    for rid in costs:
+        # Its usage row is in the ledger (its settlement never landed): settle it to that cost.
+        released += int(_pg_settle(rid, int(costs[rid]), 1))
     for pk in expired.values_list("pk", flat=True):
         with transaction.atomic():
             res = expired.select_for_update().filter(pk=pk).first()
@@ -642,11 +885,125 @@ class MemoryCounters(CounterStore):
 _redis_store = RedisCounters()
 _memory_store = MemoryCounters()
 _pg_store: PostgresCounters | None = None
-_redis_down_until = 0.0
 _degraded_since: float | None = None
 
-#: After Redis fails, skip it for this long before trying again (no per-request timeouts).
-RETRY_AFTER_FAILURE = 1.0
+
+class RedisHealth:
+    """What this process knows of Redis: ``up``, ``suspect`` (a call failed; the probe is deciding)
+    or ``down`` (the probe failed ``CHITTYCAN_REDIS_PROBE_FAILURES`` times in a row).
+
+    One failed call is not an outage: it starts the probe, a ``PING`` on a connection of its own
+    (not from the request pool, so a busy pool cannot fail it) with its own short timeout
+    (``CHITTYCAN_REDIS_PROBE_TIMEOUT``). While Redis is down the probe keeps running and brings the
+    process back within ``PROBE_INTERVAL`` of Redis answering again. In calm weather nothing runs.
+    """
+
+    def __init__(self) -> None:
+        self.state = "up"
+        self.failures = 0
+        self.changed = 0.0  # monotonic time of the last change of state
+        self.probe: asyncio.Task[None] | None = None
+
+    def suspect(self) -> None:
+        if self.state == "up":
+            self.state = "suspect"
+            self.changed = time.monotonic()
+        self._ensure_probe()
+
+    def _ensure_probe(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop (a synchronous caller): the next async caller starts it
+        task = self.probe
+        if task is not None and not task.done() and task.get_loop() is loop and not loop.is_closed():
+            return
+        self.probe = loop.create_task(self._run(), name="chittycan:redis-probe")
+
+    async def _ping(self, conn: aioredis.Redis) -> bool:
+        try:
+            return bool(await conn.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    async def _run(self) -> None:
+        timeout = float(settings.CHITTYCAN_REDIS_PROBE_TIMEOUT)
+        conn = aioredis.Redis.from_url(
+            settings.REDIS_URL, socket_timeout=timeout, socket_connect_timeout=timeout, single_connection_client=True
+        )
+        try:
+            while self.state != "up":
+                if await self._ping(conn):
+                    self.failures = 0
+                    if self.state == "down":
+                        await _recover()
+                    self.state, self.changed = "up", time.monotonic()
+                    log.info("Redis answers")
+                    return
+                self.failures += 1
+                if self.state == "suspect" and self.failures >= settings.CHITTYCAN_REDIS_PROBE_FAILURES:
+                    await _run_down_hooks()
+                    self.state, self.changed = "down", time.monotonic()
+                    _went_down()
+                await asyncio.sleep(PROBE_INTERVAL)
+        finally:
+            await conn.aclose()
+
+    async def verdict(self) -> bool:
+        """After a failed call: wait for the probe to decide. True if Redis is up."""
+        self.suspect()
+        deadline = time.monotonic() + VERDICT_WAIT
+        while self.state == "suspect" and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.state == "up"
+
+
+#: Seconds between probes while Redis is suspect or down (recovery is noticed within this).
+PROBE_INTERVAL = 0.1
+#: The longest a request waits for the probe's verdict after its own call failed.
+VERDICT_WAIT = 5.0
+health = RedisHealth()
+
+
+_incident_at = 0.0
+_down_hooks: list[Callable[[], Awaitable[None]]] = []
+
+
+def on_redis_down(fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    """Register a coroutine function to run when the probe finds Redis down, before this process
+    starts enforcing in PostgreSQL (``budgets.service`` copies its Redis reservations there)."""
+    _down_hooks.append(fn)
+    return fn
+
+
+async def _run_down_hooks() -> None:
+    for hook in _down_hooks:
+        try:
+            await hook()
+        except Exception:
+            log.exception("a Redis-down hook failed")
+
+
+def note_incident() -> None:
+    """Something may have left a counter off the ledger (an outage, a settlement that failed, a
+    reservation swept, a counter built around degraded requests): the ``budget-converge`` task
+    reconciles (and repairs) soon."""
+    global _incident_at
+    _incident_at = time.monotonic()
+
+
+def incident_at() -> float:
+    """When this process last noted an incident (monotonic seconds; 0: never)."""
+    return _incident_at
+
+
+def _went_down() -> None:
+    note_incident()
+    global _degraded_since, _pg_store
+    if _degraded_since is None:
+        _degraded_since = time.time()
+        _pg_store = PostgresCounters()  # re-sync PostgreSQL rows touched from now on
+    log.warning("Redis unreachable: budget enforcement follows CHITTYCAN_REDIS_FAILURE_POLICY")
 
 
 def primary() -> RedisCounters | MemoryCounters:
@@ -667,13 +1024,16 @@ def postgres() -> PostgresCounters:
 
 
 def redis_failed() -> None:
-    """Record that Redis just failed: skip it briefly; remember the outage for the recovery step."""
-    global _redis_down_until, _degraded_since, _pg_store
-    _redis_down_until = time.monotonic() + RETRY_AFTER_FAILURE
-    if _degraded_since is None:
-        _degraded_since = time.time()
-        _pg_store = PostgresCounters()  # re-sync PostgreSQL rows touched from now on
-        log.warning("Redis unreachable: budget enforcement follows CHITTYCAN_REDIS_FAILURE_POLICY")
+    """A Redis call failed: have the health probe check whether Redis is down (one failed call,
+    e.g. a timeout in a slow spell, is not an outage)."""
+    if settings.REDIS_URL:
+        health.suspect()
+
+
+async def redis_verdict() -> bool:
+    """A Redis call failed: wait for the probe's verdict (at most a few seconds). True: Redis is
+    up, retry the call; False: it is down, apply the failure policy."""
+    return await health.verdict()
 
 
 def degraded() -> bool:
@@ -682,7 +1042,11 @@ def degraded() -> bool:
 
 
 def redis_suspect() -> bool:
-    return time.monotonic() < _redis_down_until
+    """Redis is down (the probe said so): skip it until the probe sees it answer again."""
+    if health.state != "down":
+        return False
+    health._ensure_probe()  # the probe may have died with another event loop
+    return True
 
 
 def degrade_or_refuse() -> None:
@@ -692,9 +1056,18 @@ def degrade_or_refuse() -> None:
         raise EnforcementUnavailable("Redis unreachable and CHITTYCAN_REDIS_FAILURE_POLICY is refuse")
 
 
+async def _recover() -> None:
+    note_incident()
+    try:
+        await redis_recovered()
+    except CounterUnavailable:
+        log.warning("Redis answered the probe but not the recovery; counters are dropped on next use")
+
+
 async def redis_recovered() -> None:
     """After an outage, drop every Redis counter: spend during the outage is only in PostgreSQL,
-    so each counter is rebuilt from the ledger when next used."""
+    so each counter is rebuilt from the ledger (with rows not yet written and the reservations
+    still open in either store) when next used."""
     global _degraded_since
     if _degraded_since is None:
         return

@@ -23,14 +23,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
 
+import redis
 from asgiref.sync import sync_to_async
 from cachetools import TTLCache
 from django.conf import settings
+from django.db import DatabaseError
 from django.db.models import Q
 
 from budgets import counters
@@ -38,8 +41,10 @@ from budgets.counters import Reservation
 from budgets.models import Budget
 from budgets.periods import BudgetInfo, Counter, budget_counter, counters_for, period_bounds
 from budgets.spend import ledger_value
+from budgets.tasks import Drift, reconcile
 from core import invalidation
 from core.runtime import RedisBatch, background
+from ledger import writer
 from tenants.keyinfo import KeyInfo, TenantInfo
 
 log = logging.getLogger(__name__)
@@ -163,14 +168,23 @@ def _refusal(key: KeyInfo, refused: counters.Refused) -> Refusal:
     return Refusal(counter, refused.current, refused.amount, owner)
 
 
+#: Attempts at a Redis reservation while the health probe says Redis is up (slow spell, busy pool).
+RETRIES_WHILE_UP = 3
+
+
 async def _reserve_parts(request_id: str, root: int, parts: list[counters.Part]) -> Reservation | counters.Refused:
     if settings.REDIS_URL and not counters.redis_suspect():
-        try:
-            if counters.degraded():
-                await counters.redis_recovered()
-            return await counters.primary().reserve(request_id, root, parts)
-        except counters.CounterUnavailable:
-            counters.redis_failed()
+        # A failed call is retried once if the health probe finds Redis up (a slow spell, a busy
+        # pool): the reservation is idempotent by request id, so a retry never reserves twice.
+        for _attempt in range(RETRIES_WHILE_UP):
+            try:
+                if counters.degraded():
+                    await counters.redis_recovered()
+                return await counters.primary().reserve(request_id, root, parts)
+            except counters.CounterUnavailable:
+                if not await counters.redis_verdict():
+                    _abandon(request_id, root, parts)
+                    break
     if settings.REDIS_URL:
         counters.degrade_or_refuse()
         return await counters.postgres().reserve(request_id, root, parts)
@@ -206,14 +220,30 @@ async def reserve_gated(
         raise counters.CounterUnavailable("Redis is not the store")
     wanted = counters_for(key, await budgets_for(key), when)
     parts = [counters.Part(c, 1 if c.kind == "q" else amount_micro) for c in wanted]
-    try:
-        if counters.degraded():
-            await counters.redis_recovered()
-        outcome, gated = await counters.primary_redis().admit(request_id, key.root_id, parts, gates, gate_ttl)
-    except counters.CounterUnavailable:
-        counters.redis_failed()
-        raise
+    attempts = RETRIES_WHILE_UP
+    while True:
+        try:
+            if counters.degraded():
+                await counters.redis_recovered()
+            outcome, gated = await counters.primary_redis().admit(request_id, key.root_id, parts, gates, gate_ttl)
+            break
+        except counters.CounterUnavailable:
+            attempts -= 1
+            # One failed call is not an outage: retry if the probe finds Redis up. (A retry after
+            # a call that did land finds the reservation and takes the gates once more at worst.)
+            if not attempts or not await counters.redis_verdict():
+                _abandon(request_id, key.root_id, parts)
+                raise
     return (_outcome(request_id, key, outcome) if outcome is not None else None), gated
+
+
+def _abandon(request_id: str, root: int, parts: list[counters.Part]) -> None:
+    """A Redis reservation call failed and the request goes on without it (policy) or is refused;
+    the call may still have landed (a reply lost): release it once Redis answers (settling to zero
+    finds nothing if it never landed), rather than leave it until its lease ends."""
+    if parts:
+        reservation = counters.RedisCounters._reservation(root, request_id, parts)
+        _unsettled[request_id] = _Unsettled(reservation, 0, 0, abandoned=True)
 
 
 def _outcome(request_id: str, key: KeyInfo, outcome: Reservation | counters.Refused) -> Reservation | Refusal:
@@ -226,23 +256,111 @@ def _outcome(request_id: str, key: KeyInfo, outcome: Reservation | counters.Refu
 async def settle(reservation: Reservation, actual_micro: int, requests: int, batch: RedisBatch | None = None) -> None:
     """Bring a reservation to the actual cost (``requests``: 1 if the request reached a provider,
     else 0). Settling twice changes nothing. With ``batch``, a Redis settlement joins the request's
-    closing round trip. With Redis down the counters are dropped and rebuilt from the ledger once it
-    is back, so a lost settlement is repaired then."""
+    closing round trip. A settlement that fails (Redis down or slow) is queued and retried by the
+    ``budget-settle-retry`` task until it lands; the store's settle is idempotent by request id,
+    so a retry of a settlement that did land (its reply lost) changes nothing."""
     _active.pop(reservation.request_id, None)
-    if batch is not None and reservation.store == "redis":
+    if batch is not None and reservation.store == "redis" and not reservation.published:
         counters.primary_redis().settle_in(
-            batch, reservation, actual_micro, requests, on_error=functools.partial(_settle_failed, reservation)
+            batch,
+            reservation,
+            actual_micro,
+            requests,
+            on_error=functools.partial(_settle_failed, reservation, actual_micro, requests),
         )
         return
     try:
         await counters.store_by_name(reservation.store).settle(reservation, actual_micro, requests)
     except counters.CounterUnavailable:
-        _settle_failed(reservation)
+        _settle_failed(reservation, actual_micro, requests)
+        return
+    if reservation.published:
+        await sync_to_async(counters.pg_settle_copy, thread_sensitive=False)(
+            reservation.request_id, actual_micro, requests
+        )
 
 
-def _settle_failed(reservation: Reservation, exc: BaseException | None = None) -> None:
+def _settle_failed(
+    reservation: Reservation, actual_micro: int, requests: int, exc: BaseException | None = None
+) -> None:
     counters.redis_failed()
-    log.warning("could not settle a reservation (Redis down)", extra={"request_id": reservation.request_id})
+    counters.note_incident()
+    _unsettled[reservation.request_id] = _Unsettled(reservation, actual_micro, requests)
+    log.warning("could not settle a reservation; queued for retry", extra={"request_id": reservation.request_id})
+
+
+@dataclass(slots=True)
+class _Unsettled:
+    reservation: Reservation
+    actual_micro: int
+    requests: int
+    copy_settled: bool = False  # its PostgreSQL copy (``counters.publish``) is settled
+    abandoned: bool = False  # a reservation call that failed: released if it landed, never copied
+
+
+#: Settlements that failed, by request id: retried until they land (``retry_settlements``).
+_unsettled: dict[str, _Unsettled] = {}
+
+
+def unsettled_count() -> int:
+    """Settlements of this process waiting for Redis."""
+    return len(_unsettled)
+
+
+async def retry_settlements() -> int:
+    """Retry every queued settlement once. Returns how many landed. While Redis is down, the
+    PostgreSQL copy of a published reservation is settled (so PostgreSQL counters hold its actual
+    cost, not its reservation); the Redis settlement waits for Redis."""
+    landed = 0
+    for rid, item in list(_unsettled.items()):
+        res = item.reservation
+        if res.published and not item.copy_settled:
+            try:
+                await sync_to_async(counters.pg_settle_copy, thread_sensitive=False)(
+                    rid, item.actual_micro, item.requests
+                )
+                item.copy_settled = True
+            except DatabaseError:
+                log.warning("could not settle a reservation's PostgreSQL copy; retried", exc_info=True)
+        if res.store == "redis" and counters.redis_suspect():
+            continue
+        try:
+            await counters.store_by_name(res.store).settle(res, item.actual_micro, item.requests)
+        except counters.CounterUnavailable:
+            counters.redis_failed()
+            continue
+        _unsettled.pop(rid, None)
+        landed += 1
+    return landed
+
+
+@counters.on_redis_down
+async def _publish_reservations() -> None:
+    """This process lost Redis: copy its Redis reservations (running, and settled but not landed)
+    to PostgreSQL, so every process's PostgreSQL counters count them."""
+    running = [r for r in _active.values() if r.store == "redis" and not r.published]
+    queued = [i for i in _unsettled.values() if _copyable(i)]
+    settled = [(i.reservation, i.actual_micro, i.requests) for i in queued]
+    if running or settled:
+        await sync_to_async(counters.publish, thread_sensitive=False)(running, settled)
+        for item in queued:
+            item.reservation.published = True
+
+
+def _copyable(item: _Unsettled) -> bool:
+    return item.reservation.store == "redis" and not item.reservation.published and not item.abandoned
+
+
+@background("budget-settle-retry")
+async def _settle_retry_loop() -> None:
+    while True:
+        await asyncio.sleep(SETTLE_RETRY_INTERVAL)
+        if _unsettled:
+            await retry_settlements()
+
+
+#: Seconds between retries of failed settlements.
+SETTLE_RETRY_INTERVAL = 0.5
 
 
 # --- leases and the sweeper -----------------------------------------------------------------------
@@ -274,13 +392,75 @@ async def _lease_loop() -> None:
             last_renew = now
             await renew_leases()
         try:
-            if not (settings.REDIS_URL and counters.redis_suspect()):
-                await counters.primary().sweep()
+            if not (settings.REDIS_URL and counters.redis_suspect()) and await counters.primary().sweep():
+                counters.note_incident()
         except counters.CounterUnavailable:
             counters.redis_failed()
         if settings.REDIS_URL and (counters.degraded() or now - last_pg >= 60):
             last_pg = now
             await counters.postgres().sweep()
+
+
+# --- convergence after an incident ------------------------------------------------------------
+
+#: Seconds after an incident before the first reconcile pass (requests in flight finish).
+CONVERGE_DELAY = 2.0
+#: Seconds between passes, and how long after the last incident to go on (a reservation left
+#: open by a request that never finished is released when its lease ends, then repaired).
+CONVERGE_EVERY = 5.0
+CONVERGE_WINDOW = 60.0
+
+
+def _reconcile_locked() -> list[Drift]:
+    """One repairing reconcile pass, unless another process is running one (a Redis lock)."""
+    conn = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
+    lock = f"{settings.REDIS_PREFIX}:budgets:reconciling"
+    try:
+        if not conn.set(lock, os.getpid(), nx=True, ex=60):
+            return []
+        try:
+            return reconcile(repair=True, settle_time=1.0)
+        finally:
+            conn.delete(lock)
+    finally:
+        conn.close()
+
+
+async def converge_once(now: float | None = None, state: dict[str, float] | None = None) -> list[Drift] | None:
+    """Run a repairing reconcile pass if an incident (``counters.note_incident``, or rows the
+    usage journal had to write itself) asks for one. None if no pass was due."""
+    state = state if state is not None else _converge_state
+    moment = now if now is not None else time.monotonic()
+    lost = writer.lost_rows_written()
+    if lost != state.get("lost", 0):
+        state["lost"] = lost
+        counters.note_incident()
+    incident = counters.incident_at()
+    if not incident or moment - incident < CONVERGE_DELAY or moment - incident > CONVERGE_WINDOW:
+        return None
+    if moment - state.get("last", 0.0) < CONVERGE_EVERY:
+        return None
+    if counters.redis_suspect():
+        return None
+    state["last"] = moment
+    try:
+        drifts = await sync_to_async(_reconcile_locked, thread_sensitive=False)()
+    except (redis.RedisError, OSError, DatabaseError):
+        log.warning("budget reconcile after an incident failed; retried", exc_info=True)
+        return None
+    return drifts
+
+
+_converge_state: dict[str, float] = {}
+
+
+@background("budget-converge")
+async def _converge_loop() -> None:
+    if not settings.REDIS_URL:
+        return
+    while True:
+        await asyncio.sleep(1.0)
+        await converge_once()
 
 
 # --- spend against one budget ---------------------------------------------------------------------

@@ -114,9 +114,15 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 # Empty REDIS_URL = embedded mode: in-process counters, cache and queues, eager Celery.
 REDIS_URL = env_str("REDIS_URL", "")
 REDIS_PREFIX = env_str("CHITTYCAN_REDIS_PREFIX", "cc")
-# Connections each gateway process keeps to Redis, and how long a request waits for a free one.
-CHITTYCAN_REDIS_MAX_CONNECTIONS = env_int("CHITTYCAN_REDIS_MAX_CONNECTIONS", 64)
-CHITTYCAN_REDIS_POOL_TIMEOUT = env_float("CHITTYCAN_REDIS_POOL_TIMEOUT", 2.0)
+# Connections each gateway process keeps to Redis, and how long a request waits for a free one
+# (a request holds one for one command at a time, never while streaming; waiting for one is not
+# an outage). docs/operations.md "Failure behaviour".
+CHITTYCAN_REDIS_MAX_CONNECTIONS = env_int("CHITTYCAN_REDIS_MAX_CONNECTIONS", 256)
+CHITTYCAN_REDIS_POOL_TIMEOUT = env_float("CHITTYCAN_REDIS_POOL_TIMEOUT", 10.0)
+# After a failed call, a PING on a connection of its own decides: this many consecutive failures,
+# each with this timeout (seconds), mean Redis is down.
+CHITTYCAN_REDIS_PROBE_TIMEOUT = env_float("CHITTYCAN_REDIS_PROBE_TIMEOUT", 0.5)
+CHITTYCAN_REDIS_PROBE_FAILURES = env_int("CHITTYCAN_REDIS_PROBE_FAILURES", 3)
 
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
@@ -228,6 +234,9 @@ CHITTYCAN_USAGE_RETENTION_DAYS = env_int("CHITTYCAN_USAGE_RETENTION_DAYS", 90)
 CHITTYCAN_USAGE_RETRY_BASE = env_float("CHITTYCAN_USAGE_RETRY_BASE", 0.25)
 CHITTYCAN_USAGE_RETRY_MAX = env_float("CHITTYCAN_USAGE_RETRY_MAX", 30.0)
 CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL = env_float("CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL", 30.0)
+# Each process journals the rows it hands off; one still missing from the ledger after this many
+# seconds (the Redis stream lost it) is written from the journal (ledger/writer.py).
+CHITTYCAN_USAGE_JOURNAL_GRACE = env_float("CHITTYCAN_USAGE_JOURNAL_GRACE", 5.0)
 # Rows another writer read but did not acknowledge for this long are taken over (it crashed).
 CHITTYCAN_USAGE_CLAIM_IDLE_MS = env_int("CHITTYCAN_USAGE_CLAIM_IDLE_MS", 60_000)
 # Budget alerts: webhook timeout and where links in alert emails point.

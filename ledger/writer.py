@@ -17,7 +17,15 @@ Failure handling:
   isolated; it moves to the dead-letter stream ``<prefix>:usage:dead`` and the rest are written.
 - Redis unreachable at hand-off (or, in embedded mode, the database down): the row is appended
   to a local spool file (fsynced), which every writer replays periodically
-  (``CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL``), not only at start.
+  (``CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL``), not only at start, and at once when Redis answers
+  again after a failure.
+- Redis losing the stream (restarted without persistence, failover to an empty replica): every
+  row is also appended to this process's *journal* (``<spool dir>/journal/``, one append-only
+  file per process, no fsync: the page cache survives ``kill -9`` of the process) before it is
+  handed off. The journal task (``journal_loop``) forgets rows once they are in the ledger and
+  writes those still missing after ``CHITTYCAN_USAGE_JOURNAL_GRACE`` seconds itself (idempotent
+  by request id, so a row also in the stream is never doubled). The journal of a process that
+  died is taken over by the next journal pass of any process on the host (its file lock is free).
 """
 
 from __future__ import annotations
@@ -89,8 +97,10 @@ async def hand_off_or_spool(row: dict[str, Any], batch: RedisBatch | None = None
     spooled if that fails. The spool is an append-only JSON-lines file, fsynced per row, replayed
     by the writer loop (``replay_spool``); the unique request id makes a replay harmless.
     """
+    data = orjson.dumps(row)
+    _journal.append(row, data)
     if batch is not None and settings.REDIS_URL:
-        batch.command("XADD", stream_key(), "*", b"row", orjson.dumps(row), on_error=functools.partial(_spool, row))
+        batch.command("XADD", stream_key(), "*", b"row", data, on_error=functools.partial(_spool, row))
         return
     try:
         await hand_off(row)
@@ -99,6 +109,8 @@ async def hand_off_or_spool(row: dict[str, Any], batch: RedisBatch | None = None
 
 
 async def _spool(row: dict[str, Any], exc: BaseException | None = None) -> None:
+    global _spooled_since_replay
+    _spooled_since_replay = True
     log.warning("usage queue unreachable; spooling row", extra={"request_id": row.get("request_id")})
     await sync_to_async(spool_row, thread_sensitive=False)(row)
 
@@ -107,6 +119,10 @@ async def _spool(row: dict[str, Any], exc: BaseException | None = None) -> None:
 # Appenders and the replayer serialise on an exclusive flock of the spool file. The replayer
 # deletes a file while holding its lock; an appender that gets the lock afterwards notices the
 # path no longer names its inode and starts a fresh file, so no appended row can be lost.
+
+
+#: Set when a row was spooled: the writer replays the spool as soon as Redis answers again.
+_spooled_since_replay = False
 
 
 def _spool_dir() -> Path:
@@ -194,6 +210,222 @@ def replay_spool() -> int:
     return replayed
 
 
+# --- journal -------------------------------------------------------------------------------------
+# Every row handed off is first appended to this process's journal file (O_APPEND, one write per
+# row, no fsync) and kept in ``_journal`` until the ledger has it. The file is locked (flock) for
+# the life of the process: a file whose lock can be taken belongs to a process that is gone.
+
+
+class _Journal:
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self.path: Path | None = None
+        self.pid = 0
+        self.rows: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.size = 0
+
+    def _open(self) -> int:
+        if self.fd is not None and self.pid == os.getpid():
+            return self.fd
+        directory = _journal_dir()
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"journal-{socket.gethostname()}-{os.getpid()}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        self.fd, self.path, self.pid, self.size = fd, path, os.getpid(), os.fstat(fd).st_size
+        self.rows = {}
+        return fd
+
+    def append(self, row: dict[str, Any], encoded: bytes | None = None) -> None:
+        rid = row.get("request_id")
+        if not rid:
+            return
+        data = (encoded if encoded is not None else orjson.dumps(row)) + b"\n"
+        try:
+            os.write(self._open(), data)
+        except OSError:
+            log.exception("usage journal not writable; the row depends on the Redis stream alone")
+            return
+        self.size += len(data)
+        self.rows[str(rid)] = (time.monotonic(), row)
+
+    def forget(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self.rows.pop(rid, None)
+        self.compact()
+
+    def compact(self) -> None:
+        """Empty the file once every row is in the ledger; rewrite it when it holds mostly dead rows."""
+        if self.fd is None or self.path is None or self.pid != os.getpid():
+            return
+        if not self.rows:
+            if self.size:
+                os.ftruncate(self.fd, 0)
+                self.size = 0
+            return
+        if self.size < JOURNAL_REWRITE_BYTES:
+            return
+        data = b"".join(orjson.dumps(row) + b"\n" for _, row in self.rows.values())
+        if len(data) * 2 > self.size:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, data)
+        os.replace(tmp, self.path)
+        os.close(self.fd)
+        self.fd, self.size = fd, len(data)
+
+
+#: A journal file is rewritten (live rows only) past this size.
+JOURNAL_REWRITE_BYTES = 4 * 1024 * 1024
+_journal = _Journal()
+
+
+def _journal_dir() -> Path:
+    directory: Path = settings.CHITTYCAN_USAGE_SPOOL_DIR
+    return directory / "journal"
+
+
+def journal_row(row: dict[str, Any]) -> None:
+    """Keep a local copy of a row until the ledger has it (see ``journal_loop``)."""
+    _journal.append(row)
+
+
+def journal_forget(request_ids: list[str]) -> None:
+    """These rows are in the ledger: drop them from this process's journal."""
+    if _journal.rows:
+        _journal.forget(request_ids)
+
+
+_lost_rows_written = 0
+
+
+def lost_rows_written() -> int:
+    """Rows this process wrote from its journal because the queue had lost them (since start)."""
+    return _lost_rows_written
+
+
+def journal_size() -> int:
+    """Rows this process journaled that are not known to be in the ledger yet."""
+    return len(_journal.rows) if _journal.pid == os.getpid() else 0
+
+
+def _journal_files() -> list[Path]:
+    directory = _journal_dir()
+    return sorted(directory.glob("journal-*.jsonl")) if directory.exists() else []
+
+
+def _journaled_rows() -> list[dict[str, Any]]:
+    """Rows in this host's journal files (every process's), read without locks; torn lines skipped."""
+    rows: list[dict[str, Any]] = []
+    for path in _journal_files():
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        for line in data.splitlines():
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and row.get("request_id"):
+                rows.append(row)
+    return rows
+
+
+def recover_orphan_journals() -> int:
+    """Write the rows of journals whose process is gone (crash, restart) and delete those files.
+
+    Returns the rows found. Raises a transient database error (the files stay for the next pass).
+    """
+    found = 0
+    for path in _journal_files():
+        if _journal.path is not None and path == _journal.path and _journal.pid == os.getpid():
+            continue
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its process is alive
+            try:
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                    continue
+            except FileNotFoundError:
+                continue
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                rows = _read_spool_rows(fh.read(), path)
+            if rows:
+                new, rejected = write_rows_resilient(rows)
+                if rejected:
+                    with open(path.with_name("rejects.jsonl.bad"), "ab") as bad:
+                        bad.write(b"".join(orjson.dumps(r) + b"\n" for r in rejected))
+                if new:
+                    global _lost_rows_written
+                    _lost_rows_written += new
+                log.warning("usage journal of a gone process: %d rows checked against the ledger", len(rows))
+            path.unlink()
+            found += len(rows)
+        finally:
+            os.close(fd)
+    return found
+
+
+def _settle_journal(due: list[dict[str, Any]]) -> list[str]:
+    """Rows journaled a while ago: write those the ledger still lacks. Returns the ids now written."""
+    close_old_connections()
+    ids = [str(r["request_id"]) for r in due]
+    written = set(UsageRecord.objects.filter(request_id__in=ids).values_list("request_id", flat=True))
+    missing = [r for r in due if str(r["request_id"]) not in written]
+    if missing:
+        new, rejected = write_rows_resilient(missing)
+        if new:
+            global _lost_rows_written
+            _lost_rows_written += new
+            log.warning("usage journal: wrote %d rows the queue had lost", new)
+        for row in rejected:
+            spool_row(row)  # kept aside like any rejected row (the replay moves it to the rejects)
+    return ids
+
+
+async def journal_pass(now: float | None = None) -> int:
+    """One pass of the journal task: take over gone processes' journals, then check this process's
+    rows older than the grace period against the ledger (writing what is missing). Returns how
+    many rows left the journal."""
+    await sync_to_async(recover_orphan_journals, thread_sensitive=False)()
+    if _journal.pid != os.getpid() or not _journal.rows:
+        return 0
+    moment = now if now is not None else time.monotonic()
+    grace = _setting("CHITTYCAN_USAGE_JOURNAL_GRACE", 5.0)
+    due = [row for at, row in list(_journal.rows.values()) if moment - at >= grace][:5000]
+    if not due:
+        return 0
+    done = await sync_to_async(_settle_journal, thread_sensitive=False)(due)
+    _journal.forget(done)
+    return len(done)
+
+
+@background("usage-journal")
+async def journal_loop() -> None:
+    failures = 0
+    while True:
+        try:
+            await journal_pass()
+            failures = 0
+            await asyncio.sleep(JOURNAL_INTERVAL)
+        except TRANSIENT_DB_ERRORS:
+            failures += 1
+            await asyncio.sleep(backoff_seconds(failures))
+
+
+#: Seconds between journal passes.
+JOURNAL_INTERVAL = 1.0
+
+
 # --- handed off, not yet written ---------------------------------------------------------------
 
 
@@ -227,16 +459,32 @@ def _spooled_rows() -> list[dict[str, Any]]:
     return rows
 
 
+def local_pending_rows() -> list[dict[str, Any]]:
+    """Rows on this host (spool files, journals) not yet in the ledger, each request once; needs
+    no Redis. Synchronous."""
+    rows = [*_spooled_rows(), *_journaled_rows()]
+    unique = list({str(r["request_id"]): r for r in rows if r.get("request_id")}.values())
+    if not unique:
+        return []
+    written = set(
+        UsageRecord.objects.filter(request_id__in=[r["request_id"] for r in unique]).values_list(
+            "request_id", flat=True
+        )
+    )
+    return [r for r in unique if r["request_id"] not in written]
+
+
 def pending_rows() -> list[dict[str, Any]]:
     """Rows handed off but not yet in the ledger, each request once: the Redis stream (every
-    process's rows, when ``REDIS_URL`` is set) and this host's spool files. Synchronous; call
+    process's rows, when ``REDIS_URL`` is set), this host's spool files and its journals (rows
+    being handed off right now, and rows a Redis restart took from the stream). Synchronous; call
     off the event loop. Raises ``redis.RedisError`` if Redis is unreachable.
 
     Rows already in the ledger when this looks are left out. A row the writer commits just after
     is returned and may also be in a ledger sum the caller takes afterwards: the caller counts it
     once (``ledger_value`` of the budgets subtracts such rows in the same statement).
     """
-    rows = [*(_stream_rows() if settings.REDIS_URL else ()), *_spooled_rows()]
+    rows = [*(_stream_rows() if settings.REDIS_URL else ()), *_spooled_rows(), *_journaled_rows()]
     unique = list({str(r["request_id"]): r for r in rows if r.get("request_id")}.values())
     if not unique:
         return []
@@ -366,6 +614,7 @@ async def _write_and_ack(ids: list[bytes], rows: list[dict[str, Any]], bad: list
     rejected: list[dict[str, Any]] = []
     if rows:
         _, rejected = await sync_to_async(write_rows_resilient, thread_sensitive=False)(rows)
+        journal_forget([str(r.get("request_id")) for r in rows])
     conn = redis_client()
     for payload in [*bad, *(orjson.dumps(r) for r in rejected)]:
         await conn.xadd(dead_letter_key(), {b"row": payload})
@@ -422,6 +671,7 @@ async def drain_memory_once() -> int:
     if rows:
         try:
             await sync_to_async(write_rows_resilient, thread_sensitive=False)(rows)
+            journal_forget([str(r.get("request_id")) for r in rows])
         except TRANSIENT_DB_ERRORS:
             # Embedded mode has no Redis stream to keep them in: make them durable on disk; the
             # periodic spool replay writes them when the database is back.
@@ -451,11 +701,21 @@ def backoff_seconds(failures: int) -> float:
 class _SpoolTimer:
     def __init__(self) -> None:
         self.next_at = 0.0
+        self.last_at = 0.0
+
+    def soon(self) -> None:
+        """Rows were spooled: replay them within about a second (the database is what they need),
+        not only at the next periodic round."""
+        global _spooled_since_replay
+        if _spooled_since_replay:
+            _spooled_since_replay = False
+            self.next_at = min(self.next_at, self.last_at + 1.0)
 
     async def maybe_replay(self) -> None:
         now = time.monotonic()
         if now < self.next_at:
             return
+        self.last_at = now
         self.next_at = now + _setting("CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL", 30.0)
         try:
             await sync_to_async(replay_spool, thread_sensitive=False)()
@@ -478,6 +738,7 @@ async def writer_loop() -> None:
     if not settings.REDIS_URL:
         _memory_event = asyncio.Event()
     while True:
+        spool.soon()
         await spool.maybe_replay()
         try:
             if settings.REDIS_URL:

@@ -4,14 +4,9 @@ test database and the same Redis), and with Redis unreachable under both failure
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
@@ -21,65 +16,10 @@ from django.conf import settings
 from ledger.models import UsageRecord
 from tests.conftest import wait_usage
 from tests.fakes.openai_upstream import Reply, usage_for
+from tests.processes import Gateway, free_port, services_env
 from tests.test_budgets import counter_value, month_name
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def database_url() -> str:
-    db = settings.DATABASES["default"]
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
-
-
-class Gateway:
-    """A gateway process: ``python -m uvicorn chittycan.asgi:application`` on a free port."""
-
-    def __init__(self, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full = dict(os.environ)
-        full.update(
-            DATABASE_URL=database_url(),
-            REDIS_URL=settings.REDIS_URL,
-            CHITTYCAN_REDIS_PREFIX=settings.REDIS_PREFIX,
-            CHITTYCAN_AUTH_CACHE_TTL="30",
-            LOG_LEVEL="CRITICAL",
-        )
-        full.update(env)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "chittycan.asgi:application", "--host", "127.0.0.1"]
-            + ["--port", str(self.port), "--lifespan", "off", "--log-level", "warning", "--no-access-log"],
-            cwd=ROOT,
-            env=full,
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError("gateway process exited")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("gateway process did not start") from None
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
 
 
 @pytest.fixture
@@ -87,7 +27,7 @@ def gateways(transactional_db):
     started: list[Gateway] = []
 
     def start(**env: str) -> Gateway:
-        gw = Gateway(**env)
+        gw = Gateway({**services_env(), **env})
         started.append(gw)
         return gw
 

@@ -170,9 +170,13 @@ class Command(BaseCommand):
             self.stdout.write("no drift: every live counter equals the ledger")
             return
         for d in drifts:
-            self.stdout.write(f"{d.counter}: live {d.live}, ledger {d.expected}, drift {d.drift:+d}")
+            note = " (repaired)" if d.repaired else ""
+            self.stdout.write(f"{d.counter}: live {d.live}, ledger {d.expected}, drift {d.drift:+d}{note}")
         if opts["repair"]:
-            self.stdout.write(f"repaired {len(drifts)} counter(s)")
+            left = sum(1 for d in drifts if not d.repaired)
+            self.stdout.write(f"repaired {len(drifts) - left} counter(s)")
+            if left:
+                raise CommandError(f"{left} counter(s) busy above the ledger, not provably wrong: run again when quiet")
         else:
             raise CommandError(f"{len(drifts)} counter(s) drift from the ledger (run with --repair to fix)")
 
