@@ -348,6 +348,12 @@ return n
 """
 
 
+#: What redis-py's blocking pool says when no connection freed up within its timeout.
+POOL_BUSY = "No connection available."
+#: How long a reservation waits, in all, for a pooled connection before the probe is asked.
+BUSY_WAIT = 30.0
+
+
 def _lease_seconds() -> float:
     return float(settings.CHITTYCAN_RESERVATION_LEASE)
 
@@ -370,10 +376,19 @@ class RedisCounters(CounterStore):
         return script
 
     async def _run(self, lua: str, keys: list[str], args: list[Any]) -> Any:
-        try:
-            return await self._script(lua)(keys=keys, args=args)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            raise CounterUnavailable(str(exc)) from exc
+        deadline: float | None = None
+        while True:
+            try:
+                return await self._script(lua)(keys=keys, args=args)
+            except redis.ConnectionError as exc:
+                if str(exc) == POOL_BUSY:
+                    # Every pooled connection is in use: Redis is busy, not down. Wait on.
+                    deadline = deadline or time.monotonic() + BUSY_WAIT
+                    if time.monotonic() < deadline:
+                        continue
+                raise CounterUnavailable(str(exc)) from exc
+            except (redis.TimeoutError, OSError) as exc:
+                raise CounterUnavailable(str(exc)) from exc
 
     async def reserve(self, request_id: str, root: int, parts: list[Part]) -> Reservation | Refused:
         outcome, _ = await self.admit(request_id, root, parts, [], 0)

@@ -342,3 +342,22 @@ def test_a_gateway_reconciles_by_itself_after_an_incident(transactional_db, make
     drifts = run(lambda: service.converge_once(now=at + service.CONVERGE_DELAY + 0.1, state=state))
     assert drifts is not None and [d.repaired for d in drifts] == [True]
     assert counter_value(tenant.pk, name) == 100
+
+
+def test_a_full_connection_pool_is_not_an_outage(upstream, gateways, make_tenant, make_key, private_redis, monkeypatch):
+    monkeypatch.setattr(settings, "REDIS_URL", private_redis.url)
+    tenant, key = _budgeted(make_tenant, make_key, "pool")
+    # Four connections for the whole process (the invalidation listener and the usage writer hold
+    # one each), and requests give up waiting for one after 20 ms.
+    gw = gateways(
+        REDIS_URL=private_redis.url,
+        CHITTYCAN_REDIS_FAILURE_POLICY="refuse",
+        CHITTYCAN_REDIS_MAX_CONNECTIONS="4",
+        CHITTYCAN_REDIS_POOL_TIMEOUT="0.02",
+    )
+    upstream.push("/v1/chat/completions", *(chat_reply(5) for _ in range(3000)))
+    with Load(gw.url, key, concurrency=40) as load:
+        time.sleep(4.0)
+    statuses = Tally(status for _, status, _ in load.answers)
+    assert statuses[503] == 0 and statuses[200] > 40, statuses
+    _settled_exactly(tenant, [rid for _, status, rid in load.answers if status == 200])
