@@ -184,6 +184,9 @@ def test_rows_of_a_crashed_writer_are_claimed_once(make_tenant, settings):
 
 def test_postgres_outage_keeps_rows_pending_then_writes_exactly_n(upstream, gateway_server, openai_client, tenant_key):
     tenant = tenant_key[0]
+    # The fixtures' writes announce a change to every gateway process (core.invalidation); let
+    # this process's listener receive it before warming, or it drops the caches just warmed.
+    time.sleep(0.5)
     # Warm the key and route caches, so the hot path needs no database during the outage.
     openai_client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "warm"}])
     assert len(wait_usage(1, tenant_id=tenant.pk)) == 1
