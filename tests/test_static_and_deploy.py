@@ -278,6 +278,18 @@ def test_the_asgi_app_itself_refuses_the_development_secret_outside_dev_mode(tmp
     assert dev.returncode == 0, dev.stderr
 
 
+@pytest.mark.parametrize("program", ["worker", "beat"])
+def test_celery_worker_and_beat_refuse_the_development_secret_outside_dev_mode(tmp_path: Path, program) -> None:
+    celery = str(Path(sys.executable).with_name("celery"))
+    argv = [celery, "-A", "chittycan", program, "-l", "warning"]
+    if program == "beat":
+        argv += ["-s", str(tmp_path / "beat-schedule")]
+    result = subprocess.run(argv, cwd=ROOT, env=base_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "ChittyCan refuses to start: SECRET_KEY is not set" in result.stderr
+    assert GENERATE_HINT in result.stderr
+
+
 def test_secret_from_a_file_is_accepted(tmp_path: Path) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text(STRONG_SECRET + "\n")
