@@ -195,8 +195,18 @@ LOGGING = {
         # cost about a third of the throughput at INFO. Failures are logged by dispatch instead.
         "httpx": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
+        # One JSON line per request (docs/observability.md); CHITTYCAN_REQUEST_LOG=false silences it.
+        "chittycan.requests": {"level": "INFO" if env_bool("CHITTYCAN_REQUEST_LOG", True) else "WARNING"},
     },
 }
+
+# --- Observability (docs/observability.md) ---------------------------------------------------
+# GET /metrics: with a token, `Authorization: Bearer <token>` from anywhere; without, loopback only.
+CHITTYCAN_METRICS_TOKEN = env_secret("CHITTYCAN_METRICS_TOKEN", "")
+# The tenant slug as a label of the request, token and cost metrics (one series per tenant).
+CHITTYCAN_METRICS_TENANT_LABEL = env_bool("CHITTYCAN_METRICS_TENANT_LABEL", False)
+# At most this many budgets in chittycan_budget_utilisation_ratio (lowest ids first).
+CHITTYCAN_METRICS_MAX_BUDGETS = env_int("CHITTYCAN_METRICS_MAX_BUDGETS", 200)
 
 # --- Gateway ---------------------------------------------------------------------------------
 OLLAMA_BASE_URL = env_str("OLLAMA_BASE_URL", "")
