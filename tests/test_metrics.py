@@ -1,0 +1,216 @@
+"""``/metrics`` (Prometheus), ``/healthz``, ``/readyz`` and the per-request JSON log line.
+
+The metric values are compared with the ledger: a known set of requests (non-stream, stream, an
+upstream 400, a refused key) moves the counters by exactly what the ledger rows say.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import openai
+import orjson
+import pytest
+import redis
+from django.conf import settings
+from django.test import RequestFactory, override_settings
+from prometheus_client.parser import text_string_to_metric_families
+
+from budgets import services as budget_services
+from chittycan import probes
+from chittycan.logging import JsonFormatter
+from core import runtime
+from gateway import metrics
+from ledger import writer
+from tests.conftest import exact_usage
+from tests.fakes.openai_upstream import Reply
+
+CHAT = "/v1/chat/completions"
+MSG = [{"role": "user", "content": "hello there"}]
+
+
+def scrape(base_url: str, token: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    response = httpx.get(f"{base_url}/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def total(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return sum(
+        value
+        for (sample_name, sample_labels), value in samples.items()
+        if sample_name == name and all(dict(sample_labels).get(k) == v for k, v in labels.items())
+    )
+
+
+def test_metrics_agree_with_the_ledger(upstream, gateway_server, openai_client, tenant_key):
+    tenant, plaintext = tenant_key
+    before = scrape(gateway_server.url)
+
+    openai_client.chat.completions.create(model="gpt-4o", messages=MSG)
+    openai_client.chat.completions.create(model="gpt-4o", messages=MSG, max_tokens=20)
+    list(
+        openai_client.chat.completions.create(
+            model="gpt-4o", messages=MSG, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    upstream.push(
+        CHAT, Reply(status=400, json={"error": {"message": "bad", "type": "invalid_request_error", "code": None}})
+    )
+    with pytest.raises(openai.BadRequestError):
+        openai_client.chat.completions.create(model="gpt-4o", messages=MSG)
+    refused = httpx.post(
+        f"{gateway_server.url}{CHAT}",
+        headers={"Authorization": "Bearer sk-not-a-key"},
+        json={"model": "gpt-4o", "messages": MSG},
+    )
+    assert refused.status_code == 401
+
+    rows = exact_usage(tenant, 4)
+    after = scrape(gateway_server.url)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    chat = {"route": "chat", "model": "gpt-4o", "provider": "fake-openai"}
+    ok = [r for r in rows if r.http_status == 200]
+    assert len(ok) == 3 and sum(1 for r in rows if r.http_status == 400) == 1
+    assert delta("chittycan_requests_total", **chat, status_class="2xx", cache="none") == 3
+    assert delta("chittycan_requests_total", **chat, status_class="4xx") == 1
+    # The refused key never reached a model or provider: counted, with empty labels.
+    assert delta("chittycan_requests_total", route="chat", model="", provider="", status_class="4xx") == 1
+
+    assert delta("chittycan_tokens_total", **chat, kind="input") == sum(r.prompt_tokens for r in rows)
+    assert delta("chittycan_tokens_total", **chat, kind="output") == sum(r.completion_tokens for r in rows)
+    assert delta("chittycan_tokens_total", **chat, kind="cached") == sum(r.cached_tokens for r in rows)
+    assert sum(r.prompt_tokens for r in rows) > 0
+    cost = delta("chittycan_cost_usd_total", **chat)
+    assert cost == pytest.approx(sum(r.cost_micro for r in rows) / 1_000_000, abs=1e-9)
+    assert cost > 0
+
+    # Histograms: every request in the latency one, the stream alone in time to first token.
+    assert delta("chittycan_request_duration_seconds_count", **chat) == 4
+    assert delta("chittycan_upstream_duration_seconds_count", model="gpt-4o", provider="fake-openai") == 4
+    assert delta("chittycan_time_to_first_token_seconds_count", model="gpt-4o", provider="fake-openai") == 1
+    buckets = {dict(labels)["le"] for name, labels in after if name == "chittycan_request_duration_seconds_bucket"}
+    assert {"0.001", "60.0", "+Inf"} <= buckets
+    # No tenant label unless the operator allows it.
+    assert {dict(labels).get("tenant") for name, labels in after if name == "chittycan_requests_total"} == {""}
+
+
+def test_tenant_label_only_when_allowed(upstream, gateway_server, openai_client, tenant_key):
+    with override_settings(CHITTYCAN_METRICS_TENANT_LABEL=True):
+        openai_client.chat.completions.create(model="gpt-4o", messages=MSG)
+        exact_usage(tenant_key[0], 1, settle=0)
+        samples = scrape(gateway_server.url)
+    assert total(samples, "chittycan_requests_total", tenant="acme", status_class="2xx") >= 1
+    assert total(samples, "chittycan_cost_usd_total", tenant="acme") > 0
+
+
+def test_metrics_token(gateway_server):
+    with override_settings(CHITTYCAN_METRICS_TOKEN="s3cret-scrape"):
+        missing = httpx.get(f"{gateway_server.url}/metrics")
+        wrong = httpx.get(f"{gateway_server.url}/metrics", headers={"Authorization": "Bearer nope"})
+        assert missing.status_code == wrong.status_code == 401
+        assert missing.json()["error"]["type"] == "authentication_error"
+        assert "chittycan_requests" not in missing.text
+        scrape(gateway_server.url, token="s3cret-scrape")
+    # No token configured: loopback only.
+    assert metrics.token_ok(None, "127.0.0.1") and metrics.token_ok(None, "::1")
+    assert not metrics.token_ok(None, "10.1.2.3")
+    with override_settings(CHITTYCAN_METRICS_TOKEN="s3cret-scrape"):
+        assert not metrics.token_ok(None, "127.0.0.1")
+        assert metrics.token_ok("Bearer s3cret-scrape", "10.1.2.3")
+
+
+def test_budget_utilisation_from_the_counters(upstream, gateway_server, openai_client, tenant_key):
+    tenant = tenant_key[0]
+    budget = budget_services.budget_set(tenant=tenant, period="month", limit_micro=1_000_000)
+    openai_client.chat.completions.create(model="gpt-4o", messages=MSG)
+    [row] = exact_usage(tenant, 1, settle=0.1)
+    samples = scrape(gateway_server.url)
+    ratio = total(samples, "chittycan_budget_utilisation_ratio", budget=str(budget.pk))
+    assert row.cost_micro > 0
+    assert ratio == pytest.approx(row.cost_micro / 1_000_000)
+
+
+def test_usage_queue_depth_and_lag(gateway_server, paused_gateway_writer):
+    time.sleep(0.3)  # the writer stops
+    conn = redis.Redis.from_url(settings.REDIS_URL)
+    key = writer.stream_key()
+    ids = [conn.xadd(key, {b"row": b"{}"}, id=f"{int(time.time() * 1000) - 5000}-0"), conn.xadd(key, {b"row": b"{}"})]
+    try:
+        samples = scrape(gateway_server.url)
+        assert total(samples, "chittycan_usage_queue_depth") == 2
+        assert 4.5 < total(samples, "chittycan_usage_queue_lag_seconds") < 60
+    finally:
+        conn.xdel(key, *ids)
+        conn.close()
+    samples = scrape(gateway_server.url)
+    assert total(samples, "chittycan_usage_queue_depth") == 0
+    assert total(samples, "chittycan_usage_queue_lag_seconds") == 0
+
+
+def test_healthz_and_readyz(gateway_server):
+    assert httpx.get(f"{gateway_server.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{gateway_server.url}/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json() == {"status": "ready", "checks": {"database": "ok", "redis": "ok", "usage_writer": "ok"}}
+
+
+def test_readyz_unready_when_redis_is_unreachable(transactional_db):
+    async def probe() -> Any:
+        with override_settings(REDIS_URL="redis://127.0.0.1:1/0"):
+            try:
+                return await probes.readyz(RequestFactory().get("/readyz"))
+            finally:
+                await runtime.stop_background()  # what the probe started on this loop
+
+    response = asyncio.run(probe())
+    assert response.status_code == 503
+    body = orjson.loads(response.content)
+    assert body["status"] == "unavailable"
+    assert body["checks"]["redis"].startswith("unreachable")
+    assert body["checks"]["database"] == "ok"
+
+
+def test_one_json_log_line_per_request(upstream, gateway_server, openai_client, tenant_key, caplog):
+    caplog.set_level(logging.INFO, logger="chittycan.requests")
+    response = openai_client.chat.completions.with_raw_response.create(model="gpt-4o", messages=MSG)
+    request_id = response.headers["x-request-id"]
+    [row] = exact_usage(tenant_key[0], 1, settle=0.1)
+    lines = [r for r in caplog.records if r.name == "chittycan.requests" and r.request_id == request_id]
+    assert len(lines) == 1
+    record = lines[0].__dict__
+    assert record["tenant"] == "acme" and record["key_name"] == "test"
+    assert record["model"] == "gpt-4o" and record["provider"] == "fake-openai" and record["status"] == 200
+    assert record["input_tokens"] == row.prompt_tokens and record["output_tokens"] == row.completion_tokens
+    assert record["cost_usd"] == pytest.approx(row.cost_micro / 1_000_000)
+    formatted = JsonFormatter().format(lines[0])
+    assert tenant_key[1] not in formatted and tenant_key[1][:12] not in formatted
+    assert "hello there" not in formatted and "sk-upstream-secret" not in formatted
+
+
+def test_request_log_line_can_be_silenced():
+    code = (
+        "import django, logging; django.setup(); "
+        "print(logging.getLogger('chittycan.requests').isEnabledFor(logging.INFO))"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "chittycan.settings"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env["CHITTYCAN_REQUEST_LOG"] = "false"
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert on.stdout.strip() == "True" and off.stdout.strip() == "False"
