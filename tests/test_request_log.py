@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from typing import Any
 
 import openai
 import orjson
@@ -16,7 +17,7 @@ from control import tokens
 from control.models import TenantMembership
 from tests.conftest import exact_usage
 
-MSG = [{"role": "user", "content": "hi"}]
+MSG: Any = [{"role": "user", "content": "hi"}]
 
 
 def _client(bearer: str | None = None) -> APIClient:
