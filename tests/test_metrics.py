@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -31,6 +33,7 @@ from gateway import metrics
 from ledger import writer
 from tests.conftest import exact_usage
 from tests.fakes.openai_upstream import Reply
+from tests.processes import Gateway, services_env
 
 CHAT = "/v1/chat/completions"
 MSG = [{"role": "user", "content": "hello there"}]
@@ -214,3 +217,43 @@ def test_request_log_line_can_be_silenced():
     env["CHITTYCAN_REQUEST_LOG"] = "false"
     off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert on.stdout.strip() == "True" and off.stdout.strip() == "False"
+
+
+def test_several_workers_one_answer(make_tenant, make_key, tmp_path: Path):
+    """`can serve --workers 2`: whichever worker answers /metrics counts every worker's requests."""
+    tenant = make_tenant("multi")
+    key = make_key(tenant, name="mw")
+    env = {
+        **services_env(),
+        "CHITTYCAN_MODE": "dev",  # every model answers from the offline mock
+        "CHITTYCAN_WORKERS": "2",
+        "CHITTYCAN_VAR_DIR": str(tmp_path),
+        "SECRET_KEY": settings.SECRET_KEY,
+        "CHITTYCAN_KEY_SECRET": settings.CHITTYCAN_KEY_SECRET,
+    }
+    stale = tmp_path / "prometheus" / "counter_999999.db"
+    stale.parent.mkdir()
+    stale.write_bytes(b"left by an earlier run")  # emptied at start
+    gateway = Gateway(env, production_server=True, log_path=tmp_path / "gateway.log")
+    try:
+
+        def one(_: int) -> int:
+            with httpx.Client() as client:  # a new connection each: the kernel spreads them over workers
+                response = client.post(
+                    f"{gateway.url}{CHAT}",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json={"model": "gpt-4o-mini", "messages": MSG},
+                    timeout=30,
+                )
+            return response.status_code
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            assert set(pool.map(one, range(40))) == {200}
+        pids = {p.stem.rsplit("_", 1)[1] for p in (tmp_path / "prometheus").glob("counter_*.db")}
+        assert "999999" not in pids
+        assert len(pids) == 2, "both workers served requests"
+        for _ in range(6):  # several scrapes, answered by either worker: always the sum
+            samples = scrape(gateway.url)
+            assert total(samples, "chittycan_requests_total", model="gpt-4o-mini", status_class="2xx") == 40
+    finally:
+        gateway.stop()
