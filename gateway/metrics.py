@@ -73,6 +73,14 @@ TOKENS = Counter(
     "chittycan_tokens", "Tokens billed, by kind (input, cached, output, reasoning).", (*MODEL_LABELS, "kind")
 )
 COST = Counter("chittycan_cost_usd", "Cost charged to clients, in US dollars.", MODEL_LABELS)
+RETRIES = Counter(
+    "chittycan_upstream_retries",
+    "Upstream attempts beyond the first (retries and fallbacks), by the provider that finally answered.",
+    ("route", "model", "provider"),
+)
+FALLBACKS = Counter(
+    "chittycan_fallbacks", "Requests served by a deployment other than the first.", ("route", "model", "provider")
+)
 
 
 def status_class(http_status: int) -> str:
@@ -142,6 +150,10 @@ def _observe(ctx: RequestContext) -> None:
     REQUEST_DURATION.labels(route, model, provider, klass).observe(time.perf_counter() - ctx.started)
     if not ctx.reached_provider:
         return
+    if ctx.attempts > 1:
+        RETRIES.labels(route, model, provider).inc(ctx.attempts - 1)
+    if ctx.route_reason.startswith("fallback"):
+        FALLBACKS.labels(route, model, provider).inc()
     upstream = ctx.timings.get("upstream", ctx.timings.get("upstream_first_chunk"))
     if upstream is not None:
         UPSTREAM_DURATION.labels(model, provider).observe(upstream / 1000)
@@ -258,7 +270,7 @@ def render() -> bytes:
     if path:
         MultiProcessCollector(registry, path=path)
     else:
-        for collector in (REQUESTS, REQUEST_DURATION, UPSTREAM_DURATION, TTFT, TOKENS, COST):
+        for collector in (REQUESTS, REQUEST_DURATION, UPSTREAM_DURATION, TTFT, TOKENS, COST, RETRIES, FALLBACKS):
             registry.register(collector)
     registry.register(_SCRAPE)
     return generate_latest(registry)

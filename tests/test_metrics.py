@@ -30,6 +30,7 @@ from chittycan import probes
 from chittycan.logging import JsonFormatter
 from core import runtime
 from gateway import metrics
+from gateway.models import LLMModel, Provider
 from ledger import writer
 from tests.conftest import exact_usage
 from tests.fakes.openai_upstream import Reply
@@ -112,6 +113,31 @@ def test_metrics_agree_with_the_ledger(upstream, gateway_server, openai_client, 
     assert {"0.001", "60.0", "+Inf"} <= buckets
     # No tenant label unless the operator allows it.
     assert {dict(labels).get("tenant") for name, labels in after if name == "chittycan_requests_total"} == {""}
+
+
+def test_retries_and_fallbacks(upstream, fake_openai, gateway_server, openai_client, tenant_key):
+    provider = Provider.objects.create(
+        slug="backup-openai", kind="openai", base_url=f"{fake_openai[1].url}/backup/v1", max_retries=0
+    )
+    LLMModel.objects.get(name="gpt-4o").deployments.create(provider=provider, upstream_model="gpt-4o-b", priority=1)
+    boom = Reply(status=500, json={"error": {"message": "boom", "type": "server_error", "code": None}})
+    before = scrape(gateway_server.url)
+    upstream.push(CHAT, boom)  # the primary fails once, its retry answers
+    openai_client.chat.completions.create(model="gpt-4o", messages=MSG)
+    upstream.push(CHAT, boom, boom)  # the primary fails twice (max_retries=1): the backup answers
+    openai_client.chat.completions.create(model="gpt-4o", messages=MSG)
+    exact_usage(tenant_key[0], 2, settle=0)
+    after = scrape(gateway_server.url)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    primary = {"route": "chat", "model": "gpt-4o", "provider": "fake-openai"}
+    fallback = {"route": "chat", "model": "gpt-4o", "provider": "backup-openai"}
+    assert delta("chittycan_upstream_retries_total", **primary) == 1
+    assert delta("chittycan_upstream_retries_total", **fallback) == 2
+    assert delta("chittycan_fallbacks_total", **primary) == 0
+    assert delta("chittycan_fallbacks_total", **fallback) == 1
 
 
 def test_tenant_label_only_when_allowed(upstream, gateway_server, openai_client, tenant_key):
@@ -219,13 +245,13 @@ def test_request_log_line_can_be_silenced():
     assert on.stdout.strip() == "True" and off.stdout.strip() == "False"
 
 
-def test_several_workers_one_answer(make_tenant, make_key, tmp_path: Path):
+def test_several_workers_one_answer(upstream, make_tenant, make_key, tmp_path: Path):
     """`can serve --workers 2`: whichever worker answers /metrics counts every worker's requests."""
     tenant = make_tenant("multi")
     key = make_key(tenant, name="mw")
     env = {
         **services_env(),
-        "CHITTYCAN_MODE": "dev",  # every model answers from the offline mock
+        "CHITTYCAN_MODE": "dev",  # every catalogue model (gpt-4o here) answers from the offline mock
         "CHITTYCAN_WORKERS": "2",
         "CHITTYCAN_VAR_DIR": str(tmp_path),
         "SECRET_KEY": settings.SECRET_KEY,
@@ -242,7 +268,7 @@ def test_several_workers_one_answer(make_tenant, make_key, tmp_path: Path):
                 response = client.post(
                     f"{gateway.url}{CHAT}",
                     headers={"Authorization": f"Bearer {key}"},
-                    json={"model": "gpt-4o-mini", "messages": MSG},
+                    json={"model": "gpt-4o", "messages": MSG},
                     timeout=30,
                 )
             return response.status_code
@@ -254,6 +280,6 @@ def test_several_workers_one_answer(make_tenant, make_key, tmp_path: Path):
         assert len(pids) == 2, "both workers served requests"
         for _ in range(6):  # several scrapes, answered by either worker: always the sum
             samples = scrape(gateway.url)
-            assert total(samples, "chittycan_requests_total", model="gpt-4o-mini", status_class="2xx") == 40
+            assert total(samples, "chittycan_requests_total", model="gpt-4o", status_class="2xx") == 40
     finally:
         gateway.stop()
