@@ -82,6 +82,21 @@ def test_usage_read_scope(traffic, make_key):
     assert _client(narrowed).get("/api/requests").status_code == 403
     allowed = make_key(traffic["acme"], name="reader", scopes={"endpoints": ["chat", "usage:read"]})
     assert _client(allowed).get(f"/api/requests/{traffic['acme_id']}").status_code == 200
+    # The scope can be given through the management API (and is checked there).
+    staff = get_user_model().objects.create_user("root", password="pw-root-123", is_staff=True)
+    _, token = tokens.token_create(user=staff)
+    made = _client(token).post(
+        "/api/keys/",
+        {"tenant": "acme", "name": "api-reader", "scopes": {"endpoints": ["usage:read"]}},
+        format="json",
+    )
+    assert made.status_code == 201, made.content
+    reader = made.json()["key"]
+    assert _client(reader).get(f"/api/requests/{traffic['acme_id']}").status_code == 200
+    typo = _client(token).post(
+        "/api/keys/", {"tenant": "acme", "name": "x", "scopes": {"endpoints": ["usage:write"]}}, format="json"
+    )
+    assert typo.status_code == 400
     bad = _client("chitty_" + "x" * 40).get("/api/requests")
     assert bad.status_code == 401
     assert _client().get("/api/requests").status_code in (401, 403)
