@@ -58,11 +58,12 @@ async def readyz(request: HttpRequest) -> JsonResponse:
 
 
 def metrics_view(request: HttpRequest) -> HttpResponse:
-    if not metrics.token_ok(request.headers.get("Authorization"), request.META.get("REMOTE_ADDR")):
+    proxied = any(name in request.headers for name in metrics.PROXY_HEADERS)
+    if not metrics.token_ok(request.headers.get("Authorization"), request.META.get("REMOTE_ADDR"), proxied):
         body = {
             "error": {
                 "message": "GET /metrics needs Authorization: Bearer <CHITTYCAN_METRICS_TOKEN>"
-                " (without a token set, only loopback clients may scrape).",
+                " (without a token set, only loopback clients not behind a proxy may scrape).",
                 "type": "authentication_error",
             }
         }

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import redis
 from django.conf import settings
+from django.db import DatabaseError
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -226,15 +227,19 @@ class ScrapeCollector(Collector):
             yield family
             return
         cap = settings.CHITTYCAN_METRICS_MAX_BUDGETS
-        budgets = list(Budget.objects.select_related("tenant", "api_key__tenant").order_by("pk")[:cap])
         roots: dict[int, int] = {}
         keys: list[str] = []
-        for budget in budgets:
-            tenant = budget.tenant if budget.tenant_id else budget.api_key.tenant  # type: ignore[union-attr]
-            assert tenant is not None
-            if tenant.pk not in roots:
-                roots[tenant.pk] = int([tenant, *tenant.ancestors()][-1].pk)
-            keys.append(counter_key(roots[tenant.pk], budget_counter(budget).name))
+        try:
+            budgets = list(Budget.objects.select_related("tenant", "api_key__tenant").order_by("pk")[:cap])
+            for budget in budgets:
+                tenant = budget.tenant if budget.tenant_id else budget.api_key.tenant  # type: ignore[union-attr]
+                assert tenant is not None
+                if tenant.pk not in roots:
+                    roots[tenant.pk] = int([tenant, *tenant.ancestors()][-1].pk)
+                keys.append(counter_key(roots[tenant.pk], budget_counter(budget).name))
+        except DatabaseError:
+            log.warning("metrics: budgets unreadable (database unavailable); utilisation left out", exc_info=True)
+            return
         if not keys:
             yield family
             return
@@ -276,13 +281,17 @@ def render() -> bytes:
     return generate_latest(registry)
 
 
-def token_ok(authorization: str | None, remote_addr: str | None) -> bool:
-    """With ``CHITTYCAN_METRICS_TOKEN`` set: ``Authorization: Bearer <it>``. Without: loopback only."""
+def token_ok(authorization: str | None, remote_addr: str | None, proxied: bool = False) -> bool:
+    """With ``CHITTYCAN_METRICS_TOKEN`` set: ``Authorization: Bearer <it>``. Without: loopback
+    clients only, and not through a proxy (a request carrying forwarding headers)."""
     token = settings.CHITTYCAN_METRICS_TOKEN
     if not token:
-        return remote_addr in _LOOPBACK
+        return remote_addr in _LOOPBACK and not proxied
     given = (authorization or "").removeprefix("Bearer ").strip()
     return hmac.compare_digest(given.encode(), token.encode())
+
+
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})

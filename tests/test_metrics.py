@@ -149,7 +149,7 @@ def test_tenant_label_only_when_allowed(upstream, gateway_server, openai_client,
     assert total(samples, "chittycan_cost_usd_total", tenant="acme") > 0
 
 
-def test_metrics_token(gateway_server):
+def test_metrics_token(gateway_server, transactional_db):
     with override_settings(CHITTYCAN_METRICS_TOKEN="s3cret-scrape"):
         missing = httpx.get(f"{gateway_server.url}/metrics")
         wrong = httpx.get(f"{gateway_server.url}/metrics", headers={"Authorization": "Bearer nope"})
@@ -157,7 +157,9 @@ def test_metrics_token(gateway_server):
         assert missing.json()["error"]["type"] == "authentication_error"
         assert "chittycan_requests" not in missing.text
         scrape(gateway_server.url, token="s3cret-scrape")
-    # No token configured: loopback only.
+    # No token configured: loopback only, and not through a reverse proxy on loopback.
+    proxied = httpx.get(f"{gateway_server.url}/metrics", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert proxied.status_code == 401
     assert metrics.token_ok(None, "127.0.0.1") and metrics.token_ok(None, "::1")
     assert not metrics.token_ok(None, "10.1.2.3")
     with override_settings(CHITTYCAN_METRICS_TOKEN="s3cret-scrape"):
@@ -176,7 +178,7 @@ def test_budget_utilisation_from_the_counters(upstream, gateway_server, openai_c
     assert ratio == pytest.approx(row.cost_micro / 1_000_000)
 
 
-def test_usage_queue_depth_and_lag(gateway_server, paused_gateway_writer):
+def test_usage_queue_depth_and_lag(gateway_server, paused_gateway_writer, transactional_db):
     time.sleep(0.3)  # the writer stops
     conn = redis.Redis.from_url(settings.REDIS_URL)
     key = writer.stream_key()
@@ -193,7 +195,7 @@ def test_usage_queue_depth_and_lag(gateway_server, paused_gateway_writer):
     assert total(samples, "chittycan_usage_queue_lag_seconds") == 0
 
 
-def test_healthz_and_readyz(gateway_server):
+def test_healthz_and_readyz(gateway_server, transactional_db):
     assert httpx.get(f"{gateway_server.url}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{gateway_server.url}/readyz")
     assert ready.status_code == 200, ready.text
