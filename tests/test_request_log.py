@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from typing import Any
 
+import httpx
 import openai
 import orjson
 import pytest
@@ -154,3 +156,17 @@ def test_filters_pagination_and_downloads(traffic):
     # An error asked for as CSV still comes in the JSON envelope.
     refused = client.get("/api/requests", {"format": "csv", "status": "weird"})
     assert refused.status_code == 400 and refused["content-type"].startswith("application/json")
+
+
+def test_a_streamed_request_row_carries_the_cost_the_stream_announced(upstream, gateway_server, tenant_key):
+    tenant, key = tenant_key
+    body = {"model": "gpt-4o", "messages": MSG, "stream": True}
+    with httpx.stream(
+        "POST", f"{gateway_server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"}, json=body
+    ) as response:
+        request_id = response.headers["x-request-id"]
+        text = "".join(response.iter_text())
+    [announced] = re.findall(r": x-chittycan-cost=([0-9.]+)", text)
+    exact_usage(tenant, 1, settle=0)
+    row = _client(key).get(f"/api/requests/{request_id}").json()
+    assert row["stream"] is True and row["cost_usd"] == announced and row["cost_micro"] > 0
