@@ -149,7 +149,7 @@ def test_filters_pagination_and_downloads(traffic):
     assert as_csv.status_code == 200 and as_csv["content-type"].startswith("text/csv")
     rows = list(csv.DictReader(io.StringIO(as_csv.content.decode())))
     assert {r["request_id"] for r in rows} == ids and all(r["tenant"] == "acme" for r in rows)
-    paged = client.get("/api/requests", {"format": "csv", "limit": 1})
+    paged = client.get("/api/requests", {"format": "csv", "limit": "1"})
     assert len(list(csv.DictReader(io.StringIO(paged.content.decode())))) == 1
     assert paged["link"].endswith('rel="next"') and "format=csv" in paged["link"]
     assert "attachment" in paged["content-disposition"]
