@@ -27,7 +27,7 @@ CSRF_TRUSTED_ORIGINS = [o.strip() for o in env_str("CSRF_TRUSTED_ORIGINS", "").s
 SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", False)
 CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", False)
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", False)
-SECURE_REDIRECT_EXEMPT = [r"^healthz$"]  # the container health check calls plain HTTP on loopback
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]  # probes and scrapes call plain HTTP
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0)
 # Behind a proxy that terminates TLS and sets X-Forwarded-Proto (and strips it from clients).
 if env_bool("CHITTYCAN_TRUST_X_FORWARDED_PROTO", False):
@@ -195,8 +195,18 @@ LOGGING = {
         # cost about a third of the throughput at INFO. Failures are logged by dispatch instead.
         "httpx": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
+        # One JSON line per request (docs/observability.md); CHITTYCAN_REQUEST_LOG=false silences it.
+        "chittycan.requests": {"level": "INFO" if env_bool("CHITTYCAN_REQUEST_LOG", True) else "WARNING"},
     },
 }
+
+# --- Observability (docs/observability.md) ---------------------------------------------------
+# GET /metrics: with a token, `Authorization: Bearer <token>` from anywhere; without, loopback only.
+CHITTYCAN_METRICS_TOKEN = env_secret("CHITTYCAN_METRICS_TOKEN", "")
+# The tenant slug as a label of the request, token and cost metrics (one series per tenant).
+CHITTYCAN_METRICS_TENANT_LABEL = env_bool("CHITTYCAN_METRICS_TENANT_LABEL", False)
+# At most this many budgets in chittycan_budget_utilisation_ratio (lowest ids first).
+CHITTYCAN_METRICS_MAX_BUDGETS = env_int("CHITTYCAN_METRICS_MAX_BUDGETS", 200)
 
 # --- Gateway ---------------------------------------------------------------------------------
 OLLAMA_BASE_URL = env_str("OLLAMA_BASE_URL", "")

@@ -1,17 +1,12 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.http import HttpRequest, JsonResponse
 from django.urls import include, path, re_path, reverse_lazy
 from django.views.generic import RedirectView
 
+from chittycan.probes import healthz, metrics_view, readyz
 from gateway.api import api as v1_api
 from gateway.api import unknown_url
-
-
-def healthz(request: HttpRequest) -> JsonResponse:
-    return JsonResponse({"status": "ok"})
-
 
 urlpatterns = [
     # `/` (and so the admin's "View site" link) leads to the control plane: the admin.
@@ -21,6 +16,8 @@ urlpatterns = [
     re_path(r"^v1/(?P<rest>.*)$", unknown_url),  # after the API: any other /v1 path, in the envelope
     path("api/", include("control.urls")),
     path("healthz", healthz),
+    path("readyz", readyz),
+    path("metrics", metrics_view),
 ]
 
 __all__ = ["include", "urlpatterns"]

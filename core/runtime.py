@@ -176,6 +176,12 @@ def ensure_started() -> None:
             tasks[name] = loop.create_task(_supervise(name, fn), name=f"chittycan:{name}")
 
 
+def running(name: str) -> bool:
+    """Whether this event loop's background task ``name`` is alive (for ``/readyz``)."""
+    task = _tasks.get(asyncio.get_running_loop(), {}).get(name)
+    return task is not None and not task.done()
+
+
 async def stop_background() -> None:
     tasks = _tasks.pop(asyncio.get_running_loop(), {})
     for name, task in tasks.items():

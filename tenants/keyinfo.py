@@ -11,6 +11,11 @@ from typing import Any
 
 from tenants.models import ApiKey, Tenant
 
+#: The scope that lets a gateway key read its own tenant's request log (``GET /api/requests``). It
+#: is listed with the endpoints: a key whose ``endpoints`` scope is absent has it; a key narrowed to
+#: some endpoints has it only if the list names it.
+USAGE_READ = "usage:read"
+
 
 @dataclass(frozen=True, slots=True)
 class TenantInfo:
@@ -34,6 +39,7 @@ class KeyInfo:
     rpm_limit: int | None
     tpm_limit: int | None
     expires_at: float | None
+    name: str = ""
 
     @property
     def root_id(self) -> int:
@@ -45,6 +51,10 @@ class KeyInfo:
 
     def allows_endpoint(self, endpoint: str) -> bool:
         return self.endpoints is None or endpoint in self.endpoints
+
+    @property
+    def can_read_usage(self) -> bool:
+        return self.allows_endpoint(USAGE_READ)
 
 
 def _tenant_info(tenant: Tenant) -> TenantInfo:
@@ -92,4 +102,5 @@ def load_key(prefix: str) -> KeyInfo | None:
         rpm_limit=key.rpm_limit,
         tpm_limit=key.tpm_limit,
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
+        name=key.name,
     )

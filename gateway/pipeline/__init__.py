@@ -54,6 +54,7 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
         await reserve.run(ctx, most_output)
     except GatewayError as err:
         await responder.send_json(*wire.error_response(err, ctx))
+        record.refused(ctx, err)
         return
     try:
         if ctx.stream:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway import metrics
 from gateway.context import RequestContext
+from gateway.errors import GatewayError
 from ledger import writer
 
 
@@ -20,6 +22,13 @@ async def run(ctx: RequestContext) -> None:
         await writer.hand_off_or_spool(row_from_context(ctx), batch)
     if batch is not None:
         await batch.send()
+    metrics.observe(ctx)
+
+
+def refused(ctx: RequestContext, err: GatewayError) -> None:
+    """A request refused before reserve (bad input, key, limit): metrics and log line only."""
+    ctx.status, ctx.http_status, ctx.error_type = "refused", err.status, err.type
+    metrics.observe(ctx)
 
 
 def row_from_context(ctx: RequestContext) -> dict[str, Any]:

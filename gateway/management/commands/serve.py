@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core import preflight
+from gateway import metrics
 
 
 class Command(BaseCommand):
@@ -77,6 +79,9 @@ class Command(BaseCommand):
             if not opts["access_log"]:
                 argv.extend(["--access-log", os.devnull])
         os.environ["CHITTYCAN_SERVING"] = opts["server"]  # read by settings (see INSTALLED_APPS)
+        if workers > 1 and opts["server"] != "daphne":
+            # Every worker writes its metric values there; any worker's /metrics adds them all up.
+            os.environ[metrics.MULTIPROC_ENV] = str(metrics.prepare_multiprocess_dir(Path(settings.VAR_DIR)))
         self.stdout.write(f"ChittyCan gateway on http://{host}:{port} ({opts['server']}, {workers} worker(s))")
         sys.stdout.flush()
         os.execv(sys.executable, argv)
