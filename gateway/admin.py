@@ -48,6 +48,11 @@ class ProviderForm(forms.ModelForm):
             "connect_timeout",
             "read_timeout",
             "max_retries",
+            "breaker_failures",
+            "breaker_error_rate",
+            "breaker_min_requests",
+            "breaker_window",
+            "breaker_cooldown",
             "is_active",
         ]
 
@@ -73,6 +78,18 @@ class ProviderAdmin(AuditedAdmin[Provider]):
         (None, {"fields": ["slug", "kind", "base_url", "is_active"]}),
         ("Credentials", {"fields": ["has_credential", "api_key", "clear_api_key", "extra_headers"]}),
         ("Timeouts and retries", {"fields": ["connect_timeout", "read_timeout", "max_retries"]}),
+        (
+            "Circuit breaker (each deployment's)",
+            {
+                "fields": [
+                    "breaker_failures",
+                    "breaker_error_rate",
+                    "breaker_min_requests",
+                    "breaker_window",
+                    "breaker_cooldown",
+                ]
+            },
+        ),
     ]
     readonly_fields = ["has_credential"]
 

@@ -21,8 +21,12 @@ from gateway.context import RequestContext, Responder
 from gateway.errors import GatewayError, UpstreamError
 from gateway.formats import StreamTracker, WireFormat
 from gateway.providers.base import close_stream
+from gateway.routing import breaker
 
 log = logging.getLogger(__name__)
+
+#: ``error_type`` prefix of a ledger row whose stream failed after its first byte (partial usage).
+INCOMPLETE = "stream_incomplete"
 
 Json = dict[str, Any]
 
@@ -65,8 +69,12 @@ async def send_stream(
         ctx.status, ctx.http_status = "client_disconnected", 499
         raise
     except GatewayError as err:
-        ctx.status, ctx.error_type = "upstream_error", err.code or err.type
+        # The stream broke after it started: the client gets the format's error event (never a
+        # clean end), the ledger row the partial usage, marked incomplete, and the breaker a failure.
+        ctx.status, ctx.error_type = "upstream_error", f"{INCOMPLETE}:{err.code or err.type}"[:100]
         await responder.write(tracker.error_frame(err))
+        if ctx.deployment is not None and isinstance(err, UpstreamError):
+            await breaker.record(ctx.deployment, None, err)
     except Exception as exc:
         log.exception("stream relay failed", extra={"request_id": ctx.request_id})
         ctx.status, ctx.error_type = "error", type(exc).__name__
