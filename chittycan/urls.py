@@ -5,6 +5,7 @@ from django.http import HttpRequest, JsonResponse
 from django.urls import include, path, re_path, reverse_lazy
 from django.views.generic import RedirectView
 
+from control.health import ProviderHealthView
 from gateway.api import api as v1_api
 from gateway.api import unknown_url
 
@@ -21,6 +22,7 @@ urlpatterns = [
     re_path(r"^v1/(?P<rest>.*)$", unknown_url),  # after the API: any other /v1 path, in the envelope
     path("api/", include("control.urls")),
     path("healthz", healthz),
+    path("health/providers", ProviderHealthView.as_view(), name="provider-health"),
 ]
 
 __all__ = ["include", "urlpatterns"]

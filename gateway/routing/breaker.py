@@ -43,7 +43,7 @@ from redis.commands.core import AsyncScript
 from core import runtime
 from gateway.errors import UpstreamError
 from gateway.providers.base import BreakerSettings
-from gateway.routing.table import DeploymentRoute
+from gateway.routing.table import DeploymentRoute, route_table
 
 log = logging.getLogger(__name__)
 
@@ -450,3 +450,9 @@ async def status(deployments: list[tuple[str, DeploymentRoute]]) -> list[dict[st
             item["error"] = error
         out.append(item)
     return out
+
+
+async def all_status() -> list[dict[str, Any]]:
+    """The breaker of every active deployment of every active public model."""
+    table = await route_table()
+    return await status([(route.name, dep) for route in table.public_models() for dep in route.deployments])
