@@ -1,6 +1,7 @@
 """``GET /health/providers``: each deployment's circuit breaker, as JSON (docs/resilience.md).
 
-For a staff user's admin session or any management API token (``Authorization: Bearer ccm_...``).
+For a session that may use the admin (active staff, with its second factor when required) or any
+management API token (``Authorization: Bearer ccm_...``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.conf import settings
+from django.contrib import admin
 from rest_framework import permissions
 from rest_framework.authentication import SessionAuthentication
 from rest_framework.request import Request
@@ -26,7 +28,8 @@ class StaffOrManagementToken(permissions.BasePermission):
     def has_permission(self, request: Request, view: Any) -> bool:
         if isinstance(request.auth, ManagementToken):
             return True
-        return bool(request.user and request.user.is_authenticated and request.user.is_staff)
+        # A session: what the admin itself asks (active staff, second factor when required).
+        return bool(admin.site.has_permission(request._request))
 
 
 def provider_health() -> dict[str, Any]:
