@@ -69,8 +69,14 @@ def _client_key_rejected(exc: UpstreamError) -> UpstreamError:
     return UpstreamError(message, retryable=False, status=401, type="invalid_request_error", code="invalid_api_key")
 
 
-async def _attempts(ctx: RequestContext, attempt_fn: Callable[[DeploymentRoute], Awaitable[Any]]) -> Any:
-    """Try the route's deployments in order: an open breaker skips one at once (no upstream call)."""
+async def _attempts(
+    ctx: RequestContext, attempt_fn: Callable[[DeploymentRoute], Awaitable[Any]], *, stream: bool = False
+) -> Any:
+    """Try the route's deployments in order: an open breaker skips one at once (no upstream call).
+
+    A stream's success is the relay's to report (at its clean end; a failure after the first byte
+    counts against the breaker), except a half-open probe's: its first item closes the breaker.
+    """
     assert ctx.route is not None
     deployments = ctx.route.ordered_deployments()
     if not deployments:
@@ -112,7 +118,8 @@ async def _attempts(ctx: RequestContext, attempt_fn: Callable[[DeploymentRoute],
             except BaseException:
                 await asyncio.shield(breaker.release(admission))  # cancelled: let another request probe
                 raise
-            await breaker.record(deployment, admission, None)
+            if admission.probe or not stream:
+                await breaker.record(deployment, admission, None)
             ctx.route_reason = "primary" if index == 0 else f"fallback:{index}"
             if skipped:
                 ctx.route_reason += f" (breaker open: {', '.join(skipped)})"
@@ -184,7 +191,7 @@ async def open_stream(ctx: RequestContext, operation: Operation) -> tuple[Json, 
             raise
         return first, stream
 
-    opened: tuple[Json, AsyncIterator[Json]] = await _attempts(ctx, attempt)
+    opened: tuple[Json, AsyncIterator[Json]] = await _attempts(ctx, attempt, stream=True)
     return opened
 
 

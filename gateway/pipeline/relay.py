@@ -25,9 +25,6 @@ from gateway.routing import breaker
 
 log = logging.getLogger(__name__)
 
-#: ``error_type`` prefix of a ledger row whose stream failed after its first byte (partial usage).
-INCOMPLETE = "stream_incomplete"
-
 Json = dict[str, Any]
 
 
@@ -65,13 +62,16 @@ async def send_stream(
         ctx.stage("relay")
         if ctx.status == "ok":
             await responder.write(tracker.closing(money.format_usd(ctx.cost_micro)))
+        if ctx.deployment is not None:
+            await breaker.record(ctx.deployment, None, None)  # the upstream streamed to its end
     except asyncio.CancelledError:
         ctx.status, ctx.http_status = "client_disconnected", 499
         raise
     except GatewayError as err:
         # The stream broke after it started: the client gets the format's error event (never a
-        # clean end), the ledger row the partial usage, marked incomplete, and the breaker a failure.
-        ctx.status, ctx.error_type = "upstream_error", f"{INCOMPLETE}:{err.code or err.type}"[:100]
+        # clean end); the ledger row keeps the partial usage with status upstream_error and
+        # http_status 200 (what marks a stream cut after its start); the breaker counts a failure.
+        ctx.status, ctx.error_type = "upstream_error", err.code or err.type
         await responder.write(tracker.error_frame(err))
         if ctx.deployment is not None and isinstance(err, UpstreamError):
             await breaker.record(ctx.deployment, None, err)
