@@ -86,7 +86,7 @@ def breaker_rows() -> list[dict[str, Any]]:
 
 
 def state_of(provider: str, model: str = "gpt-4o") -> str:
-    return next(r["state"] for r in breaker_rows() if r["provider"] == provider and r["model"] == model)
+    return str(next(r["state"] for r in breaker_rows() if r["provider"] == provider and r["model"] == model))
 
 
 def test_breaker_opens_at_threshold_then_dead_upstream_sees_only_probes(gateway_server, pair, tenant_key):
