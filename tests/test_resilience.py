@@ -161,3 +161,19 @@ def test_an_anthropic_stream_reset_mid_way_ends_with_an_error_event(gateway_serv
     assert data[-1]["type"] == "error" and set(data[-1]["error"]) >= {"type", "message"}
     [row] = exact_usage(tenant_key[0], 1)
     assert row.status == "upstream_error" and row.http_status == 200 and row.endpoint == "messages"
+
+
+def test_a_passthrough_clients_rejected_key_does_not_open_the_breaker(settings, upstream, gateway_server):
+    from core import invalidation
+
+    settings.CHITTYCAN_PASSTHROUGH = True
+    settings.CHITTYCAN_PASSTHROUGH_PROVIDER = "fake-openai"
+    invalidation.drop_local()
+    refused = {"error": {"message": "Incorrect API key provided: sk-bad", "type": "x", "code": None}}
+    for _ in range(6):  # more than the provider's threshold (5)
+        upstream.push("/v1/chat/completions", Reply(status=401, json=refused))
+        assert chat(gateway_server.url, "sk-bad").status_code == 401
+    response = chat(gateway_server.url, "sk-proj-good")
+    assert response.status_code == 200
+    assert chats(upstream) == 7  # nobody was skipped
+    invalidation.drop_local()

@@ -100,13 +100,15 @@ async def _attempts(
                 result = await attempt_fn(deployment)
             except UpstreamError as exc:
                 last = exc
-                await breaker.record(deployment, admission, exc)
                 log.info(
                     "upstream attempt failed",
                     extra={"request_id": ctx.request_id, "provider": deployment.provider.slug, "error": exc.message},
                 )
                 if ctx.passthrough_key and exc.code == "upstream_auth_failed":
+                    # The client's own key was refused: says nothing about the upstream's health.
+                    await breaker.record(deployment, admission, _client_key_rejected(exc))
                     raise _client_key_rejected(exc) from exc
+                await breaker.record(deployment, admission, exc)
                 if not exc.retryable:
                     raise
                 wait = _delay(attempt, exc, fallback=fallback) if attempt < retries else None
