@@ -325,3 +325,42 @@ def test_two_gateway_processes_share_breaker_state(pair, make_tenant, make_key):
     finally:
         first.stop()
         second.stop()
+
+
+def test_the_admin_shows_each_deployments_breaker_and_edits_its_settings(gateway_server, pair, tenant_key, settings):
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    primary, _, provider = pair
+    primary.set_fault(Fault("down"))
+    for _ in range(3):
+        chat(gateway_server.url, tenant_key[1])
+    settings.CHITTYCAN_ADMIN_REQUIRE_OTP = False
+    client = Client()
+    client.force_login(get_user_model().objects.create_superuser("root", password="pw-root-123"))
+    page = client.get(f"/admin/gateway/provider/{provider.pk}/change/")
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "gpt-4o &rarr; gpt-4o-2024-08-06: <strong>open</strong> (3 consecutive failures, opened 1 times)" in html
+    form = {
+        "slug": "primary",
+        "kind": "openai",
+        "base_url": provider.base_url,
+        "extra_headers": "{}",
+        "connect_timeout": "5",
+        "read_timeout": "600",
+        "max_retries": "0",
+        "breaker_failures": "4",
+        "breaker_error_rate": "1.5",  # out of range: refused at the field
+        "breaker_min_requests": "20",
+        "breaker_window": "30",
+        "breaker_cooldown": "2",
+        "is_active": "on",
+    }
+    refused = client.post(f"/admin/gateway/provider/{provider.pk}/change/", form)
+    assert refused.status_code == 200 and "less than or equal to 1" in refused.content.decode()
+    form["breaker_error_rate"] = "0.4"
+    saved = client.post(f"/admin/gateway/provider/{provider.pk}/change/", form)
+    assert saved.status_code == 302, saved.content.decode()[:2000]
+    provider.refresh_from_db()
+    assert (provider.breaker_failures, provider.breaker_error_rate) == (4, 0.4)

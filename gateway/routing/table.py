@@ -96,13 +96,17 @@ def provider_config(provider: Provider) -> ProviderConfig:
         connect_timeout=provider.connect_timeout,
         read_timeout=provider.read_timeout,
         max_retries=provider.max_retries,
-        breaker=BreakerSettings(
-            failures=provider.breaker_failures,
-            error_rate=provider.breaker_error_rate,
-            min_requests=provider.breaker_min_requests,
-            window=provider.breaker_window,
-            cooldown=provider.breaker_cooldown,
-        ),
+        breaker=breaker_settings(provider),
+    )
+
+
+def breaker_settings(provider: Provider) -> BreakerSettings:
+    return BreakerSettings(
+        failures=provider.breaker_failures,
+        error_rate=provider.breaker_error_rate,
+        min_requests=provider.breaker_min_requests,
+        window=provider.breaker_window,
+        cooldown=provider.breaker_cooldown,
     )
 
 
