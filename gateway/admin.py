@@ -11,7 +11,7 @@ from typing import Any
 from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Field, QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
 from django.utils import timezone
@@ -61,6 +61,27 @@ class ProviderForm(forms.ModelForm):
             "breaker_cooldown",
             "is_active",
         ]
+
+    BREAKER_FIELDS = (
+        "breaker_failures",
+        "breaker_error_rate",
+        "breaker_min_requests",
+        "breaker_window",
+        "breaker_cooldown",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in self.BREAKER_FIELDS:  # left empty: the default (shown as the initial value)
+            if name in self.fields:
+                self.fields[name].required = False
+
+    def _clean_fields(self) -> None:
+        super()._clean_fields()  # type: ignore[misc]
+        for name in self.BREAKER_FIELDS:
+            field = Provider._meta.get_field(name)
+            if self.cleaned_data.get(name, 0) is None and isinstance(field, Field):
+                self.cleaned_data[name] = field.get_default()
 
     def clean_base_url(self) -> str:
         value = str(self.cleaned_data.get("base_url") or "")

@@ -364,3 +364,7 @@ def test_the_admin_shows_each_deployments_breaker_and_edits_its_settings(gateway
     assert saved.status_code == 302, saved.content.decode()[:2000]
     provider.refresh_from_db()
     assert (provider.breaker_failures, provider.breaker_error_rate) == (4, 0.4)
+    form["breaker_cooldown"] = ""  # left empty: the default
+    assert client.post(f"/admin/gateway/provider/{provider.pk}/change/", form).status_code == 302
+    provider.refresh_from_db()
+    assert provider.breaker_cooldown == 30.0
