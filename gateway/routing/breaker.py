@@ -273,6 +273,9 @@ _cache: dict[str, tuple[float, Snapshot]] = {}
 _refreshing: set[str] = set()
 _windows: dict[str, _Window] = {}
 _buckets: dict[str, _Bucket] = {}
+_probe_busy: dict[str, float] = {}  # until when (monotonic) a probe is known to be in flight
+#: Seconds before a process that lost the probe lease asks Redis again.
+PROBE_BUSY_RECHECK = 0.25
 #: Redis round trips this process made to read breaker state (the calm-weather cost; tests read it).
 reads = 0
 
@@ -284,6 +287,7 @@ def reset_local() -> None:
     _refreshing.clear()
     _windows.clear()
     _buckets.clear()
+    _probe_busy.clear()
     _memory_store.states.clear()
     _memory_store.leases.clear()
     reads = 0
@@ -335,14 +339,17 @@ async def admit(deployment: DeploymentRoute) -> Admission | None:
         return Admission(key)
     if state == "open":
         return None
+    if _probe_busy.get(key, 0.0) > time.monotonic():
+        return None  # another request probes: do not ask Redis again on every request meanwhile
     token = f"{time.time_ns()}:{id(asyncio.current_task())}"
     try:
         got = await store().acquire_probe(key, token, _lease_seconds(deployment))
     except REDIS_ERRORS:
         return Admission(key)
     if not got:
+        _probe_busy[key] = time.monotonic() + PROBE_BUSY_RECHECK
         return None
-    _cache.pop(key, None)  # the probe's result changes the state: read it fresh afterwards
+    _probe_busy[key] = time.monotonic() + _lease_seconds(deployment)  # ours: this process waits for it
     return Admission(key, probe=True, token=token)
 
 
@@ -352,6 +359,8 @@ async def record(deployment: DeploymentRoute, admission: Admission | None, err: 
     probe = admission is not None and admission.probe
     token = admission.token if admission is not None else ""
     outcome = outcome_of(err)
+    if probe:
+        _probe_busy.pop(key, None)
     cfg = deployment.provider.breaker
     window = _windows.get(key)
     if window is None:
@@ -383,6 +392,7 @@ async def record(deployment: DeploymentRoute, admission: Admission | None, err: 
 async def release(admission: Admission) -> None:
     """The probe ended without a verdict (the client left): let another request probe."""
     if admission.probe:
+        _probe_busy.pop(admission.key, None)
         try:
             await store().release_probe(admission.key, admission.token)
         except REDIS_ERRORS:
