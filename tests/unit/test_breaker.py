@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from core import runtime
 from gateway.errors import UpstreamError, upstream_status_error
 from gateway.pipeline import dispatch
 from gateway.providers.base import BreakerSettings, ProviderConfig
@@ -148,5 +149,22 @@ def test_the_calm_weather_reads_state_once_per_ttl() -> None:
             await breaker.record(dep, await breaker.admit(dep), None)
         assert time.monotonic() - started < 1.0
         assert breaker.reads == 1
+
+    run(scenario())
+
+
+def test_an_unreachable_redis_lets_requests_through(settings: Any) -> None:
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens on port 1: refused at once
+
+    async def scenario() -> None:
+        dep = deployment()
+        try:
+            for _ in range(5):
+                admission = await breaker.admit(dep)
+                assert admission is not None and not admission.probe
+                await breaker.record(dep, admission, DOWN)  # not written; never raises
+            assert await breaker.admit(dep) is not None
+        finally:
+            await runtime.close_redis()
 
     run(scenario())
