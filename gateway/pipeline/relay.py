@@ -62,8 +62,8 @@ async def send_stream(
         ctx.stage("relay")
         if ctx.status == "ok":
             await responder.write(tracker.closing(money.format_usd(ctx.cost_micro)))
-        if ctx.deployment is not None:
-            await breaker.record(ctx.deployment, None, None)  # the upstream streamed to its end
+            if ctx.deployment is not None:
+                await breaker.record(ctx.deployment, None, None)  # the upstream streamed to its end
     except asyncio.CancelledError:
         ctx.status, ctx.http_status = "client_disconnected", 499
         raise
