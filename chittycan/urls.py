@@ -5,6 +5,7 @@ from django.urls import include, path, re_path, reverse_lazy
 from django.views.generic import RedirectView
 
 from chittycan.probes import healthz, metrics_view, readyz
+from control.health import ProviderHealthView
 from gateway.api import api as v1_api
 from gateway.api import unknown_url
 
@@ -18,6 +19,7 @@ urlpatterns = [
     path("healthz", healthz),
     path("readyz", readyz),
     path("metrics", metrics_view),
+    path("health/providers", ProviderHealthView.as_view(), name="provider-health"),
 ]
 
 __all__ = ["include", "urlpatterns"]

@@ -8,16 +8,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from django import forms
 from django.contrib import admin
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Field, QuerySet
 from django.forms import ModelForm
 from django.http import HttpRequest
 from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 
 from core import egress
 from gateway import catalog
 from gateway.models import Deployment, LLMModel, Price, Provider
+from gateway.providers.base import ProviderConfig
+from gateway.routing import breaker
+from gateway.routing.table import DeploymentRoute, breaker_settings
 from tenants.admin import AuditedAdmin, actor_of, adopt, https_formfield
 
 ADMIN_LABEL = "admin"
@@ -48,8 +54,34 @@ class ProviderForm(forms.ModelForm):
             "connect_timeout",
             "read_timeout",
             "max_retries",
+            "breaker_failures",
+            "breaker_error_rate",
+            "breaker_min_requests",
+            "breaker_window",
+            "breaker_cooldown",
             "is_active",
         ]
+
+    BREAKER_FIELDS = (
+        "breaker_failures",
+        "breaker_error_rate",
+        "breaker_min_requests",
+        "breaker_window",
+        "breaker_cooldown",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in self.BREAKER_FIELDS:  # left empty: the default (shown as the initial value)
+            if name in self.fields:
+                self.fields[name].required = False
+
+    def _clean_fields(self) -> None:
+        super()._clean_fields()  # type: ignore[misc]
+        for name in self.BREAKER_FIELDS:
+            field = Provider._meta.get_field(name)
+            if self.cleaned_data.get(name, 0) is None and isinstance(field, Field):
+                self.cleaned_data[name] = field.get_default()
 
     def clean_base_url(self) -> str:
         value = str(self.cleaned_data.get("base_url") or "")
@@ -73,8 +105,21 @@ class ProviderAdmin(AuditedAdmin[Provider]):
         (None, {"fields": ["slug", "kind", "base_url", "is_active"]}),
         ("Credentials", {"fields": ["has_credential", "api_key", "clear_api_key", "extra_headers"]}),
         ("Timeouts and retries", {"fields": ["connect_timeout", "read_timeout", "max_retries"]}),
+        (
+            "Circuit breaker (each deployment's)",
+            {
+                "fields": [
+                    "breaker_failures",
+                    "breaker_error_rate",
+                    "breaker_min_requests",
+                    "breaker_window",
+                    "breaker_cooldown",
+                    "breaker_state",
+                ]
+            },
+        ),
     ]
-    readonly_fields = ["has_credential"]
+    readonly_fields = ["has_credential", "breaker_state"]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Provider]:
         return super().get_queryset(request).annotate(n_deployments=Count("deployments"))
@@ -86,6 +131,34 @@ class ProviderAdmin(AuditedAdmin[Provider]):
     @admin.display(description="deployments", ordering="n_deployments")
     def deployment_count(self, obj: Provider) -> int:
         return int(getattr(obj, "n_deployments", 0))
+
+    @admin.display(description="Breaker state now")
+    def breaker_state(self, obj: Provider) -> SafeString | str:
+        """Each deployment's breaker as the gateway sees it (Redis; this process in embedded mode)."""
+        if obj.pk is None:
+            return "-"
+        # Not provider_config(): the credential is not needed (nor decrypted) to show the state.
+        config = ProviderConfig(
+            id=obj.pk, slug=obj.slug, kind=obj.kind, base_url=obj.base_url, breaker=breaker_settings(obj)
+        )
+        deployments = [
+            (d.model.name, DeploymentRoute(id=d.pk, provider=config, upstream_model=d.upstream_model))
+            for d in obj.deployments.select_related("model").order_by("model__name")
+        ]
+        if not deployments:
+            return "no deployments"
+        rows = async_to_sync(breaker.status)(deployments)
+        return format_html(
+            "<ul>{}</ul>",
+            format_html_join(
+                "",
+                "<li>{} &rarr; {}: <strong>{}</strong> ({} consecutive failures, opened {} times)</li>",
+                (
+                    (r["model"], r["upstream_model"], r["state"], r["consecutive_failures"], r["times_opened"])
+                    for r in rows
+                ),
+            ),
+        )
 
     def save_model(self, request: HttpRequest, obj: Provider, form: ModelForm, change: bool) -> None:
         values = self.field_values(obj, form.fields)

@@ -56,6 +56,11 @@ class ProviderFields(TypedDict, total=False):
     connect_timeout: float
     read_timeout: float
     max_retries: int
+    breaker_failures: int
+    breaker_error_rate: float
+    breaker_min_requests: int
+    breaker_window: float
+    breaker_cooldown: float
     is_active: bool
     created_at: datetime
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -34,6 +35,28 @@ class Provider(models.Model):
     connect_timeout = models.FloatField(default=5.0, help_text="Seconds")
     read_timeout = models.FloatField(default=600.0, help_text="Seconds between bytes from the upstream")
     max_retries = models.PositiveSmallIntegerField(default=2)
+    # The circuit breaker of each of its deployments (gateway.routing.breaker, docs/resilience.md).
+    breaker_failures = models.PositiveSmallIntegerField(
+        default=5, validators=[MinValueValidator(1)], help_text="Consecutive failures that open the breaker"
+    )
+    breaker_error_rate = models.FloatField(
+        default=0.5,
+        validators=[MinValueValidator(0.01), MaxValueValidator(1.0)],
+        help_text="Or this share of failed requests (0.01 to 1) ...",
+    )
+    breaker_min_requests = models.PositiveIntegerField(
+        default=20, validators=[MinValueValidator(1)], help_text="... among at least this many requests ..."
+    )
+    breaker_window = models.FloatField(
+        default=30.0,
+        validators=[MinValueValidator(1.0), MaxValueValidator(3600.0)],
+        help_text="... in this many seconds (per gateway process)",
+    )
+    breaker_cooldown = models.FloatField(
+        default=30.0,
+        validators=[MinValueValidator(0.1), MaxValueValidator(3600.0)],
+        help_text="Seconds an open breaker skips the deployment before one probe request",
+    )
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
 

@@ -195,6 +195,11 @@ class _Applier:
                 "connect_timeout": spec.connect_timeout,
                 "read_timeout": spec.read_timeout,
                 "max_retries": spec.max_retries,
+                "breaker_failures": spec.breaker.failures,
+                "breaker_error_rate": spec.breaker.error_rate,
+                "breaker_min_requests": spec.breaker.min_requests,
+                "breaker_window": spec.breaker.window,
+                "breaker_cooldown": spec.breaker.cooldown,
                 "is_active": spec.active,
             }
             self.check_url(spec.base_url, f"providers[{i}].base_url")

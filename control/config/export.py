@@ -61,6 +61,14 @@ def export() -> dict[str, Any]:
         _put_if(item, "connect_timeout", p.connect_timeout, 5.0)
         _put_if(item, "read_timeout", p.read_timeout, 600.0)
         _put_if(item, "max_retries", p.max_retries, 2)
+        breaker: dict[str, Any] = {}
+        _put_if(breaker, "failures", p.breaker_failures, 5)
+        _put_if(breaker, "error_rate", p.breaker_error_rate, 0.5)
+        _put_if(breaker, "min_requests", p.breaker_min_requests, 20)
+        _put_if(breaker, "window", p.breaker_window, 30.0)
+        _put_if(breaker, "cooldown", p.breaker_cooldown, 30.0)
+        if breaker:
+            item["breaker"] = breaker
         _put_if(item, "active", p.is_active, True)
         providers.append(item)
     out["providers"] = providers

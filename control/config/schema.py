@@ -169,6 +169,16 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+class BreakerSpec(_Spec):
+    """``breaker:`` on a provider: when each of its deployments' circuit breaker opens (docs/resilience.md)."""
+
+    failures: Annotated[int, Field(ge=1, le=10_000)] = 5
+    error_rate: Annotated[float, Field(ge=0.01, le=1.0)] = 0.5
+    min_requests: Annotated[int, Field(ge=1)] = 20
+    window: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    cooldown: Annotated[float, Field(ge=0.1, le=3600)] = 30.0
+
+
 class ProviderSpec(_Spec):
     slug: Slug
     kind: Literal["openai", "anthropic", "ollama", "mock"]
@@ -178,6 +188,7 @@ class ProviderSpec(_Spec):
     connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     read_timeout: Annotated[float, Field(gt=0)] = 600.0
     max_retries: Annotated[int, Field(ge=0, le=20)] = 2
+    breaker: BreakerSpec = BreakerSpec()
     active: bool = True
 
 

@@ -18,6 +18,7 @@ from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.providers import get_provider
 from gateway.providers.base import NativeMessages, Operation, Provider, UpstreamCall, close_stream
 from gateway.providers.bridge import MessagesViaChat
+from gateway.routing import breaker
 from gateway.routing.table import DeploymentRoute
 
 Json = dict[str, Any]
@@ -27,9 +28,16 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 2.0
 
 
-def _delay(attempt: int, err: UpstreamError) -> float | None:
-    """Seconds to wait before retrying the same deployment, or None to move on to the next."""
+def _delay(attempt: int, err: UpstreamError, *, fallback: bool) -> float | None:
+    """Seconds to wait before retrying the same deployment, or None to move on to the next.
+
+    A 429 with a fallback deployment available moves on at once instead of waiting out
+    ``retry-after``; without one, a short ``retry-after`` is honoured. Otherwise exponential
+    backoff with full jitter (anywhere between 0 and the capped exponential delay).
+    """
     if err.code == "upstream_auth_failed":
+        return None
+    if err.status == 429 and fallback:
         return None
     for header, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         raw = err.headers.get(header)
@@ -39,7 +47,7 @@ def _delay(attempt: int, err: UpstreamError) -> float | None:
             except ValueError:
                 break
             return wanted if wanted <= MAX_BACKOFF else None
-    return backoff.delay(attempt, base=0.1, cap=MAX_BACKOFF, low=0.75, high=1.25)
+    return backoff.delay(attempt, base=0.1, cap=MAX_BACKOFF, low=0.0, high=1.0)
 
 
 def make_call(ctx: RequestContext, deployment: DeploymentRoute, body: Json | None = None) -> UpstreamCall:
@@ -61,15 +69,31 @@ def _client_key_rejected(exc: UpstreamError) -> UpstreamError:
     return UpstreamError(message, retryable=False, status=401, type="invalid_request_error", code="invalid_api_key")
 
 
-async def _attempts(ctx: RequestContext, attempt_fn: Callable[[DeploymentRoute], Awaitable[Any]]) -> Any:
+async def _attempts(
+    ctx: RequestContext, attempt_fn: Callable[[DeploymentRoute], Awaitable[Any]], *, stream: bool = False
+) -> Any:
+    """Try the route's deployments in order: an open breaker skips one at once (no upstream call).
+
+    A stream's success is the relay's to report (at its clean end; a failure after the first byte
+    counts against the breaker), except a half-open probe's: its first item closes the breaker.
+    """
     assert ctx.route is not None
     deployments = ctx.route.ordered_deployments()
     if not deployments:
         raise GatewayError(f"The model {ctx.route.name} has no active deployment.", status=503, code="no_deployment")
     last: UpstreamError | None = None
+    skipped: list[str] = []
     for index, deployment in enumerate(deployments):
-        retries = deployment.provider.max_retries
-        for attempt in range(retries + 1):
+        admission = await breaker.admit(deployment)
+        if admission is None:
+            skipped.append(f"{deployment.provider.slug}:{deployment.upstream_model}")
+            continue
+        breaker.budget_deposit(admission)
+        # The half-open probe is one request: it is not retried (its failure reopens the breaker).
+        retries = 0 if admission.probe else deployment.provider.max_retries
+        fallback = any(not breaker.known_open(d) for d in deployments[index + 1 :])
+        attempt = 0
+        while True:
             ctx.attempts += 1
             ctx.deployment = deployment
             try:
@@ -81,17 +105,34 @@ async def _attempts(ctx: RequestContext, attempt_fn: Callable[[DeploymentRoute],
                     extra={"request_id": ctx.request_id, "provider": deployment.provider.slug, "error": exc.message},
                 )
                 if ctx.passthrough_key and exc.code == "upstream_auth_failed":
+                    # The client's own key was refused: says nothing about the upstream's health.
+                    await breaker.record(deployment, admission, _client_key_rejected(exc))
                     raise _client_key_rejected(exc) from exc
+                await breaker.record(deployment, admission, exc)
                 if not exc.retryable:
                     raise
-                wait = _delay(attempt, exc) if attempt < retries else None
-                if wait is None:
+                wait = _delay(attempt, exc, fallback=fallback) if attempt < retries else None
+                if wait is None or not breaker.budget_spend(admission):
                     break
                 await asyncio.sleep(wait)
+                attempt += 1
                 continue
+            except BaseException:
+                await asyncio.shield(breaker.release(admission))  # cancelled: let another request probe
+                raise
+            if admission.probe or not stream:
+                await breaker.record(deployment, admission, None)
             ctx.route_reason = "primary" if index == 0 else f"fallback:{index}"
+            if skipped:
+                ctx.route_reason += f" (breaker open: {', '.join(skipped)})"
             return result
-    assert last is not None
+    if last is None:
+        raise GatewayError(
+            f"Every deployment of the model {ctx.route.name} is unavailable (circuit breaker open); retry shortly.",
+            status=503,
+            type="api_error",
+            code="upstream_unavailable",
+        )
     raise last
 
 
@@ -152,7 +193,7 @@ async def open_stream(ctx: RequestContext, operation: Operation) -> tuple[Json, 
             raise
         return first, stream
 
-    opened: tuple[Json, AsyncIterator[Json]] = await _attempts(ctx, attempt)
+    opened: tuple[Json, AsyncIterator[Json]] = await _attempts(ctx, attempt, stream=True)
     return opened
 
 

@@ -21,6 +21,7 @@ from gateway.context import RequestContext, Responder
 from gateway.errors import GatewayError, UpstreamError
 from gateway.formats import StreamTracker, WireFormat
 from gateway.providers.base import close_stream
+from gateway.routing import breaker
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,19 @@ async def send_stream(
         ctx.stage("relay")
         if ctx.status == "ok":
             await responder.write(tracker.closing(money.format_usd(ctx.cost_micro)))
+            if ctx.deployment is not None:
+                await breaker.record(ctx.deployment, None, None)  # the upstream streamed to its end
     except asyncio.CancelledError:
         ctx.status, ctx.http_status = "client_disconnected", 499
         raise
     except GatewayError as err:
+        # The stream broke after it started: the client gets the format's error event (never a
+        # clean end); the ledger row keeps the partial usage with status upstream_error and
+        # http_status 200 (what marks a stream cut after its start); the breaker counts a failure.
         ctx.status, ctx.error_type = "upstream_error", err.code or err.type
         await responder.write(tracker.error_frame(err))
+        if ctx.deployment is not None and isinstance(err, UpstreamError):
+            await breaker.record(ctx.deployment, None, err)
     except Exception as exc:
         log.exception("stream relay failed", extra={"request_id": ctx.request_id})
         ctx.status, ctx.error_type = "error", type(exc).__name__

@@ -27,6 +27,17 @@ from gateway.http import client
 
 
 @dataclass(frozen=True, slots=True)
+class BreakerSettings:
+    """When a deployment's circuit breaker opens, and for how long (``gateway.routing.breaker``)."""
+
+    failures: int = 5  # consecutive failures that open it
+    error_rate: float = 0.5  # or this share of failures ...
+    min_requests: int = 20  # ... among at least this many requests ...
+    window: float = 30.0  # ... in this many seconds (each gateway process's own traffic)
+    cooldown: float = 30.0  # seconds open before one half-open probe
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     """An immutable snapshot of a ``Provider`` row, credentials decrypted."""
 
@@ -39,6 +50,7 @@ class ProviderConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
     max_retries: int = 2
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
 
 @dataclass(slots=True)

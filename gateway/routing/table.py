@@ -21,7 +21,7 @@ from core import invalidation
 from core.money import PriceInfo
 from gateway.errors import ServiceUnavailable
 from gateway.models import LLMModel, Provider
-from gateway.providers.base import ProviderConfig
+from gateway.providers.base import BreakerSettings, ProviderConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +96,17 @@ def provider_config(provider: Provider) -> ProviderConfig:
         connect_timeout=provider.connect_timeout,
         read_timeout=provider.read_timeout,
         max_retries=provider.max_retries,
+        breaker=breaker_settings(provider),
+    )
+
+
+def breaker_settings(provider: Provider) -> BreakerSettings:
+    return BreakerSettings(
+        failures=provider.breaker_failures,
+        error_rate=provider.breaker_error_rate,
+        min_requests=provider.breaker_min_requests,
+        window=provider.breaker_window,
+        cooldown=provider.breaker_cooldown,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import random
 import struct
 import time
 from collections import defaultdict, deque
@@ -29,6 +30,24 @@ class Reply:
     frame_delay: float = 0.0  # between frames
     reset_after: int | None = None  # abort the connection after this many frames
     raw_body: bytes | None = None  # exact bytes (e.g. an HTML error page)
+
+
+@dataclass
+class Fault:
+    """A standing misbehaviour for every request (until cleared), unlike a queued ``Reply``.
+
+    ``down``: every request gets a 500. ``flaky``: a share ``rate`` of requests get a 500 (seeded,
+    so runs repeat). ``rate_limited``: a 429 with ``retry-after``. ``reset``: a stream is cut after
+    ``after_frames`` frames (a non-stream request's connection is cut before any answer).
+    ``stall``: no first byte for ``stall`` seconds.
+    """
+
+    kind: str  # down | flaky | rate_limited | reset | stall
+    rate: float = 1.0
+    retry_after: str = "10"
+    after_frames: int = 3
+    stall: float = 30.0
+    seed: int = 1234
 
 
 @dataclass
@@ -67,6 +86,12 @@ class FakeOpenAI:
         self.completed_streams = 0
         self.text = "Hello from the fake upstream!"
         self.cached_tokens = 0
+        self.fault: Fault | None = None
+        self._random = random.Random(0)
+
+    def set_fault(self, fault: Fault | None) -> None:
+        self.fault = fault
+        self._random = random.Random(fault.seed if fault is not None else 0)
 
     def push(self, path: str, *replies: Reply) -> None:
         self.replies[path].extend(replies)
@@ -77,6 +102,7 @@ class FakeOpenAI:
         self.disconnects = 0
         self.completed_streams = 0
         self.cached_tokens = 0
+        self.set_fault(None)
 
     def prompt_tokens(self, body: dict[str, Any]) -> int:
         return 10 * len(body.get("messages") or [1])
@@ -102,7 +128,31 @@ class FakeOpenAI:
         self.requests.append(Recorded(path, headers, body))
         queue = self.replies.get(path)
         reply = queue.popleft() if queue else self.default_reply(path, body if isinstance(body, dict) else {})
+        if not queue and self.fault is not None:
+            reply = self.faulty(reply, self.fault)
         await self.respond(reply, receive, send)
+
+    def faulty(self, reply: Reply, fault: Fault) -> Reply:
+        """``reply`` as the standing fault changes it."""
+        server_error = Reply(
+            status=500, json={"error": {"message": "fake upstream is down", "type": "server_error", "code": None}}
+        )
+        if fault.kind == "down":
+            return server_error
+        if fault.kind == "flaky":
+            return server_error if self._random.random() < fault.rate else reply
+        if fault.kind == "rate_limited":
+            return Reply(
+                status=429,
+                headers={"retry-after": fault.retry_after},
+                json={"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}},
+            )
+        if fault.kind == "reset":
+            frames = reply.frames if reply.frames is not None else [b""]
+            return Reply(frames=frames, reset_after=fault.after_frames if reply.frames is not None else 0)
+        if fault.kind == "stall":
+            return Reply(status=reply.status, json=reply.json, frames=reply.frames, delay=fault.stall)
+        raise ValueError(f"unknown fault {fault.kind!r}")
 
     async def respond(self, reply: Reply, receive: Any, send: Any) -> None:
         if reply.delay:
