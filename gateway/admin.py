@@ -125,7 +125,17 @@ class PriceInline(admin.TabularInline):
 class LLMModelForm(forms.ModelForm):
     class Meta:
         model = LLMModel
-        fields = ["name", "kind", "aliases", "owned_by", "context_window", "max_output_tokens", "is_active"]
+        fields = [
+            "name",
+            "kind",
+            "aliases",
+            "owned_by",
+            "context_window",
+            "max_output_tokens",
+            "is_active",
+            "cache_enabled",
+            "cache_ttl",
+        ]
 
     def clean_aliases(self) -> list[str]:
         value = self.cleaned_data.get("aliases") or []
@@ -144,7 +154,16 @@ class LLMModelForm(forms.ModelForm):
 @admin.register(LLMModel)
 class LLMModelAdmin(AuditedAdmin[LLMModel]):
     form = LLMModelForm
-    list_display = ["name", "kind", "aliases", "deployment_count", "current_price", "max_output_tokens", "is_active"]
+    list_display = [
+        "name",
+        "kind",
+        "aliases",
+        "deployment_count",
+        "current_price",
+        "max_output_tokens",
+        "cache_enabled",
+        "is_active",
+    ]
     list_filter = ["kind", "is_active", "deployments__provider"]
     search_fields = ["name"]
     inlines = [DeploymentInline, PriceInline]

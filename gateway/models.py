@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
 
@@ -71,6 +72,12 @@ class LLMModel(models.Model):
         default=16_384, help_text="Used for the worst-case budget reservation and Anthropic's max_tokens"
     )
     is_active = models.BooleanField(default=True)
+    cache_enabled = models.BooleanField(
+        default=False, help_text="Serve identical requests from the exact response cache (per tenant)"
+    )
+    cache_ttl = models.PositiveIntegerField(
+        default=86_400, validators=[MinValueValidator(1)], help_text="Seconds a cached answer is served (default 24 h)"
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

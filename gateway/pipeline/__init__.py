@@ -8,7 +8,7 @@ carries its ``RequestContext`` from stage to stage; stages never call each other
  2. authenticate   gateway.pipeline.authenticate  key by prefix + HMAC, cached with its tenant chain
  3. route          gateway.pipeline.route         public model -> deployments the key may use
  4. limit          gateway.pipeline.limit         RPM/TPM per key and tenant
- 5. cache          gateway.pipeline.cache         the response cache's place (nothing cached yet)
+ 5. cache          gateway.pipeline.cache         the exact response cache: a hit is served here
  6. reserve        gateway.pipeline.reserve       worst-case cost on every budget scope, all or nothing
  7. dispatch       gateway.pipeline.dispatch      the deployments in order, retries and fallback
  8. relay          gateway.pipeline.relay         the answer, or the stream item by item as it arrives
@@ -50,19 +50,23 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
         ctx.estimated_prompt_tokens = wire.prompt_tokens(ctx)
         most_output = wire.max_output_tokens(ctx)
         await limit.run(ctx, most_output)
-        await cache.lookup(ctx)
-        await reserve.run(ctx, most_output)
+        await cache.lookup(ctx, responder.headers)
+        if not ctx.cache_hit:
+            await reserve.run(ctx, most_output)
     except GatewayError as err:
         await responder.send_json(*wire.error_response(err, ctx))
         return
     try:
-        if ctx.stream:
+        if ctx.cache_hit:
+            await cache.serve(responder, ctx, wire)
+        elif ctx.stream:
             try:
                 first, rest = await dispatch.open_stream(ctx, wire.operation)
             except GatewayError as err:
                 await relay.upstream_failed(responder, ctx, wire, err)
                 return
             await relay.send_stream(responder, ctx, wire, first, rest)
+            await cache.keep(ctx)
         else:
             try:
                 result = await dispatch.call(ctx, wire.operation)
@@ -72,6 +76,7 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
                 return
             ctx.stage("upstream")
             await relay.send_result(responder, ctx, wire, result)
+            await cache.keep(ctx, result)
     except asyncio.CancelledError:
         _client_left(ctx)
         raise
