@@ -28,13 +28,13 @@ import os
 import orjson
 
 from gateway.context import RequestContext, Responder
-from gateway.errors import GatewayError
-from gateway.formats import MESSAGES, WireFormat
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.formats import CHAT, MESSAGES, WireFormat
 from gateway.formats.anthropic import check_messages, prompt_estimate
 from gateway.formats.checks import json_object, model_name
 from gateway.pipeline import authenticate, cache, dispatch, limit, parse, record, relay, reserve, route, settle
 
-__all__ = ["count_tokens", "new_request_id", "run"]
+__all__ = ["count_tokens", "invalidate_cache", "new_request_id", "run"]
 
 
 def new_request_id() -> str:
@@ -115,3 +115,23 @@ async def count_tokens(responder: Responder, ctx: RequestContext, body: bytes) -
     if counted is None:
         counted = prompt_estimate(data, ctx.requested_model)
     await responder.send_json(200, orjson.dumps({"input_tokens": counted}), MESSAGES.success_headers(ctx))
+
+
+async def invalidate_cache(responder: Responder, ctx: RequestContext, body: bytes) -> None:
+    """``POST /v1/cache/invalidate`` ``{"model": name}`` or ``{}``: the caller's tenant's cached
+    answers of that public model, or all of them, are dropped; the answer says how many."""
+    try:
+        data = json_object(body) if body.strip() else {}
+        model = data.get("model")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise InvalidRequest("model: must be a public model name", param="model")
+        await authenticate.run(ctx, responder.headers)
+        assert ctx.key is not None
+        deleted = await cache.invalidate(ctx.key.tenant.id, model)
+    except GatewayError as err:
+        await responder.send_json(*CHAT.error_response(err, ctx))
+        return
+    answer: dict[str, object] = {"deleted": deleted}
+    if model is not None:
+        answer["model"] = model
+    await responder.send_json(200, orjson.dumps(answer), [(b"x-request-id", ctx.request_id.encode())])

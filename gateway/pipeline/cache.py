@@ -131,3 +131,8 @@ async def keep(ctx: RequestContext, body: Json | None = None) -> None:
     )
     if not await store.store(key.tenant.id, route.name, ctx.cache_digest, entry, ctx.cache_ttl):
         log.info("answer not cached (over the size cap or the store failed)", extra={"request_id": ctx.request_id})
+
+
+async def invalidate(tenant_id: int, model: str | None) -> int:
+    """Drop the tenant's cached answers (of one public model, or all): how many went."""
+    return await store.invalidate(tenant_id, model)

@@ -1,0 +1,324 @@
+"""The exact response cache (docs/caching.md): per-tenant entries, HIT/MISS/BYPASS, faithful
+replay in both wire formats, ledger rows of hits, and invalidation."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import anthropic
+import httpx
+import pytest
+
+from tests import anthropic_support as support
+from tests.conftest import wait_usage
+from tests.fakes.openai_upstream import Reply
+
+anthropic_upstream = support.anthropic_upstream
+fake_anthropic_server = support.fake_anthropic_server
+
+HI: Any = [{"role": "user", "content": "Hi"}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+def enable_cache(name: str, ttl: int = 86_400) -> None:
+    from gateway import catalog
+    from gateway.models import LLMModel
+
+    model = LLMModel.objects.get(name=name)
+    model.cache_enabled, model.cache_ttl = True, ttl
+    catalog.model_update(model, cache_enabled=True, cache_ttl=ttl)
+
+
+def chat_calls(app: Any) -> int:
+    return sum(1 for r in app.requests if r.path.endswith("/chat/completions"))
+
+
+def post(
+    server: Any, key: str, body: dict[str, Any], path: str = "/v1/chat/completions", **headers: str
+) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}{path}", json=body, headers={"authorization": f"Bearer {key}", **headers}, timeout=10
+    )
+
+
+@pytest.fixture
+def cached(upstream: Any) -> Any:
+    enable_cache("gpt-4o")
+    return upstream
+
+
+def test_second_identical_call_is_a_hit_at_cost_zero(cached, gateway_server, tenant_key):
+    tenant, key = tenant_key
+    body = {"model": "gpt-4o", "messages": HI}
+    first = post(gateway_server, key, body)
+    second = post(gateway_server, key, {**body, "user": "someone-else", "metadata": {"x": "y"}})
+    assert first.status_code == second.status_code == 200
+    assert first.headers["x-chittycan-cache"] == "MISS"
+    assert "age" not in first.headers
+    assert second.headers["x-chittycan-cache"] == "HIT"
+    assert int(second.headers["age"]) >= 0
+    assert second.headers["x-chittycan-cost"] == "0.000000"
+    assert second.headers["x-request-id"] != first.headers["x-request-id"]
+    assert second.json()["choices"] == first.json()["choices"]
+    assert second.json()["usage"] == first.json()["usage"]
+    assert chat_calls(cached) == 1
+    rows = wait_usage(2, tenant=tenant)
+    miss, hit = sorted(rows, key=lambda r: r.cache_hit)
+    assert (miss.cache_hit, miss.cost_micro > 0, miss.saved_micro) == (False, True, 0)
+    assert hit.cache_hit and hit.cost_micro == 0 and hit.saved_micro == miss.cost_micro
+    assert hit.request_id == second.headers["x-request-id"]
+    assert (hit.prompt_tokens, hit.completion_tokens) == (miss.prompt_tokens, miss.completion_tokens)
+    assert hit.usage_source == "cache"
+
+
+def test_output_fields_change_the_key(cached, gateway_server, tenant_key):
+    _, key = tenant_key
+    post(gateway_server, key, {"model": "gpt-4o", "messages": HI, "temperature": 0.5})
+    other = post(gateway_server, key, {"model": "gpt-4o", "messages": HI, "temperature": 0.7})
+    unknown = post(gateway_server, key, {"model": "gpt-4o", "messages": HI, "temperature": 0.5, "x_custom": 1})
+    same = post(gateway_server, key, {"messages": HI, "temperature": 0.5, "model": "gpt-4o"})
+    assert [r.headers["x-chittycan-cache"] for r in (other, unknown, same)] == ["MISS", "MISS", "HIT"]
+    assert chat_calls(cached) == 3
+
+
+def test_tenant_isolation(cached, gateway_server, make_tenant, make_key):
+    tenant_a, tenant_b = make_tenant("alpha"), make_tenant("beta")
+    key_a, key_a2, key_b = make_key(tenant_a, name="a"), make_key(tenant_a, name="a2"), make_key(tenant_b, name="b")
+    body = {"model": "gpt-4o", "messages": HI}
+    cached.text = "answer for A"
+    assert post(gateway_server, key_a, body).headers["x-chittycan-cache"] == "MISS"
+    cached.text = "answer for B"
+    b_answer = post(gateway_server, key_b, body)
+    assert b_answer.headers["x-chittycan-cache"] == "MISS"
+    assert b_answer.json()["choices"][0]["message"]["content"] == "answer for B"
+    # positive control: another key of tenant A shares A's entry
+    a_again = post(gateway_server, key_a2, body)
+    assert a_again.headers["x-chittycan-cache"] == "HIT"
+    assert a_again.json()["choices"][0]["message"]["content"] == "answer for A"
+    # B invalidating all of its entries never removes A's
+    dropped = httpx.post(
+        f"{gateway_server.url}/v1/cache/invalidate", json={}, headers={"authorization": f"Bearer {key_b}"}
+    )
+    assert dropped.status_code == 200 and dropped.json()["deleted"] == 1
+    assert post(gateway_server, key_a, body).headers["x-chittycan-cache"] == "HIT"
+    assert post(gateway_server, key_b, body).headers["x-chittycan-cache"] == "MISS"
+    assert chat_calls(cached) == 3
+
+
+def test_invalidate_by_model_and_errors(cached, gateway_server, tenant_key):
+    _, key = tenant_key
+    auth = {"authorization": f"Bearer {key}"}
+    post(gateway_server, key, {"model": "gpt-4o", "messages": HI})
+    post(gateway_server, key, {"model": "gpt-4o", "messages": [{"role": "user", "content": "other"}]})
+    url = f"{gateway_server.url}/v1/cache/invalidate"
+    assert httpx.post(url, json={"model": "gpt-3.5-turbo-instruct"}, headers=auth).json()["deleted"] == 0
+    bad = httpx.post(url, json={"model": 5}, headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "model"
+    assert httpx.post(url, content=b"{nope", headers=auth).status_code == 400
+    assert httpx.post(url, json={}, headers={"authorization": "Bearer chitty_wrong"}).status_code == 401
+    gone = httpx.post(url, json={"model": "gpt-4o"}, headers=auth)
+    assert gone.status_code == 200 and gone.json() == {"deleted": 2, "model": "gpt-4o"}
+    assert post(gateway_server, key, {"model": "gpt-4o", "messages": HI}).headers["x-chittycan-cache"] == "MISS"
+
+
+def test_no_cache_refreshes_and_no_store_bypasses(cached, gateway_server, tenant_key):
+    _, key = tenant_key
+    body = {"model": "gpt-4o", "messages": HI}
+    bypass = post(gateway_server, key, body, **{"cache-control": "no-store"})
+    assert bypass.headers["x-chittycan-cache"] == "BYPASS"
+    assert post(gateway_server, key, body).headers["x-chittycan-cache"] == "MISS"  # no-store wrote nothing
+    cached.text = "fresher"
+    refreshed = post(gateway_server, key, body, **{"cache-control": "no-cache"})
+    assert refreshed.headers["x-chittycan-cache"] == "MISS"
+    hit = post(gateway_server, key, body)
+    assert hit.headers["x-chittycan-cache"] == "HIT"
+    assert hit.json()["choices"][0]["message"]["content"] == "fresher"
+    assert post(gateway_server, key, body, **{"cache-control": "no-store"}).headers["x-chittycan-cache"] == "BYPASS"
+    assert chat_calls(cached) == 4
+
+
+def test_ttl_header(cached, gateway_server, tenant_key):
+    _, key = tenant_key
+    body = {"model": "gpt-4o", "messages": HI}
+    bad = post(gateway_server, key, body, **{"x-chittycan-cache-ttl": "soon"})
+    assert bad.status_code == 400 and "X-ChittyCan-Cache-TTL" in bad.json()["error"]["message"]
+    assert post(gateway_server, key, body, **{"x-chittycan-cache-ttl": "1"}).headers["x-chittycan-cache"] == "MISS"
+    assert post(gateway_server, key, body).headers["x-chittycan-cache"] == "HIT"
+    import time
+
+    time.sleep(1.2)
+    assert post(gateway_server, key, body).headers["x-chittycan-cache"] == "MISS"
+
+
+def test_cache_off_says_nothing(upstream, gateway_server, tenant_key):
+    _, key = tenant_key
+    for _ in range(2):
+        answer = post(gateway_server, key, {"model": "gpt-4o", "messages": HI})
+        assert "x-chittycan-cache" not in answer.headers
+    assert chat_calls(upstream) == 2
+
+
+def test_errors_and_cut_streams_are_never_cached(cached, gateway_server, tenant_key):
+    _, key = tenant_key
+    body = {"model": "gpt-4o", "messages": HI}
+    cached.push(
+        "/v1/chat/completions", Reply(status=400, json={"error": {"message": "bad", "type": "invalid_request_error"}})
+    )
+    assert post(gateway_server, key, body).status_code == 400
+    assert post(gateway_server, key, body).headers["x-chittycan-cache"] == "MISS"
+    # a stream the upstream cuts before its finish reason
+    stream_body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "cut"}], "stream": True}
+    frames = cached.chat_stream_reply({"model": "gpt-4o", "messages": HI}).frames
+    cached.push("/v1/chat/completions", Reply(frames=frames[:2], reset_after=2))
+    with httpx.stream(
+        "POST",
+        f"{gateway_server.url}/v1/chat/completions",
+        json=stream_body,
+        headers={"authorization": f"Bearer {key}"},
+    ) as r:
+        r.read()
+    again = post(gateway_server, key, stream_body)
+    assert again.headers["x-chittycan-cache"] == "MISS"
+    assert chat_calls(cached) == 4
+
+
+def _collect(stream: Any) -> tuple[str, dict[int, dict[str, str]], list[str | None], Any]:
+    text, finishes, usage = "", [], None
+    calls: dict[int, dict[str, str]] = {}
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            for frag in choice.delta.tool_calls or ():
+                call = calls.setdefault(frag.index, {"id": "", "name": "", "arguments": ""})
+                call["id"] += frag.id or ""
+                call["name"] += (frag.function.name or "") if frag.function else ""
+                call["arguments"] += (frag.function.arguments or "") if frag.function else ""
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+    return text, calls, finishes, usage
+
+
+@pytest.mark.parametrize("tools", [None, TOOLS])
+def test_stream_replay_equals_the_original(cached, openai_client, tools):
+    extra: dict[str, Any] = {"tools": tools} if tools else {}
+    first = _collect(openai_client.chat.completions.create(model="gpt-4o", messages=HI, stream=True, **extra))
+    raw = openai_client.chat.completions.with_raw_response.create(model="gpt-4o", messages=HI, stream=True, **extra)
+    assert raw.headers["x-chittycan-cache"] == "HIT"
+    replay = _collect(raw.parse())
+    assert replay == first
+    assert first[3] is None  # no usage chunk unless asked
+    assert (first[1] != {}) == bool(tools)
+    with_usage = _collect(
+        openai_client.chat.completions.create(
+            model="gpt-4o", messages=HI, stream=True, stream_options={"include_usage": True}, **extra
+        )
+    )
+    assert with_usage[:3] == first[:3] and with_usage[3] is not None and with_usage[3].completion_tokens > 0
+    assert chat_calls(cached) == 1  # stream_options is not keyed
+
+
+def test_non_stream_answer_serves_a_stream_and_reverse(cached, openai_client):
+    complete = openai_client.chat.completions.create(model="gpt-4o", messages=HI, tools=TOOLS)
+    text, calls, finishes, usage = _collect(
+        openai_client.chat.completions.create(
+            model="gpt-4o", messages=HI, tools=TOOLS, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    message = complete.choices[0].message
+    assert text == (message.content or "")
+    assert [(c["id"], c["name"], c["arguments"]) for c in calls.values()] == [
+        (t.id, t.function.name, t.function.arguments) for t in message.tool_calls or ()
+    ]
+    assert finishes == [complete.choices[0].finish_reason]
+    assert usage is not None and usage.total_tokens == complete.usage.total_tokens
+    # reverse: a streamed answer serves a non-stream request
+    other: Any = [{"role": "user", "content": "stream first"}]
+    streamed = _collect(openai_client.chat.completions.create(model="gpt-4o", messages=other, stream=True))
+    whole = openai_client.chat.completions.with_raw_response.create(model="gpt-4o", messages=other)
+    assert whole.headers["x-chittycan-cache"] == "HIT"
+    parsed = whole.parse()
+    assert parsed.choices[0].message.content == streamed[0]
+    assert parsed.choices[0].finish_reason == streamed[2][0]
+    assert parsed.usage is not None and parsed.usage.completion_tokens > 0
+    assert chat_calls(cached) == 2
+
+
+def test_embeddings_are_cached(cached, openai_client):
+    enable_cache("text-embedding-3-small")
+    first = openai_client.embeddings.create(model="text-embedding-3-small", input="hello")
+    raw = openai_client.embeddings.with_raw_response.create(model="text-embedding-3-small", input="hello")
+    assert raw.headers["x-chittycan-cache"] == "HIT"
+    assert raw.parse().data[0].embedding == first.data[0].embedding
+    assert sum(1 for r in cached.requests if r.path.endswith("/embeddings")) == 1
+
+
+def blocks(content: Any) -> list[tuple[str, Any]]:
+    return [(b.type, getattr(b, "text", None) or getattr(b, "input", None)) for b in content]
+
+
+def test_messages_cached_in_their_own_format(anthropic_upstream, gateway_server, tenant_key):
+    tenant, key = tenant_key
+    enable_cache("claude-sonnet-4")
+    client = anthropic.Anthropic(base_url=gateway_server.url, api_key=key, max_retries=0)
+    first = client.messages.create(model="claude-sonnet-4", max_tokens=50, messages=HI)
+    raw = client.messages.with_raw_response.create(model="claude-sonnet-4", max_tokens=50, messages=HI)
+    assert raw.headers["x-chittycan-cache"] == "HIT"
+    hit = raw.parse()
+    assert blocks(hit.content) == blocks(first.content) and hit.stop_reason == first.stop_reason
+    assert hit.usage.output_tokens == first.usage.output_tokens
+    # a stream request served from the stored body, through the SDK's stream() helper
+    with client.messages.stream(model="claude-sonnet-4", max_tokens=50, messages=HI) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == blocks(first.content)[0][1] and final.stop_reason == first.stop_reason
+    assert final.usage.output_tokens == first.usage.output_tokens
+    # a streamed miss replays as a stream, and serves a non-stream request
+    other: Any = [{"role": "user", "content": "stream me"}]
+    with client.messages.stream(model="claude-sonnet-4", max_tokens=50, messages=other) as stream:
+        original = stream.get_final_message()
+    with client.messages.stream(model="claude-sonnet-4", max_tokens=50, messages=other) as stream:
+        replayed = stream.get_final_message()
+    assert blocks(replayed.content) == blocks(original.content) and replayed.stop_reason == original.stop_reason
+    whole = client.messages.create(model="claude-sonnet-4", max_tokens=50, messages=other)
+    assert blocks(whole.content) == blocks(original.content)
+    assert sum(1 for r in anthropic_upstream.requests if r.path.endswith("/messages")) == 2
+    rows = wait_usage(6, tenant=tenant)
+    assert sum(1 for r in rows if r.cache_hit and r.cost_micro == 0 and r.saved_micro > 0) == 4
+
+
+def test_embedded_store_is_bounded_and_per_tenant(settings):
+    from core.money import Usage
+    from gateway import cache
+
+    settings.REDIS_URL = ""
+    cache.clear_memory()
+
+    async def scenario() -> None:
+        entry = cache.Entry(endpoint="chat", stored_at=0.0, usage=Usage(3, 0, 0, 4), body={"id": "x"})
+        digest = cache.request_digest("chat", "m", {"messages": HI, "temperature": 1.0})
+        assert digest == cache.request_digest("chat", "m", {"temperature": 1, "user": "u", "messages": HI})
+        assert await cache.store(1, "m", digest, entry, 60)
+        found = await cache.lookup(1, "m", digest)
+        assert found is not None and found.body == {"id": "x"} and found.usage.completion_tokens == 4
+        assert await cache.lookup(2, "m", digest) is None
+        assert await cache.stats(1) == 1 and await cache.stats(2) == 0
+        assert await cache.invalidate(2) == 0 and await cache.stats(1) == 1
+        assert await cache.invalidate(1, "other") == 0
+        assert await cache.invalidate(1, "m") == 1 and await cache.lookup(1, "m", digest) is None
+        settings.CHITTYCAN_CACHE_MAX_BYTES = 10
+        assert not await cache.store(1, "m", digest, entry, 60)
+
+    asyncio.run(scenario())
+    cache.clear_memory()
