@@ -4,11 +4,16 @@ replay in both wire formats, ledger rows of hits, and invalidation."""
 from __future__ import annotations
 
 import asyncio
+import io
+import os
+import subprocess
+import sys
 from typing import Any
 
 import anthropic
 import httpx
 import pytest
+import yaml
 
 from tests import anthropic_support as support
 from tests.conftest import wait_usage
@@ -298,27 +303,108 @@ def test_messages_cached_in_their_own_format(anthropic_upstream, gateway_server,
     assert sum(1 for r in rows if r.cache_hit and r.cost_micro == 0 and r.saved_micro > 0) == 4
 
 
+def test_cli_stats_and_invalidate(cached, gateway_server, make_tenant, make_key):
+    from django.core.management import CommandError, call_command
+
+    tenant_a, tenant_b = make_tenant("alpha"), make_tenant("beta")
+    key_a, key_b = make_key(tenant_a), make_key(tenant_b)
+    post(gateway_server, key_a, {"model": "gpt-4o", "messages": HI})
+    post(gateway_server, key_a, {"model": "gpt-4o", "messages": [{"role": "user", "content": "two"}]})
+    post(gateway_server, key_b, {"model": "gpt-4o", "messages": HI})
+    out = io.StringIO()
+    call_command("cache", "stats", "--tenant", "alpha", stdout=out)
+    call_command("cache", "stats", "--tenant", "alpha", "--model", "text-embedding-3-small", stdout=out)
+    call_command("cache", "invalidate", "--tenant", "beta", "--model", "gpt-4o", stdout=out)
+    call_command("cache", "stats", "--tenant", "alpha", stdout=out)
+    assert out.getvalue().splitlines() == [
+        "2 cached answers for tenant alpha (all models)",
+        "0 cached answers for tenant alpha (model text-embedding-3-small)",
+        "1 cached answers dropped for tenant beta (model gpt-4o)",
+        "2 cached answers for tenant alpha (all models)",
+    ]
+    assert post(gateway_server, key_a, {"model": "gpt-4o", "messages": HI}).headers["x-chittycan-cache"] == "HIT"
+    assert post(gateway_server, key_b, {"model": "gpt-4o", "messages": HI}).headers["x-chittycan-cache"] == "MISS"
+    with pytest.raises(CommandError, match="no tenant"):
+        call_command("cache", "stats", "--tenant", "nobody")
+
+
+def test_quickstart_turns_the_demo_model_cache_on(transactional_db, tmp_path):
+    from django.core.management import call_command
+
+    from gateway.models import LLMModel
+
+    LLMModel.objects.get_or_create(name="gpt-4o-mini")
+    assert not LLMModel.objects.get(name="gpt-4o-mini").cache_enabled
+    call_command("quickstart", "--key-file", str(tmp_path / "key.txt"), stdout=io.StringIO())
+    model = LLMModel.objects.get(name="gpt-4o-mini")
+    assert model.cache_enabled and model.cache_ttl == 86_400
+
+
+def test_yaml_cache_round_trip(transactional_db, tmp_path):
+    from django.core.management import CommandError, call_command
+
+    from gateway.models import LLMModel
+
+    config = tmp_path / "chittycan.yaml"
+    config.write_text("version: 1\nmodels:\n  - name: cached-model\n    cache: {ttl: 600}\n  - name: plain-model\n")
+    call_command("apply", "-f", str(config), stdout=io.StringIO())
+    assert LLMModel.objects.get(name="cached-model").cache_enabled
+    assert LLMModel.objects.get(name="cached-model").cache_ttl == 600
+    assert not LLMModel.objects.get(name="plain-model").cache_enabled
+    out = io.StringIO()
+    call_command("export", stdout=out)
+    exported = {m["name"]: m for m in yaml.safe_load(out.getvalue())["models"]}
+    assert exported["cached-model"]["cache"] == {"ttl": 600}
+    assert "cache" not in exported["plain-model"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nmodels:\n  - name: m\n    cache: {ttl: 0}\n")
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(CommandError, match="nothing was written"):
+        call_command("apply", "-f", str(bad), stdout=out, stderr=err)
+    assert "ttl" in out.getvalue() + err.getvalue()
+
+
 def test_embedded_store_is_bounded_and_per_tenant(settings):
     from core.money import Usage
     from gateway import cache
 
-    settings.REDIS_URL = ""
-    cache.clear_memory()
+    memory = cache.MemoryStore(max_entries=2)
 
     async def scenario() -> None:
         entry = cache.Entry(endpoint="chat", stored_at=0.0, usage=Usage(3, 0, 0, 4), body={"id": "x"})
         digest = cache.request_digest("chat", "m", {"messages": HI, "temperature": 1.0})
         assert digest == cache.request_digest("chat", "m", {"temperature": 1, "user": "u", "messages": HI})
-        assert await cache.store(1, "m", digest, entry, 60)
-        found = await cache.lookup(1, "m", digest)
+        assert digest != cache.request_digest("chat", "m", {"temperature": 1, "messages": HI, "seed": 1})
+        assert await cache.store(1, "m", digest, entry, 60, memory)
+        found = await cache.lookup(1, "m", digest, memory)
         assert found is not None and found.body == {"id": "x"} and found.usage.completion_tokens == 4
-        assert await cache.lookup(2, "m", digest) is None
-        assert await cache.stats(1) == 1 and await cache.stats(2) == 0
-        assert await cache.invalidate(2) == 0 and await cache.stats(1) == 1
-        assert await cache.invalidate(1, "other") == 0
-        assert await cache.invalidate(1, "m") == 1 and await cache.lookup(1, "m", digest) is None
+        assert found.usage.source == "cache"
+        assert await cache.lookup(2, "m", digest, memory) is None
+        assert await cache.stats(1, store_=memory) == 1 and await cache.stats(2, store_=memory) == 0
+        assert await cache.invalidate(2, store_=memory) == 0 and await cache.stats(1, store_=memory) == 1
+        assert await cache.invalidate(1, "other", memory) == 0
+        assert await cache.invalidate(1, "m", memory) == 1 and await cache.lookup(1, "m", digest, memory) is None
+        # bounded: a third entry pushes the least recently used out
+        for n in range(3):
+            assert await cache.store(1, "m", f"d{n}", entry, 60, memory)
+        assert await cache.stats(1, store_=memory) == 2 and await cache.lookup(1, "m", "d0", memory) is None
+        # expired entries are gone
+        assert await cache.store(1, "m", "short", entry, 1, memory)
+        await asyncio.sleep(1.1)
+        assert await cache.lookup(1, "m", "short", memory) is None
         settings.CHITTYCAN_CACHE_MAX_BYTES = 10
-        assert not await cache.store(1, "m", digest, entry, 60)
+        assert not await cache.store(1, "m", digest, entry, 60, memory)
 
     asyncio.run(scenario())
-    cache.clear_memory()
+
+
+def test_cli_refuses_in_the_embedded_mode():
+    env = {**os.environ, "REDIS_URL": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "chittycan.cli", "cache", "stats", "--tenant", "demo"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "inside the gateway process" in done.stderr

@@ -31,10 +31,13 @@ Json = dict[str, Any]
 __all__ = [
     "IGNORED_FIELDS",
     "Entry",
+    "MemoryStore",
+    "RedisStore",
     "clear_memory",
     "invalidate",
     "lookup",
     "request_digest",
+    "shared",
     "stats",
     "store",
 ]
@@ -121,98 +124,134 @@ def _key(tenant_id: int, model: str, digest: str) -> str:
     return f"{_prefix(tenant_id)}{_model_part(model)}:{digest}"
 
 
-# --- the embedded store ------------------------------------------------------------------------------
+# --- the stores ---------------------------------------------------------------------------------------
 
 
 def _expires(_key: str, value: tuple[float, bytes], now: float) -> float:
     return value[0]
 
 
-_memory_lock = threading.Lock()
-_memory: TLRUCache[str, tuple[float, bytes]] = TLRUCache(
-    maxsize=max(1, settings.CHITTYCAN_CACHE_MEMORY_ENTRIES), ttu=_expires, timer=time.time
-)
+class MemoryStore:
+    """The embedded mode's store: this process's bounded LRU, each entry with its own expiry."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._lock = threading.Lock()
+        self._entries: TLRUCache[str, tuple[float, bytes]] = TLRUCache(
+            maxsize=max(1, max_entries), ttu=_expires, timer=time.time
+        )
+
+    async def get(self, key: str) -> bytes | None:
+        with self._lock:
+            found = self._entries.get(key)
+        return found[1] if found is not None else None
+
+    async def set(self, key: str, raw: bytes, ttl: int) -> None:
+        with self._lock:
+            self._entries[key] = (time.time() + ttl, raw)
+
+    def _keys(self, pattern: str) -> list[str]:
+        start = pattern.removesuffix("*")
+        with self._lock:
+            self._entries.expire()
+            return [k for k in self._entries.keys() if k.startswith(start)]
+
+    async def delete_matching(self, pattern: str) -> int:
+        keys = self._keys(pattern)
+        with self._lock:
+            return sum(1 for k in keys if self._entries.pop(k, None) is not None)
+
+    async def count_matching(self, pattern: str) -> int:
+        return len(self._keys(pattern))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+class RedisStore:
+    """The production store: one key space shared by every gateway process."""
+
+    async def get(self, key: str) -> bytes | None:
+        got = await redis_client().get(key)
+        return got.encode() if isinstance(got, str) else got
+
+    async def set(self, key: str, raw: bytes, ttl: int) -> None:
+        await redis_client().set(key, raw, ex=ttl)
+
+    async def delete_matching(self, pattern: str) -> int:
+        conn = redis_client()
+        removed = 0
+        batch: list[bytes] = []
+        async for key in conn.scan_iter(match=pattern, count=_SCAN_BATCH):
+            batch.append(key)
+            if len(batch) >= _SCAN_BATCH:
+                removed += int(await conn.unlink(*batch))
+                batch = []
+        if batch:
+            removed += int(await conn.unlink(*batch))
+        return removed
+
+    async def count_matching(self, pattern: str) -> int:
+        count = 0
+        async for _ in redis_client().scan_iter(match=pattern, count=_SCAN_BATCH):
+            count += 1
+        return count
+
+
+Store = MemoryStore | RedisStore
+
+_memory = MemoryStore(settings.CHITTYCAN_CACHE_MEMORY_ENTRIES)
+_redis = RedisStore()
+
+
+def shared() -> bool:
+    """Whether the entries are shared by every gateway process (Redis) or this process's own."""
+    return bool(settings.REDIS_URL)
+
+
+def _store() -> Store:
+    return _redis if shared() else _memory
 
 
 def clear_memory() -> None:
-    with _memory_lock:
-        _memory.clear()
+    _memory.clear()
 
 
 # --- the operations -----------------------------------------------------------------------------------
-
-
-async def lookup(tenant_id: int, model: str, digest: str) -> Entry | None:
-    """The tenant's cached answer to this request, or None (also when Redis cannot be reached)."""
-    key = _key(tenant_id, model, digest)
-    raw: bytes | None
-    if settings.REDIS_URL:
-        try:
-            got = await redis_client().get(key)
-        except (redis.RedisError, OSError) as exc:
-            log.warning("response cache unreachable on lookup: %s", exc)
-            return None
-        raw = got.encode() if isinstance(got, str) else got
-    else:
-        with _memory_lock:
-            found = _memory.get(key)
-        raw = found[1] if found is not None else None
-    return Entry.decode(raw) if raw is not None else None
-
-
-async def store(tenant_id: int, model: str, digest: str, entry: Entry, ttl: int) -> bool:
-    """Keep an answer for ``ttl`` seconds; False when it is over the size cap or Redis failed."""
-    raw = entry.encode()
-    if len(raw) > settings.CHITTYCAN_CACHE_MAX_BYTES:
-        return False
-    key = _key(tenant_id, model, digest)
-    if settings.REDIS_URL:
-        try:
-            await redis_client().set(key, raw, ex=ttl)
-        except (redis.RedisError, OSError) as exc:
-            log.warning("response cache unreachable on store: %s", exc)
-            return False
-        return True
-    with _memory_lock:
-        _memory[key] = (time.time() + ttl, raw)
-    return True
 
 
 def _pattern(tenant_id: int, model: str | None) -> str:
     return f"{_prefix(tenant_id)}{_model_part(model)}:*" if model is not None else f"{_prefix(tenant_id)}*"
 
 
-def _memory_keys(tenant_id: int, model: str | None) -> list[str]:
-    start = _pattern(tenant_id, model)[:-1]
-    with _memory_lock:
-        _memory.expire()
-        return [k for k in _memory.keys() if k.startswith(start)]
+async def lookup(tenant_id: int, model: str, digest: str, store_: Store | None = None) -> Entry | None:
+    """The tenant's cached answer to this request, or None (also when Redis cannot be reached)."""
+    try:
+        raw = await (store_ or _store()).get(_key(tenant_id, model, digest))
+    except (redis.RedisError, OSError) as exc:
+        log.warning("response cache unreachable on lookup: %s", exc)
+        return None
+    return Entry.decode(raw) if raw is not None else None
 
 
-async def invalidate(tenant_id: int, model: str | None = None) -> int:
+async def store(tenant_id: int, model: str, digest: str, entry: Entry, ttl: int, store_: Store | None = None) -> bool:
+    """Keep an answer for ``ttl`` seconds; False when it is over the size cap or Redis failed."""
+    raw = entry.encode()
+    if len(raw) > settings.CHITTYCAN_CACHE_MAX_BYTES:
+        return False
+    try:
+        await (store_ or _store()).set(_key(tenant_id, model, digest), raw, ttl)
+    except (redis.RedisError, OSError) as exc:
+        log.warning("response cache unreachable on store: %s", exc)
+        return False
+    return True
+
+
+async def invalidate(tenant_id: int, model: str | None = None, store_: Store | None = None) -> int:
     """Drop the tenant's entries (of one public model, or all): how many went."""
-    if not settings.REDIS_URL:
-        keys = _memory_keys(tenant_id, model)
-        with _memory_lock:
-            return sum(1 for k in keys if _memory.pop(k, None) is not None)
-    conn = redis_client()
-    removed = 0
-    batch: list[bytes] = []
-    async for key in conn.scan_iter(match=_pattern(tenant_id, model), count=_SCAN_BATCH):
-        batch.append(key)
-        if len(batch) >= _SCAN_BATCH:
-            removed += int(await conn.unlink(*batch))
-            batch = []
-    if batch:
-        removed += int(await conn.unlink(*batch))
-    return removed
+    return await (store_ or _store()).delete_matching(_pattern(tenant_id, model))
 
 
-async def stats(tenant_id: int, model: str | None = None) -> int:
+async def stats(tenant_id: int, model: str | None = None, store_: Store | None = None) -> int:
     """How many entries the tenant has (of one public model, or all)."""
-    if not settings.REDIS_URL:
-        return len(_memory_keys(tenant_id, model))
-    count = 0
-    async for _ in redis_client().scan_iter(match=_pattern(tenant_id, model), count=_SCAN_BATCH):
-        count += 1
-    return count
+    return await (store_ or _store()).count_matching(_pattern(tenant_id, model))

@@ -202,6 +202,7 @@ def dev_route(name: str, known: ModelRoute | None) -> ModelRoute | None:
             deployments=(deployment,),
             prices=known.prices,
             aliases=known.aliases,
+            cache_ttl=known.cache_ttl,
         )
     return ModelRoute(
         id=None,
