@@ -86,6 +86,47 @@ def test_second_identical_call_is_a_hit_at_cost_zero(cached, gateway_server, ten
     assert hit.usage_source == "cache"
 
 
+def test_hits_count_toward_rpm(cached, gateway_server, make_tenant, make_key):
+    key = make_key(make_tenant("rated"), rpm_limit=2)
+    body = {"model": "gpt-4o", "messages": HI}
+    assert post(gateway_server, key, body).headers["x-chittycan-cache"] == "MISS"
+    assert post(gateway_server, key, body).headers["x-chittycan-cache"] == "HIT"
+    refused = post(gateway_server, key, body)
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert chat_calls(cached) == 1
+
+
+def test_hits_reserve_no_budget(cached, gateway_server, make_tenant, make_key):
+    from budgets import services as budgets
+
+    tenant = make_tenant("frugal")
+    key = make_key(tenant)
+    # the miss costs 95 micro-USD (10 x 2.50 + 7 x 10.00 per million); the 55 left cannot reserve another (about 130)
+    budgets.budget_set(tenant=tenant, period="month", limit_micro=150, hard=True)
+    body = {"model": "gpt-4o", "messages": HI, "max_tokens": 7}
+    assert post(gateway_server, key, body).headers["x-chittycan-cache"] == "MISS"
+    hit = post(gateway_server, key, body)
+    assert hit.status_code == 200 and hit.headers["x-chittycan-cache"] == "HIT"
+    refused = post(gateway_server, key, {**body, "messages": [{"role": "user", "content": "new"}]})
+    assert refused.status_code == 402
+    assert chat_calls(cached) == 1
+
+
+def test_legacy_completions_are_cached_in_both_shapes(cached, openai_client):
+    enable_cache("gpt-3.5-turbo-instruct")
+    whole = openai_client.completions.create(model="gpt-3.5-turbo-instruct", prompt="Say hi")
+    raw = openai_client.completions.with_raw_response.create(
+        model="gpt-3.5-turbo-instruct", prompt="Say hi", stream=True
+    )
+    assert raw.headers["x-chittycan-cache"] == "HIT"
+    chunks = list(raw.parse())
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        whole.choices[0].finish_reason
+    ]
+    assert sum(1 for r in cached.requests if r.path.endswith("/completions") and "chat" not in r.path) == 1
+
+
 def test_output_fields_change_the_key(cached, gateway_server, tenant_key):
     _, key = tenant_key
     post(gateway_server, key, {"model": "gpt-4o", "messages": HI, "temperature": 0.5})
