@@ -3,7 +3,6 @@ replay in both wire formats, ledger rows of hits, and invalidation."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import subprocess
@@ -405,40 +404,6 @@ def test_yaml_cache_round_trip(transactional_db, tmp_path):
     assert "ttl" in out.getvalue() + err.getvalue()
 
 
-def test_embedded_store_is_bounded_and_per_tenant(settings):
-    from core.money import Usage
-    from gateway import cache
-
-    memory = cache.MemoryStore(max_entries=2)
-
-    async def scenario() -> None:
-        entry = cache.Entry(endpoint="chat", stored_at=0.0, usage=Usage(3, 0, 0, 4), body={"id": "x"})
-        digest = cache.request_digest("chat", "m", {"messages": HI, "temperature": 1.0})
-        assert digest == cache.request_digest("chat", "m", {"temperature": 1, "user": "u", "messages": HI})
-        assert digest != cache.request_digest("chat", "m", {"temperature": 1, "messages": HI, "seed": 1})
-        assert await cache.store(1, "m", digest, entry, 60, memory)
-        found = await cache.lookup(1, "m", digest, memory)
-        assert found is not None and found.body == {"id": "x"} and found.usage.completion_tokens == 4
-        assert found.usage.source == "cache"
-        assert await cache.lookup(2, "m", digest, memory) is None
-        assert await cache.stats(1, store_=memory) == 1 and await cache.stats(2, store_=memory) == 0
-        assert await cache.invalidate(2, store_=memory) == 0 and await cache.stats(1, store_=memory) == 1
-        assert await cache.invalidate(1, "other", memory) == 0
-        assert await cache.invalidate(1, "m", memory) == 1 and await cache.lookup(1, "m", digest, memory) is None
-        # bounded: a third entry pushes the least recently used out
-        for n in range(3):
-            assert await cache.store(1, "m", f"d{n}", entry, 60, memory)
-        assert await cache.stats(1, store_=memory) == 2 and await cache.lookup(1, "m", "d0", memory) is None
-        # expired entries are gone
-        assert await cache.store(1, "m", "short", entry, 1, memory)
-        await asyncio.sleep(1.1)
-        assert await cache.lookup(1, "m", "short", memory) is None
-        settings.CHITTYCAN_CACHE_MAX_BYTES = 10
-        assert not await cache.store(1, "m", digest, entry, 60, memory)
-
-    asyncio.run(scenario())
-
-
 def test_cli_refuses_in_the_embedded_mode():
     env = {**os.environ, "REDIS_URL": ""}
     done = subprocess.run(
@@ -449,3 +414,18 @@ def test_cli_refuses_in_the_embedded_mode():
         timeout=60,
     )
     assert done.returncode != 0 and "inside the gateway process" in done.stderr
+
+
+def test_admin_model_form_has_the_cache_fields(transactional_db):
+    from gateway.admin import LLMModelForm
+    from gateway.models import LLMModel
+
+    data = {"name": "admin-cached", "kind": "chat", "aliases": "[]", "owned_by": "x", "context_window": 1000}
+    data |= {"max_output_tokens": 100, "is_active": "on", "cache_enabled": "on"}
+    bad = LLMModelForm(data={**data, "cache_ttl": 0})
+    assert not bad.is_valid() and "cache_ttl" in bad.errors
+    good = LLMModelForm(data={**data, "cache_ttl": 120})
+    assert good.is_valid(), good.errors
+    good.save()
+    stored = LLMModel.objects.get(name="admin-cached")
+    assert stored.cache_enabled and stored.cache_ttl == 120

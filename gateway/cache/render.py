@@ -140,9 +140,8 @@ def _explode_chunks(body: Json, *, legacy: bool) -> list[Json]:
             continue
         message = choice.get("message") or {}
         role = message.get("role") or "assistant"
-        items.append(
-            {**base, "choices": [{"index": index, "delta": {"role": role, "content": ""}, "finish_reason": None}]}
-        )
+        opening = {"role": role, "content": "" if isinstance(message.get("content"), str) else None}
+        items.append({**base, "choices": [{"index": index, "delta": opening, "finish_reason": None}]})
         if message.get("content"):
             items.append(
                 {**base, "choices": [{"index": index, "delta": {"content": message["content"]}, "finish_reason": None}]}
