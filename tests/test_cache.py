@@ -16,7 +16,7 @@ import yaml
 
 from tests import anthropic_support as support
 from tests.conftest import wait_usage
-from tests.fakes.openai_upstream import Reply
+from tests.fakes.openai_upstream import Reply, sse
 
 anthropic_upstream = support.anthropic_upstream
 fake_anthropic_server = support.fake_anthropic_server
@@ -298,6 +298,37 @@ def test_non_stream_answer_serves_a_stream_and_reverse(cached, openai_client):
     assert parsed.choices[0].finish_reason == streamed[2][0]
     assert parsed.usage is not None and parsed.usage.completion_tokens > 0
     assert chat_calls(cached) == 2
+
+
+def test_a_stream_without_usage_serves_a_body_with_the_billed_usage(cached, gateway_server, tenant_key):
+    _, key = tenant_key
+    base = {"id": "chatcmpl-nousage", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o"}
+    frames = [
+        sse(
+            {
+                **base,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Plain"}, "finish_reason": None}],
+            }
+        ),
+        sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        b"data: [DONE]\n\n",
+    ]
+    cached.push("/v1/chat/completions", Reply(frames=frames))
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "no usage"}]}
+    with httpx.stream(
+        "POST",
+        f"{gateway_server.url}/v1/chat/completions",
+        json={**body, "stream": True},
+        headers={"authorization": f"Bearer {key}"},
+    ) as r:
+        assert r.headers["x-chittycan-cache"] == "MISS"
+        r.read()
+    hit = post(gateway_server, key, body)
+    assert hit.headers["x-chittycan-cache"] == "HIT"
+    answer = hit.json()
+    assert answer["id"] == "chatcmpl-nousage" and answer["choices"][0]["message"]["content"] == "Plain"
+    assert answer["usage"]["prompt_tokens"] > 0 and answer["usage"]["completion_tokens"] > 0
+    assert chat_calls(cached) == 1
 
 
 def test_embeddings_are_cached(cached, openai_client):

@@ -92,6 +92,8 @@ async def serve(responder: Responder, ctx: RequestContext, wire: WireFormat) -> 
     cost = money.format_usd(0)
     if not ctx.stream:
         body = entry.body if entry.body is not None else render.assemble(entry.endpoint, entry.items or [])
+        if entry.body is None and ctx.endpoint in ("chat", "completions") and not body.get("usage"):
+            body["usage"] = entry.usage.to_openai()  # the stream reported none: what was billed for it
         headers = wire.success_headers(ctx)
         headers.append((b"x-chittycan-cost", cost.encode()))
         await responder.send_json(200, orjson.dumps(body), headers)
