@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -56,9 +57,13 @@ def post(
 
 
 @pytest.fixture
-def cached(upstream: Any) -> Any:
+def cached(upstream: Any) -> Iterator[Any]:
+    """The fake OpenAI upstream with gpt-4o's cache on; the answer text tests change is restored
+    (the fake is shared by the whole session and its reset keeps the text)."""
     enable_cache("gpt-4o")
-    return upstream
+    text = upstream.text
+    yield upstream
+    upstream.text = text
 
 
 def test_second_identical_call_is_a_hit_at_cost_zero(cached, gateway_server, tenant_key):
