@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from core import egress
 from gateway import catalog
-from gateway.models import Deployment, LLMModel, Price, Provider
+from gateway.models import DEFAULT_CACHE_TTL, Deployment, LLMModel, Price, Provider
 from tenants.admin import AuditedAdmin, actor_of, adopt, https_formfield
 
 ADMIN_LABEL = "admin"
@@ -123,6 +123,13 @@ class PriceInline(admin.TabularInline):
 
 
 class LLMModelForm(forms.ModelForm):
+    cache_ttl = forms.IntegerField(
+        min_value=1,
+        required=False,
+        initial=DEFAULT_CACHE_TTL,
+        help_text="Seconds a cached answer is served (default 24 h)",
+    )
+
     class Meta:
         model = LLMModel
         fields = [
@@ -136,6 +143,11 @@ class LLMModelForm(forms.ModelForm):
             "cache_enabled",
             "cache_ttl",
         ]
+
+    def clean_cache_ttl(self) -> int:
+        """Left empty (a form posted without it): the model's default, 24 h."""
+        value = self.cleaned_data.get("cache_ttl")
+        return DEFAULT_CACHE_TTL if value is None else int(value)
 
     def clean_aliases(self) -> list[str]:
         value = self.cleaned_data.get("aliases") or []

@@ -465,3 +465,7 @@ def test_admin_model_form_has_the_cache_fields(transactional_db):
     good.save()
     stored = LLMModel.objects.get(name="admin-cached")
     assert stored.cache_enabled and stored.cache_ttl == 120
+    defaulted = LLMModelForm(data={**data, "name": "admin-default"})  # a post without the TTL
+    assert defaulted.is_valid(), defaulted.errors
+    defaulted.save()
+    assert LLMModel.objects.get(name="admin-default").cache_ttl == 86_400
