@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "budgets": "set, delete and list budgets; reconcile live counters with the ledger",
     "analytics": "cost analytics from the usage ledger; rollups and retention (costs|rollup|prune)",
     "metrics": "latency percentiles, models and cache hits from the usage ledger",
+    "cache": "the response cache: count or drop a tenant's cached answers (invalidate|stats --tenant SLUG)",
     "trace": "one request's usage row and per-stage timings, by its x-request-id",
     "billing": "Stripe usage export: the meter CSV, pushing meter events, runs and reconciliation",
     "members": "give users a role on a tenant for the management REST API",

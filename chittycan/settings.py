@@ -119,6 +119,10 @@ REDIS_PREFIX = env_str("CHITTYCAN_REDIS_PREFIX", "cc")
 # an outage). docs/operations.md "Failure behaviour".
 CHITTYCAN_REDIS_MAX_CONNECTIONS = env_int("CHITTYCAN_REDIS_MAX_CONNECTIONS", 256)
 CHITTYCAN_REDIS_POOL_TIMEOUT = env_float("CHITTYCAN_REDIS_POOL_TIMEOUT", 10.0)
+# The exact response cache (docs/caching.md): the largest answer it stores (bytes, as stored) and,
+# in the embedded mode (no Redis), how many answers this process keeps (least recently used go).
+CHITTYCAN_CACHE_MAX_BYTES = env_int("CHITTYCAN_CACHE_MAX_BYTES", 1_048_576)
+CHITTYCAN_CACHE_MEMORY_ENTRIES = env_int("CHITTYCAN_CACHE_MEMORY_ENTRIES", 10_000)
 # After a failed call, a PING on a connection of its own decides: this many consecutive failures,
 # each with this timeout (seconds), mean Redis is down.
 CHITTYCAN_REDIS_PROBE_TIMEOUT = env_float("CHITTYCAN_REDIS_PROBE_TIMEOUT", 0.5)

@@ -20,7 +20,7 @@ from django.utils.safestring import SafeString
 
 from core import egress
 from gateway import catalog
-from gateway.models import Deployment, LLMModel, Price, Provider
+from gateway.models import DEFAULT_CACHE_TTL, Deployment, LLMModel, Price, Provider
 from gateway.providers.base import ProviderConfig
 from gateway.routing import breaker
 from gateway.routing.table import DeploymentRoute, breaker_settings
@@ -196,9 +196,31 @@ class PriceInline(admin.TabularInline):
 
 
 class LLMModelForm(forms.ModelForm):
+    cache_ttl = forms.IntegerField(
+        min_value=1,
+        required=False,
+        initial=DEFAULT_CACHE_TTL,
+        help_text="Seconds a cached answer is served (default 24 h)",
+    )
+
     class Meta:
         model = LLMModel
-        fields = ["name", "kind", "aliases", "owned_by", "context_window", "max_output_tokens", "is_active"]
+        fields = [
+            "name",
+            "kind",
+            "aliases",
+            "owned_by",
+            "context_window",
+            "max_output_tokens",
+            "is_active",
+            "cache_enabled",
+            "cache_ttl",
+        ]
+
+    def clean_cache_ttl(self) -> int:
+        """Left empty (a form posted without it): the model's default, 24 h."""
+        value = self.cleaned_data.get("cache_ttl")
+        return DEFAULT_CACHE_TTL if value is None else int(value)
 
     def clean_aliases(self) -> list[str]:
         value = self.cleaned_data.get("aliases") or []
@@ -217,7 +239,16 @@ class LLMModelForm(forms.ModelForm):
 @admin.register(LLMModel)
 class LLMModelAdmin(AuditedAdmin[LLMModel]):
     form = LLMModelForm
-    list_display = ["name", "kind", "aliases", "deployment_count", "current_price", "max_output_tokens", "is_active"]
+    list_display = [
+        "name",
+        "kind",
+        "aliases",
+        "deployment_count",
+        "current_price",
+        "max_output_tokens",
+        "cache_enabled",
+        "is_active",
+    ]
     list_filter = ["kind", "is_active", "deployments__provider"]
     search_fields = ["name"]
     inlines = [DeploymentInline, PriceInline]

@@ -153,6 +153,23 @@ async def reserve(ctx: RequestContext, max_output_tokens: int) -> None:
     ctx.reservation = found
 
 
+async def count_cache_hit(ctx: RequestContext) -> None:
+    """A response-cache hit: it counts in the request windows the limit stage planned (a full one
+    is a 429), never in the token windows, and reserves no budget."""
+    rate, ctx.rate_plan = ctx.rate_plan, None
+    key = ctx.key
+    if rate is None or key is None:
+        return
+    try:
+        _, gated = await counters.primary_redis().admit(
+            ctx.request_id, key.root_id, [], limits.gates(rate), limits.GATE_TTL
+        )
+    except counters.CounterUnavailable:
+        _limit_locally(ctx, key, rate.tokens)
+        return
+    _apply(ctx, limits.taken(rate, gated, tokens_counted=False))
+
+
 async def _release_rate(ctx: RequestContext) -> None:
     ticket, ctx.rate_ticket = ctx.rate_ticket, None
     if ticket is not None:

@@ -73,6 +73,8 @@ class ModelFields(TypedDict, total=False):
     context_window: int
     max_output_tokens: int
     is_active: bool
+    cache_enabled: bool
+    cache_ttl: int
     created_at: datetime
 
 

@@ -160,6 +160,13 @@ class CountTokensConsumer(GatewayConsumer):
         await pipeline.count_tokens(self, ctx, body)
 
 
+class CacheInvalidateConsumer(GatewayConsumer):
+    """``/v1/cache/invalidate``: drop the caller's tenant's cached answers (one model's, or all)."""
+
+    async def run(self, ctx: RequestContext, body: bytes) -> None:
+        await pipeline.invalidate_cache(self, ctx, body)
+
+
 def _unexpected(exc: Exception, ctx: RequestContext) -> GatewayError:
     """A database outage is a 503 the SDKs retry; anything else is our bug: a 500."""
     if isinstance(exc, DatabaseError):

@@ -12,6 +12,7 @@ from gateway import tokens
 if TYPE_CHECKING:
     from budgets.counters import Reservation
     from core.runtime import RedisBatch
+    from gateway.cache import Entry
     from gateway.limits import RatePlan, RateTicket
     from gateway.routing.table import DeploymentRoute, ModelRoute
     from tenants.keyinfo import KeyInfo
@@ -62,6 +63,11 @@ class RequestContext:
     attempts: int = 0
     route_reason: str = ""
     cache_hit: bool = False
+    cache_entry: Entry | None = None  # the cached answer a hit serves
+    cache_digest: str = ""  # the request's cache key digest, when the answer may be stored
+    cache_ttl: int = 0  # seconds a stored answer is kept (0: the answer is not stored)
+    cache_items: list[dict[str, Any]] | None = None  # a streamed miss's items, recorded as relayed
+    saved_micro: int = 0  # a hit: what the answer would have cost
     estimated_prompt_tokens: int = 0
     output_text_chars: int = 0
     timings: dict[str, float] = field(default_factory=dict)

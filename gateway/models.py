@@ -75,6 +75,9 @@ class Provider(models.Model):
         self.api_key_encrypted = encrypt(value) if value else ""
 
 
+DEFAULT_CACHE_TTL = 86_400  # seconds: the response cache's default TTL (24 h)
+
+
 class LLMModel(models.Model):
     """A public model name clients ask for, served by one or more deployments."""
 
@@ -94,6 +97,14 @@ class LLMModel(models.Model):
         default=16_384, help_text="Used for the worst-case budget reservation and Anthropic's max_tokens"
     )
     is_active = models.BooleanField(default=True)
+    cache_enabled = models.BooleanField(
+        default=False, help_text="Serve identical requests from the exact response cache (per tenant)"
+    )
+    cache_ttl = models.PositiveIntegerField(
+        default=DEFAULT_CACHE_TTL,
+        validators=[MinValueValidator(1)],
+        help_text="Seconds a cached answer is served (default 24 h)",
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -59,6 +59,9 @@ class UsageRecord(models.Model):
     error_type = models.CharField(max_length=100, blank=True, default="")
     stream = models.BooleanField(default=False)
     cache_hit = models.BooleanField(default=False)
+    saved_micro = models.BigIntegerField(
+        default=0, help_text="A cache hit: what the answer would have cost (micro-USD)"
+    )
     end_user = models.CharField(max_length=200, blank=True, default="")
     timings = models.JSONField(default=dict, blank=True, help_text="Per-stage milliseconds")
     recorded_at = models.DateTimeField(

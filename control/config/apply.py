@@ -244,6 +244,8 @@ class _Applier:
                 "context_window": spec.context_window,
                 "max_output_tokens": spec.max_output_tokens,
                 "is_active": spec.active,
+                "cache_enabled": spec.cache is not None and spec.cache.enabled,
+                "cache_ttl": spec.cache.ttl if spec.cache is not None else 86_400,
             }
             model = LLMModel.objects.filter(name=spec.name).first()
             with self.valid("model", spec.name):

@@ -82,6 +82,8 @@ def export() -> dict[str, Any]:
         _put_if(item, "context_window", m.context_window, 128_000)
         _put_if(item, "max_output_tokens", m.max_output_tokens, 16_384)
         _put_if(item, "active", m.is_active, True)
+        if m.cache_enabled:
+            item["cache"] = {"ttl": m.cache_ttl}
         deployments = []
         for d in sorted(m.deployments.all(), key=lambda d: (d.priority, d.provider.slug, d.upstream_model)):
             dep: dict[str, Any] = {"provider": d.provider.slug, "upstream_model": d.upstream_model}

@@ -208,6 +208,13 @@ class PriceSpec(_Spec):
     output: DecimalString
 
 
+class CacheSpec(_Spec):
+    """``cache: {ttl: 3600}`` on a model: identical requests answered from the cache for ``ttl`` s."""
+
+    enabled: bool = True
+    ttl: Annotated[int, Field(ge=1)] = 86_400
+
+
 class ModelSpec(_Spec):
     name: Name
     kind: Literal["chat", "embedding", "completion"] = "chat"
@@ -216,6 +223,7 @@ class ModelSpec(_Spec):
     context_window: Annotated[int, Field(ge=0)] = 128_000
     max_output_tokens: Annotated[int, Field(ge=0)] = 16_384
     active: bool = True
+    cache: CacheSpec | None = None  # the exact response cache; absent: off
     deployments: list[DeploymentSpec] = []
     prices: list[PriceSpec] = []
 

@@ -8,7 +8,7 @@ carries its ``RequestContext`` from stage to stage; stages never call each other
  2. authenticate   gateway.pipeline.authenticate  key by prefix + HMAC, cached with its tenant chain
  3. route          gateway.pipeline.route         public model -> deployments the key may use
  4. limit          gateway.pipeline.limit         RPM/TPM per key and tenant
- 5. cache          gateway.pipeline.cache         the response cache's place (nothing cached yet)
+ 5. cache          gateway.pipeline.cache         the exact response cache: a hit is served here
  6. reserve        gateway.pipeline.reserve       worst-case cost on every budget scope, all or nothing
  7. dispatch       gateway.pipeline.dispatch      the deployments in order, retries and fallback
  8. relay          gateway.pipeline.relay         the answer, or the stream item by item as it arrives
@@ -28,13 +28,13 @@ import os
 import orjson
 
 from gateway.context import RequestContext, Responder
-from gateway.errors import GatewayError
-from gateway.formats import MESSAGES, WireFormat
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.formats import CHAT, MESSAGES, WireFormat
 from gateway.formats.anthropic import check_messages, prompt_estimate
 from gateway.formats.checks import json_object, model_name
 from gateway.pipeline import authenticate, cache, dispatch, limit, parse, record, relay, reserve, route, settle
 
-__all__ = ["count_tokens", "new_request_id", "run"]
+__all__ = ["count_tokens", "invalidate_cache", "new_request_id", "run"]
 
 
 def new_request_id() -> str:
@@ -50,20 +50,24 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
         ctx.estimated_prompt_tokens = wire.prompt_tokens(ctx)
         most_output = wire.max_output_tokens(ctx)
         await limit.run(ctx, most_output)
-        await cache.lookup(ctx)
-        await reserve.run(ctx, most_output)
+        await cache.lookup(ctx, responder.headers)
+        if not ctx.cache_hit:
+            await reserve.run(ctx, most_output)
     except GatewayError as err:
         await responder.send_json(*wire.error_response(err, ctx))
         record.refused(ctx, err)
         return
     try:
-        if ctx.stream:
+        if ctx.cache_hit:
+            await cache.serve(responder, ctx, wire)
+        elif ctx.stream:
             try:
                 first, rest = await dispatch.open_stream(ctx, wire.operation)
             except GatewayError as err:
                 await relay.upstream_failed(responder, ctx, wire, err)
                 return
             await relay.send_stream(responder, ctx, wire, first, rest)
+            await cache.keep(ctx)
         else:
             try:
                 result = await dispatch.call(ctx, wire.operation)
@@ -73,6 +77,7 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
                 return
             ctx.stage("upstream")
             await relay.send_result(responder, ctx, wire, result)
+            await cache.keep(ctx, result)
     except asyncio.CancelledError:
         _client_left(ctx)
         raise
@@ -111,3 +116,23 @@ async def count_tokens(responder: Responder, ctx: RequestContext, body: bytes) -
     if counted is None:
         counted = prompt_estimate(data, ctx.requested_model)
     await responder.send_json(200, orjson.dumps({"input_tokens": counted}), MESSAGES.success_headers(ctx))
+
+
+async def invalidate_cache(responder: Responder, ctx: RequestContext, body: bytes) -> None:
+    """``POST /v1/cache/invalidate`` ``{"model": name}`` or ``{}``: the caller's tenant's cached
+    answers of that public model, or all of them, are dropped; the answer says how many."""
+    try:
+        data = json_object(body) if body.strip() else {}
+        model = data.get("model")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise InvalidRequest("model: must be a public model name", param="model")
+        await authenticate.run(ctx, responder.headers)
+        assert ctx.key is not None
+        deleted = await cache.invalidate(ctx.key.tenant.id, model)
+    except GatewayError as err:
+        await responder.send_json(*CHAT.error_response(err, ctx))
+        return
+    answer: dict[str, object] = {"deleted": deleted}
+    if model is not None:
+        answer["model"] = model
+    await responder.send_json(200, orjson.dumps(answer), [(b"x-request-id", ctx.request_id.encode())])

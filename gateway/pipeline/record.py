@@ -18,7 +18,7 @@ from ledger import writer
 
 async def run(ctx: RequestContext) -> None:
     batch, ctx.closing = ctx.closing, None
-    if ctx.reached_provider:
+    if ctx.reached_provider or ctx.cache_hit:
         await writer.hand_off_or_spool(row_from_context(ctx), batch)
     if batch is not None:
         await batch.send()
@@ -59,6 +59,7 @@ def row_from_context(ctx: RequestContext) -> dict[str, Any]:
         "error_type": ctx.error_type[:100],
         "stream": ctx.stream,
         "cache_hit": ctx.cache_hit,
+        "saved_micro": ctx.saved_micro,
         "end_user": ctx.end_user[:200],
         "timings": ctx.timings,
     }

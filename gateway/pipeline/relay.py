@@ -87,12 +87,15 @@ async def send_stream(
 
 
 async def _relay(responder: Responder, tracker: StreamTracker, items: AsyncIterator[Json]) -> None:
+    recorded = tracker.ctx.cache_items  # the response cache records a streamed miss
     paced = items if tracker.keepalive is None else with_keepalive(items, tracker.keepalive)
     async with contextlib.aclosing(paced) as stream:  # type: ignore[type-var]
         async for item in stream:
             if item is None:
                 await responder.write(tracker.ping)
                 continue
+            if recorded is not None:
+                recorded.append(dict(item))  # as it came (the tracker may trim it for this client)
             frame = tracker.frame(item)
             if frame is not None:
                 await responder.write(frame)

@@ -45,6 +45,7 @@ class ModelRoute:
     deployments: tuple[DeploymentRoute, ...]
     prices: tuple[PriceInfo, ...] = ()  # newest first
     aliases: tuple[str, ...] = ()
+    cache_ttl: int = 0  # seconds the exact response cache keeps an answer; 0: the cache is off
 
     def price_at(self, when: datetime | None = None) -> PriceInfo | None:
         when = when or timezone.now()
@@ -149,6 +150,7 @@ def load_route_table() -> RouteTable:
             deployments=deployments,
             prices=prices,
             aliases=tuple(model.aliases or ()),
+            cache_ttl=model.cache_ttl if model.cache_enabled else 0,
         )
         table.models[model.name] = route
         for alias in model.aliases or ():
@@ -211,6 +213,7 @@ def dev_route(name: str, known: ModelRoute | None) -> ModelRoute | None:
             deployments=(deployment,),
             prices=known.prices,
             aliases=known.aliases,
+            cache_ttl=known.cache_ttl,
         )
     return ModelRoute(
         id=None,

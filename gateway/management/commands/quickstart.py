@@ -17,10 +17,13 @@ from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from gateway import catalog
+from gateway.models import LLMModel
 from tenants import services
 from tenants.models import ApiKey, Tenant
 
 DEMO_SLUG = "demo"
+DEMO_MODEL = "gpt-4o-mini"  # the model the printed curl asks for; its response cache is turned on
 ADMIN_USER = "admin"
 DEV_ADMIN_PASSWORD = "chittycan-admin"
 
@@ -37,6 +40,10 @@ class Command(BaseCommand):
         tenant = Tenant.objects.filter(slug=DEMO_SLUG).first() or services.tenant_create(
             slug=DEMO_SLUG, name="Demo", actor_label="quickstart"
         )
+        demo_model = LLMModel.objects.filter(name=DEMO_MODEL).first()
+        if demo_model is not None and not demo_model.cache_enabled:
+            demo_model.cache_enabled = True  # the README's curl sent twice: MISS, then HIT at $0
+            catalog.model_update(demo_model, cache_enabled=True, actor_label="quickstart")
         key_file = opts["key_file"]
         plaintext = ""
         if os.path.exists(key_file):
@@ -67,6 +74,9 @@ curl:
   curl {base}/chat/completions \\
     -H "Authorization: Bearer $OPENAI_API_KEY" -H "Content-Type: application/json" \\
     -d '{{"model": "gpt-4o-mini", "messages": [{{"role": "user", "content": "Say hello"}}]}}'
+
+Sent twice, the second answer comes from the response cache (X-ChittyCan-Cache: HIT, cost $0):
+  add -i to the curl above to see the X-ChittyCan-Cache and X-ChittyCan-Cost headers.
 
 Python (pip install openai):
   from openai import OpenAI

@@ -1,0 +1,159 @@
+"""The response cache's pure parts: the embedded store, the request digest, and the two shapes of
+a cached answer (``gateway.cache.render``), without services."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.cache import render
+
+HI: Any = [{"role": "user", "content": "Hi"}]
+
+
+def test_embedded_store_is_bounded_and_per_tenant(settings: Any) -> None:
+    from core.money import Usage
+    from gateway import cache
+
+    memory = cache.MemoryStore(max_entries=2)
+
+    async def scenario() -> None:
+        entry = cache.Entry(endpoint="chat", stored_at=0.0, usage=Usage(3, 0, 0, 4), body={"id": "x"})
+        digest = cache.request_digest("chat", "m", {"messages": HI, "temperature": 1.0})
+        assert digest == cache.request_digest("chat", "m", {"temperature": 1, "user": "u", "messages": HI})
+        assert digest != cache.request_digest("chat", "m", {"temperature": 1, "messages": HI, "seed": 1})
+        assert await cache.store(1, "m", digest, entry, 60, memory)
+        found = await cache.lookup(1, "m", digest, memory)
+        assert found is not None and found.body == {"id": "x"} and found.usage.completion_tokens == 4
+        assert found.usage.source == "cache"
+        assert await cache.lookup(2, "m", digest, memory) is None
+        assert await cache.stats(1, store_=memory) == 1 and await cache.stats(2, store_=memory) == 0
+        assert await cache.invalidate(2, store_=memory) == 0 and await cache.stats(1, store_=memory) == 1
+        assert await cache.invalidate(1, "other", memory) == 0
+        assert await cache.invalidate(1, "m", memory) == 1 and await cache.lookup(1, "m", digest, memory) is None
+        # bounded: a third entry pushes the least recently used out
+        for n in range(3):
+            assert await cache.store(1, "m", f"d{n}", entry, 60, memory)
+        assert await cache.stats(1, store_=memory) == 2 and await cache.lookup(1, "m", "d0", memory) is None
+        # expired entries are gone
+        assert await cache.store(1, "m", "short", entry, 1, memory)
+        await asyncio.sleep(1.1)
+        assert await cache.lookup(1, "m", "short", memory) is None
+        settings.CHITTYCAN_CACHE_MAX_BYTES = 10
+        assert not await cache.store(1, "m", digest, entry, 60, memory)
+
+    asyncio.run(scenario())
+
+
+CHAT_BODY: Any = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1,
+    "model": "gpt-4o",
+    "choices": [
+        {
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
+                    {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}},
+                ],
+            },
+            "logprobs": None,
+            "finish_reason": "tool_calls",
+        },
+        {
+            "index": 1,
+            "message": {"role": "assistant", "content": "second"},
+            "logprobs": None,
+            "finish_reason": "stop",
+        },
+    ],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
+}
+
+MESSAGE_BODY: Any = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "claude",
+    "content": [
+        {"type": "thinking", "thinking": "hmm", "signature": "sig"},
+        {"type": "text", "text": "Hello"},
+        {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"x": [1, 2]}},
+    ],
+    "stop_reason": "tool_use",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 9, "output_tokens": 12},
+}
+
+
+def test_chat_body_round_trips_through_chunks() -> None:
+    items = render.explode("chat", CHAT_BODY)
+    assert render.complete_stream("chat", items)
+    assert render.assemble("chat", items) == CHAT_BODY
+    assert items[-1] == {
+        **{k: CHAT_BODY[k] for k in ("id", "created", "model")},
+        "object": "chat.completion.chunk",
+        "choices": [],
+        "usage": CHAT_BODY["usage"],
+    }
+
+
+def test_cut_or_failed_streams_are_incomplete() -> None:
+    items = render.explode("chat", CHAT_BODY)
+    assert not render.complete_stream("chat", items[:-3])  # the second choice never finished
+    assert not render.complete_stream("chat", [*items, {"error": {"message": "boom"}}])
+    assert not render.complete_stream("chat", [])
+    events = render.explode("messages", MESSAGE_BODY)
+    assert render.complete_stream("messages", events)
+    assert not render.complete_stream("messages", events[:-2])
+    assert not render.complete_stream("messages", [*events[:3], {"type": "error", "error": {}}])
+
+
+def test_message_body_round_trips_through_events() -> None:
+    events = render.explode("messages", MESSAGE_BODY)
+    assert [e["type"] for e in events][:2] == ["message_start", "content_block_start"]
+    assert events[-1] == {"type": "message_stop"}
+    assert render.assemble("messages", events) == MESSAGE_BODY
+
+
+def test_legacy_completion_round_trips() -> None:
+    body: Any = {
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "text": "hi there", "logprobs": None, "finish_reason": "length"}],
+    }
+    assert render.assemble("completions", render.explode("completions", body)) == body
+
+
+def test_streamed_fragments_assemble() -> None:
+    def chunk(delta: Any, finish: str | None = None) -> Any:
+        return {
+            "id": "c",
+            "created": 1,
+            "model": "m",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+
+    items = [
+        chunk({"role": "assistant", "content": ""}),
+        chunk(
+            {
+                "tool_calls": [
+                    {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get", "arguments": ""}}
+                ]
+            }
+        ),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": 'ty": 1}'}}]}),
+        chunk({}, "tool_calls"),
+    ]
+    body = render.assemble("chat", items)
+    call = body["choices"][0]["message"]["tool_calls"][0]
+    assert call == {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": '{"city": 1}'}}
+    assert body["choices"][0]["finish_reason"] == "tool_calls" and "usage" not in body
