@@ -63,6 +63,7 @@ class RequestContext:
     attempts: int = 0
     route_reason: str = ""
     cache_hit: bool = False
+    cache_result: str = "none"  # hit | miss | bypass | none (the cache is off for the model)
     cache_entry: Entry | None = None  # the cached answer a hit serves
     cache_digest: str = ""  # the request's cache key digest, when the answer may be stored
     cache_ttl: int = 0  # seconds a stored answer is kept (0: the answer is not stored)

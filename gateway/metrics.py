@@ -89,11 +89,8 @@ def status_class(http_status: int) -> str:
 
 
 def cache_result(ctx: RequestContext) -> str:
-    """hit | miss | bypass | none (the response cache sets ``cache_result``; older code ``cache_hit``)."""
-    value = getattr(ctx, "cache_result", None)
-    if isinstance(value, str) and value in ("hit", "miss", "bypass", "none"):
-        return value
-    return "hit" if getattr(ctx, "cache_hit", False) else "none"
+    """hit | miss | bypass | none (set by the pipeline's cache stage; none: the cache is off)."""
+    return ctx.cache_result
 
 
 def _tenant_label(ctx: RequestContext) -> str:

@@ -285,3 +285,28 @@ def test_several_workers_one_answer(upstream, make_tenant, make_key, tmp_path: P
             assert total(samples, "chittycan_requests_total", model="gpt-4o", status_class="2xx") == 40
     finally:
         gateway.stop()
+
+
+def test_requests_by_cache_result(upstream, gateway_server, openai_client, tenant_key):
+    """The cache stage's verdict is the `cache` label: a miss, then a hit, then a no-store bypass."""
+    from tests.test_cache import enable_cache
+
+    enable_cache("gpt-4o")
+    before = scrape(gateway_server.url)
+    body = {"model": "gpt-4o", "messages": MSG}
+    for headers in ({}, {}, {"cache-control": "no-store"}):
+        answer = httpx.post(
+            f"{gateway_server.url}/v1/chat/completions",
+            json=body,
+            headers={"authorization": f"Bearer {tenant_key[1]}", **headers},
+            timeout=10,
+        )
+        assert answer.status_code == 200
+    exact_usage(tenant_key[0], 3, settle=0)
+    after = scrape(gateway_server.url)
+    for result in ("miss", "hit", "bypass"):
+        labels = {"route": "chat", "model": "gpt-4o", "cache": result}
+        assert (
+            total(after, "chittycan_requests_total", **labels) - total(before, "chittycan_requests_total", **labels)
+            == 1
+        )

@@ -65,18 +65,21 @@ async def lookup(ctx: RequestContext, headers: dict[bytes, bytes]) -> None:
     directives = _directives(headers)
     if "no-store" in directives or ctx.passthrough_key:
         ctx.extra_headers.append((HEADER, b"BYPASS"))
+        ctx.cache_result = "bypass"
         return
     ctx.cache_ttl = _ttl(headers, route.cache_ttl)
     ctx.cache_digest = store.request_digest(ctx.endpoint, route.name, ctx.body, ctx.upstream_headers)
     entry = None if "no-cache" in directives else await store.lookup(key.tenant.id, route.name, ctx.cache_digest)
     if entry is None or entry.endpoint != ctx.endpoint:
         ctx.extra_headers.append((HEADER, b"MISS"))
+        ctx.cache_result = "miss"
         if ctx.stream:
             ctx.cache_items = []
         return
     await admission.count_cache_hit(ctx)  # counts toward RPM (a 429 if full); no budget reserved
     ctx.cache_hit, ctx.cache_entry, ctx.cache_digest = True, entry, ""
     ctx.extra_headers.append((HEADER, b"HIT"))
+    ctx.cache_result = "hit"
     ctx.extra_headers.append((b"age", str(max(0, int(time.time() - entry.stored_at))).encode()))
     ctx.usage = entry.usage
     ctx.saved_micro = money.cost_micro(route.price_at(), entry.usage)
