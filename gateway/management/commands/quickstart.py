@@ -59,7 +59,8 @@ class Command(BaseCommand):
             os.chmod(key_file, 0o600)
         base = f"http://127.0.0.1:{opts['port']}/v1"
         dev_note = (
-            "Every model answers from the offline mock (CHITTYCAN_MODE=dev), priced as the real model.\n"
+            "Every model of the catalogue answers from the offline mock (CHITTYCAN_MODE=dev), priced as\n"
+            "the real model; an unknown model name is a 404, as in production.\n"
             if settings.CHITTYCAN_MODE == "dev"
             else ""
         )
