@@ -599,6 +599,17 @@ def _build_values(counters: list[Counter], open_ids: list[str]) -> tuple[list[in
     return values, done
 
 
+def _add_amounts(amounts: dict[str, int], res: BudgetReservation) -> None:
+    """Add what a PostgreSQL reservation holds per counter: its reserved amount while open, its
+    actual once settled."""
+    for name, amount, kind in res.parts:
+        if res.settled_at is None:
+            value = int(amount)
+        else:
+            value = res.actual_requests if kind == "q" else res.actual_micro
+        amounts[name] = amounts.get(name, 0) + value
+
+
 def _pg_open_amounts(pending_ids: set[str]) -> dict[str, int]:
     """Per counter name: PostgreSQL reservations not swept whose usage row is neither in the
     ledger nor handed off: open ones at their reserved amount, settled ones at their actual."""
@@ -610,12 +621,7 @@ def _pg_open_amounts(pending_ids: set[str]) -> dict[str, int]:
     for res in reservations:
         if res.request_id in written:
             continue
-        for name, amount, kind in res.parts:
-            if res.settled_at is None:
-                value = int(amount)
-            else:
-                value = res.actual_requests if kind == "q" else res.actual_micro
-            amounts[name] = amounts.get(name, 0) + value
+        _add_amounts(amounts, res)
     return amounts
 
 
@@ -702,12 +708,7 @@ def _pg_pending_amounts(counted: set[str] | None = None) -> dict[str, int]:
     for res in reservations:
         if res.settled_at is not None and res.request_id in written:
             continue
-        for name, amount, kind in res.parts:
-            if res.settled_at is None:
-                value = int(amount)
-            else:
-                value = res.actual_requests if kind == "q" else res.actual_micro
-            amounts[name] = amounts.get(name, 0) + value
+        _add_amounts(amounts, res)
     return amounts
 
 

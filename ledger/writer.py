@@ -462,7 +462,11 @@ def _spooled_rows() -> list[dict[str, Any]]:
 def local_pending_rows() -> list[dict[str, Any]]:
     """Rows on this host (spool files, journals) not yet in the ledger, each request once; needs
     no Redis. Synchronous."""
-    rows = [*_spooled_rows(), *_journaled_rows()]
+    return _not_in_ledger([*_spooled_rows(), *_journaled_rows()])
+
+
+def _not_in_ledger(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` without the ones the ledger already has, each request once."""
     unique = list({str(r["request_id"]): r for r in rows if r.get("request_id")}.values())
     if not unique:
         return []
@@ -484,16 +488,7 @@ def pending_rows() -> list[dict[str, Any]]:
     is returned and may also be in a ledger sum the caller takes afterwards: the caller counts it
     once (``ledger_value`` of the budgets subtracts such rows in the same statement).
     """
-    rows = [*(_stream_rows() if settings.REDIS_URL else ()), *_spooled_rows(), *_journaled_rows()]
-    unique = list({str(r["request_id"]): r for r in rows if r.get("request_id")}.values())
-    if not unique:
-        return []
-    written = set(
-        UsageRecord.objects.filter(request_id__in=[r["request_id"] for r in unique]).values_list(
-            "request_id", flat=True
-        )
-    )
-    return [r for r in unique if r["request_id"] not in written]
+    return _not_in_ledger([*(_stream_rows() if settings.REDIS_URL else ()), *_spooled_rows(), *_journaled_rows()])
 
 
 # --- database -----------------------------------------------------------------------------------

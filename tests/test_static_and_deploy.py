@@ -33,24 +33,13 @@ from django_otp.oath import TOTP
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from tenants import services
+from tests.processes import database_url, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CAN = str(Path(sys.executable).with_name("can"))
 PASSWORD = "correct horse battery staple"
 STRONG_SECRET = "test-only-0123456789-abcdefghijklmnopqrstuvwxyz-ABCDEFG"
 GENERATE_HINT = "secrets.token_urlsafe(50)"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def database_url() -> str:
-    db = settings.DATABASES["default"]
-    auth = db["USER"] + (f":{db['PASSWORD']}" if db.get("PASSWORD") else "")
-    return f"postgres://{auth}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}"
 
 
 def base_env(var_dir: Path, **extra: str) -> dict[str, str]:
