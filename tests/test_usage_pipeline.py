@@ -298,8 +298,10 @@ def test_an_idle_writer_does_not_report_redis_unavailable(settings, tmp_path, ca
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
-def test_embedded_mode_spools_rows_while_the_database_is_down(make_tenant, settings, tmp_path):
-    """Without Redis the queue is in memory: a database outage moves the batch to the spool."""
+def test_embedded_mode_spools_rows_while_the_database_is_down(make_tenant, settings, tmp_path, paused_gateway_writer):
+    """Without Redis the queue is in memory: a database outage moves the batch to the spool.
+    (The in-process gateway's background tasks are paused: its journal pass, meeting the same
+    outage, would spool an earlier test's row into this test's spool directory.)"""
     tenant = make_tenant("ledger-g")
     settings.CHITTYCAN_USAGE_SPOOL_DIR = tmp_path
     rows = [_row(tenant.pk) for _ in range(4)]
