@@ -24,3 +24,19 @@ def retention_outlives_stripe_window(app_configs: Any = None, **kwargs: Any) -> 
             id="billing_export.E001",
         )
     ]
+
+
+@register()
+def audit_retention_outlives_billing_window(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The audit log must outlive the window in which usage can still be billed (and so disputed)."""
+    days = settings.CHITTYCAN_AUDIT_RETENTION_DAYS
+    if days > STRIPE_MAX_EVENT_AGE_DAYS:
+        return []
+    return [
+        Error(
+            f"CHITTYCAN_AUDIT_RETENTION_DAYS is {days}: audit rows would be pruned inside the billing window "
+            f"({STRIPE_MAX_EVENT_AGE_DAYS} days, the oldest usage the Stripe export still bills).",
+            hint=f"Keep at least {STRIPE_MAX_EVENT_AGE_DAYS + 1} days of audit log (the default is 90).",
+            id="billing_export.E002",
+        )
+    ]

@@ -12,6 +12,8 @@ import sys
 
 from django.core.management import execute_from_command_line
 
+from core import origin
+
 # Every management command of our apps, with the line ``can --help`` shows for it (kept here, not
 # read from the command classes, so ``can --help`` works before settings or a database are set up;
 # tests/test_cli_help.py fails when a command is missing here).
@@ -32,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "apitoken": "create, list and revoke management REST API tokens",
     "providers": "each provider deployment's circuit breaker: closed, open or half-open (status [--json])",
     "otp": "enrol, list and remove the TOTP devices staff use to log in to the admin",
+    "audit": "the tamper-evident audit log: verify the hash chain, export (csv|jsonl), prune past retention",
 }
 OUR_COMMANDS = tuple(COMMANDS)
 
@@ -62,7 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     if not args or args in (["-h"], ["--help"], ["help"]):
         print(help_text())
         return
-    execute_from_command_line(["can", *args])
+    # The audit log records commands as `cli`, with the OS user, the host and the command's name
+    # (the words before its first option: options and values may hold secrets, so never those).
+    words = ["can"]
+    for arg in args[:2]:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    with origin.using(origin.for_command("cli", " ".join(words))):
+        execute_from_command_line(["can", *args])
 
 
 if __name__ == "__main__":

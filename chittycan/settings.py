@@ -65,6 +65,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "core.origin.OriginMiddleware",  # who and from where, for the audit log (docs/audit.md)
     "django_otp.middleware.OTPMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
@@ -249,6 +250,9 @@ CHITTYCAN_USAGE_BATCH_SIZE = env_int("CHITTYCAN_USAGE_BATCH_SIZE", 500)
 CHITTYCAN_USAGE_FLUSH_INTERVAL = env_float("CHITTYCAN_USAGE_FLUSH_INTERVAL", 0.2)
 CHITTYCAN_USAGE_SPOOL_DIR = Path(env_str("CHITTYCAN_USAGE_SPOOL_DIR", str(VAR_DIR / "spool")))
 CHITTYCAN_USAGE_RETENTION_DAYS = env_int("CHITTYCAN_USAGE_RETENTION_DAYS", 90)
+# Audit rows older than this are pruned by the prune task (docs/audit.md); a system check refuses
+# less than the billing export's window.
+CHITTYCAN_AUDIT_RETENTION_DAYS = env_int("CHITTYCAN_AUDIT_RETENTION_DAYS", 90)
 # Writer retries while the database is down: exponential backoff from BASE up to MAX seconds.
 CHITTYCAN_USAGE_RETRY_BASE = env_float("CHITTYCAN_USAGE_RETRY_BASE", 0.25)
 CHITTYCAN_USAGE_RETRY_MAX = env_float("CHITTYCAN_USAGE_RETRY_MAX", 30.0)

@@ -12,7 +12,9 @@ from typing import Any
 from celery import shared_task
 from django.db import OperationalError
 
+from core import origin
 from ledger import retention, rollups, writer
+from tenants import audit
 
 
 @shared_task(name="gateway.tasks.rollup_usage", autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
@@ -23,8 +25,16 @@ def rollup_usage() -> dict[str, Any]:
 
 @shared_task(name="gateway.tasks.prune_usage", autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
 def prune_usage() -> dict[str, Any]:
+    """Retention for the usage ledger and the audit log (``CHITTYCAN_AUDIT_RETENTION_DAYS``)."""
     result = retention.prune_usage()
-    return {"cutoff": result.cutoff.isoformat(), "hours": result.hours, "rows": result.rows}
+    with origin.using(origin.for_command("task", "gateway.tasks.prune_usage")):
+        pruned = audit.prune()
+    return {
+        "cutoff": result.cutoff.isoformat(),
+        "hours": result.hours,
+        "rows": result.rows,
+        "audit_rows": pruned.rows,
+    }
 
 
 @shared_task(

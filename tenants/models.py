@@ -9,7 +9,7 @@ from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 
-__all__ = ["ApiKey", "AuditEvent", "Plan", "Tenant"]
+__all__ = ["ApiKey", "AuditChain", "AuditEvent", "Plan", "Tenant"]
 
 
 def _validate_time_zone(value: str) -> None:
@@ -147,12 +147,38 @@ class AuditEvent(models.Model):
     action = models.CharField(max_length=100)
     target = models.CharField(max_length=200, blank=True, default="")
     data = models.JSONField(default=dict, blank=True)
+    # Who and from where, as they were at the time (the actor FK goes NULL if the user is deleted).
+    actor_name = models.CharField(max_length=150, blank=True, default="", help_text="the actor's username then")
+    origin = models.CharField(
+        max_length=20, blank=True, default="", help_text="admin, api, dashboard, cli, task, http, or empty"
+    )
+    address = models.CharField(max_length=255, blank=True, default="", help_text="client address, or the host")
+    user_agent = models.CharField(max_length=300, blank=True, default="", help_text="user agent, or the command")
+    os_user = models.CharField(max_length=100, blank=True, default="", help_text="operating-system user (CLI)")
+    # The hash chain (tenants/auditchain.py): row n's hash covers its fields and row n-1's hash.
+    seq = models.PositiveBigIntegerField(unique=True, editable=False)
+    prev_hash = models.CharField(max_length=64, editable=False)
+    hash = models.CharField(max_length=64, editable=False)
 
     class Meta:
         ordering = ["-at"]
 
     def __str__(self) -> str:
         return f"{self.at:%Y-%m-%d %H:%M} {self.action} {self.target}"
+
+
+class AuditChain(models.Model):
+    """The audit chain's one bookkeeping row (pk 1): every writer locks it, so writers queue and the
+    chain cannot fork; it holds the head (last row written) and the anchor (last row pruned), from
+    which ``can audit verify`` starts."""
+
+    head_seq = models.PositiveBigIntegerField(default=0)
+    head_hash = models.CharField(max_length=64)
+    anchor_seq = models.PositiveBigIntegerField(default=0)
+    anchor_hash = models.CharField(max_length=64)
+
+    def __str__(self) -> str:
+        return f"audit chain: head #{self.head_seq}, anchor #{self.anchor_seq}"
 
 
 def _default_thresholds() -> list[int]:
