@@ -48,6 +48,7 @@ class ManagementTokenAdmin(admin.ModelAdmin):
     search_fields = ("prefix", "user__username", "name")
     fields = ("prefix", "user", "name", "created_at", "last_used_at", "revoked_at")  # never the hash
     actions = ["revoke_tokens"]
+    audited_by_service = True  # control.tokens audits the revocation (tenants/admin_audit.py)
 
     def has_add_permission(self, request: object) -> bool:
         return False
