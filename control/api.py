@@ -5,7 +5,7 @@ audit them and tell every gateway process after commit."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import UTC, datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -13,7 +13,7 @@ from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError
 from django.db.models import QuerySet
 from django.utils import timezone
-from django.utils.dateparse import parse_datetime
+from django.utils.dateparse import parse_date, parse_datetime
 from rest_framework import authentication, exceptions, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -29,7 +29,7 @@ from control.models import TenantMembership
 from control.permissions import HasTenantAccess, Scope, scope_of
 from control.tokens import ManagementTokenAuthentication
 from ledger import analytics
-from tenants import services
+from tenants import audit, services
 from tenants.models import ApiKey, Tenant
 
 log = logging.getLogger(__name__)
@@ -378,6 +378,79 @@ class UsageView(APIView):
                 moment = moment.replace(tzinfo=ZoneInfo(tenant.time_zone if tenant else "UTC"))
             bounds.append(moment)
         return bounds[0], bounds[1]
+
+
+# --- audit log ----------------------------------------------------------------------------------
+
+AUDIT_PAGE_MAX = 1000
+
+
+class AuditView(APIView):
+    """``GET /api/audit/?since=...&until=...&tenant=SLUG&action=...&after_seq=N&limit=100``: the audit
+    log of the tenants the caller administers (their whole subtrees; staff: every row), in chain
+    order, ``limit`` rows at a time (``next_after_seq`` continues). Members who are not admins get 403."""
+
+    authentication_classes = AUTHENTICATION
+    permission_classes = [HasTenantAccess]
+
+    def get(self, request: Request) -> Response:
+        scope = scope_of(request)
+        params = request.query_params
+        allowed = scope.admin_ids
+        if allowed is not None and not allowed:
+            raise exceptions.PermissionDenied("Only tenant admins and staff read the audit log.")
+        tenant_ids = allowed
+        if params.get("tenant"):
+            tenant = Tenant.objects.filter(slug=params["tenant"]).first()
+            if tenant is None or not scope.can_see(tenant.pk):
+                raise exceptions.NotFound("No such tenant.")
+            if not scope.can_admin(tenant.pk):
+                raise exceptions.PermissionDenied("Only tenant admins and staff read the audit log.")
+            tenant_ids = audit.subtree_ids(tenant) if allowed is None else audit.subtree_ids(tenant) & allowed
+        since, until = (self._moment(params, name) for name in ("since", "until"))
+        limit = self._int(params, "limit", 100)
+        if not 1 <= limit <= AUDIT_PAGE_MAX:
+            raise exceptions.ValidationError({"limit": [f"Between 1 and {AUDIT_PAGE_MAX}."]})
+        rows = audit.events(since=since, until=until, tenant_ids=tenant_ids).filter(
+            seq__gt=self._int(params, "after_seq", 0)
+        )
+        if params.get("action"):
+            rows = rows.filter(action=params["action"])
+        page = list(rows[: limit + 1])
+        more = len(page) > limit
+        page = page[:limit]
+        return Response(
+            {
+                "results": [audit.as_dict(e) for e in page],
+                "next_after_seq": page[-1].seq if more and page else None,
+            }
+        )
+
+    @staticmethod
+    def _int(params: Any, name: str, default: int) -> int:
+        raw = params.get(name)
+        if raw in (None, ""):
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise exceptions.ValidationError({name: ["An integer."]}) from None
+        if value < 0:
+            raise exceptions.ValidationError({name: ["Zero or more."]})
+        return value
+
+    @staticmethod
+    def _moment(params: Any, name: str) -> datetime | None:
+        raw = params.get(name)
+        if not raw:
+            return None
+        moment = parse_datetime(raw)
+        if moment is None:
+            day = parse_date(raw)
+            if day is None:
+                raise exceptions.ValidationError({name: ["A date (2026-11-01) or an ISO 8601 date-time."]})
+            moment = datetime.combine(day, time.min)
+        return moment if timezone.is_aware(moment) else moment.replace(tzinfo=UTC)
 
 
 class MeView(APIView):

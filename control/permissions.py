@@ -56,6 +56,11 @@ class Scope:
     def visible_ids(self) -> set[int] | None:
         return self._visible
 
+    @property
+    def admin_ids(self) -> set[int] | None:
+        """The tenants this user administers (each admin membership's whole subtree; None = all)."""
+        return self._admin
+
 
 def scope_of(request: Request) -> Scope:
     scope = getattr(request, "_chittycan_scope", None)

@@ -13,6 +13,7 @@ router.register("budgets", api.BudgetViewSet, basename="budget")
 urlpatterns = [
     path("usage/", api.UsageView.as_view(), name="usage"),
     path("me/", api.MeView.as_view(), name="me"),
+    path("audit/", api.AuditView.as_view(), name="audit"),
     path("requests", requests_api.RequestListView.as_view(), name="requests"),
     path("requests/<str:request_id>", requests_api.RequestDetailView.as_view(), name="request"),
     path("", include(router.urls)),

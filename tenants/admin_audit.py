@@ -2,11 +2,12 @@
 anything a third-party ``ModelAdmin`` saves.
 
 The models with a service (``tenants.admin.AuditedAdmin``, or an admin that says
-``audited_by_service = True``) are audited by it; read-only admins write nothing. Every other registered model gets an audit row for each save and delete made from
-its own admin pages (add, change, delete, the changelist's bulk delete, a user's password form):
-the fields changed, with their values before and after; secrets (passwords, device keys, tokens,
-hashes) are marked changed, never stored. Saves made elsewhere under ``/admin/`` (the login
-updating ``last_login``, the second-factor pages, which audit themselves) are not these.
+``audited_by_service = True``) are audited by it; read-only admins write nothing. Every other
+registered model gets an audit row for each save and delete made from its own admin pages (add,
+change, delete, the changelist's bulk delete, a user's password form): the fields changed, with
+their values before and after; secrets (passwords, device keys, tokens, hashes) are marked
+changed, never stored. Saves made elsewhere under ``/admin/`` (the login updating ``last_login``,
+the second-factor pages, which audit themselves) are not these.
 """
 
 from __future__ import annotations
