@@ -487,9 +487,37 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
 
 @admin.register(AuditEvent)
 class AuditEventAdmin(ReadOnlyAdmin[AuditEvent]):
-    list_display = ["at", "action", "target", "tenant", "actor", "actor_label"]
-    list_filter = ["action", "actor_label"]
+    """The tamper-evident audit log: read only (no add, change or delete, for anyone); rows leave
+    only by retention (``can audit prune``, the prune task). ``can audit verify`` checks the chain."""
+
+    list_display = ["seq", "at", "action", "target", "tenant", "actor_name", "actor_label", "origin", "address"]
+    list_display_links = ["seq", "at"]
+    list_filter = [
+        "origin",
+        "action",
+        "actor_label",
+        ("tenant", admin.RelatedOnlyFieldListFilter),
+        ("at", admin.DateFieldListFilter),
+    ]
     list_select_related = ["tenant", "actor"]
-    search_fields = ["action", "target", "tenant__slug"]
+    search_fields = ["action", "target", "tenant__slug", "actor_name", "address"]
     date_hierarchy = "at"
-    readonly_fields = ["at", "action", "target", "tenant", "actor", "actor_label", "data"]
+    ordering = ["-seq"]
+    readonly_fields = [
+        "seq",
+        "at",
+        "action",
+        "target",
+        "tenant",
+        "actor",
+        "actor_name",
+        "actor_label",
+        "origin",
+        "address",
+        "user_agent",
+        "os_user",
+        "data",
+        "prev_hash",
+        "hash",
+    ]
+    fields = tuple(readonly_fields)
