@@ -4,6 +4,7 @@
 
 from typing import Any
 
+from django.contrib.auth import get_user_model
 from django.db import migrations, models
 
 from tenants.auditchain import GENESIS, row_hash
@@ -13,11 +14,12 @@ def chain_existing_rows(apps: Any, schema_editor: Any) -> None:
     AuditEvent = apps.get_model("tenants", "AuditEvent")
     AuditChain = apps.get_model("tenants", "AuditChain")
     alias = schema_editor.connection.alias
+    username_field = get_user_model().USERNAME_FIELD  # historical models have no get_username()
     prev, seq = GENESIS, 0
     for row in AuditEvent.objects.using(alias).select_related("actor").order_by("at", "id").iterator():
         seq += 1
         row.seq = seq
-        row.actor_name = row.actor.get_username() if row.actor is not None else ""
+        row.actor_name = str(getattr(row.actor, username_field)) if row.actor is not None else ""
         row.origin = (row.actor_label or "").split(":", 1)[0][:20]
         row.prev_hash = prev
         row.hash = row_hash(row)
