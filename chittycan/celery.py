@@ -7,13 +7,15 @@ derived from it."""
 from __future__ import annotations
 
 import os
+from contextvars import Token
+from typing import Any
 
 from celery import Celery
-from celery.signals import beat_init, worker_init
+from celery.signals import beat_init, task_postrun, task_prerun, worker_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chittycan.settings")
 
-from core import preflight  # noqa: E402 (after the settings module is named)
+from core import origin, preflight  # noqa: E402 (after the settings module is named)
 
 app = Celery("chittycan")
 app.config_from_object("django.conf:settings", namespace="CELERY")
@@ -27,3 +29,19 @@ def _refuse_an_insecure_secret_key(**_: object) -> None:
     problem = preflight.secret_key_problem()
     if problem:
         raise SystemExit(f"ChittyCan refuses to start: {problem}")
+
+
+# A task's control-plane writes are audited with origin `task` and the task's name.
+_origins: dict[str, Token[origin.Origin | None]] = {}
+
+
+@task_prerun.connect
+def _task_origin(task_id: str = "", task: Any = None, **_: object) -> None:
+    _origins[task_id] = origin.enter(origin.for_command("task", str(getattr(task, "name", "") or "")))
+
+
+@task_postrun.connect
+def _task_origin_done(task_id: str = "", **_: object) -> None:
+    token = _origins.pop(task_id, None)
+    if token is not None:
+        origin.leave(token)

@@ -13,14 +13,24 @@ import getpass
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from contextvars import ContextVar, Token
+from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponseBase
 
-__all__ = ["Origin", "OriginMiddleware", "current", "for_command", "for_request", "surface_of", "using"]
+__all__ = [
+    "Origin",
+    "OriginMiddleware",
+    "current",
+    "enter",
+    "for_command",
+    "for_request",
+    "leave",
+    "surface_of",
+    "using",
+]
 
 USER_AGENT_MAX = 300
 
@@ -52,6 +62,15 @@ _current: ContextVar[Origin | None] = ContextVar("chittycan_origin", default=Non
 
 def current() -> Origin:
     return _current.get() or _NOWHERE
+
+
+def enter(origin: Origin) -> Token[Origin | None]:
+    """Make ``origin`` current until ``leave(token)`` (for hooks that cannot wrap a block)."""
+    return _current.set(origin)
+
+
+def leave(token: Token[Origin | None]) -> None:
+    _current.reset(token)
 
 
 @contextmanager
@@ -101,11 +120,6 @@ def for_command(surface: str = "cli", command: str = "") -> Origin:
         user_agent=command[:USER_AGENT_MAX],
         os_user=_os_user(),
     )
-
-
-def with_surface(surface: str) -> Origin:
-    """The current origin with another surface (e.g. ``task`` for work a command starts)."""
-    return replace(current(), surface=surface)
 
 
 class OriginMiddleware:

@@ -29,6 +29,7 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils.module_loading import autodiscover_modules
 
+from core import origin
 from core.runtime import background
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def _run(entry: Entry) -> None:
             log.warning("embedded scheduler: no task named %s (%s)", entry.task, entry.name)
             return
         started = time.monotonic()
-        result = task()
+        with origin.using(origin.for_command("task", entry.task)):  # the audit log's origin
+            result = task()
         log.debug(
             "embedded scheduler ran %s",
             entry.name,
