@@ -32,7 +32,7 @@ from control import tokens
 from control.models import TenantMembership
 from gateway import catalog
 from ledger import tasks as ledger_tasks
-from tenants import audit, keys, services
+from tenants import audit, auditchain, keys, services
 from tenants.models import ApiKey, AuditChain, AuditEvent, Tenant
 
 PASSWORD = "correct horse battery staple"
@@ -96,7 +96,7 @@ def test_a_rehashed_row_breaks_the_next_link(five):
     """Whoever alters a row and recomputes its hash still breaks the link the next row holds."""
     row = AuditEvent.objects.get(seq=2)
     row.target = "forged"
-    AuditEvent.objects.filter(pk=row.pk).update(target="forged", hash=audit.row_hash(row))
+    AuditEvent.objects.filter(pk=row.pk).update(target="forged", hash=auditchain.row_hash(row))
     result = audit.verify()
     assert result.seq == 3 and "does not link" in (result.problem or "")
 
