@@ -86,6 +86,8 @@ Python (pip install openai):
   print(reply.choices[0].message.content, reply.usage)
 
 {dev_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
+Audit log (every control-plane change, hash-chained): http://127.0.0.1:{opts["port"]}/admin/tenants/auditevent/
+  .venv/bin/can audit verify      .venv/bin/can audit export --since 2026-01-01 --format jsonl
 """
         )
 
