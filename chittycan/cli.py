@@ -59,20 +59,24 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+def command_origin(args: list[str]) -> origin.Origin:
+    """The audit log records commands as `cli`, with the OS user, the host and the command's name
+    (the words before its first option: options and values may hold secrets, so never those)."""
+    words = ["can"]
+    for arg in args[:2]:
+        if arg.startswith("-"):
+            break
+        words.append(arg)
+    return origin.for_command("cli", " ".join(words))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chittycan.settings")
     if not args or args in (["-h"], ["--help"], ["help"]):
         print(help_text())
         return
-    # The audit log records commands as `cli`, with the OS user, the host and the command's name
-    # (the words before its first option: options and values may hold secrets, so never those).
-    words = ["can"]
-    for arg in args[:2]:
-        if arg.startswith("-"):
-            break
-        words.append(arg)
-    with origin.using(origin.for_command("cli", " ".join(words))):
+    with origin.using(command_origin(args)):
         execute_from_command_line(["can", *args])
 
 
