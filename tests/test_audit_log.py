@@ -12,6 +12,7 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -490,3 +491,20 @@ def test_rows_written_before_the_chain_are_hashed_by_the_migration():
 
 def test_settings_default_retention_is_90_days():
     assert settings.CHITTYCAN_AUDIT_RETENTION_DAYS == 90
+
+
+def test_rest_write_through_the_asgi_server_records_its_origin(world, gateway_server):
+    """The served (ASGI) app: the origin set by the async middleware reaches the sync view."""
+    sam = get_user_model().objects.get(username="sam")
+    _, plaintext = tokens.token_create(user=sam, name="asgi")
+    response = httpx.post(
+        f"{gateway_server.url}/api/tenants/",
+        json={"slug": "served-co", "name": "Served"},
+        headers={"Authorization": f"Bearer {plaintext}", "User-Agent": "AuditTest/1.0 (asgi)"},
+        timeout=10,
+    )
+    assert response.status_code == 201, response.text
+    event = AuditEvent.objects.get(action="tenant.create", target="served-co")
+    assert (event.origin, event.actor_name, event.user_agent) == ("api", "sam", "AuditTest/1.0 (asgi)")
+    assert event.address == "127.0.0.1"
+    assert audit.verify().ok
