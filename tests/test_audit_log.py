@@ -8,7 +8,11 @@ import csv
 import getpass
 import io
 import json
+import os
+import subprocess
+import sys
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from gateway import catalog
 from ledger import tasks as ledger_tasks
 from tenants import audit, auditchain, keys, services
 from tenants.models import ApiKey, AuditChain, AuditEvent, Tenant
+from tests.processes import ROOT, services_env
 
 PASSWORD = "correct horse battery staple"
 
@@ -508,3 +513,31 @@ def test_rest_write_through_the_asgi_server_records_its_origin(world, gateway_se
     assert (event.origin, event.actor_name, event.user_agent) == ("api", "sam", "AuditTest/1.0 (asgi)")
     assert event.address == "127.0.0.1"
     assert audit.verify().ok
+
+
+WRITER = """
+import os, sys, time
+import django
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chittycan.settings")
+django.setup()
+from tenants import audit
+start, name = float(sys.argv[1]), sys.argv[2]
+time.sleep(max(0.0, start - time.time()))
+for i in range(20):
+    audit.record("test.write", target=f"{name}-{i}", data={"process": name, "i": i})
+"""
+
+
+def test_concurrent_processes_do_not_fork_the_chain(transactional_db):
+    """Three processes on the test database, released at the same moment, writing 20 rows each."""
+    services.tenant_create(slug="first", actor_label="test")
+    env = {**os.environ, **services_env()}
+    start = time.time() + 6  # after every process has imported Django
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(start), f"p{n}"], cwd=ROOT, env=env) for n in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    seqs = list(AuditEvent.objects.order_by("seq").values_list("seq", flat=True))
+    assert seqs == list(range(1, 62))
+    written = AuditEvent.objects.filter(action="test.write")
+    assert {e.data["process"] for e in written} == {"p0", "p1", "p2"}
+    result = audit.verify()
+    assert result.ok and result.checked == 61
