@@ -113,9 +113,11 @@ def _log_line(ctx: RequestContext) -> None:
     """The request's JSON log line: ids, names and numbers only (never a key, credential or prompt)."""
     usage = ctx.usage
     key = ctx.key
+    extra: dict[str, object] = {"trace_id": ctx.trace.trace_id_hex} if ctx.trace is not None else {}
     request_log.info(
         "request",
         extra={
+            **extra,
             "request_id": ctx.request_id,
             "tenant": key.tenant.slug if key else "",
             "key_name": key.name if key else "",

@@ -139,7 +139,7 @@ async def _attempts(
                 result = await attempt_fn(deployment)
             except UpstreamError as exc:
                 last = exc
-                entry = _attempt_entry(ctx, deployment, why, began, "error", exc.status, exc.code or exc.type)
+                entry = _attempt_entry(ctx, deployment, why, began, "error", exc.upstream_status, exc.code or exc.type)
                 ctx.attempt_log.append(entry)
                 log.info(
                     "upstream attempt failed",
@@ -163,9 +163,7 @@ async def _attempts(
             except BaseException as exc:
                 outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
                 error = getattr(exc, "code", None) or getattr(exc, "type", None) or type(exc).__name__
-                ctx.attempt_log.append(
-                    _attempt_entry(ctx, deployment, why, began, outcome, getattr(exc, "status", None), str(error))
-                )
+                ctx.attempt_log.append(_attempt_entry(ctx, deployment, why, began, outcome, None, str(error)))
                 await asyncio.shield(breaker.release(admission))  # cancelled: let another request probe
                 raise
             ctx.attempt_log.append(_attempt_entry(ctx, deployment, why, began, "ok", 200))
