@@ -216,7 +216,7 @@ CHITTYCAN_METRICS_MAX_BUDGETS = env_int("CHITTYCAN_METRICS_MAX_BUDGETS", 200)
 # or OTEL_TRACES_EXPORTER=none turn it off whatever the rest says.
 _OTLP_ENDPOINT = env_str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env_str("OTEL_EXPORTER_OTLP_ENDPOINT")
 CHITTYCAN_TRACING = (
-    env_bool("CHITTYCAN_TRACING", bool(_OTLP_ENDPOINT))
+    (env_bool("CHITTYCAN_TRACING") if env_str("CHITTYCAN_TRACING").strip() else bool(_OTLP_ENDPOINT))
     and not env_bool("OTEL_SDK_DISABLED", False)
     and env_str("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none"
 )

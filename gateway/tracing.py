@@ -168,9 +168,20 @@ def _span_processor() -> BatchSpanProcessor:
     if _processor is None or _processor_pid != pid:
         with _lock:
             if _processor is None or _processor_pid != pid:
-                _processor = BatchSpanProcessor(OTLPSpanExporter())
+                _processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint()))
                 _processor_pid = pid
     return _processor
+
+
+def otlp_endpoint() -> str | None:
+    """Where spans go: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` as is, or ``OTEL_EXPORTER_OTLP_ENDPOINT``
+    plus ``/v1/traces`` (None: the exporter's default, http://localhost:4318/v1/traces). An empty
+    variable (as compose passes an unset one) counts as unset."""
+    traces = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if traces:
+        return traces
+    base = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    return f"{base.rstrip('/')}/v1/traces" if base else None
 
 
 def flush(timeout_ms: int = 5000) -> bool:
