@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -203,8 +204,9 @@ atexit.register(shutdown)
 
 
 def _random_id(bits: int) -> int:
+    """A non-zero id, as the SDK's ``RandomIdGenerator`` draws them (``random`` reseeds after a fork)."""
     while True:
-        value = int.from_bytes(os.urandom(bits // 8), "big")
+        value = random.getrandbits(bits)
         if value:
             return value
 
