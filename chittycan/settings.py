@@ -212,6 +212,15 @@ CHITTYCAN_METRICS_TOKEN = env_secret("CHITTYCAN_METRICS_TOKEN", "")
 CHITTYCAN_METRICS_TENANT_LABEL = env_bool("CHITTYCAN_METRICS_TENANT_LABEL", False)
 # At most this many budgets in chittycan_budget_utilisation_ratio (lowest ids first).
 CHITTYCAN_METRICS_MAX_BUDGETS = env_int("CHITTYCAN_METRICS_MAX_BUDGETS", 200)
+# OpenTelemetry traces (gateway/tracing.py), exported over OTLP/HTTP as the standard OTEL_* variables
+# say. Off unless CHITTYCAN_TRACING=true, or unset with an OTLP endpoint set; OTEL_SDK_DISABLED=true
+# or OTEL_TRACES_EXPORTER=none turn it off whatever the rest says.
+_OTLP_ENDPOINT = env_str("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env_str("OTEL_EXPORTER_OTLP_ENDPOINT")
+CHITTYCAN_TRACING = (
+    (env_bool("CHITTYCAN_TRACING") if env_str("CHITTYCAN_TRACING").strip() else bool(_OTLP_ENDPOINT))
+    and not env_bool("OTEL_SDK_DISABLED", False)
+    and env_str("OTEL_TRACES_EXPORTER", "otlp").strip().lower() != "none"
+)
 
 # --- Gateway ---------------------------------------------------------------------------------
 OLLAMA_BASE_URL = env_str("OLLAMA_BASE_URL", "")

@@ -148,6 +148,10 @@ def row_dict(record: UsageRecord, detail: bool = False) -> dict[str, Any]:
     }
     if detail:
         row["timings_ms"] = record.timings
+        row["attempts"] = record.attempts
+        decision = getattr(record, "route", None)  # the routing policy's decision, on ledgers that keep it
+        if decision is not None:
+            row["route_decision"] = decision
         row["end_user"] = record.end_user
     return row
 
@@ -281,7 +285,8 @@ def _moment(name: str, raw: str) -> datetime:
 
 
 class RequestDetailView(RequestLogBase):
-    """``GET /api/requests/{request_id}``: the row with its stage timings; 404 outside your scope."""
+    """``GET /api/requests/{request_id}``: the row with its stage timings, upstream attempts and route
+    decision; 404 outside your scope."""
 
     def get(self, request: Request, request_id: str) -> Response:
         record = self.scoped().filter(request_id=request_id).first()

@@ -1,4 +1,7 @@
 from django.apps import AppConfig
+from django.conf import settings
+
+from gateway import tracing
 
 
 class GatewayConfig(AppConfig):
@@ -17,3 +20,6 @@ class GatewayConfig(AppConfig):
         # Registers the embedded scheduler with the background tasks a gateway process starts
         # on its first request (it runs only when CHITTYCAN_EMBEDDED_SCHEDULER is on).
         from gateway import scheduler  # noqa: F401, PLC0415  (app registry not ready at module import)
+
+        # OpenTelemetry traces: on or off for this process (the exporter starts on first use).
+        tracing.configure(settings.CHITTYCAN_TRACING)

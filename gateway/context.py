@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from gateway.cache import Entry
     from gateway.limits import RatePlan, RateTicket
     from gateway.routing.table import DeploymentRoute, ModelRoute
+    from gateway.tracing import Trace
     from tenants.keyinfo import KeyInfo
 
 
@@ -61,6 +62,8 @@ class RequestContext:
     error_type: str = ""
     ttft_ms: int | None = None
     attempts: int = 0
+    attempt_log: list[dict[str, Any]] = field(default_factory=list)  # each upstream attempt (ledger ``attempts``)
+    trace: Trace | None = None  # set only when tracing is on (gateway.tracing)
     route_reason: str = ""
     cache_hit: bool = False
     cache_result: str = "none"  # hit | miss | bypass | none (the cache is off for the model)

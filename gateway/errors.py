@@ -138,6 +138,7 @@ class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
+    upstream_status: int | None = None  # the provider's own HTTP status, when it answered with one
 
     def __init__(self, message: str, *, retryable: bool, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
@@ -145,6 +146,13 @@ class UpstreamError(GatewayError):
 
 
 def upstream_status_error(status: int, message: str, *, code: str | None = None) -> UpstreamError:
+    """The error for a provider's HTTP error status (``_status_error``), keeping that status."""
+    err = _status_error(status, message, code=code)
+    err.upstream_status = status
+    return err
+
+
+def _status_error(status: int, message: str, *, code: str | None = None) -> UpstreamError:
     """Map a provider's HTTP error status to what the client gets and whether to retry.
 
     Client errors the provider blames on the request (400, 404, 413, 422) pass through with their

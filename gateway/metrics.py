@@ -33,6 +33,8 @@ from prometheus_client.registry import Collector
 from budgets.counters import counter_key
 from budgets.models import Budget
 from budgets.periods import budget_counter
+from gateway.models import Deployment
+from gateway.routing import breaker
 from ledger import writer
 
 if TYPE_CHECKING:
@@ -82,6 +84,13 @@ RETRIES = Counter(
 FALLBACKS = Counter(
     "chittycan_fallbacks", "Requests served by a deployment other than the first.", ("route", "model", "provider")
 )
+CACHE_HITS = Counter("chittycan_cache_hits", "Requests answered from the response cache.", MODEL_LABELS)
+CACHE_SAVED = Counter(
+    "chittycan_cache_saved_usd",
+    "What the answers served from the response cache would have cost at the model's price, in US dollars.",
+    MODEL_LABELS,
+)
+BREAKER_STATES = ("closed", "open", "half_open")
 
 
 def status_class(http_status: int) -> str:
@@ -113,9 +122,11 @@ def _log_line(ctx: RequestContext) -> None:
     """The request's JSON log line: ids, names and numbers only (never a key, credential or prompt)."""
     usage = ctx.usage
     key = ctx.key
+    extra: dict[str, object] = {"trace_id": ctx.trace.trace_id_hex} if ctx.trace is not None else {}
     request_log.info(
         "request",
         extra={
+            **extra,
             "request_id": ctx.request_id,
             "tenant": key.tenant.slug if key else "",
             "key_name": key.name if key else "",
@@ -146,6 +157,10 @@ def _observe(ctx: RequestContext) -> None:
     klass = status_class(ctx.http_status)
     REQUESTS.labels(route, model, provider, klass, cache_result(ctx), tenant).inc()
     REQUEST_DURATION.labels(route, model, provider, klass).observe(time.perf_counter() - ctx.started)
+    if ctx.cache_hit:
+        CACHE_HITS.labels(route, model, provider, tenant).inc()
+        if ctx.saved_micro:
+            CACHE_SAVED.labels(route, model, provider, tenant).inc(ctx.saved_micro / 1_000_000)
     if not ctx.reached_provider:
         return
     if ctx.attempts > 1:
@@ -184,6 +199,7 @@ class ScrapeCollector(Collector):
         try:
             yield from self._queue(conn)
             yield from self._budgets(conn)
+            yield from self._breakers(conn)
         finally:
             if conn is not None:
                 conn.close()
@@ -261,8 +277,58 @@ class ScrapeCollector(Collector):
             )
         yield family
 
+    def _breakers(self, conn: redis.Redis | None) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "chittycan_breaker_state",
+            "Circuit breaker of each active deployment: 1 for its current state, 0 for the other two.",
+            labels=("model", "provider", "deployment", "state"),
+        )
+        try:
+            deployments = list(
+                Deployment.objects.filter(is_active=True, model__is_active=True, provider__is_active=True)
+                .select_related("model", "provider")
+                .order_by("pk")
+            )
+        except DatabaseError:
+            log.warning("metrics: deployments unreadable (database unavailable); breakers left out", exc_info=True)
+            return
+        keys = [f"d{d.pk}" for d in deployments]
+        if conn is None:
+            local = breaker.store()
+            snaps = [
+                local.states.get(k, breaker.CLOSED) if isinstance(local, breaker.MemoryStore) else breaker.CLOSED
+                for k in keys
+            ]
+        else:
+            try:
+                pipe = conn.pipeline(transaction=False)
+                for key in keys:
+                    pipe.hmget(breaker.state_key(key), ["s", "u", "f", "o"])
+                snaps = [breaker.parse_state(list(raw)) for raw in pipe.execute()]
+            except (redis.RedisError, OSError):
+                return
+        now = time.time()
+        for deployment, snap in zip(deployments, snaps, strict=True):
+            state = snap.state(now)
+            for candidate in BREAKER_STATES:
+                labels = [deployment.model.name, deployment.provider.slug, str(deployment.pk), candidate]
+                family.add_metric(labels, 1.0 if candidate == state else 0.0)
+        yield family
+
 
 _SCRAPE = ScrapeCollector()
+PER_REQUEST = (
+    REQUESTS,
+    REQUEST_DURATION,
+    UPSTREAM_DURATION,
+    TTFT,
+    TOKENS,
+    COST,
+    RETRIES,
+    FALLBACKS,
+    CACHE_HITS,
+    CACHE_SAVED,
+)
 
 
 def render() -> bytes:
@@ -272,7 +338,7 @@ def render() -> bytes:
     if path:
         MultiProcessCollector(registry, path=path)
     else:
-        for collector in (REQUESTS, REQUEST_DURATION, UPSTREAM_DURATION, TTFT, TOKENS, COST, RETRIES, FALLBACKS):
+        for collector in PER_REQUEST:
             registry.register(collector)
     registry.register(_SCRAPE)
     return generate_latest(registry)

@@ -64,6 +64,11 @@ class UsageRecord(models.Model):
     )
     end_user = models.CharField(max_length=200, blank=True, default="")
     timings = models.JSONField(default=dict, blank=True, help_text="Per-stage milliseconds")
+    attempts = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Each upstream attempt: deployment, provider, why (retry, fallback), start and ms, outcome",
+    )
     recorded_at = models.DateTimeField(
         db_default=Now(), editable=False, help_text="When the row reached the ledger (rollups find late rows by it)"
     )

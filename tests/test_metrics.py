@@ -29,8 +29,9 @@ from budgets import services as budget_services
 from chittycan import probes
 from chittycan.logging import JsonFormatter
 from core import runtime
-from gateway import metrics
+from gateway import catalog, metrics
 from gateway.models import LLMModel, Provider
+from gateway.routing import breaker
 from ledger import writer
 from tests.conftest import exact_usage
 from tests.fakes.openai_upstream import Reply
@@ -138,6 +139,59 @@ def test_retries_and_fallbacks(upstream, fake_openai, gateway_server, openai_cli
     assert delta("chittycan_upstream_retries_total", **fallback) == 2
     assert delta("chittycan_fallbacks_total", **primary) == 0
     assert delta("chittycan_fallbacks_total", **fallback) == 1
+
+
+def test_cache_hits_and_savings_agree_with_the_ledger(upstream, gateway_server, openai_client, tenant_key):
+    catalog.model_update(LLMModel.objects.get(name="gpt-4o"), cache_enabled=True, cache_ttl=600)
+    before = scrape(gateway_server.url)
+    for _ in range(3):  # a miss, then two hits
+        openai_client.chat.completions.create(model="gpt-4o", messages=MSG)
+    rows = exact_usage(tenant_key[0], 3)
+    after = scrape(gateway_server.url)
+
+    def delta(name: str, **labels: str) -> float:
+        return total(after, name, **labels) - total(before, name, **labels)
+
+    hits = [r for r in rows if r.cache_hit]
+    assert len(hits) == 2 and all(r.saved_micro > 0 for r in hits)
+    chat = {"route": "chat", "model": "gpt-4o", "provider": "fake-openai"}
+    assert delta("chittycan_cache_hits_total", **chat) == 2
+    assert delta("chittycan_requests_total", **chat, cache="hit") == 2
+    assert delta("chittycan_requests_total", **chat, cache="miss") == 1
+    saved = delta("chittycan_cache_saved_usd_total", **chat)
+    assert saved == pytest.approx(sum(r.saved_micro for r in hits) / 1_000_000, abs=1e-9)
+    # What the hits saved is what the miss cost, twice.
+    [miss] = [r for r in rows if not r.cache_hit]
+    assert saved == pytest.approx(2 * miss.cost_micro / 1_000_000, abs=1e-9)
+
+
+def test_breaker_state_per_deployment(upstream, fake_openai, gateway_server, openai_client, tenant_key):
+    primary = Provider.objects.get(slug="fake-openai")
+    primary.breaker_failures, primary.max_retries = 1, 0
+    primary.save()
+    backup = Provider.objects.create(
+        slug="backup-openai", kind="openai", base_url=f"{fake_openai[1].url}/backup/v1", max_retries=0
+    )
+    deployment = LLMModel.objects.get(name="gpt-4o").deployments.create(
+        provider=backup, upstream_model="gpt-4o-b", priority=1
+    )
+    first = LLMModel.objects.get(name="gpt-4o").deployments.get(provider=primary)
+    samples = scrape(gateway_server.url)
+    assert total(samples, "chittycan_breaker_state", deployment=str(first.pk), state="closed") == 1
+    assert total(samples, "chittycan_breaker_state", deployment=str(first.pk), state="open") == 0
+    try:
+        upstream.push(CHAT, Reply(status=500, json={"error": {"message": "boom", "type": "server_error"}}))
+        openai_client.chat.completions.create(model="gpt-4o", messages=MSG)  # the backup answers
+        samples = scrape(gateway_server.url)
+        by_state = {
+            state: total(samples, "chittycan_breaker_state", deployment=str(first.pk), state=state)
+            for state in ("closed", "open", "half_open")
+        }
+        assert by_state == {"closed": 0, "open": 1, "half_open": 0}
+        assert total(samples, "chittycan_breaker_state", model="gpt-4o", provider="fake-openai", state="open") == 1
+        assert total(samples, "chittycan_breaker_state", deployment=str(deployment.pk), state="closed") == 1
+    finally:
+        breaker.reset_local()
 
 
 def test_tenant_label_only_when_allowed(upstream, gateway_server, openai_client, tenant_key):

@@ -27,6 +27,7 @@ import os
 
 import orjson
 
+from gateway import tracing
 from gateway.context import RequestContext, Responder
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.formats import CHAT, MESSAGES, WireFormat
@@ -43,14 +44,20 @@ def new_request_id() -> str:
 
 async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body: bytes) -> None:
     """Serve one request of any ``/v1`` route, start to finish."""
+    if tracing.ENABLED:
+        tracing.begin(ctx, responder.headers)
     try:
         parse.run(ctx, wire, body, responder.headers)
         await authenticate.run(ctx, responder.headers)
         await route.resolve(ctx, wire.kinds)
+        ctx.stage("route")
         ctx.estimated_prompt_tokens = wire.prompt_tokens(ctx)
         most_output = wire.max_output_tokens(ctx)
         await limit.run(ctx, most_output)
+        ctx.stage("limit")
         await cache.lookup(ctx, responder.headers)
+        if ctx.cache_result in ("miss", "bypass"):
+            ctx.stage("cache")  # a hit closes its own stage
         if not ctx.cache_hit:
             await reserve.run(ctx, most_output)
     except GatewayError as err:
@@ -60,6 +67,7 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
     try:
         if ctx.cache_hit:
             await cache.serve(responder, ctx, wire)
+            ctx.stage("relay")
         elif ctx.stream:
             try:
                 first, rest = await dispatch.open_stream(ctx, wire.operation)
@@ -77,6 +85,7 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
                 return
             ctx.stage("upstream")
             await relay.send_result(responder, ctx, wire, result)
+            ctx.stage("relay")
             await cache.keep(ctx, result)
     except asyncio.CancelledError:
         _client_left(ctx)
@@ -95,6 +104,7 @@ def _client_left(ctx: RequestContext) -> None:
 
 async def _settle_and_record(ctx: RequestContext) -> None:
     await settle.run(ctx)
+    ctx.stage("settle")
     await record.run(ctx)
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from core import backoff
+from gateway import tracing
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.providers import get_provider
@@ -53,14 +55,45 @@ def _delay(attempt: int, err: UpstreamError, *, fallback: bool) -> float | None:
 def make_call(ctx: RequestContext, deployment: DeploymentRoute, body: Json | None = None) -> UpstreamCall:
     upstream_body = dict(body if body is not None else ctx.body)
     upstream_body["model"] = deployment.upstream_model
+    headers = dict(ctx.upstream_headers)
+    if ctx.trace is not None:
+        headers.update(ctx.trace.upstream_headers())  # W3C traceparent: this attempt's span
     return UpstreamCall(
         provider=deployment.provider,
         upstream_model=deployment.upstream_model,
         body=upstream_body,
         api_key=ctx.passthrough_key,
-        headers=dict(ctx.upstream_headers),
+        headers=headers,
         max_output_tokens=ctx.route.max_output_tokens if ctx.route is not None else 4096,
     )
+
+
+def _attempt_entry(
+    ctx: RequestContext,
+    deployment: DeploymentRoute,
+    why: str,
+    began: float | None,
+    outcome: str,
+    status: int | None = None,
+    error: str = "",
+) -> dict[str, Any]:
+    """One upstream attempt as the ledger keeps it (``UsageRecord.attempts``): which deployment, why
+    it was tried (primary, retry or fallback after what), when (ms from the request's start), how
+    long, and how it ended (ok, error, cancelled, or skipped with its breaker open)."""
+    now = time.perf_counter()
+    start = began if began is not None else now
+    return {
+        "n": len(ctx.attempt_log) + 1,
+        "deployment_id": deployment.id,
+        "provider": deployment.provider.slug,
+        "model": deployment.upstream_model,
+        "why": why,
+        "start_ms": round((start - ctx.started) * 1000, 3),
+        "ms": round((now - start) * 1000, 3),
+        "outcome": outcome,
+        "status": status,
+        "error": error,
+    }
 
 
 def _client_key_rejected(exc: UpstreamError) -> UpstreamError:
@@ -83,10 +116,13 @@ async def _attempts(
         raise GatewayError(f"The model {ctx.route.name} has no active deployment.", status=503, code="no_deployment")
     last: UpstreamError | None = None
     skipped: list[str] = []
+    why = "primary"
     for index, deployment in enumerate(deployments):
         admission = await breaker.admit(deployment)
         if admission is None:
             skipped.append(f"{deployment.provider.slug}:{deployment.upstream_model}")
+            ctx.attempt_log.append(_attempt_entry(ctx, deployment, why, None, "skipped", error="breaker_open"))
+            why = "fallback: breaker open"
             continue
         breaker.budget_deposit(admission)
         # The half-open probe is one request: it is not retried (its failure reopens the breaker).
@@ -96,10 +132,15 @@ async def _attempts(
         while True:
             ctx.attempts += 1
             ctx.deployment = deployment
+            if ctx.trace is not None:
+                tracing.new_attempt(ctx.trace)
+            began = time.perf_counter()
             try:
                 result = await attempt_fn(deployment)
             except UpstreamError as exc:
                 last = exc
+                entry = _attempt_entry(ctx, deployment, why, began, "error", exc.upstream_status, exc.code or exc.type)
+                ctx.attempt_log.append(entry)
                 log.info(
                     "upstream attempt failed",
                     extra={"request_id": ctx.request_id, "provider": deployment.provider.slug, "error": exc.message},
@@ -113,13 +154,19 @@ async def _attempts(
                     raise
                 wait = _delay(attempt, exc, fallback=fallback) if attempt < retries else None
                 if wait is None or not breaker.budget_spend(admission):
+                    why = f"fallback after {entry['status'] or ''} {entry['error']}".replace("  ", " ")
                     break
+                why = f"retry after {entry['status'] or ''} {entry['error']}".replace("  ", " ")
                 await asyncio.sleep(wait)
                 attempt += 1
                 continue
-            except BaseException:
+            except BaseException as exc:
+                outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "error"
+                error = getattr(exc, "code", None) or getattr(exc, "type", None) or type(exc).__name__
+                ctx.attempt_log.append(_attempt_entry(ctx, deployment, why, began, outcome, None, str(error)))
                 await asyncio.shield(breaker.release(admission))  # cancelled: let another request probe
                 raise
+            ctx.attempt_log.append(_attempt_entry(ctx, deployment, why, began, "ok", 200))
             if admission.probe or not stream:
                 await breaker.record(deployment, admission, None)
             ctx.route_reason = "primary" if index == 0 else f"fallback:{index}"

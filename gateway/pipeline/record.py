@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway import metrics
+from gateway import metrics, tracing
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from ledger import writer
@@ -22,12 +22,16 @@ async def run(ctx: RequestContext) -> None:
         await writer.hand_off_or_spool(row_from_context(ctx), batch)
     if batch is not None:
         await batch.send()
+    if ctx.trace is not None:
+        tracing.export(ctx)
     metrics.observe(ctx)
 
 
 def refused(ctx: RequestContext, err: GatewayError) -> None:
     """A request refused before reserve (bad input, key, limit): metrics and log line only."""
     ctx.status, ctx.http_status, ctx.error_type = "refused", err.status, err.type
+    if ctx.trace is not None:
+        tracing.export(ctx)
     metrics.observe(ctx)
 
 
@@ -62,4 +66,5 @@ def row_from_context(ctx: RequestContext) -> dict[str, Any]:
         "saved_micro": ctx.saved_micro,
         "end_user": ctx.end_user[:200],
         "timings": ctx.timings,
+        "attempts": ctx.attempt_log,
     }

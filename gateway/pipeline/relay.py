@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from core import money
+from gateway import tracing
 from gateway.context import RequestContext, Responder
 from gateway.errors import GatewayError, UpstreamError
 from gateway.formats import StreamTracker, WireFormat
@@ -36,6 +37,8 @@ async def upstream_failed(responder: Responder, ctx: RequestContext, wire: WireF
 
 async def send_result(responder: Responder, ctx: RequestContext, wire: WireFormat, result: Json) -> None:
     ctx.usage = wire.read_result(ctx, result)
+    if ctx.trace is not None:
+        tracing.finish_reasons(ctx.trace, result)
     assert ctx.route is not None
     ctx.cost_micro = money.cost_micro(ctx.route.price_at(), ctx.usage)
     headers = wire.success_headers(ctx)
@@ -88,6 +91,7 @@ async def send_stream(
 
 async def _relay(responder: Responder, tracker: StreamTracker, items: AsyncIterator[Json]) -> None:
     recorded = tracker.ctx.cache_items  # the response cache records a streamed miss
+    traced = tracker.ctx.trace  # finish reasons for the request's span (tracing on)
     paced = items if tracker.keepalive is None else with_keepalive(items, tracker.keepalive)
     async with contextlib.aclosing(paced) as stream:  # type: ignore[type-var]
         async for item in stream:
@@ -96,6 +100,8 @@ async def _relay(responder: Responder, tracker: StreamTracker, items: AsyncItera
                 continue
             if recorded is not None:
                 recorded.append(dict(item))  # as it came (the tracker may trim it for this client)
+            if traced is not None:
+                tracing.stream_item(traced, item)
             frame = tracker.frame(item)
             if frame is not None:
                 await responder.write(frame)

@@ -29,7 +29,7 @@ from gateway.translate.streams import ChunksFromEvents, error_from_event
 Json = dict[str, Any]
 
 API_VERSION = "2023-06-01"
-_FORWARDED = ("anthropic-version", "anthropic-beta")
+_FORWARDED = ("anthropic-version", "anthropic-beta", "traceparent", "tracestate")  # + W3C trace context
 
 
 class AnthropicProvider(Provider):

@@ -23,7 +23,8 @@ Json = dict[str, Any]
 def _chat_call(call: UpstreamCall) -> UpstreamCall:
     body = requests.messages_to_chat(call.body)
     body["model"] = call.upstream_model
-    return dataclasses.replace(call, body=body, headers={})  # anthropic-* headers stay home
+    trace_context = {k: v for k, v in call.headers.items() if k in ("traceparent", "tracestate")}
+    return dataclasses.replace(call, body=body, headers=trace_context)  # anthropic-* headers stay home
 
 
 def _stop_sequences(call: UpstreamCall) -> list[str]:

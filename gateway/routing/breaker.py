@@ -138,12 +138,22 @@ def _parse(raw: list[Any]) -> Snapshot:
     return Snapshot(open=s == "open", open_until=float(u or 0), failures=int(f or 0), opened=int(o or 0))
 
 
+def state_key(key: str) -> str:
+    """The Redis hash of a breaker's shared state (fields s, u, f, o); read at scrape time too."""
+    return f"{settings.REDIS_PREFIX}:brk:{{{key}}}"
+
+
+def parse_state(raw: list[Any]) -> Snapshot:
+    """A breaker's state from ``HMGET <state_key> s u f o``."""
+    return _parse(raw)
+
+
 class RedisStore:
     def __init__(self) -> None:
         self._scripts: dict[asyncio.AbstractEventLoop, tuple[AsyncScript, AsyncScript]] = {}
 
     def _hash(self, key: str) -> str:
-        return f"{settings.REDIS_PREFIX}:brk:{{{key}}}"
+        return state_key(key)
 
     def _lease(self, key: str) -> str:
         return f"{settings.REDIS_PREFIX}:brk:{{{key}}}:probe"

@@ -79,6 +79,12 @@ curl:
 Sent twice, the second answer comes from the response cache (X-ChittyCan-Cache: HIT, cost $0):
   add -i to the curl above to see the X-ChittyCan-Cache and X-ChittyCan-Cost headers.
 
+Follow a request: its X-Request-Id header (curl -i) leads to its tree of stages, upstream
+attempts, tokens and cost:
+  .venv/bin/can trace <x-request-id>
+  curl http://127.0.0.1:{opts["port"]}/api/requests/<x-request-id> -H "Authorization: Bearer $OPENAI_API_KEY"
+OpenTelemetry traces go to any OTLP/HTTP back end: OTEL_EXPORTER_OTLP_ENDPOINT=http://host:4318 make run.
+
 Python (pip install openai):
   from openai import OpenAI
   client = OpenAI()  # reads OPENAI_API_KEY and OPENAI_BASE_URL
