@@ -215,7 +215,21 @@ class LLMModelForm(forms.ModelForm):
             "is_active",
             "cache_enabled",
             "cache_ttl",
+            "semantic_cache_enabled",
+            "semantic_threshold",
+            "semantic_embedding_model",
         ]
+
+    def clean(self) -> dict[str, Any]:
+        """The semantic cache needs the exact cache and an embedding model of the catalogue."""
+        data: dict[str, Any] = super().clean() or {}
+        if data.get("semantic_cache_enabled"):
+            if not data.get("cache_enabled"):
+                self.add_error("semantic_cache_enabled", "Turn the response cache on too: a semantic hit replays it.")
+            name = data.get("semantic_embedding_model") or ""
+            if not LLMModel.objects.filter(name=name, kind=LLMModel.Kind.EMBEDDING).exists():
+                self.add_error("semantic_embedding_model", "The public name of an embedding model of the catalogue.")
+        return data
 
     def clean_cache_ttl(self) -> int:
         """Left empty (a form posted without it): the model's default, 24 h."""
