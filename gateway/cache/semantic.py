@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, connection
+from django.db import DatabaseError, connection, transaction
 from django.utils import timezone
 from pgvector import Vector
 
@@ -159,7 +159,7 @@ def _detect() -> str:
         return "numpy"
     table = SemanticVector._meta.db_table
     try:
-        with connection.cursor() as cursor:
+        with transaction.atomic(), connection.cursor() as cursor:
             cursor.execute("CREATE EXTENSION IF NOT EXISTS vector")
             cursor.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS embedding vector")
     except DatabaseError as exc:
