@@ -5,6 +5,7 @@ request of its own. The fake OpenAI upstream embeds with vectors chosen here."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -245,3 +246,75 @@ def test_mock_embeddings_put_similar_texts_close():
     assert cosine("What is the capital of France?", "what is the capital of france") == pytest.approx(1.0)
     assert cosine("What is the capital of France?", "What's the capital of France?") > 0.8
     assert cosine("What is the capital of France?", "How do I bake sourdough bread?") < 0.3
+
+
+def test_admin_model_form_checks_the_semantic_fields(upstream):
+    from gateway.admin import LLMModelForm
+    from gateway.models import LLMModel
+
+    data = {"name": "admin-semantic", "kind": "chat", "aliases": "[]", "owned_by": "x", "context_window": 1000}
+    data |= {"max_output_tokens": 100, "is_active": "on", "cache_ttl": 60, "semantic_cache_enabled": "on"}
+    no_cache = LLMModelForm(data={**data, "semantic_embedding_model": EMBEDDER})
+    assert not no_cache.is_valid() and "semantic_cache_enabled" in no_cache.errors
+    not_embedding = LLMModelForm(data={**data, "cache_enabled": "on", "semantic_embedding_model": "gpt-4o"})
+    assert not not_embedding.is_valid() and "semantic_embedding_model" in not_embedding.errors
+    too_low = LLMModelForm(
+        data={**data, "cache_enabled": "on", "semantic_embedding_model": EMBEDDER, "semantic_threshold": 0.2}
+    )
+    assert not too_low.is_valid() and "semantic_threshold" in too_low.errors
+    good = LLMModelForm(data={**data, "cache_enabled": "on", "semantic_embedding_model": EMBEDDER})
+    assert good.is_valid(), good.errors
+    good.save()
+    stored = LLMModel.objects.get(name="admin-semantic")
+    assert stored.semantic_cache_enabled and stored.semantic_threshold == 0.95
+    assert stored.semantic_embedding_model == EMBEDDER
+
+
+CONFIG = """
+providers:
+  - slug: up
+    kind: openai
+    base_url: https://up.example/v1
+models:
+  - name: chat-m
+    cache: {ttl: 600}
+    semantic_cache: {embedding_model: embed-m, threshold: 0.9}
+  - name: embed-m
+    kind: embedding
+"""
+
+
+def test_config_file_applies_exports_and_checks_the_semantic_cache(db, tmp_path):
+    import io
+
+    import yaml
+    from django.core.management import call_command
+
+    from control.config import load, schema
+    from gateway.models import LLMModel
+
+    path = tmp_path / "chittycan.yaml"
+    path.write_text(CONFIG)
+    call_command("apply", "-f", str(path), stdout=io.StringIO(), stderr=io.StringIO())
+    model = LLMModel.objects.get(name="chat-m")
+    assert (model.semantic_cache_enabled, model.semantic_embedding_model, model.semantic_threshold) == (
+        True,
+        "embed-m",
+        0.9,
+    )
+    exported = tmp_path / "exported.yaml"
+    call_command("export", "-o", str(exported), stdout=io.StringIO(), stderr=io.StringIO())
+    [chat] = [m for m in yaml.safe_load(exported.read_text())["models"] if m["name"] == "chat-m"]
+    assert chat["semantic_cache"] == {"embedding_model": "embed-m", "threshold": 0.9}
+    out = io.StringIO()
+    call_command("apply", "-f", str(exported), stdout=out, stderr=io.StringIO())
+    assert "no changes" in out.getvalue()
+
+    for bad, message in (
+        (CONFIG.replace("    cache: {ttl: 600}\n", ""), "models[0].semantic_cache: needs the model's cache on"),
+        (CONFIG.replace("embedding_model: embed-m", "embedding_model: nope"), "no model nope in models"),
+        (CONFIG.replace("embedding_model: embed-m", "embedding_model: chat-m"), "is a chat model"),
+        (CONFIG.replace("threshold: 0.9", "threshold: 1.5"), "threshold"),
+    ):
+        with pytest.raises(schema.ConfigError, match=re.escape(message)):
+            load.load_text(bad, filename="x.yaml", env={})
