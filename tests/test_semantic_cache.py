@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,6 +67,16 @@ def post(server: Any, key: str, body: dict[str, Any], **headers: str) -> httpx.R
     )
 
 
+def wait_vectors(count: int, timeout: float = 5.0) -> None:
+    """Wait until ``count`` prompt vectors are stored (written in the background after the answer)."""
+    from gateway.models import SemanticVector
+
+    deadline = time.monotonic() + timeout
+    while SemanticVector.objects.count() < count:
+        assert time.monotonic() < deadline, f"fewer than {count} vectors stored"
+        time.sleep(0.02)
+
+
 def calls(app: Any, path: str) -> int:
     return sum(1 for r in app.requests if r.path.endswith(path))
 
@@ -85,6 +96,7 @@ def test_similar_prompt_hits_with_its_similarity_and_the_embedding_is_metered(se
     tenant, key = tenant_key
     semantic.text = "Paris."
     first = post(gateway_server, key, ask(CAPITAL))
+    wait_vectors(1)
     semantic.text = "a fresh answer"
     second = post(gateway_server, key, ask(CAPITAL_AGAIN))
     assert first.status_code == second.status_code == 200
@@ -103,6 +115,7 @@ def test_similar_prompt_hits_with_its_similarity_and_the_embedding_is_metered(se
     chats = sorted((r for r in rows if r.endpoint == "chat"), key=lambda r: r.cache_hit)
     embeddings = [r for r in rows if r.endpoint == "embeddings"]
     assert len(rows) == 4 and len(chats) == 2 and len(embeddings) == 2
+    assert all(r.status == "ok" and r.http_status == 200 for r in rows)
     miss, hit = chats
     assert (miss.cache_hit, miss.cost_micro > 0, miss.saved_micro) == (False, True, 0)
     assert hit.cache_hit and hit.cost_micro == 0 and hit.saved_micro == miss.cost_micro
@@ -118,6 +131,7 @@ def test_similar_prompt_hits_with_its_similarity_and_the_embedding_is_metered(se
 def test_below_the_threshold_is_a_miss(semantic, gateway_server, tenant_key):
     _, key = tenant_key
     assert post(gateway_server, key, ask(CAPITAL)).headers["x-chittycan-cache"] == "MISS"
+    wait_vectors(1)
     far = post(gateway_server, key, ask(CAPITAL_FAR))  # 0.900 < 0.95
     assert far.headers["x-chittycan-cache"] == "MISS"
     assert "x-chittycan-cache-similarity" not in far.headers
@@ -125,6 +139,7 @@ def test_below_the_threshold_is_a_miss(semantic, gateway_server, tenant_key):
     assert calls(semantic, "/chat/completions") == 3
     # a lower threshold serves a prompt as far: the nearest stored one (CAPITAL, not CAPITAL_FAR)
     enable_semantic(threshold=0.85)
+    wait_vectors(3)
     semantic.text = "not served"
     near_enough = post(gateway_server, key, ask(CAPITAL_VAGUE))
     assert near_enough.headers["x-chittycan-cache"] == "HIT"
@@ -135,6 +150,7 @@ def test_below_the_threshold_is_a_miss(semantic, gateway_server, tenant_key):
 def test_a_different_temperature_never_hits(semantic, gateway_server, tenant_key):
     _, key = tenant_key
     assert post(gateway_server, key, ask(CAPITAL, temperature=0.2)).headers["x-chittycan-cache"] == "MISS"
+    wait_vectors(1)
     other = post(gateway_server, key, ask(CAPITAL_AGAIN, temperature=0.9))
     assert other.headers["x-chittycan-cache"] == "MISS"
     shorter = post(gateway_server, key, ask(CAPITAL_AGAIN, temperature=0.2, max_tokens=5))
@@ -150,11 +166,16 @@ def test_tenant_b_never_gets_tenant_a_semantic_hit(semantic, gateway_server, mak
     key_b = make_key(make_tenant("tenant-b"))
     semantic.text = "Paris, for tenant A."
     assert post(gateway_server, key_a, ask(CAPITAL)).headers["x-chittycan-cache"] == "MISS"
+    wait_vectors(1)
     semantic.text = "Paris, for tenant B."
-    for text in (CAPITAL_AGAIN, CAPITAL):  # similar, then identical to A's prompt
-        b = post(gateway_server, key_b, ask(text))
-        assert b.headers["x-chittycan-cache"] == ("MISS" if text == CAPITAL_AGAIN else "HIT")
-        assert b.json()["choices"][0]["message"]["content"] == "Paris, for tenant B."
+    similar = post(gateway_server, key_b, ask(CAPITAL_AGAIN))
+    assert similar.headers["x-chittycan-cache"] == "MISS"
+    assert similar.json()["choices"][0]["message"]["content"] == "Paris, for tenant B."
+    wait_vectors(2)
+    # A's very prompt: B's exact cache has nothing, and its nearest prompt is B's own
+    same = post(gateway_server, key_b, ask(CAPITAL))
+    assert same.headers["x-chittycan-cache"] == "HIT"
+    assert same.json()["choices"][0]["message"]["content"] == "Paris, for tenant B."
     assert calls(semantic, "/chat/completions") == 2
     # positive control: A's own similar request hits A's answer
     a_again = post(gateway_server, key_a, ask(CAPITAL_AGAIN))
@@ -180,6 +201,7 @@ def test_a_semantic_hit_replays_as_a_stream(semantic, gateway_server, tenant_key
     _, key = tenant_key
     client = openai.OpenAI(base_url=f"{gateway_server.url}/v1", api_key=key, max_retries=0)
     whole = client.chat.completions.create(**ask(CAPITAL))
+    wait_vectors(1)
     raw = client.chat.completions.with_raw_response.create(**ask(CAPITAL_AGAIN), stream=True)
     assert raw.headers["x-chittycan-cache"] == "HIT"
     assert raw.headers["x-chittycan-cache-similarity"] == "0.990"
@@ -191,6 +213,7 @@ def test_a_semantic_hit_replays_as_a_stream(semantic, gateway_server, tenant_key
 def test_no_cache_and_no_store(semantic, gateway_server, tenant_key):
     _, key = tenant_key
     post(gateway_server, key, ask(CAPITAL))
+    wait_vectors(1)
     refreshed = post(gateway_server, key, ask(CAPITAL_AGAIN), **{"cache-control": "no-cache"})
     assert refreshed.headers["x-chittycan-cache"] == "MISS"
     bypass = post(gateway_server, key, ask(CAPITAL_AGAIN, seed=1), **{"cache-control": "no-store"})

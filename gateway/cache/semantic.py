@@ -24,6 +24,7 @@ Search, chosen once per process on first use:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import unicodedata
@@ -58,6 +59,7 @@ __all__ = [
     "nearest",
     "prompt_and_params",
     "remember",
+    "settled",
 ]
 
 #: What the pipeline supplies: embed ``text`` with the public embedding ``model`` as a request of
@@ -151,6 +153,7 @@ def _unit(values: list[float]) -> np.ndarray[Any, np.dtype[np.float32]] | None:
 _backend: str | None = None
 _backend_lock = threading.Lock()
 _indexed_dims: set[int] = set()
+_writes: set[asyncio.Task[None]] = set()  # vector writes under way (kept referenced until done)
 
 
 def _detect() -> str:
@@ -226,8 +229,9 @@ def _nearest_pgvector(
     with connection.cursor() as cursor:
         cursor.execute(
             f"SELECT cache_digest, 1 - (embedding::vector({dims}) <=> %s::vector({dims})) AS similarity "
-            f"FROM {table} WHERE dims = {dims} AND tenant_id = %s AND model = %s AND params_digest = %s "
-            f"AND expires_at > %s ORDER BY embedding::vector({dims}) <=> %s::vector({dims}) LIMIT {_CANDIDATES}",
+            f"FROM {table} WHERE dims = {dims} AND embedding IS NOT NULL "
+            "AND tenant_id = %s AND model = %s AND params_digest = %s AND expires_at > %s "
+            f"ORDER BY embedding::vector({dims}) <=> %s::vector({dims}) LIMIT {_CANDIDATES}",
             [literal, tenant_id, model, params_digest, timezone.now(), literal],
         )
         found = cursor.fetchall()
@@ -307,14 +311,28 @@ async def find(ctx: RequestContext, tenant_id: int, embed: Embed, *, search: boo
     return None, 0.0
 
 
-async def remember(ctx: RequestContext, tenant_id: int) -> None:
-    """Store the embedded prompt of an answer the exact cache just stored (``ctx.cache_digest``)."""
+def remember(ctx: RequestContext, tenant_id: int) -> None:
+    """Store, in the background, the embedded prompt of an answer the exact cache just stored
+    (``ctx.cache_digest``). Not awaited by the request: its answer is already sent, and a client
+    that then hangs up must neither cancel the write nor turn the request into a disconnect."""
     probe, ctx.semantic = ctx.semantic, None
     if probe is None or ctx.route is None or not ctx.cache_digest:
         return
+    task = asyncio.get_running_loop().create_task(
+        _store_vector(tenant_id, ctx.route.name, ctx.cache_digest, probe, ctx.cache_ttl, ctx.request_id)
+    )
+    _writes.add(task)
+    task.add_done_callback(_writes.discard)
+
+
+async def _store_vector(tenant_id: int, model: str, cache_digest: str, probe: Probe, ttl: int, request_id: str) -> None:
     try:
-        await sync_to_async(_remember, thread_sensitive=False)(
-            tenant_id, ctx.route.name, ctx.cache_digest, probe, ctx.cache_ttl
-        )
+        await sync_to_async(_remember, thread_sensitive=False)(tenant_id, model, cache_digest, probe, ttl)
     except DatabaseError as exc:
-        log.warning("semantic cache: vector not stored: %s", exc, extra={"request_id": ctx.request_id})
+        log.warning("semantic cache: vector not stored: %s", exc, extra={"request_id": request_id})
+
+
+async def settled() -> None:
+    """Wait for the vector writes this process has started (for an orderly shutdown and tests)."""
+    while _writes:
+        await asyncio.gather(*list(_writes), return_exceptions=True)

@@ -146,7 +146,7 @@ async def keep(ctx: RequestContext, body: Json | None = None) -> None:
     if not await store.store(key.tenant.id, route.name, ctx.cache_digest, entry, ctx.cache_ttl):
         log.info("answer not cached (over the size cap or the store failed)", extra={"request_id": ctx.request_id})
         return
-    await semantic.remember(ctx, key.tenant.id)
+    semantic.remember(ctx, key.tenant.id)  # in the background: the answer is already sent
 
 
 async def invalidate(tenant_id: int, model: str | None) -> int:
