@@ -126,7 +126,7 @@ CHITTYCAN_CACHE_MEMORY_ENTRIES = env_int("CHITTYCAN_CACHE_MEMORY_ENTRIES", 10_00
 # The semantic cache (docs/caching.md "Semantic cache"): how many stored prompts of one tenant,
 # model and parameters an in-process search compares (the newest), and whether PostgreSQL's
 # pgvector extension is used when it is available (auto) or never (off).
-CHITTYCAN_SEMANTIC_MAX_ROWS = env_int("CHITTYCAN_SEMANTIC_MAX_ROWS", 5_000)
+CHITTYCAN_SEMANTIC_MAX_ROWS = env_int("CHITTYCAN_SEMANTIC_MAX_ROWS", 1_000)
 CHITTYCAN_SEMANTIC_PGVECTOR = env_str("CHITTYCAN_SEMANTIC_PGVECTOR", "auto")
 # After a failed call, a PING on a connection of its own decides: this many consecutive failures,
 # each with this timeout (seconds), mean Redis is down.

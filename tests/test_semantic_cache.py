@@ -14,7 +14,12 @@ import httpx
 import openai
 import pytest
 
+from tests import anthropic_support as support
 from tests.conftest import wait_usage
+
+anthropic_upstream = support.anthropic_upstream
+fake_anthropic_server = support.fake_anthropic_server
+anthropic_client = support.anthropic_client
 
 EMBEDDER = "text-embedding-3-small"
 
@@ -341,3 +346,31 @@ def test_config_file_applies_exports_and_checks_the_semantic_cache(db, tmp_path)
     ):
         with pytest.raises(schema.ConfigError, match=re.escape(message)):
             load.load_text(bad, filename="x.yaml", env={})
+
+
+def test_anthropic_messages_hit_in_their_own_wire_format(semantic, anthropic_upstream, anthropic_client):
+    enable_semantic("claude-sonnet-4")
+    fields: Any = {"model": "claude-sonnet-4", "max_tokens": 50, "system": "Be brief."}
+    first = anthropic_client.messages.create(**fields, messages=[{"role": "user", "content": CAPITAL}])
+    wait_vectors(1)
+    raw = anthropic_client.messages.with_raw_response.create(
+        **fields, messages=[{"role": "user", "content": CAPITAL_AGAIN}]
+    )
+    assert raw.headers["x-chittycan-cache"] == "HIT"
+    assert raw.headers["x-chittycan-cache-similarity"] == "0.990"
+    second = raw.parse()
+    assert second.content[0].text == first.content[0].text and second.id == first.id
+    assert sum(1 for r in anthropic_upstream.requests if r.path.endswith("/messages")) == 1
+    embedded = [r.body["input"] for r in semantic.requests if r.path.endswith("/embeddings")]
+    assert embedded[0] == f"system: Be brief.\nuser: {CAPITAL}"
+
+
+def test_a_key_without_the_embeddings_endpoint_gets_plain_misses(semantic, gateway_server, make_tenant, make_key):
+    tenant = make_tenant("chat-only")
+    key = make_key(tenant, scopes={"endpoints": ["chat"]})
+    assert post(gateway_server, key, ask(CAPITAL)).headers["x-chittycan-cache"] == "MISS"
+    assert post(gateway_server, key, ask(CAPITAL_AGAIN)).headers["x-chittycan-cache"] == "MISS"
+    assert post(gateway_server, key, ask(CAPITAL)).headers["x-chittycan-cache"] == "HIT"  # the exact cache
+    assert calls(semantic, "/embeddings") == 0
+    rows = wait_usage(3, tenant=tenant)
+    assert [r.endpoint for r in rows] == ["chat", "chat", "chat"]

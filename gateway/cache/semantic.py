@@ -59,7 +59,6 @@ __all__ = [
     "nearest",
     "prompt_and_params",
     "remember",
-    "settled",
 ]
 
 #: What the pipeline supplies: embed ``text`` with the public embedding ``model`` as a request of
@@ -331,8 +330,3 @@ async def _store_vector(tenant_id: int, model: str, cache_digest: str, probe: Pr
     except DatabaseError as exc:
         log.warning("semantic cache: vector not stored: %s", exc, extra={"request_id": request_id})
 
-
-async def settled() -> None:
-    """Wait for the vector writes this process has started (for an orderly shutdown and tests)."""
-    while _writes:
-        await asyncio.gather(*list(_writes), return_exceptions=True)
