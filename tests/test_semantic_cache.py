@@ -29,12 +29,14 @@ CAPITAL = "What is the capital of France?"
 CAPITAL_AGAIN = "Which city is the capital of France, please?"  # cosine 0.990 with CAPITAL
 CAPITAL_FAR = "Tell me something about France."  # cosine 0.900 with CAPITAL
 WEATHER = "How is the weather today?"  # orthogonal
+WEATHER_AGAIN = "How's today's weather?"  # cosine 0.995 with WEATHER
 CAPITAL_VAGUE = "France: its capital?"  # cosine 0.900 with CAPITAL, 0.810 with CAPITAL_FAR
 VECTORS = {
     CAPITAL: [1.0, 0.0, 0.0, 0.0],
     CAPITAL_AGAIN: [0.99, math.sqrt(1 - 0.99**2), 0.0, 0.0],
     CAPITAL_FAR: [0.9, 0.0, math.sqrt(1 - 0.9**2), 0.0],
     WEATHER: [0.0, 0.0, 0.0, 1.0],
+    WEATHER_AGAIN: [0.0, 0.0, math.sqrt(1 - 0.995**2), 0.995],
     CAPITAL_VAGUE: [0.9, 0.0, 0.0, math.sqrt(1 - 0.9**2)],
 }
 
@@ -213,6 +215,17 @@ def test_a_semantic_hit_replays_as_a_stream(semantic, gateway_server, tenant_key
     chunks = list(raw.parse())
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
     assert calls(semantic, "/chat/completions") == 1
+    # a streamed miss stores its prompt too, and serves a similar non-stream request
+    semantic.text = "Sunny."
+    streamed = client.chat.completions.create(**ask(WEATHER), stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "Sunny."
+    wait_vectors(2)
+    semantic.text = "not served"
+    hit = client.chat.completions.with_raw_response.create(**ask(WEATHER_AGAIN))
+    assert hit.headers["x-chittycan-cache"] == "HIT"
+    assert hit.headers["x-chittycan-cache-similarity"] == "0.995"
+    assert hit.parse().choices[0].message.content == "Sunny."
+    assert calls(semantic, "/chat/completions") == 2
 
 
 def test_no_cache_and_no_store(semantic, gateway_server, tenant_key):
