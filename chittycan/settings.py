@@ -124,6 +124,11 @@ CHITTYCAN_REDIS_POOL_TIMEOUT = env_float("CHITTYCAN_REDIS_POOL_TIMEOUT", 10.0)
 # in the embedded mode (no Redis), how many answers this process keeps (least recently used go).
 CHITTYCAN_CACHE_MAX_BYTES = env_int("CHITTYCAN_CACHE_MAX_BYTES", 1_048_576)
 CHITTYCAN_CACHE_MEMORY_ENTRIES = env_int("CHITTYCAN_CACHE_MEMORY_ENTRIES", 10_000)
+# The semantic cache (docs/caching.md "Semantic cache"): how many stored prompts of one tenant,
+# model and parameters an in-process search compares (the newest), and whether PostgreSQL's
+# pgvector extension is used when it is available (auto) or never (off).
+CHITTYCAN_SEMANTIC_MAX_ROWS = env_int("CHITTYCAN_SEMANTIC_MAX_ROWS", 1_000)
+CHITTYCAN_SEMANTIC_PGVECTOR = env_str("CHITTYCAN_SEMANTIC_PGVECTOR", "auto")
 # After a failed call, a PING on a connection of its own decides: this many consecutive failures,
 # each with this timeout (seconds), mean Redis is down.
 CHITTYCAN_REDIS_PROBE_TIMEOUT = env_float("CHITTYCAN_REDIS_PROBE_TIMEOUT", 0.5)

@@ -20,7 +20,7 @@ from django.utils.safestring import SafeString
 
 from core import egress
 from gateway import catalog
-from gateway.models import DEFAULT_CACHE_TTL, Deployment, LLMModel, Price, Provider
+from gateway.models import DEFAULT_CACHE_TTL, DEFAULT_SEMANTIC_THRESHOLD, Deployment, LLMModel, Price, Provider
 from gateway.providers.base import ProviderConfig
 from gateway.routing import breaker
 from gateway.routing.table import DeploymentRoute, breaker_settings
@@ -202,6 +202,13 @@ class LLMModelForm(forms.ModelForm):
         initial=DEFAULT_CACHE_TTL,
         help_text="Seconds a cached answer is served (default 24 h)",
     )
+    semantic_threshold = forms.FloatField(
+        min_value=0.5,
+        max_value=1.0,
+        required=False,
+        initial=DEFAULT_SEMANTIC_THRESHOLD,
+        help_text="Cosine similarity (0.5 to 1) a cached prompt must reach to be served (default 0.95)",
+    )
 
     class Meta:
         model = LLMModel
@@ -215,7 +222,25 @@ class LLMModelForm(forms.ModelForm):
             "is_active",
             "cache_enabled",
             "cache_ttl",
+            "semantic_cache_enabled",
+            "semantic_threshold",
+            "semantic_embedding_model",
         ]
+
+    def clean(self) -> dict[str, Any]:
+        """The semantic cache needs the exact cache and an embedding model of the catalogue."""
+        data: dict[str, Any] = super().clean() or {}
+        if data.get("semantic_cache_enabled"):
+            if not data.get("cache_enabled"):
+                self.add_error("semantic_cache_enabled", "Turn the response cache on too: a semantic hit replays it.")
+            name = data.get("semantic_embedding_model") or ""
+            if not LLMModel.objects.filter(name=name, kind=LLMModel.Kind.EMBEDDING).exists():
+                self.add_error("semantic_embedding_model", "The public name of an embedding model of the catalogue.")
+        return data
+
+    def clean_semantic_threshold(self) -> float:
+        value = self.cleaned_data.get("semantic_threshold")
+        return DEFAULT_SEMANTIC_THRESHOLD if value is None else float(value)
 
     def clean_cache_ttl(self) -> int:
         """Left empty (a form posted without it): the model's default, 24 h."""

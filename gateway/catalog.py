@@ -75,6 +75,9 @@ class ModelFields(TypedDict, total=False):
     is_active: bool
     cache_enabled: bool
     cache_ttl: int
+    semantic_cache_enabled: bool
+    semantic_threshold: float
+    semantic_embedding_model: str
     created_at: datetime
 
 

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from budgets.counters import Reservation
     from core.runtime import RedisBatch
     from gateway.cache import Entry
+    from gateway.cache.semantic import Probe
     from gateway.limits import RatePlan, RateTicket
     from gateway.routing.table import DeploymentRoute, ModelRoute
     from gateway.tracing import Trace
@@ -72,6 +73,7 @@ class RequestContext:
     cache_ttl: int = 0  # seconds a stored answer is kept (0: the answer is not stored)
     cache_items: list[dict[str, Any]] | None = None  # a streamed miss's items, recorded as relayed
     saved_micro: int = 0  # a hit: what the answer would have cost
+    semantic: Probe | None = None  # the embedded prompt, stored with the answer (the semantic cache)
     estimated_prompt_tokens: int = 0
     output_text_chars: int = 0
     timings: dict[str, float] = field(default_factory=dict)

@@ -17,6 +17,7 @@ __all__ = [
     "LLMModel",
     "Price",
     "Provider",
+    "SemanticVector",
 ]
 
 
@@ -76,6 +77,7 @@ class Provider(models.Model):
 
 
 DEFAULT_CACHE_TTL = 86_400  # seconds: the response cache's default TTL (24 h)
+DEFAULT_SEMANTIC_THRESHOLD = 0.95  # cosine similarity a semantic cache hit needs by default
 
 
 class LLMModel(models.Model):
@@ -104,6 +106,21 @@ class LLMModel(models.Model):
         default=DEFAULT_CACHE_TTL,
         validators=[MinValueValidator(1)],
         help_text="Seconds a cached answer is served (default 24 h)",
+    )
+    # The semantic cache (gateway.cache.semantic, docs/caching.md): needs the exact cache on.
+    semantic_cache_enabled = models.BooleanField(
+        default=False, help_text="Also serve a cached answer to a similar prompt (needs the response cache on)"
+    )
+    semantic_threshold = models.FloatField(
+        default=DEFAULT_SEMANTIC_THRESHOLD,
+        validators=[MinValueValidator(0.5), MaxValueValidator(1.0)],
+        help_text="Cosine similarity (0.5 to 1) a cached prompt must reach to be served",
+    )
+    semantic_embedding_model = models.CharField(
+        max_length=200,
+        blank=True,
+        default="",
+        help_text="The public name of the catalogue's embedding model that embeds the prompts (metered)",
     )
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -157,3 +174,33 @@ class Price(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} from {self.effective_from:%Y-%m-%d}"
+
+
+class SemanticVector(models.Model):
+    """The embedded prompt of one cached answer (the semantic cache, ``gateway.cache.semantic``).
+
+    Searched among the rows of one tenant, public model and ``params_digest`` (every field of the
+    exact cache key but the prompt's text); ``cache_digest`` names the exact cache entry a hit
+    replays. ``vector`` is the unit-normalised embedding, little-endian float32.
+    """
+
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    model = models.CharField(max_length=200, help_text="The public model name")
+    params_digest = models.CharField(max_length=64)
+    cache_digest = models.CharField(max_length=64)
+    dims = models.PositiveIntegerField()
+    vector = models.BinaryField()
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["tenant", "model", "params_digest", "-created_at"], name="semanticvector_search"),
+            models.Index(fields=["expires_at"], name="semanticvector_expiry"),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "model", "cache_digest"], name="semanticvector_unique_entry"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.cache_digest[:12]}"

@@ -246,6 +246,9 @@ class _Applier:
                 "is_active": spec.active,
                 "cache_enabled": spec.cache is not None and spec.cache.enabled,
                 "cache_ttl": spec.cache.ttl if spec.cache is not None else 86_400,
+                "semantic_cache_enabled": spec.semantic_cache is not None and spec.semantic_cache.enabled,
+                "semantic_embedding_model": spec.semantic_cache.embedding_model if spec.semantic_cache else "",
+                "semantic_threshold": spec.semantic_cache.threshold if spec.semantic_cache else 0.95,
             }
             model = LLMModel.objects.filter(name=spec.name).first()
             with self.valid("model", spec.name):

@@ -215,6 +215,15 @@ class CacheSpec(_Spec):
     ttl: Annotated[int, Field(ge=1)] = 86_400
 
 
+class SemanticCacheSpec(_Spec):
+    """``semantic_cache: {embedding_model: text-embedding-3-small, threshold: 0.95}`` on a model:
+    a cached answer also serves a prompt this similar (cosine); needs ``cache`` on the model."""
+
+    enabled: bool = True
+    embedding_model: Name
+    threshold: Annotated[float, Field(ge=0.5, le=1.0)] = 0.95
+
+
 class ModelSpec(_Spec):
     name: Name
     kind: Literal["chat", "embedding", "completion"] = "chat"
@@ -224,6 +233,7 @@ class ModelSpec(_Spec):
     max_output_tokens: Annotated[int, Field(ge=0)] = 16_384
     active: bool = True
     cache: CacheSpec | None = None  # the exact response cache; absent: off
+    semantic_cache: SemanticCacheSpec | None = None  # the semantic cache; absent: off
     deployments: list[DeploymentSpec] = []
     prices: list[PriceSpec] = []
 
@@ -308,6 +318,26 @@ def _budget_dupes(budgets: list[BudgetSpec], where: Path) -> Iterator[tuple[Path
             seen[ident] = i
 
 
+def _semantic_problems(doc: Document, i: int, model: ModelSpec) -> list[tuple[Path, str]]:
+    """A semantic cache needs the model's exact cache and an embedding model of the file."""
+    semantic = model.semantic_cache
+    if semantic is None or not semantic.enabled:
+        return []
+    path: Path = ("models", i, "semantic_cache")
+    problems: list[tuple[Path, str]] = []
+    if model.cache is None or not model.cache.enabled:
+        problems.append((path, "needs the model's cache on (a semantic hit replays a cached answer)"))
+    kinds = {m.name: m.kind for m in doc.models}
+    kind = kinds.get(semantic.embedding_model)
+    if kind is None:
+        problems.append(((*path, "embedding_model"), f"no model {semantic.embedding_model} in models"))
+    elif kind != "embedding":
+        problems.append(
+            ((*path, "embedding_model"), f"{semantic.embedding_model} is a {kind} model, not an embedding one")
+        )
+    return problems
+
+
 def check_references(doc: Document) -> list[tuple[Path, str]]:
     """What a schema cannot say: uniqueness, references between objects, the tenant tree."""
     problems: list[tuple[Path, str]] = []
@@ -337,6 +367,7 @@ def check_references(doc: Document) -> list[tuple[Path, str]]:
                 problems.append((path, f"duplicate deployment {dep.provider}:{dep.upstream_model}"))
             seen_deployments.setdefault(ident, j)
         problems += _dupes(model.prices, "effective_from", ("models", i, "prices"), "price date")
+        problems += _semantic_problems(doc, i, model)
     tenant_slugs = {t.slug for t in doc.tenants}
     parents = {t.slug: t.parent for t in doc.tenants}
     for i, tenant in enumerate(doc.tenants):

@@ -23,19 +23,22 @@ from cancellation, exactly once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 
 import orjson
 
-from gateway import tracing
+from gateway import auth, tracing
 from gateway.context import RequestContext, Responder
 from gateway.errors import GatewayError, InvalidRequest
-from gateway.formats import CHAT, MESSAGES, WireFormat
+from gateway.formats import CHAT, EMBEDDINGS, MESSAGES, WireFormat
 from gateway.formats.anthropic import check_messages, prompt_estimate
 from gateway.formats.checks import json_object, model_name
 from gateway.pipeline import authenticate, cache, dispatch, limit, parse, record, relay, reserve, route, settle
 
 __all__ = ["count_tokens", "invalidate_cache", "new_request_id", "run"]
+
+log = logging.getLogger(__name__)
 
 
 def new_request_id() -> str:
@@ -55,7 +58,7 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
         most_output = wire.max_output_tokens(ctx)
         await limit.run(ctx, most_output)
         ctx.stage("limit")
-        await cache.lookup(ctx, responder.headers)
+        await cache.lookup(ctx, responder.headers, embed=_embed)
         if ctx.cache_result in ("miss", "bypass"):
             ctx.stage("cache")  # a hit closes its own stage
         if not ctx.cache_hit:
@@ -106,6 +109,43 @@ async def _settle_and_record(ctx: RequestContext) -> None:
     await settle.run(ctx)
     ctx.stage("settle")
     await record.run(ctx)
+
+
+async def _embed(parent: RequestContext, model: str, text: str) -> list[float] | None:
+    """The semantic cache's embedding of a prompt: an embeddings request of the parent's key, run
+    through the stages like any (route, limit, reserve, dispatch, settle, record: its own ledger
+    row and request id). None, and the semantic cache is skipped, when it is refused or fails."""
+    ctx = RequestContext(request_id=new_request_id(), endpoint=EMBEDDINGS.endpoint)
+    ctx.key, ctx.requested_model, ctx.end_user = parent.key, model, parent.end_user
+    ctx.body = {"model": model, "input": text}
+    try:
+        assert ctx.key is not None
+        auth.check_endpoint(ctx.key, ctx.endpoint)
+        await route.resolve(ctx, EMBEDDINGS.kinds)
+        ctx.estimated_prompt_tokens = EMBEDDINGS.prompt_tokens(ctx)
+        await limit.run(ctx, 0)
+        await reserve.run(ctx, 0)
+    except GatewayError as err:
+        record.refused(ctx, err)
+        log.info("semantic cache: embedding refused: %s", err.message, extra={"request_id": parent.request_id})
+        return None
+    try:
+        result = await dispatch.call(ctx, EMBEDDINGS.operation)
+        ctx.stage("upstream")
+        ctx.usage = EMBEDDINGS.read_result(ctx, result)
+    except GatewayError as err:
+        ctx.status, ctx.http_status, ctx.error_type = "upstream_error", err.status, err.code or err.type
+        log.info("semantic cache: embedding failed: %s", err.message, extra={"request_id": parent.request_id})
+        return None
+    finally:
+        await asyncio.shield(_settle_and_record(ctx))
+    data = result.get("data")
+    first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
+    vector = first.get("embedding")
+    if not isinstance(vector, list) or not all(isinstance(v, int | float) for v in vector):
+        log.info("semantic cache: the embedding answer has no vector", extra={"request_id": parent.request_id})
+        return None
+    return [float(v) for v in vector]
 
 
 async def count_tokens(responder: Responder, ctx: RequestContext, body: bytes) -> None:

@@ -24,7 +24,7 @@ import orjson
 from core import money
 from gateway import admission
 from gateway import cache as store
-from gateway.cache import render
+from gateway.cache import render, semantic
 from gateway.context import RequestContext, Responder
 from gateway.errors import InvalidRequest
 from gateway.formats import WireFormat
@@ -33,6 +33,7 @@ from gateway.formats.base import Json
 log = logging.getLogger(__name__)
 
 HEADER = b"x-chittycan-cache"
+SIMILARITY_HEADER = b"x-chittycan-cache-similarity"
 MAX_TTL = 30 * 86_400
 
 
@@ -56,8 +57,11 @@ def _ttl(headers: dict[bytes, bytes], default: int) -> int:
     return ttl
 
 
-async def lookup(ctx: RequestContext, headers: dict[bytes, bytes]) -> None:
-    """Find the tenant's cached answer (``ctx.cache_hit``), or prepare this answer's storing."""
+async def lookup(ctx: RequestContext, headers: dict[bytes, bytes], embed: semantic.Embed | None = None) -> None:
+    """Find the tenant's cached answer (``ctx.cache_hit``), or prepare this answer's storing.
+
+    After an exact miss, a model with the semantic cache on embeds the prompt through ``embed``
+    and may serve the answer of a similar one (``gateway.cache.semantic``)."""
     ctx.cache_hit = False
     route, key = ctx.route, ctx.key
     if route is None or key is None or route.cache_ttl <= 0:
@@ -70,6 +74,9 @@ async def lookup(ctx: RequestContext, headers: dict[bytes, bytes]) -> None:
     ctx.cache_ttl = _ttl(headers, route.cache_ttl)
     ctx.cache_digest = store.request_digest(ctx.endpoint, route.name, ctx.body, ctx.upstream_headers)
     entry = None if "no-cache" in directives else await store.lookup(key.tenant.id, route.name, ctx.cache_digest)
+    similarity = 0.0
+    if entry is None and route.semantic_model and embed is not None:
+        entry, similarity = await semantic.find(ctx, key.tenant.id, embed, search="no-cache" not in directives)
     if entry is None or entry.endpoint != ctx.endpoint:
         ctx.extra_headers.append((HEADER, b"MISS"))
         ctx.cache_result = "miss"
@@ -81,6 +88,8 @@ async def lookup(ctx: RequestContext, headers: dict[bytes, bytes]) -> None:
     ctx.extra_headers.append((HEADER, b"HIT"))
     ctx.cache_result = "hit"
     ctx.extra_headers.append((b"age", str(max(0, int(time.time() - entry.stored_at))).encode()))
+    if similarity:
+        ctx.extra_headers.append((SIMILARITY_HEADER, f"{similarity:.3f}".encode()))
     ctx.usage = entry.usage
     ctx.saved_micro = money.cost_micro(route.price_at(), entry.usage)
     ctx.cost_micro = 0
@@ -136,6 +145,8 @@ async def keep(ctx: RequestContext, body: Json | None = None) -> None:
     )
     if not await store.store(key.tenant.id, route.name, ctx.cache_digest, entry, ctx.cache_ttl):
         log.info("answer not cached (over the size cap or the store failed)", extra={"request_id": ctx.request_id})
+        return
+    semantic.remember(ctx, key.tenant.id)  # in the background: the answer is already sent
 
 
 async def invalidate(tenant_id: int, model: str | None) -> int:

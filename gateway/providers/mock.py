@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import re
 import struct
 import time
 import uuid
@@ -246,14 +247,37 @@ class MockProvider(Provider):
         }
 
 
+def _features(text: str) -> list[tuple[str, float]]:
+    """Lower-cased words (weight 1) and their character trigrams (weight 0.5)."""
+    words = re.findall(r"\w+", text.lower())
+    found: list[tuple[str, float]] = [(f"w:{w}", 1.0) for w in words]
+    for word in words:
+        padded = f"^{word}$"
+        found.extend((f"t:{padded[i : i + 3]}", 0.5) for i in range(len(padded) - 2))
+    return found
+
+
 def _vector(text: str, dims: int) -> list[float]:
-    """A unit vector derived from the text: same text, same vector."""
-    out: list[float] = []
-    counter = 0
-    while len(out) < dims:
-        block = hashlib.sha256(f"{counter}:{text}".encode()).digest()
-        out.extend(v / 2**31 - 1.0 for v in struct.unpack("<8I", block))
-        counter += 1
-    out = out[:dims]
-    norm = math.sqrt(sum(v * v for v in out)) or 1.0
+    """A unit vector derived from the text: same text, same vector; similar texts, close vectors.
+
+    A hashed bag of words and character trigrams (each feature adds its weight, signed, to one
+    of ``dims`` buckets), so the semantic cache can be shown offline: "What is the capital of
+    France?" and "what is the capital of france" get the same vector, a reworded question a
+    close one. A text without words gets a vector hashed from its bytes.
+    """
+    out = [0.0] * dims
+    for feature, weight in _features(text):
+        digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
+        bucket = int.from_bytes(digest[:7], "little") % dims
+        out[bucket] += weight if digest[7] & 1 else -weight
+    norm = math.sqrt(sum(v * v for v in out))
+    if norm == 0.0:
+        counter = 0
+        out = []
+        while len(out) < dims:
+            block = hashlib.sha256(f"{counter}:{text}".encode()).digest()
+            out.extend(v / 2**31 - 1.0 for v in struct.unpack("<8I", block))
+            counter += 1
+        out = out[:dims]
+        norm = math.sqrt(sum(v * v for v in out)) or 1.0
     return [v / norm for v in out]

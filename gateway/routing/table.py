@@ -46,6 +46,8 @@ class ModelRoute:
     prices: tuple[PriceInfo, ...] = ()  # newest first
     aliases: tuple[str, ...] = ()
     cache_ttl: int = 0  # seconds the exact response cache keeps an answer; 0: the cache is off
+    semantic_model: str = ""  # the embedding model of the semantic cache; "": it is off
+    semantic_threshold: float = 1.0  # the cosine similarity a semantic hit needs
 
     def price_at(self, when: datetime | None = None) -> PriceInfo | None:
         when = when or timezone.now()
@@ -111,6 +113,11 @@ def breaker_settings(provider: Provider) -> BreakerSettings:
     )
 
 
+def _semantic_model(model: LLMModel) -> str:
+    """The embedding model of the model's semantic cache, or "" (off; it needs the exact cache)."""
+    return model.semantic_embedding_model if model.cache_enabled and model.semantic_cache_enabled else ""
+
+
 def load_route_table() -> RouteTable:
     """Build the snapshot from the database (synchronous; call off the event loop)."""
     table = RouteTable(loaded_at=time.monotonic())
@@ -151,6 +158,8 @@ def load_route_table() -> RouteTable:
             prices=prices,
             aliases=tuple(model.aliases or ()),
             cache_ttl=model.cache_ttl if model.cache_enabled else 0,
+            semantic_model=_semantic_model(model),
+            semantic_threshold=model.semantic_threshold,
         )
         table.models[model.name] = route
         for alias in model.aliases or ():
@@ -214,6 +223,8 @@ def dev_route(name: str, known: ModelRoute | None) -> ModelRoute | None:
             prices=known.prices,
             aliases=known.aliases,
             cache_ttl=known.cache_ttl,
+            semantic_model=known.semantic_model,
+            semantic_threshold=known.semantic_threshold,
         )
     return ModelRoute(
         id=None,

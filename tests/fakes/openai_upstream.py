@@ -14,6 +14,7 @@ import random
 import struct
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,8 @@ class FakeOpenAI:
         self.cached_tokens = 0
         self.fault: Fault | None = None
         self._random = random.Random(0)
+        # Tests that need chosen vectors (the semantic cache) set this: input text -> its embedding.
+        self.embedding_for: Callable[[str], list[float]] | None = None
 
     def set_fault(self, fault: Fault | None) -> None:
         self.fault = fault
@@ -102,6 +105,7 @@ class FakeOpenAI:
         self.disconnects = 0
         self.completed_streams = 0
         self.cached_tokens = 0
+        self.embedding_for = None
         self.set_fault(None)
 
     def prompt_tokens(self, body: dict[str, Any]) -> int:
@@ -340,8 +344,12 @@ class FakeOpenAI:
         items = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
         dims = body.get("dimensions") or 8
         data = []
-        for i, _ in enumerate(items):
-            vector = [round(0.1 * (i + 1) + 0.01 * d, 4) for d in range(dims)]
+        for i, item in enumerate(items):
+            if self.embedding_for is not None and isinstance(item, str):
+                vector = self.embedding_for(item)
+                dims = len(vector)
+            else:
+                vector = [round(0.1 * (i + 1) + 0.01 * d, 4) for d in range(dims)]
             emb: Any = vector
             if body.get("encoding_format") == "base64":
                 emb = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
