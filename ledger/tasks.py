@@ -24,7 +24,7 @@ def rollup_usage() -> dict[str, Any]:
 @shared_task(name="gateway.tasks.prune_usage", autoretry_for=(OperationalError,), retry_backoff=True, max_retries=5)
 def prune_usage() -> dict[str, Any]:
     result = retention.prune_usage()
-    return {"cutoff": result.cutoff.isoformat(), "hours": result.hours, "rows": result.rows}
+    return {"cutoff": result.cutoff.isoformat(), "hours": result.hours, "rows": result.rows, **result.others}
 
 
 @shared_task(
