@@ -393,7 +393,7 @@ def test_anthropic_upstream_translated(anthropic_upstream, gateway_server, tenan
     sent = anthropic_upstream.requests[-1]
     assert sent.path == "/v1/messages"
     assert sent.body["system"] == [{"type": "text", "text": "Be brief."}] and sent.body["max_tokens"] == 64
-    assert sent.body["messages"] == [{"role": "user", "content": "Hi"}]
+    assert sent.body["messages"] == [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
     events = events_of(client.responses.create(model="claude-sonnet-4", input="Hi", stream=True))
     check_sequence(events)
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == response.output_text
