@@ -22,7 +22,7 @@ from tests.fakes.openai_upstream import Reply, sse
 fake_anthropic_server = support.fake_anthropic_server
 anthropic_upstream = support.anthropic_upstream
 
-WEATHER: dict[str, Any] = {
+WEATHER: Any = {
     "type": "function",
     "name": "get_weather",
     "description": "Weather for a city",
@@ -35,6 +35,11 @@ SCHEMA: dict[str, Any] = {
     "strict": True,
 }
 TEXT = "Hello from the fake upstream!"
+
+
+def error_of(exc: Any) -> Any:
+    """The error object the SDK parsed from the answer's envelope."""
+    return exc.value.body
 
 
 def upstream_calls(app: Any, suffix: str) -> list[Any]:
@@ -237,7 +242,7 @@ def test_retrieve_input_items_and_delete(upstream, openai_client):
     assert deleted.status_code == 200 and deleted.json() == {"id": created.id, "object": "response", "deleted": True}
     with pytest.raises(openai.NotFoundError) as exc:
         openai_client.responses.retrieve(created.id)
-    assert exc.value.body["code"] == "response_not_found"
+    assert error_of(exc)["code"] == "response_not_found"
     with pytest.raises(openai.NotFoundError):
         openai_client.responses.delete(created.id)
     with pytest.raises(openai.NotFoundError):
@@ -251,8 +256,8 @@ def test_store_false_is_not_retrievable(upstream, openai_client):
         openai_client.responses.retrieve(response.id)
     with pytest.raises(openai.NotFoundError) as exc:
         openai_client.responses.create(model="gpt-4o", input="More", previous_response_id=response.id)
-    assert exc.value.body["param"] == "previous_response_id"
-    assert exc.value.body["code"] == "previous_response_not_found"
+    assert error_of(exc)["param"] == "previous_response_id"
+    assert error_of(exc)["code"] == "previous_response_not_found"
     with pytest.raises(openai.NotFoundError):
         openai_client.responses.input_items.list(response.id)
 
@@ -388,7 +393,7 @@ def test_anthropic_upstream_translated(anthropic_upstream, gateway_server, tenan
     response = client.responses.create(
         model="claude-sonnet-4", input="Hi", instructions="Be brief.", max_output_tokens=64
     )
-    assert response.output_text == "Hello from the fake Anthropic!"
+    assert response.output_text == "Hello from the fake Anthropic!" and response.usage is not None
     assert (response.usage.input_tokens, response.usage.output_tokens) == (10, 7)
     sent = anthropic_upstream.requests[-1]
     assert sent.path == "/v1/messages"
@@ -485,14 +490,14 @@ def test_bad_requests_are_400_in_the_openai_envelope(upstream, gateway_server, t
 def test_unsupported_tools_for_a_translated_model_are_a_400(upstream, openai_client):
     with pytest.raises(openai.BadRequestError) as exc:
         openai_client.responses.create(model="gpt-4o", input="Hi", tools=[{"type": "web_search"}])
-    assert exc.value.body["param"] == "tools.0.type"
+    assert error_of(exc)["param"] == "tools.0.type"
     assert not upstream_calls(upstream, "/chat/completions")
 
 
 def test_unknown_ids_and_bad_listing_parameters(upstream, openai_client, gateway_server, tenant_key):
     with pytest.raises(openai.NotFoundError) as exc:
         openai_client.responses.retrieve("resp_nope")
-    assert exc.value.body["code"] == "response_not_found"
+    assert error_of(exc)["code"] == "response_not_found"
     created = openai_client.responses.create(model="gpt-4o", input="Hi")
     headers = {"authorization": f"Bearer {tenant_key[1]}"}
     base = f"{gateway_server.url}/v1/responses/{created.id}/input_items"
