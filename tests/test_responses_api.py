@@ -516,3 +516,33 @@ def test_key_scoped_to_other_endpoints_is_refused(upstream, gateway_server, make
         client.responses.create(model="gpt-4o", input="Hi")
     with pytest.raises(openai.PermissionDeniedError):
         client.responses.retrieve("resp_anything")
+
+
+# --- the offline mock (what `make run` serves) ---------------------------------------------------------
+
+
+def test_the_mock_answers_the_responses_api(transactional_db, gateway_server, make_tenant, make_key):
+    from gateway.models import Provider
+    from tests.conftest import add_model
+
+    add_model("mock-gpt", Provider.objects.create(slug="mock", kind="mock"))
+    client = openai.OpenAI(base_url=f"{gateway_server.url}/v1", api_key=make_key(make_tenant("demo")), max_retries=0)
+    first = client.responses.create(model="mock-gpt", input="Say hello")
+    again = client.responses.create(model="mock-gpt", input="Say hello")
+    assert first.output_text and first.output_text == again.output_text  # deterministic
+    assert first.usage is not None and first.usage.input_tokens > 0 and first.usage.output_tokens > 0
+    with client.responses.stream(model="mock-gpt", input="Say hello") as stream:
+        final = stream.get_final_response()
+    assert final.output_text == first.output_text and final.usage == first.usage
+    called = client.responses.create(model="mock-gpt", input="Weather?", tools=[WEATHER])
+    [call] = called.output
+    assert call.type == "function_call" and call.name == "get_weather" and "city" in json.loads(call.arguments)
+    done = client.responses.create(
+        model="mock-gpt",
+        previous_response_id=called.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "18C"}],
+        tools=[WEATHER],
+    )
+    assert done.output[0].type == "message" and done.output_text
+    rows = wait_usage(5, endpoint="responses")
+    assert len(rows) == 5 and all(r.usage_source == "upstream" and r.cost_micro > 0 for r in rows)

@@ -79,11 +79,18 @@ curl:
 Sent twice, the second answer comes from the response cache (X-ChittyCan-Cache: HIT, cost $0):
   add -i to the curl above to see the X-ChittyCan-Cache and X-ChittyCan-Cost headers.
 
+The Responses API (stored per tenant; GET {base}/responses/<id> retrieves one):
+  curl {base}/responses \\
+    -H "Authorization: Bearer $OPENAI_API_KEY" -H "Content-Type: application/json" \\
+    -d '{{"model": "gpt-4o-mini", "input": "Say hello"}}'
+
 Python (pip install openai):
   from openai import OpenAI
   client = OpenAI()  # reads OPENAI_API_KEY and OPENAI_BASE_URL
   reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "Say hello"}}])
   print(reply.choices[0].message.content, reply.usage)
+  response = client.responses.create(model="gpt-4o-mini", input="Say hello")
+  print(response.output_text, client.responses.retrieve(response.id).usage)
 
 {dev_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
 """
