@@ -23,6 +23,7 @@ $(VENV)/.installed: requirements/base.txt pyproject.toml
 $(VENV)/.installed-dev: $(VENV)/.installed requirements/dev.txt
 	$(PIP) install -q -r requirements/dev.txt
 	bash scripts/install_anthropic_legacy.sh
+	bash scripts/install_openai_legacy.sh
 	touch $@
 
 install: $(VENV)/.installed ## create the virtualenv, install the gateway, collect the admin's static files

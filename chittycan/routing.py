@@ -17,5 +17,6 @@ hot_routes: list[Any] = [
     path("v1/embeddings", consumers.EmbeddingsConsumer.as_asgi()),
     path("v1/messages", consumers.MessagesConsumer.as_asgi()),
     path("v1/messages/count_tokens", consumers.CountTokensConsumer.as_asgi()),
+    path("v1/responses", consumers.ResponsesConsumer.as_asgi()),
     path("v1/cache/invalidate", consumers.CacheInvalidateConsumer.as_asgi()),
 ]

@@ -267,6 +267,9 @@ CHITTYCAN_USAGE_RETENTION_DAYS = env_int("CHITTYCAN_USAGE_RETENTION_DAYS", 90)
 # Audit rows older than this are pruned by the prune task (docs/audit.md); a system check refuses
 # less than the billing export's window.
 CHITTYCAN_AUDIT_RETENTION_DAYS = env_int("CHITTYCAN_AUDIT_RETENTION_DAYS", 90)
+# Responses API answers the gateway stores (GET /v1/responses/{id}, previous_response_id): kept
+# this many days, then pruned with the usage rows (docs/responses.md).
+CHITTYCAN_RESPONSES_RETENTION_DAYS = env_int("CHITTYCAN_RESPONSES_RETENTION_DAYS", 30)
 # Writer retries while the database is down: exponential backoff from BASE up to MAX seconds.
 CHITTYCAN_USAGE_RETRY_BASE = env_float("CHITTYCAN_USAGE_RETRY_BASE", 0.25)
 CHITTYCAN_USAGE_RETRY_MAX = env_float("CHITTYCAN_USAGE_RETRY_MAX", 30.0)

@@ -54,6 +54,7 @@ class ProviderForm(forms.ModelForm):
             "connect_timeout",
             "read_timeout",
             "max_retries",
+            "responses_api",
             "breaker_failures",
             "breaker_error_rate",
             "breaker_min_requests",
@@ -102,7 +103,7 @@ class ProviderAdmin(AuditedAdmin[Provider]):
     list_filter = ["kind", "is_active"]
     search_fields = ["slug", "base_url"]
     fieldsets = [
-        (None, {"fields": ["slug", "kind", "base_url", "is_active"]}),
+        (None, {"fields": ["slug", "kind", "base_url", "responses_api", "is_active"]}),
         ("Credentials", {"fields": ["has_credential", "api_key", "clear_api_key", "extra_headers"]}),
         ("Timeouts and retries", {"fields": ["connect_timeout", "read_timeout", "max_retries"]}),
         (

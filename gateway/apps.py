@@ -17,6 +17,12 @@ class GatewayConfig(AppConfig):
 
         analytics.use_price_history(pricing.price_history)
 
+        # Stored Responses API answers expire with the retention task's run (ledger.retention).
+        from gateway import responses_store  # noqa: PLC0415  (app registry not ready at module import)
+        from ledger import retention  # noqa: PLC0415  (app registry not ready at module import)
+
+        retention.also_prune("stored_responses", responses_store.prune_expired)
+
         # Registers the embedded scheduler with the background tasks a gateway process starts
         # on its first request (it runs only when CHITTYCAN_EMBEDDED_SCHEDULER is on).
         from gateway import scheduler  # noqa: F401, PLC0415  (app registry not ready at module import)

@@ -56,6 +56,7 @@ class ProviderFields(TypedDict, total=False):
     connect_timeout: float
     read_timeout: float
     max_retries: int
+    responses_api: bool
     breaker_failures: int
     breaker_error_rate: float
     breaker_min_requests: int

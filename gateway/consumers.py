@@ -151,6 +151,12 @@ class MessagesConsumer(GatewayConsumer):
     wire = formats.MESSAGES
 
 
+class ResponsesConsumer(GatewayConsumer):
+    """``POST /v1/responses``: the Responses API (its GET and DELETE are in ``gateway.api``)."""
+
+    wire = formats.RESPONSES
+
+
 class CountTokensConsumer(GatewayConsumer):
     """``/v1/messages/count_tokens`` (Claude Code calls it); nothing is billed."""
 

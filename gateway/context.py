@@ -37,7 +37,7 @@ class Responder(Protocol):
 @dataclass(slots=True)
 class RequestContext:
     request_id: str
-    endpoint: str  # chat | completions | embeddings | messages
+    endpoint: str  # chat | completions | embeddings | messages | responses
     started: float = field(default_factory=time.perf_counter)
     created_at: float = field(default_factory=time.time)
     body: dict[str, Any] = field(default_factory=dict)
@@ -79,6 +79,7 @@ class RequestContext:
     timings: dict[str, float] = field(default_factory=dict)
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*
     upstream_headers: dict[str, str] = field(default_factory=dict)  # client headers to forward (anthropic-beta)
+    wire_state: Any = None  # what a wire format keeps for the request (the Responses API's ids and turns)
     _mark: float = 0.0
 
     def stage(self, name: str) -> None:

@@ -18,6 +18,7 @@ __all__ = [
     "Price",
     "Provider",
     "SemanticVector",
+    "StoredResponse",
 ]
 
 
@@ -57,6 +58,11 @@ class Provider(models.Model):
         default=30.0,
         validators=[MinValueValidator(0.1), MaxValueValidator(3600.0)],
         help_text="Seconds an open breaker skips the deployment before one probe request",
+    )
+    responses_api = models.BooleanField(
+        default=False,
+        help_text="The upstream serves the Responses API (/v1/responses) itself: OpenAI does, most "
+        "OpenAI-compatible servers do not. Off: /v1/responses is translated to chat completions.",
     )
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)
@@ -204,3 +210,28 @@ class SemanticVector(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} {self.cache_digest[:12]}"
+class StoredResponse(models.Model):
+    """A Responses API answer the gateway keeps for its tenant (``store`` true, the default), so
+    ``GET /v1/responses/{id}`` and ``previous_response_id`` work whatever served it (docs/responses.md).
+
+    ``input_items`` is everything the model was given as input: the earlier turns of the
+    conversation (``previous_response_id``'s input and output) followed by this request's own
+    items, so the next turn needs one row, not a walk up the chain. Rows past ``expires_at``
+    (``CHITTYCAN_RESPONSES_RETENTION_DAYS``) are pruned by the retention task.
+    """
+
+    id = models.CharField(primary_key=True, max_length=64)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="+")
+    model = models.CharField(max_length=200)
+    previous_response_id = models.CharField(max_length=64, blank=True, default="")
+    instructions = models.TextField(blank=True, default="")
+    input_items = models.JSONField(default=list)
+    response = models.JSONField(help_text="The response object as the client received it")
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["tenant", "created_at"], name="storedresponse_tenant_created")]
+
+    def __str__(self) -> str:
+        return self.id

@@ -8,11 +8,15 @@ arrives for it), so spend computed from the ledger does not change when rows are
 Rows under a hold (``ledger.holds``) are never pruned, whatever the retention: an hour holding
 any is left whole (raw, unsealed) and counted as kept back, with the reason. ``billing_export``
 holds every billable row not yet exported to Stripe, which reads raw rows.
+
+Apps above the ledger with data of their own to expire register a pruner (``also_prune``, from
+their ``AppConfig.ready``); the same task runs them (the gateway's stored Responses API answers).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -35,6 +39,16 @@ class PruneResult:
     kept_hours: int = 0  # hours left whole because a hold keeps some of their rows
     kept_rows: int = 0  # raw rows left in place past the cutoff (held rows and their hours' others)
     kept: dict[str, int] = field(default_factory=dict)  # held rows by reason
+    others: dict[str, int] = field(default_factory=dict)  # rows deleted by registered pruners, by name
+
+
+#: Other expiring data, pruned with the ledger: name -> function(now) returning rows deleted.
+_pruners: dict[str, Callable[[datetime], int]] = {}
+
+
+def also_prune(name: str, pruner: Callable[[datetime], int]) -> None:
+    """Have the retention task also run ``pruner(now)`` (it deletes what expired; returns how many)."""
+    _pruners[name] = pruner
 
 
 def prune_usage(now: datetime | None = None, retention_days: int | None = None) -> PruneResult:
@@ -80,6 +94,10 @@ def prune_usage(now: datetime | None = None, retention_days: int | None = None) 
                 state.save(update_fields=["sealed", "computed_at"])
             rollups.refresh_days((t, hour) for t in tenants)
         result.hours += 1
+    for name, pruner in _pruners.items():
+        result.others[name] = pruner(now)
+        if result.others[name]:
+            log.info("pruned %d expired %s", result.others[name], name)
     if result.rows:
         log.info("pruned %d usage rows in %d hours before %s", result.rows, result.hours, cutoff.isoformat())
     if result.kept_rows:

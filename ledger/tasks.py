@@ -34,6 +34,7 @@ def prune_usage() -> dict[str, Any]:
         "hours": result.hours,
         "rows": result.rows,
         "audit_rows": pruned.rows,
+        **result.others,
     }
 
 

@@ -36,7 +36,7 @@ from tenants.models import ApiKey, AuditEvent, Plan, Tenant
 
 MICRO = Decimal(1_000_000)
 ADMIN_LABEL = "admin"
-ENDPOINTS = ("chat", "completions", "embeddings", "messages", "models", "usage:read")
+ENDPOINTS = ("chat", "completions", "embeddings", "messages", "responses", "models", "usage:read")
 
 
 def usd(micro: int | None) -> str:

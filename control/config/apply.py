@@ -195,6 +195,7 @@ class _Applier:
                 "connect_timeout": spec.connect_timeout,
                 "read_timeout": spec.read_timeout,
                 "max_retries": spec.max_retries,
+                "responses_api": spec.responses_api,
                 "breaker_failures": spec.breaker.failures,
                 "breaker_error_rate": spec.breaker.error_rate,
                 "breaker_min_requests": spec.breaker.min_requests,

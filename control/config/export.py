@@ -61,6 +61,7 @@ def export() -> dict[str, Any]:
         _put_if(item, "connect_timeout", p.connect_timeout, 5.0)
         _put_if(item, "read_timeout", p.read_timeout, 600.0)
         _put_if(item, "max_retries", p.max_retries, 2)
+        _put_if(item, "responses_api", p.responses_api, False)
         breaker: dict[str, Any] = {}
         _put_if(breaker, "failures", p.breaker_failures, 5)
         _put_if(breaker, "error_rate", p.breaker_error_rate, 0.5)

@@ -188,6 +188,7 @@ class ProviderSpec(_Spec):
     connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     read_timeout: Annotated[float, Field(gt=0)] = 600.0
     max_retries: Annotated[int, Field(ge=0, le=20)] = 2
+    responses_api: bool = False  # the upstream serves /v1/responses itself (else translated to chat)
     breaker: BreakerSpec = BreakerSpec()
     active: bool = True
 

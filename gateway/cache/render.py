@@ -4,7 +4,8 @@ An answer is stored as it was sent: the complete body of a non-streamed miss, or
 streamed one (recorded as relayed). A hit is served in the shape the request asks for: a stored
 stream replays item for item (its own chunk structure, ids and finish reasons); a stored body
 becomes the items the upstream would have streamed, and a stored stream becomes the body. The
-OpenAI shapes (chat and legacy completions) and the Anthropic Messages shape are covered.
+OpenAI shapes (chat and legacy completions, the Responses API) and the Anthropic Messages shape
+are covered.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 
 import orjson
 
+from gateway.translate import responses_api
+
 Json = dict[str, Any]
 
 __all__ = ["assemble", "complete_stream", "explode"]
@@ -21,6 +24,8 @@ __all__ = ["assemble", "complete_stream", "explode"]
 
 def complete_stream(endpoint: str, items: list[Json]) -> bool:
     """Whether a relayed stream ended as a finished answer (never a cut or failed stream)."""
+    if endpoint == "responses":
+        return responses_api.complete_stream(items)
     if endpoint == "messages":
         kinds = [str(item.get("type") or "") for item in items]
         return "message_start" in kinds and "message_delta" in kinds and "error" not in kinds
@@ -37,6 +42,8 @@ def complete_stream(endpoint: str, items: list[Json]) -> bool:
 
 def assemble(endpoint: str, items: list[Json]) -> Json:
     """The complete body a stream's items add up to."""
+    if endpoint == "responses":
+        return responses_api.assemble(items)
     if endpoint == "messages":
         return _assemble_message(items)
     return _assemble_chunks(items, legacy=endpoint == "completions")
@@ -45,6 +52,8 @@ def assemble(endpoint: str, items: list[Json]) -> Json:
 def explode(endpoint: str, body: Json) -> list[Json]:
     """The stream items that carry a complete body (the usage chunk included; the relay drops it
     unless the client asked for it)."""
+    if endpoint == "responses":
+        return responses_api.explode(body)
     if endpoint == "messages":
         return _explode_message(body)
     return _explode_chunks(body, legacy=endpoint == "completions")

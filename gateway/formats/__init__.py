@@ -10,5 +10,6 @@ from __future__ import annotations
 from gateway.formats.anthropic import MESSAGES
 from gateway.formats.base import StreamTracker, WireFormat
 from gateway.formats.openai import CHAT, COMPLETIONS, EMBEDDINGS
+from gateway.formats.responses import RESPONSES
 
-__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "MESSAGES", "StreamTracker", "WireFormat"]
+__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "MESSAGES", "RESPONSES", "StreamTracker", "WireFormat"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -76,6 +77,7 @@ class WireFormat(ABC):
     endpoint: str  # chat | completions | embeddings | messages (ledger rows, key scopes)
     operation: Operation  # what the provider is asked
     kinds: tuple[str, ...]  # the model kinds that may serve it
+    keeps_state = False  # the gateway keeps its answers (the Responses API): see prepare / complete
 
     @abstractmethod
     def parse(self, ctx: RequestContext, data: Json, headers: dict[bytes, bytes]) -> None:
@@ -105,3 +107,16 @@ class WireFormat(ABC):
 
     def stream_tracker(self, ctx: RequestContext) -> StreamTracker:
         raise NotImplementedError(f"the {self.endpoint} route does not stream")
+
+    # Hooks for a format whose answers the gateway keeps (``keeps_state``); the others do nothing.
+
+    async def prepare(self, ctx: RequestContext) -> None:  # noqa: B027  (a hook: most formats need none)
+        """After authentication: load the state the request refers to (a stored conversation)."""
+
+    async def complete(self, ctx: RequestContext, body: Json) -> Json:
+        """A complete answer (fresh or a cache hit), before the client sees it."""
+        return body
+
+    def watch_stream(self, ctx: RequestContext, items: AsyncIterator[Json]) -> AsyncIterator[Json]:
+        """A stream's items (after the first) as they are relayed."""
+        return items

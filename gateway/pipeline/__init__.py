@@ -1,6 +1,7 @@
 """The request pipeline: every ``/v1`` route, one stage after another.
 
-``run`` serves chat completions, legacy completions, embeddings and Anthropic messages; what
+``run`` serves chat completions, legacy completions, embeddings, Anthropic messages and the
+Responses API; what
 differs between them is the wire format (``gateway.formats``), passed in as ``wire``. A request
 carries its ``RequestContext`` from stage to stage; stages never call each other.
 
@@ -52,6 +53,7 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
     try:
         parse.run(ctx, wire, body, responder.headers)
         await authenticate.run(ctx, responder.headers)
+        await wire.prepare(ctx)  # the Responses API: the stored conversation (previous_response_id)
         await route.resolve(ctx, wire.kinds)
         ctx.stage("route")
         ctx.estimated_prompt_tokens = wire.prompt_tokens(ctx)
@@ -77,7 +79,7 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
             except GatewayError as err:
                 await relay.upstream_failed(responder, ctx, wire, err)
                 return
-            await relay.send_stream(responder, ctx, wire, first, rest)
+            await relay.send_stream(responder, ctx, wire, first, wire.watch_stream(ctx, rest))
             await cache.keep(ctx)
         else:
             try:
@@ -87,6 +89,7 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
                 await relay.upstream_failed(responder, ctx, wire, err)
                 return
             ctx.stage("upstream")
+            result = await wire.complete(ctx, result)
             await relay.send_result(responder, ctx, wire, result)
             ctx.stage("relay")
             await cache.keep(ctx, result)

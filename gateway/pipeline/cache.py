@@ -102,6 +102,8 @@ async def serve(responder: Responder, ctx: RequestContext, wire: WireFormat) -> 
     entry = ctx.cache_entry
     assert entry is not None
     cost = money.format_usd(0)
+    if wire.keeps_state:  # the Responses API: a hit is a new response, under its own id (and stored)
+        entry.body = await wire.complete(ctx, entry.body or render.assemble(entry.endpoint, entry.items or []))
     if not ctx.stream:
         body = entry.body if entry.body is not None else render.assemble(entry.endpoint, entry.items or [])
         if entry.body is None and ctx.endpoint in ("chat", "completions") and not body.get("usage"):

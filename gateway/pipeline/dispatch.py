@@ -18,8 +18,9 @@ from gateway import tracing
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.providers import get_provider
-from gateway.providers.base import NativeMessages, Operation, Provider, UpstreamCall, close_stream
+from gateway.providers.base import NativeMessages, NativeResponses, Operation, Provider, UpstreamCall, close_stream
 from gateway.providers.bridge import MessagesViaChat
+from gateway.providers.responses_bridge import ResponsesViaChat
 from gateway.routing import breaker
 from gateway.routing.table import DeploymentRoute
 
@@ -188,6 +189,12 @@ def _messages(provider: Provider) -> NativeMessages | MessagesViaChat:
     return provider if isinstance(provider, NativeMessages) else MessagesViaChat(provider)
 
 
+def _responses(provider: Provider, call: UpstreamCall) -> NativeResponses | ResponsesViaChat:
+    """A provider's Responses API face: its own where the upstream serves it, else via its chat."""
+    native = call.provider.responses_api and isinstance(provider, NativeResponses)
+    return provider if native else ResponsesViaChat(provider)  # type: ignore[return-value]
+
+
 async def _call_once(provider: Provider, operation: Operation, call: UpstreamCall) -> Json:
     match operation:
         case Operation.CHAT:
@@ -198,6 +205,8 @@ async def _call_once(provider: Provider, operation: Operation, call: UpstreamCal
             return await provider.embeddings(call)
         case Operation.MESSAGES:
             return await _messages(provider).messages(call)
+        case Operation.RESPONSES:
+            return await _responses(provider, call).responses(call)
 
 
 def _stream_once(provider: Provider, operation: Operation, call: UpstreamCall) -> AsyncIterator[Json]:
@@ -208,6 +217,8 @@ def _stream_once(provider: Provider, operation: Operation, call: UpstreamCall) -
             return provider.completions_stream(call)
         case Operation.MESSAGES:
             return _messages(provider).messages_stream(call)
+        case Operation.RESPONSES:
+            return _responses(provider, call).responses_stream(call)
         case Operation.EMBEDDINGS:
             raise InvalidRequest("embeddings do not stream", param="stream")
 

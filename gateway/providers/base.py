@@ -50,6 +50,7 @@ class ProviderConfig:
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
     max_retries: int = 2
+    responses_api: bool = False  # the upstream serves /v1/responses itself (else translated)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
 
@@ -80,6 +81,8 @@ Completion = dict[str, Any]  # an OpenAI ``text_completion`` (and its stream chu
 EmbeddingList = dict[str, Any]  # an OpenAI embeddings ``list`` with float vectors
 Message = dict[str, Any]  # an Anthropic ``message``
 MessageEvent = dict[str, Any]  # an Anthropic stream event (a dict with ``type``)
+ResponseObject = dict[str, Any]  # an OpenAI Responses API ``response``
+ResponseEvent = dict[str, Any]  # an OpenAI Responses API stream event (``response.*``, ``error``)
 
 
 class Operation(StrEnum):
@@ -89,6 +92,7 @@ class Operation(StrEnum):
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
     MESSAGES = "messages"
+    RESPONSES = "responses"
 
 
 class Provider:
@@ -131,6 +135,15 @@ class NativeMessages(Protocol):
     async def messages(self, call: UpstreamCall) -> Message: ...
     def messages_stream(self, call: UpstreamCall) -> AsyncIterator[MessageEvent]: ...
     async def count_tokens(self, call: UpstreamCall) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class NativeResponses(Protocol):
+    """A provider kind that can serve the Responses API itself; used only for upstreams whose
+    provider row says they do (``ProviderConfig.responses_api``), else dispatch translates."""
+
+    async def responses(self, call: UpstreamCall) -> ResponseObject: ...
+    def responses_stream(self, call: UpstreamCall) -> AsyncIterator[ResponseEvent]: ...
 
 
 def error_message_from_body(body: bytes) -> tuple[str, str | None]:

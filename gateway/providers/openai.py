@@ -94,3 +94,12 @@ class OpenAIProvider(Provider):
 
     async def embeddings(self, call: UpstreamCall) -> dict[str, Any]:
         return await self._post(call, "/embeddings", call.body)
+
+    # The Responses API, for upstreams that serve it (``ProviderConfig.responses_api``). A failed
+    # response (``status: failed`` with its ``error``) is an upstream error like any other.
+
+    async def responses(self, call: UpstreamCall) -> dict[str, Any]:
+        return await self._post(call, "/responses", {**call.body, "stream": False})
+
+    def responses_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+        return self._stream(call, "/responses", {**call.body, "stream": True})

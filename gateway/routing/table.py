@@ -99,6 +99,7 @@ def provider_config(provider: Provider) -> ProviderConfig:
         connect_timeout=provider.connect_timeout,
         read_timeout=provider.read_timeout,
         max_retries=provider.max_retries,
+        responses_api=provider.responses_api,
         breaker=breaker_settings(provider),
     )
 

@@ -1,7 +1,9 @@
 """A fake OpenAI-compatible upstream speaking the real wire format, with scriptable misbehaviour.
 
 By default it answers like OpenAI: chat completions (JSON or SSE with ``include_usage``), tool
-calls when tools are offered, legacy completions, embeddings (float or base64) and models. Tests
+calls when tools are offered, the Responses API (``/v1/responses``: a ``response`` object or its
+typed ``event:`` stream, function calls when function tools are offered), legacy completions,
+embeddings (float or base64) and models. Tests
 queue ``Reply`` objects to make the next request on a path fail, stall, stream custom frames or
 reset mid-stream; every request is recorded, and so is every client disconnect.
 """
@@ -202,6 +204,9 @@ class FakeOpenAI:
     # --- default, realistic behaviour ---------------------------------------------------------
 
     def default_reply(self, path: str, body: dict[str, Any]) -> Reply:
+        if path.endswith("/responses"):
+            response = self.response_json(body)
+            return Reply(frames=self.response_frames(response)) if body.get("stream") else Reply(json=response)
         if path.endswith("/chat/completions"):
             return self.chat_stream_reply(body) if body.get("stream") else Reply(json=self.chat_json(body))
         if path.endswith("/completions"):
@@ -315,6 +320,110 @@ class FakeOpenAI:
             )
         frames.append(b"data: [DONE]\n\n")
         return Reply(frames=frames)
+
+    # --- the Responses API --------------------------------------------------------------------
+
+    def response_json(self, body: dict[str, Any]) -> dict[str, Any]:
+        """A ``response`` as OpenAI sends it: input tokens are 10 per input item (+10 for
+        instructions), output 7; function calls for the function tools unless the last item is a
+        tool's output."""
+        items = body.get("input")
+        items = [{"role": "user", "content": items}] if isinstance(items, str) else list(items or [])
+        tools = [t for t in body.get("tools") or [] if t.get("type") == "function"]
+        answered = bool(items) and items[-1].get("type") == "function_call_output"
+        output: list[dict[str, Any]] = []
+        if tools and not answered and body.get("tool_choice") != "none":
+            for i, tool in enumerate(tools[:2]):
+                output.append(
+                    {
+                        "id": f"fc_fake{i}",
+                        "type": "function_call",
+                        "status": "completed",
+                        "call_id": f"call_fake{i}",
+                        "name": tool["name"],
+                        "arguments": orjson.dumps({"city": "Paris", "n": i}).decode(),
+                    }
+                )
+        else:
+            output.append(
+                {
+                    "id": "msg_fake",
+                    "type": "message",
+                    "status": "completed",
+                    "role": "assistant",
+                    "content": [{"type": "output_text", "text": self.text, "annotations": [], "logprobs": []}],
+                }
+            )
+        prompt = 10 * len(items) + (10 if body.get("instructions") else 0)
+        return {
+            "id": "resp_upstream123",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "background": False,
+            "error": None,
+            "incomplete_details": None,
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "model": body.get("model"),
+            "output": output,
+            "parallel_tool_calls": True,
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
+            "store": body.get("store", True),
+            "temperature": 1.0,
+            "text": body.get("text") or {"format": {"type": "text"}},
+            "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [],
+            "top_p": 1.0,
+            "truncation": "disabled",
+            "usage": {
+                "input_tokens": prompt,
+                "input_tokens_details": {"cached_tokens": self.cached_tokens},
+                "output_tokens": 7,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + 7,
+            },
+            "user": None,
+            "metadata": body.get("metadata") or {},
+        }
+
+    @staticmethod
+    def response_frames(response: dict[str, Any]) -> list[bytes]:
+        """The typed event stream of ``response``, as OpenAI frames it (``event:`` + ``data:``)."""
+        events: list[dict[str, Any]] = []
+        opening = {**response, "status": "in_progress", "output": [], "usage": None}
+        events.append({"type": "response.created", "response": opening})
+        events.append({"type": "response.in_progress", "response": opening})
+        for index, item in enumerate(response["output"]):
+            if item["type"] == "message":
+                events.append(
+                    {"type": "response.output_item.added", "output_index": index, "item": {**item, "content": []}}
+                )
+                part = item["content"][0]
+                base = {"item_id": item["id"], "output_index": index, "content_index": 0}
+                events.append({"type": "response.content_part.added", **base, "part": {**part, "text": ""}})
+                words = part["text"].split(" ")
+                for i, word in enumerate(words):
+                    delta = word if i == 0 else " " + word
+                    events.append({"type": "response.output_text.delta", **base, "delta": delta, "logprobs": []})
+                events.append({"type": "response.output_text.done", **base, "text": part["text"], "logprobs": []})
+                events.append({"type": "response.content_part.done", **base, "part": part})
+            else:
+                added = {**item, "status": "in_progress", "arguments": ""}
+                events.append({"type": "response.output_item.added", "output_index": index, "item": added})
+                base = {"item_id": item["id"], "output_index": index}
+                args = item["arguments"]
+                for j in range(0, len(args), 5):
+                    events.append({"type": "response.function_call_arguments.delta", **base, "delta": args[j : j + 5]})
+                events.append({"type": "response.function_call_arguments.done", **base, "arguments": args})
+            events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+        events.append({"type": "response.completed", "response": response})
+        frames = []
+        for sequence, event in enumerate(events):
+            event["sequence_number"] = sequence
+            frames.append(b"event: " + event["type"].encode() + b"\ndata: " + orjson.dumps(event) + b"\n\n")
+        return frames
 
     def completion_reply(self, body: dict[str, Any]) -> Reply:
         base = {"id": "cmpl-fake", "object": "text_completion", "created": int(time.time()), "model": body.get("model")}

@@ -84,12 +84,18 @@ attempts, tokens and cost:
   .venv/bin/can trace <x-request-id>
   curl http://127.0.0.1:{opts["port"]}/api/requests/<x-request-id> -H "Authorization: Bearer $OPENAI_API_KEY"
 OpenTelemetry traces go to any OTLP/HTTP back end: OTEL_EXPORTER_OTLP_ENDPOINT=http://host:4318 make run.
+The Responses API (stored per tenant; GET {base}/responses/<id> retrieves one):
+  curl {base}/responses \\
+    -H "Authorization: Bearer $OPENAI_API_KEY" -H "Content-Type: application/json" \\
+    -d '{{"model": "gpt-4o-mini", "input": "Say hello"}}'
 
 Python (pip install openai):
   from openai import OpenAI
   client = OpenAI()  # reads OPENAI_API_KEY and OPENAI_BASE_URL
   reply = client.chat.completions.create(model="gpt-4o-mini", messages=[{{"role": "user", "content": "Say hello"}}])
   print(reply.choices[0].message.content, reply.usage)
+  response = client.responses.create(model="gpt-4o-mini", input="Say hello")
+  print(response.output_text, client.responses.retrieve(response.id).usage)
 
 {dev_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
 Audit log (every control-plane change, hash-chained): http://127.0.0.1:{opts["port"]}/admin/tenants/auditevent/

@@ -41,6 +41,8 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"pruned {pruned.rows} rows in {pruned.hours} hours before {pruned.cutoff:%Y-%m-%d %H:%M} UTC"
             )
+            for name, count in sorted(pruned.others.items()):
+                self.stdout.write(f"pruned {count} expired {name.replace('_', ' ')}")
             if pruned.kept_rows:
                 self.stdout.write(
                     f"kept back {pruned.kept_rows} rows older than that (never pruned, whatever --days says):"
