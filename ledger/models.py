@@ -64,6 +64,9 @@ class UsageRecord(models.Model):
     )
     end_user = models.CharField(max_length=200, blank=True, default="")
     timings = models.JSONField(default=dict, blank=True, help_text="Per-stage milliseconds")
+    route = models.JSONField(
+        default=dict, blank=True, help_text="Why this model: the policy rule matched and each candidate's fate"
+    )
     recorded_at = models.DateTimeField(
         db_default=Now(), editable=False, help_text="When the row reached the ledger (rollups find late rows by it)"
     )
