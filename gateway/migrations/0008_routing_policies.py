@@ -5,62 +5,135 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('gateway', '0007_model_cache'),
-        ('tenants', '0004_move_budgets_out'),
+        ("gateway", "0007_model_cache"),
+        ("tenants", "0004_move_budgets_out"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='RoutingPolicy',
+            name="RoutingPolicy",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.SlugField(max_length=100, unique=True)),
-                ('is_library', models.BooleanField(default=False, help_text="A named rule set used only through a rule's `include`, attached to nothing")),
-                ('description', models.CharField(blank=True, default='', max_length=300)),
-                ('fallback_chain', models.JSONField(blank=True, default=list, help_text='Hops tried after the routed target, e.g. ["groq/llama-3-70b (timeout: 2s)", {"route": "gpt-4", "timeouts": {"connect": 1, "first_byte": 5, "total": 10}}]')),
-                ('is_active', models.BooleanField(default=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('tenant', models.ForeignKey(blank=True, help_text='Empty: the global policy (or a library rule set)', null=True, on_delete=django.db.models.deletion.CASCADE, related_name='routing_policies', to='tenants.tenant')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("name", models.SlugField(max_length=100, unique=True)),
+                (
+                    "is_library",
+                    models.BooleanField(
+                        default=False,
+                        help_text="A named rule set used only through a rule's `include`, attached to nothing",
+                    ),
+                ),
+                ("description", models.CharField(blank=True, default="", max_length=300)),
+                (
+                    "fallback_chain",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text='Hops tried after the routed target, e.g. ["groq/llama-3-70b (timeout: 2s)", {"route": "gpt-4", "timeouts": {"connect": 1, "first_byte": 5, "total": 10}}]',
+                    ),
+                ),
+                ("is_active", models.BooleanField(default=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "tenant",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="Empty: the global policy (or a library rule set)",
+                        null=True,
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="routing_policies",
+                        to="tenants.tenant",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'routing policy',
-                'verbose_name_plural': 'routing policies',
-                'ordering': ['name'],
+                "verbose_name": "routing policy",
+                "verbose_name_plural": "routing policies",
+                "ordering": ["name"],
             },
         ),
         migrations.CreateModel(
-            name='RoutingRule',
+            name="RoutingRule",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('position', models.PositiveIntegerField(default=0, help_text='Rules are tried lowest first')),
-                ('name', models.CharField(max_length=100)),
-                ('condition', models.TextField(blank=True, default='', help_text='CEL, e.g. tokens < 100 && !has_tools; empty: always')),
-                ('route', models.JSONField(blank=True, default=list, help_text='Model names or provider/upstream-model deployments, in order')),
-                ('split', models.JSONField(blank=True, default=list, help_text='Weighted split: [{"route": "m", "weight": 80}, ...]')),
-                ('reject', models.CharField(blank=True, default='', help_text='Refuse with this message (403)', max_length=500)),
-                ('fallback', models.JSONField(blank=True, help_text="This rule's fallback chain; empty: the policy's", null=True)),
-                ('timeouts', models.JSONField(blank=True, default=dict, help_text='Seconds: {"connect": 1, "first_byte": 5, "total": 30}')),
-                ('retries', models.PositiveSmallIntegerField(blank=True, help_text="Empty: the provider's setting", null=True)),
-                ('tags', models.JSONField(blank=True, default=list, help_text='Tags added to the request')),
-                ('include', models.CharField(blank=True, default='', help_text='Name of a rule set to try here', max_length=100)),
-                ('policy', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='rules', to='gateway.routingpolicy')),
+                ("id", models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name="ID")),
+                ("position", models.PositiveIntegerField(default=0, help_text="Rules are tried lowest first")),
+                ("name", models.CharField(max_length=100)),
+                (
+                    "condition",
+                    models.TextField(
+                        blank=True, default="", help_text="CEL, e.g. tokens < 100 && !has_tools; empty: always"
+                    ),
+                ),
+                (
+                    "route",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text="Model names or provider/upstream-model deployments, in order",
+                    ),
+                ),
+                (
+                    "split",
+                    models.JSONField(
+                        blank=True, default=list, help_text='Weighted split: [{"route": "m", "weight": 80}, ...]'
+                    ),
+                ),
+                (
+                    "reject",
+                    models.CharField(
+                        blank=True, default="", help_text="Refuse with this message (403)", max_length=500
+                    ),
+                ),
+                (
+                    "fallback",
+                    models.JSONField(
+                        blank=True, help_text="This rule's fallback chain; empty: the policy's", null=True
+                    ),
+                ),
+                (
+                    "timeouts",
+                    models.JSONField(
+                        blank=True, default=dict, help_text='Seconds: {"connect": 1, "first_byte": 5, "total": 30}'
+                    ),
+                ),
+                (
+                    "retries",
+                    models.PositiveSmallIntegerField(blank=True, help_text="Empty: the provider's setting", null=True),
+                ),
+                ("tags", models.JSONField(blank=True, default=list, help_text="Tags added to the request")),
+                (
+                    "include",
+                    models.CharField(
+                        blank=True, default="", help_text="Name of a rule set to try here", max_length=100
+                    ),
+                ),
+                (
+                    "policy",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE, related_name="rules", to="gateway.routingpolicy"
+                    ),
+                ),
             ],
             options={
-                'ordering': ['policy', 'position', 'id'],
+                "ordering": ["policy", "position", "id"],
             },
         ),
         migrations.AddConstraint(
-            model_name='routingpolicy',
-            constraint=models.UniqueConstraint(condition=models.Q(('is_library', False)), fields=('tenant',), name='routing_policy_one_per_tenant'),
+            model_name="routingpolicy",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("is_library", False)), fields=("tenant",), name="routing_policy_one_per_tenant"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='routingpolicy',
-            constraint=models.UniqueConstraint(condition=models.Q(('is_library', False), ('tenant__isnull', True)), fields=('is_library',), name='routing_policy_one_global'),
+            model_name="routingpolicy",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("is_library", False), ("tenant__isnull", True)),
+                fields=("is_library",),
+                name="routing_policy_one_global",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='routingrule',
-            constraint=models.UniqueConstraint(fields=('policy', 'name'), name='routing_rule_unique_name'),
+            model_name="routingrule",
+            constraint=models.UniqueConstraint(fields=("policy", "name"), name="routing_rule_unique_name"),
         ),
     ]
