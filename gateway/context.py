@@ -61,7 +61,10 @@ class RequestContext:
     error_type: str = ""
     ttft_ms: int | None = None
     attempts: int = 0
-    route_reason: str = ""
+    route_reason: str = ""  # dispatch: primary | fallback:N (...)
+    route_header: str = ""  # the routing policy's summary for X-ChittyCan-Route (rule=...; model=...)
+    route_explanation: dict[str, Any] = field(default_factory=dict)  # why this model (the ledger's `route`)
+    tags: tuple[str, ...] = ()  # X-ChittyCan-Tags, plus any a routing policy added
     cache_hit: bool = False
     cache_result: str = "none"  # hit | miss | bypass | none (the cache is off for the model)
     cache_entry: Entry | None = None  # the cached answer a hit serves

@@ -46,8 +46,8 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
     try:
         parse.run(ctx, wire, body, responder.headers)
         await authenticate.run(ctx, responder.headers)
-        await route.resolve(ctx, wire.kinds)
-        ctx.estimated_prompt_tokens = wire.prompt_tokens(ctx)
+        ctx.estimated_prompt_tokens = wire.prompt_tokens(ctx)  # before route: routing policies read it
+        await route.resolve(ctx, wire.kinds, responder.headers)
         most_output = wire.max_output_tokens(ctx)
         await limit.run(ctx, most_output)
         await cache.lookup(ctx, responder.headers)
@@ -108,7 +108,9 @@ async def count_tokens(responder: Responder, ctx: RequestContext, body: bytes) -
         ctx.requested_model = model_name(data)
         check_messages(data)
         await authenticate.run(ctx, responder.headers)
-        await route.resolve(ctx, MESSAGES.kinds)
+        ctx.body = data
+        ctx.estimated_prompt_tokens = prompt_estimate(data, ctx.requested_model)
+        await route.resolve(ctx, MESSAGES.kinds, responder.headers)
     except GatewayError as err:
         await responder.send_json(*MESSAGES.error_response(err, ctx))
         return

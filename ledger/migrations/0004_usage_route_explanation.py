@@ -4,15 +4,16 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('ledger', '0003_usage_cache_saving'),
+        ("ledger", "0003_usage_cache_saving"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='usagerecord',
-            name='route',
-            field=models.JSONField(blank=True, default=dict, help_text="Why this model: the policy rule matched and each candidate's fate"),
+            model_name="usagerecord",
+            name="route",
+            field=models.JSONField(
+                blank=True, default=dict, help_text="Why this model: the policy rule matched and each candidate's fate"
+            ),
         ),
     ]
