@@ -259,7 +259,7 @@ def _target(table: RouteTable, target: str) -> tuple[ModelRoute, tuple[Deploymen
     dev = settings.CHITTYCAN_MODE == "dev"
     model = table.resolve(target)
     if model is not None:
-        routed = dev_route(target, model) if dev else model
+        routed = dev_route(model.name, model) if dev else model
         return (routed, routed.deployments) if routed is not None else None
     found = table.deployment(target)
     if found is not None:
@@ -316,6 +316,8 @@ def _plan(
             if ident in seen:
                 continue  # already a candidate earlier in the order
             seen.add(ident)
+            if limits is not None and limits.as_dict():
+                entry["timeouts"] = limits.as_dict()
             if breaker.known_open(dep):
                 entry["skipped"] = "breaker open"
             provider = dep.provider
