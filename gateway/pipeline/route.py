@@ -27,6 +27,7 @@ from django.utils import timezone
 from budgets import counters
 from budgets import service as budget_service
 from budgets.periods import counters_for
+from core.money import PriceInfo
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, NotFound, PermissionDenied
 from gateway.routing import breaker, latency
@@ -36,6 +37,7 @@ from gateway.routing.table import (
     HopTimeouts,
     ModelRoute,
     RouteTable,
+    deployment_ident,
     dev_route,
     passthrough_route,
     route_table,
@@ -289,6 +291,7 @@ def _plan(
     candidates: list[dict[str, Any]] = []
     deployments: list[DeploymentRoute] = []
     seen: set[str] = set()
+    owners: dict[tuple[int | None, str, str], tuple[PriceInfo, ...]] = {}  # each deployment's model's prices
     primary: ModelRoute | None = None
     for rank, (target, limits, retries, role) in enumerate(hops):
         found = (base, base.deployments) if not target else _target(table, target)
@@ -323,14 +326,14 @@ def _plan(
             provider = dep.provider
             if retries is not None and retries != provider.max_retries:
                 provider = dataclasses.replace(provider, max_retries=retries)
-            deployments.append(
-                dataclasses.replace(
-                    dep,
-                    provider=provider,
-                    priority=rank * 100_000 + dep.priority,
-                    timeouts=_hop_timeouts(limits, dep.timeouts),
-                )
+            routed_dep = dataclasses.replace(
+                dep,
+                provider=provider,
+                priority=rank * 100_000 + dep.priority,
+                timeouts=_hop_timeouts(limits, dep.timeouts),
             )
+            deployments.append(routed_dep)
+            owners[deployment_ident(routed_dep)] = model.prices
             candidates.append(entry)
     for arm, weight in decision.split:
         if arm != decision.split_pick:
@@ -339,4 +342,5 @@ def _plan(
         # Nothing the rule names can serve this request: the requested model as it is.
         candidates.append({"target": base.name, "role": "requested", "note": "no usable target in the rule"})
         return base, candidates
-    return dataclasses.replace(primary, deployments=tuple(deployments)), candidates
+    hop_prices = tuple((ident, prices) for ident, prices in owners.items() if prices is not primary.prices)
+    return dataclasses.replace(primary, deployments=tuple(deployments), hop_prices=hop_prices), candidates

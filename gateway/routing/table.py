@@ -60,13 +60,34 @@ class ModelRoute:
     prices: tuple[PriceInfo, ...] = ()  # newest first
     aliases: tuple[str, ...] = ()
     cache_ttl: int = 0  # seconds the exact response cache keeps an answer; 0: the cache is off
+    # A routing policy's route may hold other models' deployments (its fallback chain): their prices.
+    hop_prices: tuple[tuple[tuple[int | None, str, str], tuple[PriceInfo, ...]], ...] = ()
 
     def price_at(self, when: datetime | None = None) -> PriceInfo | None:
+        return _price_at(self.prices, when or timezone.now())
+
+    def price_for(self, deployment: DeploymentRoute | None, when: datetime | None = None) -> PriceInfo | None:
+        """The price of the model the deployment serves (a fallback hop's own), else this model's."""
+        if deployment is not None and self.hop_prices:
+            ident = deployment_ident(deployment)
+            for key, prices in self.hop_prices:
+                if key == ident:
+                    return _price_at(prices, when or timezone.now())
+        return self.price_at(when)
+
+    def worst_price(self, when: datetime | None = None) -> PriceInfo | None:
+        """The highest price per token kind over every deployment (what a reservation must cover)."""
         when = when or timezone.now()
-        for price in self.prices:
-            if price.effective_from <= when:
-                return price
-        return None
+        found = [p for p in (self.price_at(when), *(_price_at(ps, when) for _, ps in self.hop_prices)) if p]
+        if len(found) <= 1:
+            return found[0] if found else None
+        return PriceInfo(
+            effective_from=max(p.effective_from for p in found),
+            input_per_mtok=max(p.input_per_mtok for p in found),
+            cached_input_per_mtok=max(p.cached_input_per_mtok for p in found),
+            cache_write_per_mtok=max(p.cache_write_per_mtok for p in found),
+            output_per_mtok=max(p.output_per_mtok for p in found),
+        )
 
     def ordered_deployments(self) -> list[DeploymentRoute]:
         """Lowest priority first; among equals, a weighted random order."""
@@ -83,6 +104,17 @@ class ModelRoute:
                 pick = random.choices(range(len(pool)), weights=[max(d.weight, 0) or 1 for d in pool])[0]
                 ordered.append(pool.pop(pick))
         return ordered
+
+
+def deployment_ident(deployment: DeploymentRoute) -> tuple[int | None, str, str]:
+    return (deployment.id, deployment.provider.slug, deployment.upstream_model)
+
+
+def _price_at(prices: tuple[PriceInfo, ...], when: datetime) -> PriceInfo | None:
+    for price in prices:  # newest first
+        if price.effective_from <= when:
+            return price
+    return None
 
 
 @dataclass(slots=True)
