@@ -379,6 +379,7 @@ class RoutingPolicyAdmin(AuditedAdmin[RoutingPolicy]):
         obj = form.instance
         rules: list[tuple[int, dict[str, Any]]] = []
         for formset in formsets:
+            formset.save(commit=False)  # fills new/changed/deleted_objects for the change message; writes nothing
             for rule_form in formset.forms:
                 data = getattr(rule_form, "cleaned_data", None)
                 if not data or data.get("DELETE"):
