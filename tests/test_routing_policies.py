@@ -25,8 +25,8 @@ from tests.fakes.server import ServerThread
 from tests.test_admin import admin_client, superuser  # noqa: F401 - fixtures
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "routing-policy.yaml"
-SHORT = [{"role": "user", "content": "Say hello"}]
-LONG = [{"role": "user", "content": "word " * 700}]
+SHORT: Any = [{"role": "user", "content": "Say hello"}]
+LONG: Any = [{"role": "user", "content": "word " * 700}]
 
 
 @pytest.fixture(scope="module")
