@@ -130,15 +130,15 @@ async def decide(
         ctx.route_explanation = explanation
         ctx.route_header = f"rule={decision.rule}; rejected"
         return decision, None
-    routed, candidates = _plan(decision, table, base, kinds)
-    explanation["model"] = routed.name
+    routed, candidates, target_model = _plan(decision, table, base, kinds)
+    explanation["model"] = target_model
     explanation["candidates"] = candidates
     if decision.timeouts is not None:
         explanation["timeouts"] = decision.timeouts.as_dict()
     if decision.retries is not None:
         explanation["retries"] = decision.retries
     ctx.route_explanation = explanation
-    ctx.route_header = f"rule={decision.rule or '-'}; model={routed.name}"
+    ctx.route_header = f"rule={decision.rule or '-'}; model={target_model}"
     skipped = sum(1 for c in candidates if c.get("skipped") and c.get("skipped") != "weight")
     if skipped:
         ctx.route_header += f"; skipped={skipped}"
@@ -278,10 +278,11 @@ def _target(table: RouteTable, target: str) -> tuple[ModelRoute, tuple[Deploymen
 
 def _plan(
     decision: Decision, table: RouteTable, base: ModelRoute, kinds: tuple[str, ...]
-) -> tuple[ModelRoute, list[dict[str, Any]]]:
+) -> tuple[ModelRoute, list[dict[str, Any]], str]:
     """The route a decision makes: its targets in order, then the fallback chain's hops, each
     target's deployments in their own priority order after the previous target's; duplicates
-    dropped. Prices, context window and output cap are the first usable target's."""
+    dropped. Prices, context window and output cap are the first usable target's; the name, aliases
+    and response-cache setting the requested model's."""
     hops: list[tuple[str, Timeouts | None, int | None, str]] = [
         (t, decision.timeouts, decision.retries, "route") for t in decision.targets
     ]
@@ -341,6 +342,16 @@ def _plan(
     if primary is None:
         # Nothing the rule names can serve this request: the requested model as it is.
         candidates.append({"target": base.name, "role": "requested", "note": "no usable target in the rule"})
-        return base, candidates
+        return base, candidates, base.name
     hop_prices = tuple((ident, prices) for ident, prices in owners.items() if prices is not primary.prices)
-    return dataclasses.replace(primary, deployments=tuple(deployments), hop_prices=hop_prices), candidates
+    # Named as the client asked (metrics, the response cache and its invalidation key on that name);
+    # served, capped and priced as the target.
+    routed = dataclasses.replace(
+        primary,
+        name=base.name,
+        aliases=base.aliases,
+        cache_ttl=base.cache_ttl,
+        deployments=tuple(deployments),
+        hop_prices=hop_prices,
+    )
+    return routed, candidates, primary.name

@@ -103,7 +103,7 @@ async def explain(token: str, raw: bytes, endpoint: str, tags: str) -> dict[str,
     return {
         "endpoint": endpoint,
         "estimated_prompt_tokens": ctx.estimated_prompt_tokens,
-        "model": resolved.name,
+        "model": ctx.route_explanation.get("model", resolved.name),
         "route": ctx.route_explanation,
         "header": ctx.route_header,
         "order": order,
