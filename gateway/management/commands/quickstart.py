@@ -21,7 +21,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from gateway import catalog
-from gateway.models import LLMModel
+from gateway.models import LLMModel, RoutingPolicy
 from tenants import services
 from tenants.models import ApiKey, Tenant
 
@@ -99,7 +99,8 @@ Python (pip install openai):
         """Dev mode: the roadmap's routing policy (examples/routing-policy.yaml) on the demo tenant."""
         if not ROUTING_EXAMPLE.exists():
             return ""
-        call_command("apply", "-f", str(ROUTING_EXAMPLE), stdout=io.StringIO())
+        if not RoutingPolicy.objects.filter(name="roadmap").exists():  # once: later edits are the operator's
+            call_command("apply", "-f", str(ROUTING_EXAMPLE), stdout=io.StringIO())
         return (
             "Routing policy `roadmap` (examples/routing-policy.yaml) is on the demo tenant: a short prompt\n"
             "matches rule=cheap_for_simple, a long one (over 500 tokens) smart_for_complex; see the\n"
