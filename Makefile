@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PORT ?= 8080
 
-.PHONY: help install install-dev run test test-unit lint fmt typecheck check bench clean
+.PHONY: help install install-dev run test test-unit lint fmt typecheck check bench bench-routing clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -61,6 +61,9 @@ fmt: install-dev ## format and fix what ruff can
 
 bench: install-dev ## benchmark the gateway against a pass-through ceiling; BASELINE=REF adds an older commit
 	bash scripts/bench.sh $(if $(BASELINE),--baseline '$(BASELINE)') $(BENCH_ARGS)
+
+bench-routing: install-dev ## the roadmap's routing policy on 1,000 prompts: cheap-model share, cost, evaluation time per request
+	$(PY) -m bench.routing $(BENCH_ARGS)
 
 clean: ## remove the virtualenv and local data
 	rm -rf $(VENV) var

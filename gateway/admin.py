@@ -1,5 +1,5 @@
 """Admin for providers (write-only credentials), public models with their deployments and prices,
-(the ledger's read-only admin is in ``ledger/admin.py``).
+and routing policies with their rules (the ledger's read-only admin is in ``ledger/admin.py``).
 
 Providers, models, deployments and prices are written through ``gateway.catalog`` (which audits
 and announces each change), as ``can apply`` writes them."""
@@ -19,10 +19,20 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from core import egress
-from gateway import catalog
-from gateway.models import DEFAULT_CACHE_TTL, DEFAULT_SEMANTIC_THRESHOLD, Deployment, LLMModel, Price, Provider
+from gateway import catalog, policies
+from gateway.models import (
+    DEFAULT_CACHE_TTL,
+    DEFAULT_SEMANTIC_THRESHOLD,
+    Deployment,
+    LLMModel,
+    Price,
+    Provider,
+    RoutingPolicy,
+    RoutingRule,
+)
 from gateway.providers.base import ProviderConfig
 from gateway.routing import breaker
+from gateway.routing.policy import PolicyError, check_includes, parse_policy
 from gateway.routing.table import DeploymentRoute, breaker_settings
 from tenants.admin import AuditedAdmin, actor_of, adopt, https_formfield
 
@@ -326,3 +336,104 @@ class LLMModelAdmin(AuditedAdmin[LLMModel]):
             return "-"
         price = max(current, key=lambda p: p.effective_from)
         return f"{price.input_per_mtok.normalize():f} / {price.output_per_mtok.normalize():f}"
+
+
+# --- routing policies ------------------------------------------------------------------------------
+
+
+class RoutingRuleFormSet(forms.BaseInlineFormSet):
+    """The rules together: names unique, and every ``include`` a known rule set without a cycle."""
+
+    def clean(self) -> None:
+        super().clean()
+        rules = []
+        for rule_form in self.forms:
+            data = getattr(rule_form, "cleaned_data", None)
+            if not data or data.get("DELETE"):
+                continue
+            rules.append(RoutingRule(**{k: v for k, v in data.items() if k not in ("DELETE", "id", "policy")}))
+        name = self.instance.name or "this-policy"
+        try:
+            compiled = {
+                row.name: parse_policy(row.name, policies.rules_config(row), row.fallback_chain)
+                for row in RoutingPolicy.objects.filter(is_active=True).exclude(name=name).prefetch_related("rules")
+            }
+            compiled[name] = parse_policy(name, [r.as_config() for r in sorted(rules, key=lambda r: r.position)])
+            check_includes(compiled)
+        except PolicyError as err:
+            raise forms.ValidationError(str(err)) from None
+
+
+class RoutingRuleInline(admin.StackedInline):
+    """A rule's CEL condition is compiled when the form is validated; an error shows at its field."""
+
+    model = RoutingRule
+    formset = RoutingRuleFormSet
+    extra = 0
+    ordering = ["position", "id"]
+    fields = [
+        ("position", "name"),
+        "condition",
+        ("route", "split"),
+        "reject",
+        ("fallback", "timeouts"),
+        ("retries", "tags", "include"),
+    ]
+
+
+@admin.register(RoutingPolicy)
+class RoutingPolicyAdmin(AuditedAdmin[RoutingPolicy]):
+    """A policy and its rules are written as one unit through ``gateway.policies.policy_put``."""
+
+    list_display = ["name", "attached_to", "rule_count", "is_active", "updated_at"]
+    list_filter = ["is_active", "is_library"]
+    search_fields = ["name", "tenant__slug"]
+    raw_id_fields = ["tenant"]
+    inlines = [RoutingRuleInline]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[RoutingPolicy]:
+        return super().get_queryset(request).select_related("tenant").annotate(n_rules=Count("rules"))
+
+    def get_readonly_fields(self, request: HttpRequest, obj: RoutingPolicy | None = None) -> list[str]:
+        return ["name"] if obj is not None else []
+
+    @admin.display(description="attached to")
+    def attached_to(self, obj: RoutingPolicy) -> str:
+        if obj.is_library:
+            return "library (include)"
+        return f"tenant {obj.tenant.slug}" if obj.tenant else "global"
+
+    @admin.display(description="rules", ordering="n_rules")
+    def rule_count(self, obj: RoutingPolicy) -> int:
+        return int(getattr(obj, "n_rules", 0))
+
+    def save_model(self, request: HttpRequest, obj: RoutingPolicy, form: ModelForm, change: bool) -> None:
+        """Nothing yet: the policy is written with its rules in ``save_related``."""
+
+    def save_related(self, request: HttpRequest, form: ModelForm, formsets: Any, change: bool) -> None:
+        obj = form.instance
+        rules: list[tuple[int, dict[str, Any]]] = []
+        for formset in formsets:
+            formset.save(commit=False)  # fills new/changed/deleted_objects for the change message; writes nothing
+            for rule_form in formset.forms:
+                data = getattr(rule_form, "cleaned_data", None)
+                if not data or data.get("DELETE"):
+                    continue
+                row = RoutingRule(**{k: v for k, v in data.items() if k not in ("DELETE", "id", "policy")})
+                rules.append((row.position, row.as_config()))
+        rules.sort(key=lambda item: item[0])
+        saved, _ = policies.policy_put(
+            name=obj.name,
+            rules=[config for _, config in rules],
+            tenant=obj.tenant,
+            is_library=obj.is_library,
+            description=obj.description,
+            fallback_chain=list(obj.fallback_chain or []),
+            is_active=obj.is_active,
+            actor=actor_of(request),
+            actor_label=ADMIN_LABEL,
+        )
+        adopt(obj, saved)
+
+    def delete(self, request: HttpRequest, obj: RoutingPolicy) -> None:
+        policies.policy_delete(obj, actor=actor_of(request), actor_label=ADMIN_LABEL)

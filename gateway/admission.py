@@ -35,7 +35,7 @@ INPUT_OVERHEAD_TOKENS = 16
 def reservation_micro(ctx: RequestContext, max_output_tokens: int) -> int:
     assert ctx.route is not None
     prompt = math.ceil(ctx.estimated_prompt_tokens * INPUT_MARGIN) + INPUT_OVERHEAD_TOKENS
-    return money.worst_case_micro(ctx.route.price_at(), prompt, max_output_tokens)
+    return money.worst_case_micro(ctx.route.worst_price(), prompt, max_output_tokens)
 
 
 def _policy_error() -> ServiceUnavailable:

@@ -65,7 +65,10 @@ class RequestContext:
     attempts: int = 0
     attempt_log: list[dict[str, Any]] = field(default_factory=list)  # each upstream attempt (ledger ``attempts``)
     trace: Trace | None = None  # set only when tracing is on (gateway.tracing)
-    route_reason: str = ""
+    route_reason: str = ""  # dispatch: primary | fallback:N (...)
+    route_header: str = ""  # the routing policy's summary for X-ChittyCan-Route (rule=...; model=...)
+    route_explanation: dict[str, Any] = field(default_factory=dict)  # why this model (the ledger's `route`)
+    tags: tuple[str, ...] = ()  # X-ChittyCan-Tags, plus any a routing policy added
     cache_hit: bool = False
     cache_result: str = "none"  # hit | miss | bypass | none (the cache is off for the model)
     cache_entry: Entry | None = None  # the cached answer a hit serves

@@ -5,12 +5,15 @@ The usage ledger and its rollups live in ``ledger.models``."""
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.utils import timezone
 
 from gateway.crypto import decrypt, encrypt
+from gateway.routing.policy import PolicyError, parse_chain, parse_rule
 
 __all__ = [
     "Deployment",
@@ -19,6 +22,8 @@ __all__ = [
     "Provider",
     "SemanticVector",
     "StoredResponse",
+    "RoutingPolicy",
+    "RoutingRule",
 ]
 
 
@@ -210,6 +215,8 @@ class SemanticVector(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} {self.cache_digest[:12]}"
+
+
 class StoredResponse(models.Model):
     """A Responses API answer the gateway keeps for its tenant (``store`` true, the default), so
     ``GET /v1/responses/{id}`` and ``previous_response_id`` work whatever served it (docs/responses.md).
@@ -235,3 +242,113 @@ class StoredResponse(models.Model):
 
     def __str__(self) -> str:
         return self.id
+
+
+class RoutingPolicy(models.Model):
+    """Ordered routing rules (CEL conditions), global or a tenant's, or a library rule set to include.
+
+    A tenant sees its own policy, then each ancestor's, then the global one: the first matching
+    rule wins, so a child overrides its parent. See docs/routing.md.
+    """
+
+    name = models.SlugField(max_length=100, unique=True)
+    tenant = models.ForeignKey(
+        "tenants.Tenant",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="routing_policies",
+        help_text="Empty: the global policy (or a library rule set)",
+    )
+    is_library = models.BooleanField(
+        default=False, help_text="A named rule set used only through a rule's `include`, attached to nothing"
+    )
+    description = models.CharField(max_length=300, blank=True, default="")
+    fallback_chain = models.JSONField(
+        default=list,
+        blank=True,
+        help_text='Hops tried after the routed target, e.g. ["groq/llama-3-70b (timeout: 2s)", '
+        '{"route": "gpt-4", "timeouts": {"connect": 1, "first_byte": 5, "total": 10}}]',
+    )
+    is_active = models.BooleanField(default=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "routing policy"
+        verbose_name_plural = "routing policies"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant"], condition=models.Q(is_library=False), name="routing_policy_one_per_tenant"
+            ),
+            models.UniqueConstraint(
+                fields=["is_library"],
+                condition=models.Q(tenant__isnull=True, is_library=False),
+                name="routing_policy_one_global",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        if self.is_library and self.tenant_id is not None:
+            raise ValidationError({"tenant": "A library rule set is attached to nothing."})
+        try:
+            parse_chain(self.fallback_chain, field_name="fallback_chain")
+        except PolicyError as err:
+            raise ValidationError({"fallback_chain": err.message}) from None
+
+
+class RoutingRule(models.Model):
+    """One rule: a CEL condition and what to do when it holds (compiled on save)."""
+
+    policy = models.ForeignKey(RoutingPolicy, on_delete=models.CASCADE, related_name="rules")
+    position = models.PositiveIntegerField(default=0, help_text="Rules are tried lowest first")
+    name = models.CharField(max_length=100)
+    condition = models.TextField(
+        blank=True, default="", help_text="CEL, e.g. tokens < 100 && !has_tools; empty: always"
+    )
+    route = models.JSONField(
+        default=list, blank=True, help_text="Model names or provider/upstream-model deployments, in order"
+    )
+    split = models.JSONField(default=list, blank=True, help_text='Weighted split: [{"route": "m", "weight": 80}, ...]')
+    reject = models.CharField(max_length=500, blank=True, default="", help_text="Refuse with this message (403)")
+    fallback = models.JSONField(null=True, blank=True, help_text="This rule's fallback chain; empty: the policy's")
+    timeouts = models.JSONField(
+        default=dict, blank=True, help_text='Seconds: {"connect": 1, "first_byte": 5, "total": 30}'
+    )
+    retries = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Empty: the provider's setting")
+    tags = models.JSONField(default=list, blank=True, help_text="Tags added to the request")
+    include = models.CharField(max_length=100, blank=True, default="", help_text="Name of a rule set to try here")
+
+    class Meta:
+        ordering = ["policy", "position", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["policy", "name"], name="routing_rule_unique_name"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.policy}: {self.name}"
+
+    def as_config(self) -> dict[str, Any]:
+        """The rule as the configuration file writes it (empty fields left out)."""
+        data: dict[str, Any] = {"name": self.name}
+        if self.condition:
+            data["condition"] = self.condition
+        for field_name in ("route", "split", "reject", "timeouts", "tags", "include"):
+            value = getattr(self, field_name)
+            if value:
+                data[field_name] = value[0] if field_name == "route" and len(value) == 1 else value
+        if self.fallback is not None:
+            data["fallback"] = self.fallback
+        if self.retries is not None:
+            data["retries"] = self.retries
+        return data
+
+    def clean(self) -> None:
+        try:
+            parse_rule(self.as_config(), self.position)
+        except PolicyError as err:
+            field_name = err.field if err.field in {f.name for f in self._meta.fields} else "__all__"
+            raise ValidationError({field_name: err.message}) from None

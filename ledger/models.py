@@ -69,6 +69,9 @@ class UsageRecord(models.Model):
         blank=True,
         help_text="Each upstream attempt: deployment, provider, why (retry, fallback), start and ms, outcome",
     )
+    route = models.JSONField(
+        default=dict, blank=True, help_text="Why this model: the policy rule matched and each candidate's fate"
+    )
     recorded_at = models.DateTimeField(
         db_default=Now(), editable=False, help_text="When the row reached the ledger (rollups find late rows by it)"
     )

@@ -25,6 +25,7 @@ class TenantInfo:
     rpm_limit: int | None
     tpm_limit: int | None
     monthly_request_quota: int | None
+    plan: str = ""  # the plan's slug ('' without one): routing policies read it
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,7 @@ def _tenant_info(tenant: Tenant) -> TenantInfo:
         rpm_limit=tenant.rpm_limit if tenant.rpm_limit is not None else (plan.rpm_limit if plan else None),
         tpm_limit=tenant.tpm_limit if tenant.tpm_limit is not None else (plan.tpm_limit if plan else None),
         monthly_request_quota=plan.monthly_request_quota if plan else None,
+        plan=plan.slug if plan else "",
     )
 
 

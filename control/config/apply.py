@@ -35,8 +35,8 @@ from control.config import references
 from control.config.schema import MICRO, SECRET_REF, ConfigError, Document, ModelSpec, TenantSpec
 from core import egress
 from core.money import format_usd_short
-from gateway import catalog
-from gateway.models import Deployment, LLMModel, Price, Provider
+from gateway import catalog, policies
+from gateway.models import Deployment, LLMModel, Price, Provider, RoutingPolicy
 from tenants import audit, services
 from tenants.models import Plan, Tenant
 
@@ -154,6 +154,7 @@ class _Applier:
         providers = self.providers()
         self.models(providers)
         self.tenants(plans)
+        self.routing_policies()
         if self.errors:
             raise ConfigError(self.errors)
         references.forget_missing(references.PROVIDER_API_KEY, Provider.objects.values_list("pk", flat=True))
@@ -438,6 +439,38 @@ class _Applier:
                 if ident not in wanted:
                     budget_services.budget_delete(budget=row, allow_weaken=True, actor_label=ACTOR)
                     self.deleted("budget", _budget_target(tenant.slug, row.period, row.hard, row.limit_micro))
+
+    def routing_policies(self) -> None:
+        """Routing policies, each replaced whole (its rules in file order) when it differs."""
+        names = {p.name for p in self.doc.routing_policies}
+        if self.prune:
+            for stale in RoutingPolicy.objects.exclude(name__in=names):
+                target = stale.name
+                policies.policy_delete(stale, **self.by)
+                self.deleted("routing policy", target)
+        # Library rule sets first: the policies that include them are checked against them.
+        ordered = sorted(enumerate(self.doc.routing_policies), key=lambda item: not item[1].library)
+        for i, spec in ordered:
+            tenant = None
+            if spec.tenant is not None:
+                tenant = Tenant.objects.filter(slug=spec.tenant).first()
+                if tenant is None:
+                    raise ConfigError([f"{self.filename}: routing_policies[{i}].tenant: no tenant {spec.tenant}"])
+            with self.valid("routing policy", spec.name):
+                _, changes = policies.policy_put(
+                    name=spec.name,
+                    rules=[dict(rule) for rule in spec.rules],
+                    tenant=tenant,
+                    is_library=spec.library,
+                    description=spec.description,
+                    fallback_chain=list(spec.fallback_chain),
+                    is_active=spec.active,
+                    **self.by,
+                )
+            if changes is None:
+                self.created("routing policy", spec.name)
+            else:
+                self.updated("routing policy", spec.name, changes)
 
 
 def _budget_ident(period: str, hard: bool, limit_micro: int) -> tuple[str, bool, int | None]:

@@ -16,7 +16,8 @@ import yaml
 
 from control.config import references
 from control.config.schema import MICRO, VERSION
-from gateway.models import LLMModel, Provider
+from gateway.models import LLMModel, Provider, RoutingPolicy
+from gateway.policies import policy_config
 from tenants.models import Plan, Tenant
 
 __all__ = ["dump", "env_name", "export"]
@@ -162,6 +163,9 @@ def export() -> dict[str, Any]:
             item["budgets"] = budgets
         tenants.append(item)
     out["tenants"] = tenants
+    policies = RoutingPolicy.objects.select_related("tenant").prefetch_related("rules").order_by("-is_library", "name")
+    if policies:
+        out["routing_policies"] = [policy_config(p) for p in policies]
     return out
 
 

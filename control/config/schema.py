@@ -17,8 +17,10 @@ from typing import Annotated, Any, Literal
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.core.validators import URLValidator, validate_email, validate_slug
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
+
+from gateway.routing.policy import PolicyError, check_includes, parse_policy
 
 __all__ = [
     "MICRO",
@@ -33,6 +35,7 @@ __all__ = [
     "PlanSpec",
     "PriceSpec",
     "ProviderSpec",
+    "RoutingPolicySpec",
     "TenantSpec",
     "check_references",
     "format_path",
@@ -272,12 +275,35 @@ class TenantSpec(_Spec):
     budgets: list[BudgetSpec] = []
 
 
+class RoutingPolicySpec(_Spec):
+    """A routing policy (docs/routing.md): rules with CEL conditions, compiled when the file is read."""
+
+    name: Slug
+    tenant: Slug | None = None  # absent: the global policy (or a library rule set)
+    library: bool = False  # a rule set used only through `include`
+    description: Annotated[str, Field(max_length=300)] = ""
+    active: bool = True
+    rules: list[dict[str, Any]] = []
+    fallback_chain: list[Any] = []
+
+    @model_validator(mode="after")
+    def _compiles(self) -> RoutingPolicySpec:
+        if self.library and self.tenant is not None:
+            raise PydanticCustomError("routing_policy", "a library rule set is attached to no tenant")
+        try:
+            parse_policy(self.name, self.rules, self.fallback_chain, library=self.library)
+        except PolicyError as err:
+            raise PydanticCustomError("routing_policy", "{error}", {"error": str(err)}) from None
+        return self
+
+
 class Document(_Spec):
     version: Literal[1] = 1
     providers: list[ProviderSpec] = []
     models: list[ModelSpec] = []
     plans: list[PlanSpec] = []
     tenants: list[TenantSpec] = []
+    routing_policies: list[RoutingPolicySpec] = []
 
 
 # --- checks beyond types ---------------------------------------------------------------------------
@@ -388,4 +414,18 @@ def check_references(doc: Document) -> list[tuple[Path, str]]:
         if tenant.plan is not None and tenant.plan not in plan_slugs:
             problems.append(((*path, "plan"), f"no plan {tenant.plan} in plans"))
         problems += _budget_dupes(tenant.budgets, (*path, "budgets"))
+    problems += _dupes(doc.routing_policies, "name", ("routing_policies",), "routing policy")
+    attached: dict[str | None, int] = {}
+    for i, policy in enumerate(doc.routing_policies):
+        if policy.library:
+            continue
+        if policy.tenant in attached:
+            whose = f"tenant {policy.tenant}" if policy.tenant else "the whole gateway (global)"
+            problems.append((("routing_policies", i), f"a second policy for {whose}"))
+        attached.setdefault(policy.tenant, i)
+    compiled = {p.name: parse_policy(p.name, p.rules, p.fallback_chain) for p in doc.routing_policies}
+    try:
+        check_includes(compiled)
+    except PolicyError as err:
+        problems.append((("routing_policies",), str(err)))
     return problems

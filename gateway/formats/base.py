@@ -26,7 +26,10 @@ def response_headers(ctx: RequestContext) -> Headers:
     if ctx.deployment is not None:
         headers.append((b"x-chittycan-model", ctx.deployment.upstream_model.encode()))
         headers.append((b"x-chittycan-provider", ctx.deployment.provider.slug.encode()))
-    if ctx.route_reason:
+    if ctx.route_header:  # a routing policy decided: rule=...; model=...; outcome=<dispatch's reason>
+        outcome = f"; outcome={ctx.route_reason}" if ctx.route_reason else ""
+        headers.append((b"x-chittycan-route", f"{ctx.route_header}{outcome}".encode()))
+    elif ctx.route_reason:
         headers.append((b"x-chittycan-route", ctx.route_reason.encode()))
     headers.extend(ctx.extra_headers)
     return headers

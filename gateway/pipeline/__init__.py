@@ -54,9 +54,9 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
         parse.run(ctx, wire, body, responder.headers)
         await authenticate.run(ctx, responder.headers)
         await wire.prepare(ctx)  # the Responses API: the stored conversation (previous_response_id)
-        await route.resolve(ctx, wire.kinds)
+        ctx.estimated_prompt_tokens = wire.prompt_tokens(ctx)  # before route: routing policies read it
+        await route.resolve(ctx, wire.kinds, responder.headers)
         ctx.stage("route")
-        ctx.estimated_prompt_tokens = wire.prompt_tokens(ctx)
         most_output = wire.max_output_tokens(ctx)
         await limit.run(ctx, most_output)
         ctx.stage("limit")
@@ -161,7 +161,9 @@ async def count_tokens(responder: Responder, ctx: RequestContext, body: bytes) -
         ctx.requested_model = model_name(data)
         check_messages(data)
         await authenticate.run(ctx, responder.headers)
-        await route.resolve(ctx, MESSAGES.kinds)
+        ctx.body = data
+        ctx.estimated_prompt_tokens = prompt_estimate(data, ctx.requested_model)
+        await route.resolve(ctx, MESSAGES.kinds, responder.headers)
     except GatewayError as err:
         await responder.send_json(*MESSAGES.error_response(err, ctx))
         return

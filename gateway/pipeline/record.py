@@ -13,6 +13,7 @@ from typing import Any
 from gateway import metrics, tracing
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
+from gateway.routing import breaker, latency
 from ledger import writer
 
 
@@ -20,6 +21,11 @@ async def run(ctx: RequestContext) -> None:
     batch, ctx.closing = ctx.closing, None
     if ctx.reached_provider or ctx.cache_hit:
         await writer.hand_off_or_spool(row_from_context(ctx), batch)
+    if ctx.deployment is not None and ctx.status == "ok" and not ctx.cache_hit:
+        # The p50 a routing policy reads (``p50_ms``): time to the first byte, or the whole answer.
+        latency.observe(
+            breaker.breaker_id(ctx.deployment), ctx.ttft_ms if ctx.ttft_ms is not None else ctx.elapsed_ms()
+        )
     if batch is not None:
         await batch.send()
     if ctx.trace is not None:
@@ -67,4 +73,17 @@ def row_from_context(ctx: RequestContext) -> dict[str, Any]:
         "end_user": ctx.end_user[:200],
         "timings": ctx.timings,
         "attempts": ctx.attempt_log,
+        "route": route_explanation(ctx),
+    }
+
+
+def route_explanation(ctx: RequestContext) -> dict[str, Any]:
+    """Why this model: the routing policy's decision, and what dispatch did with it."""
+    if not ctx.route_explanation:
+        return {}
+    served = ctx.deployment
+    return {
+        **ctx.route_explanation,
+        "served": f"{served.provider.slug}/{served.upstream_model}" if served else None,
+        "outcome": ctx.route_reason,
     }

@@ -40,7 +40,7 @@ async def send_result(responder: Responder, ctx: RequestContext, wire: WireForma
     if ctx.trace is not None:
         tracing.finish_reasons(ctx.trace, result)
     assert ctx.route is not None
-    ctx.cost_micro = money.cost_micro(ctx.route.price_at(), ctx.usage)
+    ctx.cost_micro = money.cost_micro(ctx.route.price_for(ctx.deployment), ctx.usage)
     headers = wire.success_headers(ctx)
     headers.append((b"x-chittycan-cost", money.format_usd(ctx.cost_micro).encode()))
     await responder.send_json(200, orjson.dumps(result), headers)
@@ -61,7 +61,7 @@ async def send_stream(
         await _relay(responder, tracker, chain(first, rest))
         ctx.usage = tracker.usage()
         assert ctx.route is not None
-        ctx.cost_micro = money.cost_micro(ctx.route.price_at(), ctx.usage)
+        ctx.cost_micro = money.cost_micro(ctx.route.price_for(ctx.deployment), ctx.usage)
         ctx.stage("relay")
         if ctx.status == "ok":
             await responder.write(tracker.closing(money.format_usd(ctx.cost_micro)))

@@ -1,19 +1,58 @@
-"""Stage 3, route: the public model name to its deployments, if the key may use it.
+"""Stage 3, route: the public model name to its deployments, if the key may use it; then the
+routing policy (docs/routing.md) picks the target model or deployments, the fallback chain, the
+timeouts and retries, or rejects the request.
 
 Dev mode sends every model to the mock (or a local Ollama); passthrough mode to the passthrough
-provider. An unknown model and a model the key may not use look the same to the client.
+provider (no policy applies: the client's own key decides). An unknown model and a model the key
+may not use look the same to the client.
+
+The policies are compiled in the route table snapshot: no database query on the hot path. Live
+state a condition reads (``health``, ``p50_ms``, ``budget_used``) is computed only when a rule of
+the tenant's policies references it. The decision and every candidate's fate ("why this model")
+go to ``ctx.route_explanation`` (the ledger row's ``route``) and ``X-ChittyCan-Route``.
 """
 
 from __future__ import annotations
 
-from django.conf import settings
+import dataclasses
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
 
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from budgets import counters
+from budgets import service as budget_service
+from budgets.periods import counters_for
+from core.money import PriceInfo
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, NotFound, PermissionDenied
-from gateway.routing.table import ModelRoute, dev_route, passthrough_route, route_table
+from gateway.routing import breaker, latency
+from gateway.routing.policy import LIVE_VARIABLES, Decision, Timeouts, evaluate
+from gateway.routing.table import (
+    DeploymentRoute,
+    HopTimeouts,
+    ModelRoute,
+    RouteTable,
+    deployment_ident,
+    dev_route,
+    passthrough_route,
+    route_table,
+)
+from tenants.keyinfo import KeyInfo
+
+__all__ = ["TAGS_HEADER", "decide", "request_facts", "request_tags", "resolve"]
+
+TAGS_HEADER = b"x-chittycan-tags"
+MAX_TAGS = 20
 
 
-async def resolve(ctx: RequestContext, kinds: tuple[str, ...]) -> ModelRoute:
+async def resolve(
+    ctx: RequestContext, kinds: tuple[str, ...], headers: Mapping[bytes, bytes] | None = None
+) -> ModelRoute:
     name = ctx.requested_model
     table = await route_table()
     route = table.resolve(name)
@@ -39,4 +78,280 @@ async def resolve(ctx: RequestContext, kinds: tuple[str, ...]) -> ModelRoute:
             param="model",
         )
     ctx.route = route
-    return route
+    ctx.tags = request_tags(headers or {})
+    if not ctx.passthrough_key:
+        await _apply_policy(ctx, table, kinds)
+    return ctx.route
+
+
+async def _apply_policy(ctx: RequestContext, table: RouteTable, kinds: tuple[str, ...]) -> None:
+    decision, routed = await decide(ctx, table, kinds)
+    if decision is None:
+        return
+    if decision.reject:
+        ctx.extra_headers.append((b"x-chittycan-route", ctx.route_header.encode()))
+        raise PermissionDenied(decision.reject, code="policy_rejected")
+    if routed is not None:
+        ctx.route = routed
+
+
+async def decide(
+    ctx: RequestContext, table: RouteTable, kinds: tuple[str, ...]
+) -> tuple[Decision | None, ModelRoute | None]:
+    """Evaluate the tenant's policies for the request in ``ctx`` (route already resolved).
+
+    Returns (None, None) when no policy applies to the tenant; else the decision and the route it
+    makes (None when the decision keeps the requested model as it is, or rejects). Fills
+    ``ctx.route_explanation``, ``ctx.route_header`` and ``ctx.tags``. ``can route explain`` calls
+    this without sending anything.
+    """
+    key, base = ctx.key, ctx.route
+    assert key is not None and base is not None
+    policies = table.policies.chain(t.id for t in key.lineage)
+    if not policies:
+        return None, None
+    wanted = table.policies.variables(policies)
+    facts = request_facts(ctx)
+    if wanted & LIVE_VARIABLES:
+        facts.update(await live_facts(wanted, table, key))
+    decision = evaluate(policies, facts, table.policies.by_name)
+    ctx.tags = (*ctx.tags, *(t for t in decision.tags if t not in ctx.tags))
+    explanation: dict[str, Any] = {
+        "policy": decision.policy or policies[0].name,
+        "rule": decision.rule or None,
+        "requested": ctx.requested_model,
+    }
+    if ctx.tags:
+        explanation["tags"] = list(ctx.tags)
+    if decision.errors:
+        explanation["errors"] = decision.errors[:10]
+    if decision.reject:
+        explanation["rejected"] = decision.reject
+        ctx.route_explanation = explanation
+        ctx.route_header = f"rule={decision.rule}; rejected"
+        return decision, None
+    routed, candidates, target_model = _plan(decision, table, base, kinds)
+    explanation["model"] = target_model
+    explanation["candidates"] = candidates
+    if decision.timeouts is not None:
+        explanation["timeouts"] = decision.timeouts.as_dict()
+    if decision.retries is not None:
+        explanation["retries"] = decision.retries
+    ctx.route_explanation = explanation
+    ctx.route_header = f"rule={decision.rule or '-'}; model={target_model}"
+    skipped = sum(1 for c in candidates if c.get("skipped") and c.get("skipped") != "weight")
+    if skipped:
+        ctx.route_header += f"; skipped={skipped}"
+    return decision, routed
+
+
+# --- the facts a condition reads ----------------------------------------------------------------
+
+
+def request_tags(headers: Mapping[bytes, bytes]) -> tuple[str, ...]:
+    raw = headers.get(TAGS_HEADER, b"")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return ()
+    tags: list[str] = []
+    for part in text.split(","):
+        tag = part.strip()[:64]
+        if tag and tag not in tags:
+            tags.append(tag)
+    return tuple(tags[:MAX_TAGS])
+
+
+def request_facts(ctx: RequestContext, now: datetime | None = None) -> dict[str, Any]:
+    """The request's, key's, tenant's and time's variables (cheap; no I/O)."""
+    body, key = ctx.body, ctx.key
+    assert key is not None
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+    metadata = body.get("metadata")
+    try:
+        zone = ZoneInfo(key.tenant.time_zone or "UTC")
+    except (ValueError, KeyError):
+        zone = ZoneInfo("UTC")
+    local = (now or timezone.now()).astimezone(zone)
+    return {
+        "model": ctx.requested_model,
+        "tokens": int(ctx.estimated_prompt_tokens),
+        "max_tokens": max_tokens if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) else 0,
+        "has_tools": bool(body.get("tools") or body.get("functions")),
+        "has_images": _has_images(body),
+        "stream": bool(ctx.stream),
+        "tags": list(ctx.tags),
+        "metadata": {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {},
+        "endpoint": ctx.endpoint,
+        "key_name": key.name,
+        "key_scopes": sorted(key.endpoints) if key.endpoints is not None else ["*"],
+        "tenant": key.tenant.slug,
+        "tenant_path": [t.slug for t in reversed(key.lineage)],
+        "plan": key.tenant.plan,
+        "hour": local.hour,
+        "weekday": local.weekday(),
+    }
+
+
+def _has_images(body: Mapping[str, Any]) -> bool:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return False
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in ("image_url", "image", "input_image"):
+                    return True
+    return False
+
+
+def deployment_name(deployment: DeploymentRoute) -> str:
+    return f"{deployment.provider.slug}/{deployment.upstream_model}"
+
+
+async def live_facts(wanted: Iterable[str], table: RouteTable, key: KeyInfo) -> dict[str, Any]:
+    """Live state, only what the policies reference: breaker state, p50 latency, budget use."""
+    names = set(wanted)
+    facts: dict[str, Any] = {}
+    deployments = {deployment_name(d): d for r in table.public_models() for d in r.deployments}
+    if "health" in names:
+        health: dict[str, str] = {}
+        for label, dep in deployments.items():
+            health[label] = (await breaker.snapshot(breaker.breaker_id(dep))).state()
+        facts["health"] = health
+    if "p50_ms" in names:
+        facts["p50_ms"] = {label: latency.p50(breaker.breaker_id(dep)) or -1.0 for label, dep in deployments.items()}
+    if "budget_used" in names:
+        facts["budget_used"] = await budget_used(key)
+    return facts
+
+
+async def budget_used(key: KeyInfo) -> float:
+    """The highest spent/limit fraction over the hard money budgets of the key and its tenant chain."""
+    budgets = await budget_service.budgets_for(key)
+    money = [c for c in counters_for(key, budgets, timezone.now()) if c.kind == "m" and c.limit]
+    if not money:
+        return 0.0
+    root = key.root_id
+
+    def peek() -> float:
+        used = 0.0
+        for counter in money:
+            value = counters.peek_sync(counter, root)
+            if value is not None and counter.limit:
+                used = max(used, value / counter.limit)
+        return used
+
+    result: float = await sync_to_async(peek, thread_sensitive=False)()
+    return result
+
+
+# --- from a decision to a route ------------------------------------------------------------------
+
+
+def _hop_timeouts(limits: Timeouts | None, current: HopTimeouts) -> HopTimeouts:
+    if limits is None:
+        return current
+    return HopTimeouts(connect=limits.connect, first_byte=limits.first_byte, total=limits.total)
+
+
+def _target(table: RouteTable, target: str) -> tuple[ModelRoute, tuple[DeploymentRoute, ...]] | None:
+    """A target: a public model (all its deployments) or ``provider/upstream-model`` (that one)."""
+    dev = settings.CHITTYCAN_MODE == "dev"
+    model = table.resolve(target)
+    if model is not None:
+        routed = dev_route(model.name, model) if dev else model
+        return (routed, routed.deployments) if routed is not None else None
+    found = table.deployment(target)
+    if found is not None:
+        owner, dep = found
+        if dev:
+            routed = dev_route(owner.name, owner)
+            return (routed, routed.deployments) if routed is not None else None
+        return owner, (dep,)
+    if dev:
+        routed = dev_route(target, None)
+        return (routed, routed.deployments) if routed is not None else None
+    return None
+
+
+def _plan(
+    decision: Decision, table: RouteTable, base: ModelRoute, kinds: tuple[str, ...]
+) -> tuple[ModelRoute, list[dict[str, Any]], str]:
+    """The route a decision makes: its targets in order, then the fallback chain's hops, each
+    target's deployments in their own priority order after the previous target's; duplicates
+    dropped. Prices, context window and output cap are the first usable target's; the name, aliases
+    and response-cache setting the requested model's."""
+    hops: list[tuple[str, Timeouts | None, int | None, str]] = [
+        (t, decision.timeouts, decision.retries, "route") for t in decision.targets
+    ]
+    if not hops:
+        hops.append(("", decision.timeouts, decision.retries, "route"))  # the requested model itself
+    hops += [(h.target, h.timeouts, None, "fallback") for h in decision.fallback]
+    candidates: list[dict[str, Any]] = []
+    deployments: list[DeploymentRoute] = []
+    seen: set[str] = set()
+    owners: dict[tuple[int | None, str, str], tuple[PriceInfo, ...]] = {}  # each deployment's model's prices
+    primary: ModelRoute | None = None
+    for rank, (target, limits, retries, role) in enumerate(hops):
+        found = (base, base.deployments) if not target else _target(table, target)
+        label = target or base.name
+        if found is None:
+            candidates.append({"target": label, "role": role, "skipped": "unknown target"})
+            continue
+        model, deps = found
+        if model.kind not in kinds and settings.CHITTYCAN_MODE != "dev":
+            candidates.append({"target": label, "role": role, "model": model.name, "skipped": f"{model.kind} model"})
+            continue
+        if not deps:
+            candidates.append({"target": label, "role": role, "model": model.name, "skipped": "no active deployment"})
+            continue
+        if primary is None:
+            primary = model
+        for dep in sorted(deps, key=lambda d: d.priority):
+            ident = breaker.breaker_id(dep)
+            entry: dict[str, Any] = {
+                "target": label,
+                "role": role,
+                "model": model.name,
+                "deployment": deployment_name(dep),
+            }
+            if ident in seen:
+                continue  # already a candidate earlier in the order
+            seen.add(ident)
+            if limits is not None and limits.as_dict():
+                entry["timeouts"] = limits.as_dict()
+            if breaker.known_open(dep):
+                entry["skipped"] = "breaker open"
+            provider = dep.provider
+            if retries is not None and retries != provider.max_retries:
+                provider = dataclasses.replace(provider, max_retries=retries)
+            routed_dep = dataclasses.replace(
+                dep,
+                provider=provider,
+                priority=rank * 100_000 + dep.priority,
+                timeouts=_hop_timeouts(limits, dep.timeouts),
+            )
+            deployments.append(routed_dep)
+            owners[deployment_ident(routed_dep)] = model.prices
+            candidates.append(entry)
+    for arm, weight in decision.split:
+        if arm != decision.split_pick:
+            candidates.append({"target": arm, "role": "split", "weight": weight, "skipped": "weight"})
+    if primary is None:
+        # Nothing the rule names can serve this request: the requested model as it is.
+        candidates.append({"target": base.name, "role": "requested", "note": "no usable target in the rule"})
+        return base, candidates, base.name
+    hop_prices = tuple((ident, prices) for ident, prices in owners.items() if prices is not primary.prices)
+    # Named as the client asked (metrics, the response cache and its invalidation key on that name);
+    # served, capped and priced as the target.
+    routed = dataclasses.replace(
+        primary,
+        name=base.name,
+        aliases=base.aliases,
+        cache_ttl=base.cache_ttl,
+        deployments=tuple(deployments),
+        hop_prices=hop_prices,
+    )
+    return routed, candidates, primary.name

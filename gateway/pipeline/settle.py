@@ -9,5 +9,5 @@ from gateway.context import RequestContext
 
 async def run(ctx: RequestContext) -> None:
     if ctx.usage is not None and ctx.route is not None and not ctx.cache_hit:
-        ctx.cost_micro = money.cost_micro(ctx.route.price_at(), ctx.usage)
+        ctx.cost_micro = money.cost_micro(ctx.route.price_for(ctx.deployment), ctx.usage)
     await admission.settle(ctx)

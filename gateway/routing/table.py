@@ -8,6 +8,7 @@ change is announced (see ``core.invalidation``). The hot path never queries the 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,8 +21,20 @@ from django.utils import timezone
 from core import invalidation
 from core.money import PriceInfo
 from gateway.errors import ServiceUnavailable
-from gateway.models import LLMModel, Provider
+from gateway.models import LLMModel, Provider, RoutingPolicy
 from gateway.providers.base import BreakerSettings, ProviderConfig
+from gateway.routing.policy import Policy, PolicyError, PolicySet, check_includes, parse_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class HopTimeouts:
+    """Per-hop limits in seconds; None: the provider's own setting."""
+
+    connect: float | None = None
+    first_byte: float | None = None
+    total: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +44,7 @@ class DeploymentRoute:
     upstream_model: str
     priority: int = 0
     weight: int = 1
+    timeouts: HopTimeouts = HopTimeouts()
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +62,34 @@ class ModelRoute:
     cache_ttl: int = 0  # seconds the exact response cache keeps an answer; 0: the cache is off
     semantic_model: str = ""  # the embedding model of the semantic cache; "": it is off
     semantic_threshold: float = 1.0  # the cosine similarity a semantic hit needs
+    # A routing policy's route may hold other models' deployments (its fallback chain): their prices.
+    hop_prices: tuple[tuple[tuple[int | None, str, str], tuple[PriceInfo, ...]], ...] = ()
 
     def price_at(self, when: datetime | None = None) -> PriceInfo | None:
+        return _price_at(self.prices, when or timezone.now())
+
+    def price_for(self, deployment: DeploymentRoute | None, when: datetime | None = None) -> PriceInfo | None:
+        """The price of the model the deployment serves (a fallback hop's own), else this model's."""
+        if deployment is not None and self.hop_prices:
+            ident = deployment_ident(deployment)
+            for key, prices in self.hop_prices:
+                if key == ident:
+                    return _price_at(prices, when or timezone.now())
+        return self.price_at(when)
+
+    def worst_price(self, when: datetime | None = None) -> PriceInfo | None:
+        """The highest price per token kind over every deployment (what a reservation must cover)."""
         when = when or timezone.now()
-        for price in self.prices:
-            if price.effective_from <= when:
-                return price
-        return None
+        found = [p for p in (self.price_at(when), *(_price_at(ps, when) for _, ps in self.hop_prices)) if p]
+        if len(found) <= 1:
+            return found[0] if found else None
+        return PriceInfo(
+            effective_from=max(p.effective_from for p in found),
+            input_per_mtok=max(p.input_per_mtok for p in found),
+            cached_input_per_mtok=max(p.cached_input_per_mtok for p in found),
+            cache_write_per_mtok=max(p.cache_write_per_mtok for p in found),
+            output_per_mtok=max(p.output_per_mtok for p in found),
+        )
 
     def ordered_deployments(self) -> list[DeploymentRoute]:
         """Lowest priority first; among equals, a weighted random order."""
@@ -73,13 +108,36 @@ class ModelRoute:
         return ordered
 
 
+def deployment_ident(deployment: DeploymentRoute) -> tuple[int | None, str, str]:
+    return (deployment.id, deployment.provider.slug, deployment.upstream_model)
+
+
+def _price_at(prices: tuple[PriceInfo, ...], when: datetime) -> PriceInfo | None:
+    for price in prices:  # newest first
+        if price.effective_from <= when:
+            return price
+    return None
+
+
 @dataclass(slots=True)
 class RouteTable:
     models: dict[str, ModelRoute] = field(default_factory=dict)  # public names and aliases
     loaded_at: float = 0.0
+    policies: PolicySet = field(default_factory=PolicySet)  # routing policies, compiled
 
     def resolve(self, name: str) -> ModelRoute | None:
         return self.models.get(name)
+
+    def deployment(self, target: str) -> tuple[ModelRoute, DeploymentRoute] | None:
+        """A ``provider/upstream-model`` target: the first model's deployment that matches it."""
+        slug, _, upstream = target.partition("/")
+        if not upstream:
+            return None
+        for route in self.public_models():
+            for dep in route.deployments:
+                if dep.provider.slug == slug and dep.upstream_model == upstream:
+                    return route, dep
+        return None
 
     def public_models(self) -> list[ModelRoute]:
         seen: dict[str, ModelRoute] = {}
@@ -165,7 +223,34 @@ def load_route_table() -> RouteTable:
         table.models[model.name] = route
         for alias in model.aliases or ():
             table.models.setdefault(alias, route)
+    table.policies = load_policies()
     return table
+
+
+def load_policies() -> PolicySet:
+    """Every active routing policy, compiled. One that no longer compiles is left out (and logged)."""
+    compiled: dict[str, Policy] = {}
+    for row in RoutingPolicy.objects.filter(is_active=True).prefetch_related("rules"):
+        try:
+            compiled[row.name] = parse_policy(
+                row.name,
+                [rule.as_config() for rule in row.rules.all()],
+                row.fallback_chain,
+                tenant_id=row.tenant_id,
+                library=row.is_library,
+            )
+        except PolicyError as err:
+            log.error("routing policy %s left out: %s", row.name, err)
+    try:
+        check_includes(compiled)
+    except PolicyError as err:
+        log.error("routing policies: %s", err)
+    attached = [p for p in compiled.values() if not p.library]
+    return PolicySet(
+        global_policy=next((p for p in attached if p.tenant_id is None), None),
+        by_tenant={p.tenant_id: p for p in attached if p.tenant_id is not None},
+        by_name=compiled,
+    )
 
 
 _table: RouteTable | None = None

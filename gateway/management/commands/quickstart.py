@@ -8,17 +8,20 @@ otherwise quickstart prints the ``createsuperuser`` command to run instead.
 
 from __future__ import annotations
 
+import io
 import os
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from gateway import catalog
-from gateway.models import LLMModel
+from gateway.models import LLMModel, RoutingPolicy
 from tenants import services
 from tenants.models import ApiKey, Tenant
 
@@ -26,6 +29,8 @@ DEMO_SLUG = "demo"
 DEMO_MODEL = "gpt-4o-mini"  # the model the printed curl asks for; its response cache is turned on
 ADMIN_USER = "admin"
 DEV_ADMIN_PASSWORD = "chittycan-admin"
+#: The roadmap's routing policy, applied in dev mode and attached to the demo tenant (docs/routing.md).
+ROUTING_EXAMPLE = Path(settings.BASE_DIR) / "examples" / "routing-policy.yaml"
 
 
 class Command(BaseCommand):
@@ -44,6 +49,7 @@ class Command(BaseCommand):
         if demo_model is not None and not demo_model.cache_enabled:
             demo_model.cache_enabled = True  # the README's curl sent twice: MISS, then HIT at $0
             catalog.model_update(demo_model, cache_enabled=True, actor_label="quickstart")
+        routing_note = self.apply_routing_example() if settings.CHITTYCAN_MODE == "dev" else ""
         key_file = opts["key_file"]
         plaintext = ""
         if os.path.exists(key_file):
@@ -97,10 +103,22 @@ Python (pip install openai):
   response = client.responses.create(model="gpt-4o-mini", input="Say hello")
   print(response.output_text, client.responses.retrieve(response.id).usage)
 
-{dev_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
+{dev_note}{routing_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
 Audit log (every control-plane change, hash-chained): http://127.0.0.1:{opts["port"]}/admin/tenants/auditevent/
   .venv/bin/can audit verify      .venv/bin/can audit export --since 2026-01-01 --format jsonl
 """
+        )
+
+    def apply_routing_example(self) -> str:
+        """Dev mode: the roadmap's routing policy (examples/routing-policy.yaml) on the demo tenant."""
+        if not ROUTING_EXAMPLE.exists():
+            return ""
+        if not RoutingPolicy.objects.filter(name="roadmap").exists():  # once: later edits are the operator's
+            call_command("apply", "-f", str(ROUTING_EXAMPLE), stdout=io.StringIO())
+        return (
+            "Routing policy `roadmap` (examples/routing-policy.yaml) is on the demo tenant: a short prompt\n"
+            "matches rule=cheap_for_simple, a long one (over 500 tokens) smart_for_complex; see the\n"
+            "X-ChittyCan-Route header (curl -i) and `can route explain --key $OPENAI_API_KEY -f request.json`.\n\n"
         )
 
     def ensure_admin(self) -> None:

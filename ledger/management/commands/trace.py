@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.money import format_usd
 from ledger.models import UsageRecord
+from ledger.routes import describe_route
 from tenants.models import ApiKey, Tenant
 
 
@@ -39,6 +40,8 @@ class Command(BaseCommand):
             + (f"  error {row.error_type}" if row.error_type else "")
         )
         out(f"model     {row.requested_model} -> {row.provider or '-'}:{row.served_model or '-'}")
+        if row.route:
+            out("route     " + "\n          ".join(describe_route(row.route)))
         out(
             f"tokens    prompt {row.prompt_tokens} (cached {row.cached_tokens}, cache write {row.cache_write_tokens})"
             f"  completion {row.completion_tokens} (reasoning {row.reasoning_tokens})  [{row.usage_source}]"
