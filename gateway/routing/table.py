@@ -21,7 +21,16 @@ from core import invalidation
 from core.money import PriceInfo
 from gateway.errors import ServiceUnavailable
 from gateway.models import LLMModel, Provider
-from gateway.providers.base import BreakerSettings, ProviderConfig
+from gateway.providers.base import BreakerSettings, ProbeSettings, ProviderConfig
+
+
+@dataclass(frozen=True, slots=True)
+class HopTimeouts:
+    """Per-hop limits in seconds; None: the provider's own setting."""
+
+    connect: float | None = None
+    first_byte: float | None = None
+    total: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +40,7 @@ class DeploymentRoute:
     upstream_model: str
     priority: int = 0
     weight: int = 1
+    timeouts: HopTimeouts = HopTimeouts()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +106,16 @@ def provider_config(provider: Provider) -> ProviderConfig:
         extra_headers=dict(provider.extra_headers or {}),
         connect_timeout=provider.connect_timeout,
         read_timeout=provider.read_timeout,
+        first_byte_timeout=provider.first_byte_timeout,
+        total_timeout=provider.total_timeout,
         max_retries=provider.max_retries,
         breaker=breaker_settings(provider),
+        probe=ProbeSettings(
+            enabled=provider.probe_enabled,
+            interval=provider.probe_interval,
+            request=dict(provider.probe_request) if isinstance(provider.probe_request, dict) else {},
+        ),
+        outlier_latency_factor=provider.outlier_latency_factor,
     )
 
 
