@@ -69,12 +69,15 @@ class ProviderForm(forms.ModelForm):
             "is_active",
         ]
 
+    # Left empty (or absent from a form post): the default.
     BREAKER_FIELDS = (
         "breaker_failures",
         "breaker_error_rate",
         "breaker_min_requests",
         "breaker_window",
         "breaker_cooldown",
+        "probe_interval",
+        "outlier_latency_factor",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

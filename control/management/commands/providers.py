@@ -13,12 +13,12 @@ from django.core.management.base import BaseCommand, CommandParser
 
 from core import runtime
 from gateway.routing import health
-from gateway.routing.table import load_route_table
+from gateway.routing.table import RouteTable, load_route_table
 
 
-async def _read() -> list[dict[str, Any]]:
+async def _read(table: RouteTable) -> list[dict[str, Any]]:
     try:
-        return await health.all_status(load_route_table())
+        return await health.all_status(table)
     finally:
         if settings.REDIS_URL:
             await runtime.close_redis()
@@ -45,7 +45,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["action"] == "probe":
-            results = asyncio.run(health.probe_in_own_loop(load_route_table(), force=True))
+            table = load_route_table()
+            results = asyncio.run(health.probe_in_own_loop(table, force=True))
             if not results:
                 self.stdout.write("no deployment has probes on (a provider's probe_enabled)")
             for r in results:
@@ -55,7 +56,7 @@ class Command(BaseCommand):
                     f"{r['model']} {r['provider']}:{r['upstream_model']} {r['probe_result']}{detail}{error}"
                 )
             return
-        rows = asyncio.run(_read())
+        rows = asyncio.run(_read(load_route_table()))
         if options["json"]:
             self.stdout.write(json.dumps({"deployments": rows}, indent=2))
             return
