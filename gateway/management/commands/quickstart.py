@@ -18,7 +18,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from gateway import catalog
-from gateway.models import LLMModel
+from gateway.models import Deployment, LLMModel, Provider
 from tenants import services
 from tenants.models import ApiKey, Tenant
 
@@ -26,6 +26,9 @@ DEMO_SLUG = "demo"
 DEMO_MODEL = "gpt-4o-mini"  # the model the printed curl asks for; its response cache is turned on
 ADMIN_USER = "admin"
 DEV_ADMIN_PASSWORD = "chittycan-admin"
+#: Dev mode: an offline mock deployment of the demo model with active health probes on, so
+#: ``can providers status`` and GET /health/providers show probe results (docs/resilience.md).
+DEMO_PROBED_PROVIDER = "demo-mock"
 
 
 class Command(BaseCommand):
@@ -44,6 +47,8 @@ class Command(BaseCommand):
         if demo_model is not None and not demo_model.cache_enabled:
             demo_model.cache_enabled = True  # the README's curl sent twice: MISS, then HIT at $0
             catalog.model_update(demo_model, cache_enabled=True, actor_label="quickstart")
+        if settings.CHITTYCAN_MODE == "dev" and demo_model is not None:
+            self.ensure_probed_deployment(demo_model)
         key_file = opts["key_file"]
         plaintext = ""
         if os.path.exists(key_file):
@@ -86,8 +91,25 @@ Python (pip install openai):
   print(reply.choices[0].message.content, reply.usage)
 
 {dev_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
+Provider health (circuit breakers, probe results): http://127.0.0.1:{opts["port"]}/admin/gateway/provider/
 """
         )
+
+    def ensure_probed_deployment(self, model: LLMModel) -> None:
+        """Dev mode: the demo model gets a deployment on the offline mock provider, probed every 10 s
+        by the embedded scheduler (no tokens are spent: the mock answers)."""
+        provider = Provider.objects.filter(slug=DEMO_PROBED_PROVIDER).first() or catalog.provider_create(
+            slug=DEMO_PROBED_PROVIDER,
+            kind=Provider.Kind.MOCK,
+            base_url="",
+            probe_enabled=True,
+            probe_interval=10.0,
+            actor_label="quickstart",
+        )
+        if not Deployment.objects.filter(model=model, provider=provider).exists():
+            catalog.deployment_create(
+                model=model, provider=provider, upstream_model=model.name, priority=100, actor_label="quickstart"
+            )
 
     def ensure_admin(self) -> None:
         """The ``admin`` superuser: a known password in dev mode only; in production one the
