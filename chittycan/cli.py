@@ -33,7 +33,7 @@ COMMANDS: dict[str, str] = {
     "billing": "Stripe usage export: the meter CSV, pushing meter events, runs and reconciliation",
     "members": "give users a role on a tenant for the management REST API",
     "apitoken": "create, list and revoke management REST API tokens",
-    "providers": "each provider deployment's circuit breaker: closed, open or half-open (status [--json])",
+    "providers": "provider deployments: circuit breakers and health (status [--json]), probes now (probe)",
     "otp": "enrol, list and remove the TOTP devices staff use to log in to the admin",
     "audit": "the tamper-evident audit log: verify the hash chain, export (csv|jsonl), prune past retention",
 }

@@ -304,6 +304,10 @@ CELERY_BEAT_SCHEDULE["budget-reconcile"] = {
     "schedule": CHITTYCAN_RECONCILE_INTERVAL,
 }
 CELERY_BEAT_SCHEDULE["budget-sweep"] = {"task": "tenants.sweep_reservations", "schedule": 60.0}
+# Active health probes (docs/resilience.md): each run probes the deployments whose provider's
+# probe interval has passed, so this tick is the shortest interval a provider can ask for.
+CHITTYCAN_PROBE_TICK = env_float("CHITTYCAN_PROBE_TICK", 5.0)
+CELERY_BEAT_SCHEDULE["provider-probes"] = {"task": "gateway.tasks.probe_providers", "schedule": CHITTYCAN_PROBE_TICK}
 
 CHITTYCAN_SERVER = env_choice("CHITTYCAN_SERVER", "uvicorn", ("uvicorn", "granian", "daphne"))
 # gc.freeze() once the app is built and after warm-up: full collections skip start-up objects.

@@ -1,4 +1,4 @@
-"""``GET /health/providers``: each deployment's circuit breaker, as JSON (docs/resilience.md).
+"""``GET /health/providers``: each deployment's circuit breaker and health, as JSON (docs/resilience.md).
 
 For a session that may use the admin (active staff, with its second factor when required) or any
 management API token (``Authorization: Bearer ccm_...``).
@@ -19,7 +19,8 @@ from rest_framework.views import APIView
 
 from control.models import ManagementToken
 from control.tokens import ManagementTokenAuthentication
-from gateway.routing import breaker
+from gateway.routing import health
+from gateway.routing.table import load_route_table
 
 
 class StaffOrManagementToken(permissions.BasePermission):
@@ -33,7 +34,7 @@ class StaffOrManagementToken(permissions.BasePermission):
 
 
 def provider_health() -> dict[str, Any]:
-    deployments = async_to_sync(breaker.all_status)()
+    deployments = async_to_sync(health.all_status)(load_route_table())
     return {
         "store": "redis" if settings.REDIS_URL else "process",
         "deployments": deployments,

@@ -6,6 +6,7 @@ and announces each change), as ``can apply`` writes them."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -30,8 +31,8 @@ from gateway.models import (
     RoutingPolicy,
     RoutingRule,
 )
-from gateway.providers.base import ProviderConfig
-from gateway.routing import breaker
+from gateway.providers.base import ProbeSettings, ProviderConfig
+from gateway.routing import breaker, health
 from gateway.routing.policy import PolicyError, check_includes, parse_policy
 from gateway.routing.table import DeploymentRoute, breaker_settings
 from tenants.admin import AuditedAdmin, actor_of, adopt, https_formfield
@@ -63,8 +64,14 @@ class ProviderForm(forms.ModelForm):
             "extra_headers",
             "connect_timeout",
             "read_timeout",
+            "first_byte_timeout",
+            "total_timeout",
             "max_retries",
             "responses_api",
+            "probe_enabled",
+            "probe_interval",
+            "probe_request",
+            "outlier_latency_factor",
             "breaker_failures",
             "breaker_error_rate",
             "breaker_min_requests",
@@ -73,12 +80,15 @@ class ProviderForm(forms.ModelForm):
             "is_active",
         ]
 
+    # Left empty (or absent from a form post): the default.
     BREAKER_FIELDS = (
         "breaker_failures",
         "breaker_error_rate",
         "breaker_min_requests",
         "breaker_window",
         "breaker_cooldown",
+        "probe_interval",
+        "outlier_latency_factor",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -94,6 +104,14 @@ class ProviderForm(forms.ModelForm):
             if self.cleaned_data.get(name, 0) is None and isinstance(field, Field):
                 self.cleaned_data[name] = field.get_default()
 
+    def clean_probe_request(self) -> dict[str, Any]:
+        value = self.cleaned_data.get("probe_request") or {}
+        if not isinstance(value, dict):
+            raise forms.ValidationError(
+                'An OpenAI chat body as a JSON object, e.g. {"messages": [...], "max_tokens": 1}.'
+            )
+        return value
+
     def clean_base_url(self) -> str:
         value = str(self.cleaned_data.get("base_url") or "")
         egress.validate_url(value)
@@ -106,6 +124,68 @@ class ProviderForm(forms.ModelForm):
         return data
 
 
+def health_text(row: dict[str, Any]) -> str:
+    """One deployment's health in words: its last probe, average latency and last ejection."""
+    info = row["health"]
+    parts = []
+    last = info["last_probe"]
+    if last is not None:
+        probe = f"last probe {last['result']} {last['seconds_ago']:.0f} s ago"
+        if last["latency_ms"] is not None:
+            probe += f" in {last['latency_ms']:.0f} ms"
+        if last["error"]:
+            probe += f" ({last['error']})"
+        parts.append(probe)
+    elif info["probes"]:
+        parts.append("not probed yet")
+    else:
+        parts.append("probes off")
+    if info["latency_ms"] is not None:
+        parts.append(f"average latency {info['latency_ms']:.0f} ms")
+    if info["last_ejection"] is not None:
+        ejection = info["last_ejection"]
+        parts.append(f"ejected {ejection['seconds_ago']:.0f} s ago: {ejection['reason']}")
+    return "; ".join(parts)
+
+
+def health_list(provider: Provider, deployments: Iterable[Deployment]) -> SafeString | str:
+    """An HTML list of deployments' breaker state and health (``gateway.routing.health``)."""
+    # Not provider_config(): the credential is not needed (nor decrypted) to show the state.
+    config = ProviderConfig(
+        id=provider.pk,
+        slug=provider.slug,
+        kind=provider.kind,
+        base_url=provider.base_url,
+        breaker=breaker_settings(provider),
+        probe=ProbeSettings(enabled=provider.probe_enabled, interval=provider.probe_interval),
+        outlier_latency_factor=provider.outlier_latency_factor,
+    )
+    pairs = [
+        (d.model.name, DeploymentRoute(id=d.pk, provider=config, upstream_model=d.upstream_model)) for d in deployments
+    ]
+    if not pairs:
+        return "no deployments"
+    rows = async_to_sync(health.status)(pairs)
+    return format_html(
+        "<ul>{}</ul>",
+        format_html_join(
+            "",
+            "<li>{} &rarr; {}: <strong>{}</strong> ({} consecutive failures, opened {} times); {}</li>",
+            (
+                (
+                    r["model"],
+                    r["upstream_model"],
+                    r["state"],
+                    r["consecutive_failures"],
+                    r["times_opened"],
+                    health_text(r),
+                )
+                for r in rows
+            ),
+        ),
+    )
+
+
 @admin.register(Provider)
 class ProviderAdmin(AuditedAdmin[Provider]):
     form = ProviderForm
@@ -115,7 +195,14 @@ class ProviderAdmin(AuditedAdmin[Provider]):
     fieldsets = [
         (None, {"fields": ["slug", "kind", "base_url", "responses_api", "is_active"]}),
         ("Credentials", {"fields": ["has_credential", "api_key", "clear_api_key", "extra_headers"]}),
-        ("Timeouts and retries", {"fields": ["connect_timeout", "read_timeout", "max_retries"]}),
+        (
+            "Timeouts and retries",
+            {"fields": ["connect_timeout", "first_byte_timeout", "total_timeout", "read_timeout", "max_retries"]},
+        ),
+        (
+            "Health: active probes and outlier detection",
+            {"fields": ["probe_enabled", "probe_interval", "probe_request", "outlier_latency_factor"]},
+        ),
         (
             "Circuit breaker (each deployment's)",
             {
@@ -143,33 +230,13 @@ class ProviderAdmin(AuditedAdmin[Provider]):
     def deployment_count(self, obj: Provider) -> int:
         return int(getattr(obj, "n_deployments", 0))
 
-    @admin.display(description="Breaker state now")
+    @admin.display(description="Breaker state and health now")
     def breaker_state(self, obj: Provider) -> SafeString | str:
-        """Each deployment's breaker as the gateway sees it (Redis; this process in embedded mode)."""
+        """Each deployment's breaker and health as the gateway sees them (Redis; this process in
+        embedded mode)."""
         if obj.pk is None:
             return "-"
-        # Not provider_config(): the credential is not needed (nor decrypted) to show the state.
-        config = ProviderConfig(
-            id=obj.pk, slug=obj.slug, kind=obj.kind, base_url=obj.base_url, breaker=breaker_settings(obj)
-        )
-        deployments = [
-            (d.model.name, DeploymentRoute(id=d.pk, provider=config, upstream_model=d.upstream_model))
-            for d in obj.deployments.select_related("model").order_by("model__name")
-        ]
-        if not deployments:
-            return "no deployments"
-        rows = async_to_sync(breaker.status)(deployments)
-        return format_html(
-            "<ul>{}</ul>",
-            format_html_join(
-                "",
-                "<li>{} &rarr; {}: <strong>{}</strong> ({} consecutive failures, opened {} times)</li>",
-                (
-                    (r["model"], r["upstream_model"], r["state"], r["consecutive_failures"], r["times_opened"])
-                    for r in rows
-                ),
-            ),
-        )
+        return health_list(obj, obj.deployments.select_related("model").order_by("model__name"))
 
     def save_model(self, request: HttpRequest, obj: Provider, form: ModelForm, change: bool) -> None:
         values = self.field_values(obj, form.fields)
@@ -195,9 +262,16 @@ class ProviderAdmin(AuditedAdmin[Provider]):
 
 class DeploymentInline(admin.TabularInline):
     model = Deployment
-    fields = ["provider", "upstream_model", "priority", "weight", "is_active"]
+    fields = ["provider", "upstream_model", "priority", "weight", "is_active", "health_now"]
+    readonly_fields = ["health_now"]
     autocomplete_fields = ["provider"]
     extra = 0
+
+    @admin.display(description="Breaker and health now")
+    def health_now(self, obj: Deployment) -> SafeString | str:
+        if obj.pk is None:
+            return "-"
+        return health_list(obj.provider, [obj])
 
 
 class PriceInline(admin.TabularInline):

@@ -55,8 +55,14 @@ class ProviderFields(TypedDict, total=False):
     extra_headers: dict[str, str]
     connect_timeout: float
     read_timeout: float
+    first_byte_timeout: float | None
+    total_timeout: float | None
     max_retries: int
     responses_api: bool
+    probe_enabled: bool
+    probe_interval: float
+    probe_request: dict[str, Any]
+    outlier_latency_factor: float
     breaker_failures: int
     breaker_error_rate: float
     breaker_min_requests: int

@@ -41,6 +41,19 @@ class Provider(models.Model):
     extra_headers = models.JSONField(default=dict, blank=True)
     connect_timeout = models.FloatField(default=5.0, help_text="Seconds")
     read_timeout = models.FloatField(default=600.0, help_text="Seconds between bytes from the upstream")
+    # Per-hop limits (docs/resilience.md); a route's deployment may set its own (HopTimeouts).
+    first_byte_timeout = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.01)],
+        help_text="Seconds until the upstream's first byte (a stream: its first event); empty: the read timeout",
+    )
+    total_timeout = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.01)],
+        help_text="Seconds for a whole attempt (a stream cut later ends with an error event); empty: no limit",
+    )
     max_retries = models.PositiveSmallIntegerField(default=2)
     # The circuit breaker of each of its deployments (gateway.routing.breaker, docs/resilience.md).
     breaker_failures = models.PositiveSmallIntegerField(
@@ -68,6 +81,26 @@ class Provider(models.Model):
         default=False,
         help_text="The upstream serves the Responses API (/v1/responses) itself: OpenAI does, most "
         "OpenAI-compatible servers do not. Off: /v1/responses is translated to chat completions.",
+    )
+    # Active health probes (gateway.routing.health): a cheap request per deployment, by Celery beat.
+    probe_enabled = models.BooleanField(
+        default=False, help_text="Send each deployment a cheap probe request every interval (it costs a few tokens)"
+    )
+    probe_interval = models.FloatField(
+        default=30.0,
+        validators=[MinValueValidator(1.0), MaxValueValidator(86_400.0)],
+        help_text="Seconds between probes of each deployment",
+    )
+    probe_request = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='An OpenAI chat body (model set per deployment); empty: one "ping" message, max_tokens 1',
+    )
+    # Passive outlier detection from live traffic (gateway.routing.health).
+    outlier_latency_factor = models.FloatField(
+        default=0.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1000.0)],
+        help_text="Eject a deployment whose average latency exceeds this many times its fastest sibling's (0: off)",
     )
     is_active = models.BooleanField(default=True)
     created_at = models.DateTimeField(default=timezone.now)

@@ -61,6 +61,8 @@ def export() -> dict[str, Any]:
             item["extra_headers"] = dict(p.extra_headers)
         _put_if(item, "connect_timeout", p.connect_timeout, 5.0)
         _put_if(item, "read_timeout", p.read_timeout, 600.0)
+        _put_if(item, "first_byte_timeout", p.first_byte_timeout, None)
+        _put_if(item, "total_timeout", p.total_timeout, None)
         _put_if(item, "max_retries", p.max_retries, 2)
         _put_if(item, "responses_api", p.responses_api, False)
         breaker: dict[str, Any] = {}
@@ -71,6 +73,14 @@ def export() -> dict[str, Any]:
         _put_if(breaker, "cooldown", p.breaker_cooldown, 30.0)
         if breaker:
             item["breaker"] = breaker
+        probe: dict[str, Any] = {}
+        if p.probe_enabled:
+            probe["enabled"] = True
+            _put_if(probe, "interval", p.probe_interval, 30.0)
+            if p.probe_request:
+                probe["request"] = dict(p.probe_request)
+            item["probe"] = probe
+        _put_if(item, "outlier_latency_factor", p.outlier_latency_factor, 0.0)
         _put_if(item, "active", p.is_active, True)
         providers.append(item)
     out["providers"] = providers

@@ -182,6 +182,14 @@ class BreakerSpec(_Spec):
     cooldown: Annotated[float, Field(ge=0.1, le=3600)] = 30.0
 
 
+class ProbeSpec(_Spec):
+    """``probe:`` on a provider: active health probes of each of its deployments (docs/resilience.md)."""
+
+    enabled: bool = True
+    interval: Annotated[float, Field(ge=1, le=86_400)] = 30.0
+    request: dict[str, Any] = {}  # an OpenAI chat body (model set per deployment); empty: one "ping", max_tokens 1
+
+
 class ProviderSpec(_Spec):
     slug: Slug
     kind: Literal["openai", "anthropic", "ollama", "mock"]
@@ -190,9 +198,13 @@ class ProviderSpec(_Spec):
     extra_headers: dict[str, str] = {}
     connect_timeout: Annotated[float, Field(gt=0)] = 5.0
     read_timeout: Annotated[float, Field(gt=0)] = 600.0
+    first_byte_timeout: Annotated[float, Field(ge=0.01)] | None = None
+    total_timeout: Annotated[float, Field(ge=0.01)] | None = None
     max_retries: Annotated[int, Field(ge=0, le=20)] = 2
     responses_api: bool = False  # the upstream serves /v1/responses itself (else translated to chat)
     breaker: BreakerSpec = BreakerSpec()
+    probe: ProbeSpec = ProbeSpec(enabled=False)
+    outlier_latency_factor: Annotated[float, Field(ge=0, le=1000)] = 0.0
     active: bool = True
 
 

@@ -3,6 +3,12 @@
 Only retryable errors are retried (with exponential backoff and jitter, honouring a short
 ``retry-after``) or failed over to the next deployment; a stream is retried only before its first
 chunk, that is before any byte could have reached the client.
+
+Per-hop timeouts (``DeploymentRoute.timeouts``, else the provider's settings): *connect* is the
+HTTP client's; *first byte* bounds an attempt until its answer (a stream: its first chunk);
+*total* bounds the whole attempt, a stream included. A timeout before the first chunk is retried
+or fails over like any retryable error; a stream that runs past its total limit after its first
+chunk ends with the wire format's error event (the relay's), never a clean end.
 """
 
 from __future__ import annotations
@@ -10,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from core import backoff
@@ -21,7 +27,7 @@ from gateway.providers import get_provider
 from gateway.providers.base import NativeMessages, NativeResponses, Operation, Provider, UpstreamCall, close_stream
 from gateway.providers.bridge import MessagesViaChat
 from gateway.providers.responses_bridge import ResponsesViaChat
-from gateway.routing import breaker
+from gateway.routing import breaker, health
 from gateway.routing.table import DeploymentRoute
 
 Json = dict[str, Any]
@@ -66,6 +72,7 @@ def make_call(ctx: RequestContext, deployment: DeploymentRoute, body: Json | Non
         api_key=ctx.passthrough_key,
         headers=headers,
         max_output_tokens=ctx.route.max_output_tokens if ctx.route is not None else 4096,
+        connect_timeout=deployment.timeouts.connect,
     )
 
 
@@ -95,6 +102,57 @@ def _attempt_entry(
         "status": status,
         "error": error,
     }
+
+
+def first_byte_limit(deployment: DeploymentRoute) -> float | None:
+    """Seconds an attempt may wait for its answer (a stream: its first chunk); None: unbounded here.
+
+    The hop's own first-byte limit, else the provider's; never more than the total limit.
+    """
+    hop, provider = deployment.timeouts, deployment.provider
+    first = hop.first_byte if hop.first_byte is not None else provider.first_byte_timeout
+    total = total_limit(deployment)
+    if first is None:
+        return total
+    return first if total is None else min(first, total)
+
+
+def total_limit(deployment: DeploymentRoute) -> float | None:
+    """Seconds a whole attempt may take (a stream: to its end); None: no limit."""
+    hop = deployment.timeouts.total
+    return hop if hop is not None else deployment.provider.total_timeout
+
+
+def _timed_out(deployment: DeploymentRoute, what: str, limit: float) -> UpstreamError:
+    return UpstreamError(
+        f"upstream {deployment.provider.slug} sent no {what} within {limit:g} s",
+        retryable=True,
+        status=504,
+        code="timeout",
+    )
+
+
+async def _until_deadline(
+    deployment: DeploymentRoute, stream: AsyncIterator[Json], deadline: float, limit: float
+) -> AsyncGenerator[Json, None]:
+    """The rest of a stream, cut with a timeout error (the relay's in-stream error) at ``deadline``."""
+    try:
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamError(
+                    f"upstream {deployment.provider.slug} stream exceeded its total timeout of {limit:g} s",
+                    retryable=True,
+                    status=504,
+                    code="timeout",
+                ) from None
+            yield item
+    finally:
+        await close_stream(stream)
 
 
 def _client_key_rejected(exc: UpstreamError) -> UpstreamError:
@@ -130,14 +188,25 @@ async def _attempts(
         retries = 0 if admission.probe else deployment.provider.max_retries
         fallback = any(not breaker.known_open(d) for d in deployments[index + 1 :])
         attempt = 0
+        limit = first_byte_limit(deployment)
         while True:
             ctx.attempts += 1
             ctx.deployment = deployment
             if ctx.trace is not None:
                 tracing.new_attempt(ctx.trace)
             began = time.perf_counter()
+            started = time.monotonic()
             try:
-                result = await attempt_fn(deployment)
+                if limit is None:
+                    result = await attempt_fn(deployment)
+                else:
+                    try:
+                        async with asyncio.timeout(limit) as within:
+                            result = await attempt_fn(deployment)
+                    except TimeoutError:
+                        if not within.expired():
+                            raise
+                        raise _timed_out(deployment, "answer" if not stream else "first chunk", limit) from None
             except UpstreamError as exc:
                 last = exc
                 entry = _attempt_entry(ctx, deployment, why, began, "error", exc.upstream_status, exc.code or exc.type)
@@ -170,6 +239,7 @@ async def _attempts(
             ctx.attempt_log.append(_attempt_entry(ctx, deployment, why, began, "ok", 200))
             if admission.probe or not stream:
                 await breaker.record(deployment, admission, None)
+            await health.observe(ctx.route.deployments, deployment, time.monotonic() - started)
             ctx.route_reason = "primary" if index == 0 else f"fallback:{index}"
             if skipped:
                 ctx.route_reason += f" (breaker open: {', '.join(skipped)})"
@@ -241,6 +311,8 @@ async def open_stream(ctx: RequestContext, operation: Operation) -> tuple[Json, 
     async def attempt(deployment: DeploymentRoute) -> tuple[Json, AsyncIterator[Json]]:
         provider = get_provider(deployment.provider.kind)
         ctx.reached_provider = True
+        total = total_limit(deployment)
+        deadline = asyncio.get_running_loop().time() + total if total is not None else None
         stream = _stream_once(provider, operation, make_call(ctx, deployment))
         try:
             first = await anext(stream)
@@ -249,6 +321,8 @@ async def open_stream(ctx: RequestContext, operation: Operation) -> tuple[Json, 
         except BaseException:
             await close_stream(stream)
             raise
+        if deadline is not None and total is not None:
+            return first, _until_deadline(deployment, stream, deadline, total)
         return first, stream
 
     opened: tuple[Json, AsyncIterator[Json]] = await _attempts(ctx, attempt, stream=True)

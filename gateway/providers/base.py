@@ -38,6 +38,15 @@ class BreakerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ProbeSettings:
+    """Active health probes of a provider's deployments (``gateway.routing.health``)."""
+
+    enabled: bool = False
+    interval: float = 30.0  # seconds between probes of one deployment
+    request: Mapping[str, Any] = field(default_factory=dict)  # an OpenAI chat body; empty: the default
+
+
+@dataclass(frozen=True, slots=True)
 class ProviderConfig:
     """An immutable snapshot of a ``Provider`` row, credentials decrypted."""
 
@@ -49,9 +58,13 @@ class ProviderConfig:
     extra_headers: Mapping[str, str] = field(default_factory=dict)
     connect_timeout: float = 5.0
     read_timeout: float = 600.0
+    first_byte_timeout: float | None = None  # None: only the read timeout bounds the wait
+    total_timeout: float | None = None  # None: no limit on a whole attempt
     max_retries: int = 2
     responses_api: bool = False  # the upstream serves /v1/responses itself (else translated)
     breaker: BreakerSettings = field(default_factory=BreakerSettings)
+    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    outlier_latency_factor: float = 0.0  # passive outlier detection; 0: off
 
 
 @dataclass(slots=True)
@@ -64,6 +77,7 @@ class UpstreamCall:
     api_key: str = ""  # overrides the provider's key (passthrough mode)
     headers: dict[str, str] = field(default_factory=dict)  # extra request headers (e.g. anthropic-beta)
     max_output_tokens: int = 4096  # the model's cap: Anthropic's max_tokens when the client gave none
+    connect_timeout: float | None = None  # this hop's connect limit; None: the provider's
 
     @property
     def key(self) -> str:
@@ -71,7 +85,13 @@ class UpstreamCall:
 
     @property
     def timeout(self) -> httpx.Timeout:
-        return httpx.Timeout(self.provider.read_timeout, connect=self.provider.connect_timeout)
+        """httpx's limits: the connect (this hop's, else the provider's) and the read timeout.
+
+        The first-byte and total limits are dispatch's (``gateway.pipeline.dispatch``): they bound
+        the whole attempt, whichever transport carries it.
+        """
+        connect = self.connect_timeout if self.connect_timeout is not None else self.provider.connect_timeout
+        return httpx.Timeout(self.provider.read_timeout, connect=connect)
 
 
 #: JSON objects in the OpenAI wire format (the gateway's internal format) and Anthropic's.

@@ -399,6 +399,13 @@ async def record(deployment: DeploymentRoute, admission: Admission | None, err: 
         log.warning("breaker state not written", extra={"breaker": key, "error": str(exc)})
 
 
+async def eject(deployment: DeploymentRoute) -> None:
+    """Open the deployment's breaker now, for its cool-down (passive outlier detection,
+    ``gateway.routing.health``); the half-open probe then tests it. Raises ``REDIS_ERRORS``."""
+    key = breaker_id(deployment)
+    _remember(key, await store().fail(key, deployment.provider.breaker, force=True))
+
+
 async def release(admission: Admission) -> None:
     """The probe ended without a verdict (the client left): let another request probe."""
     if admission.probe:

@@ -22,7 +22,7 @@ from core import invalidation
 from core.money import PriceInfo
 from gateway.errors import ServiceUnavailable
 from gateway.models import LLMModel, Provider, RoutingPolicy
-from gateway.providers.base import BreakerSettings, ProviderConfig
+from gateway.providers.base import BreakerSettings, ProbeSettings, ProviderConfig
 from gateway.routing.policy import Policy, PolicyError, PolicySet, check_includes, parse_policy
 
 log = logging.getLogger(__name__)
@@ -156,9 +156,17 @@ def provider_config(provider: Provider) -> ProviderConfig:
         extra_headers=dict(provider.extra_headers or {}),
         connect_timeout=provider.connect_timeout,
         read_timeout=provider.read_timeout,
+        first_byte_timeout=provider.first_byte_timeout,
+        total_timeout=provider.total_timeout,
         max_retries=provider.max_retries,
         responses_api=provider.responses_api,
         breaker=breaker_settings(provider),
+        probe=ProbeSettings(
+            enabled=provider.probe_enabled,
+            interval=provider.probe_interval,
+            request=dict(provider.probe_request) if isinstance(provider.probe_request, dict) else {},
+        ),
+        outlier_latency_factor=provider.outlier_latency_factor,
     )
 
 

@@ -334,6 +334,8 @@ class Load:
     abort_after_first_chunk: bool = False
     max_tokens: int = 50
     timeout: float = 60.0
+    model: str = "gpt-4o"
+    stream_every: int = 0  # with stream False: every n-th request streams (0: none)
     outcomes: list[Outcome] = field(default_factory=list)
     transport_errors: list[str] = field(default_factory=list)
     t0: float = 0.0
@@ -341,14 +343,19 @@ class Load:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
+    def streams(self, tag: str) -> bool:
+        if self.stream:
+            return True
+        return self.stream_every > 0 and int(tag.rsplit("-", 1)[1]) % self.stream_every == 0
+
     def body(self, tag: str) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": "gpt-4o",
+            "model": self.model,
             "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": self.max_tokens,
             "user": tag,
         }
-        if self.stream:
+        if self.streams(tag):
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
         return body
@@ -375,7 +382,7 @@ class Load:
                     async for _chunk in res.aiter_raw():
                         break
                     # Leaving the block unread closes the connection: a client gone mid-stream.
-                elif self.stream:
+                elif self.streams(tag):
                     async for line in res.aiter_lines():
                         if line == "data: [DONE]":
                             complete = True
@@ -570,7 +577,9 @@ class FaultEnv:
     """Disposable PostgreSQL and Redis (migrated and seeded), the fake upstream, and two gateways
     per scenario. ``figures`` collects what each scenario reports."""
 
-    def __init__(self, tenants: dict[str, int]) -> None:
+    def __init__(self, tenants: dict[str, int], resilience: dict[str, str] | None = None) -> None:
+        """``resilience``: the URLs of the primary, fallback and black-hole upstreams to seed the
+        resilience scenarios' models with (tests/faults/seed.py)."""
         self.root = Path(tempfile.mkdtemp(prefix="chittycan-faults-"))
         self.report_dir = Path(str(settings.VAR_DIR)) / "faults"
         self.report_dir.mkdir(parents=True, exist_ok=True)
@@ -587,7 +596,9 @@ class FaultEnv:
             self.redis.start()
             self.upstream_server.start()
             self.manage("migrate", "--no-input", "-v", "0")
-            spec = orjson.dumps({"upstream": f"{self.upstream_server.url}/v1", "tenants": tenants}).decode()
+            spec = orjson.dumps(
+                {"upstream": f"{self.upstream_server.url}/v1", "tenants": tenants, "resilience": resilience}
+            ).decode()
             seeded = orjson.loads(self.python("-m", "tests.faults.seed", spec).strip().splitlines()[-1])
         except BaseException:
             self.destroy()

@@ -21,7 +21,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from gateway import catalog
-from gateway.models import LLMModel, RoutingPolicy
+from gateway.models import Deployment, LLMModel, Provider, RoutingPolicy
 from tenants import services
 from tenants.models import ApiKey, Tenant
 
@@ -31,6 +31,9 @@ ADMIN_USER = "admin"
 DEV_ADMIN_PASSWORD = "chittycan-admin"
 #: The roadmap's routing policy, applied in dev mode and attached to the demo tenant (docs/routing.md).
 ROUTING_EXAMPLE = Path(settings.BASE_DIR) / "examples" / "routing-policy.yaml"
+#: Dev mode: an offline mock deployment of the demo model with active health probes on, so
+#: ``can providers status`` and GET /health/providers show probe results (docs/resilience.md).
+DEMO_PROBED_PROVIDER = "demo-mock"
 
 
 class Command(BaseCommand):
@@ -50,6 +53,8 @@ class Command(BaseCommand):
             demo_model.cache_enabled = True  # the README's curl sent twice: MISS, then HIT at $0
             catalog.model_update(demo_model, cache_enabled=True, actor_label="quickstart")
         routing_note = self.apply_routing_example() if settings.CHITTYCAN_MODE == "dev" else ""
+        if settings.CHITTYCAN_MODE == "dev" and demo_model is not None:
+            self.ensure_probed_deployment(demo_model)
         key_file = opts["key_file"]
         plaintext = ""
         if os.path.exists(key_file):
@@ -120,6 +125,26 @@ Audit log (every control-plane change, hash-chained): http://127.0.0.1:{opts["po
             "matches rule=cheap_for_simple, a long one (over 500 tokens) smart_for_complex; see the\n"
             "X-ChittyCan-Route header (curl -i) and `can route explain --key $OPENAI_API_KEY -f request.json`.\n\n"
         )
+{dev_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
+Provider health (circuit breakers, probe results): http://127.0.0.1:{opts["port"]}/admin/gateway/provider/
+"""
+        )
+
+    def ensure_probed_deployment(self, model: LLMModel) -> None:
+        """Dev mode: the demo model gets a deployment on the offline mock provider, probed every 10 s
+        by the embedded scheduler (no tokens are spent: the mock answers)."""
+        provider = Provider.objects.filter(slug=DEMO_PROBED_PROVIDER).first() or catalog.provider_create(
+            slug=DEMO_PROBED_PROVIDER,
+            kind=Provider.Kind.MOCK,
+            base_url="",
+            probe_enabled=True,
+            probe_interval=10.0,
+            actor_label="quickstart",
+        )
+        if not Deployment.objects.filter(model=model, provider=provider).exists():
+            catalog.deployment_create(
+                model=model, provider=provider, upstream_model=model.name, priority=100, actor_label="quickstart"
+            )
 
     def ensure_admin(self) -> None:
         """The ``admin`` superuser: a known password in dev mode only; in production one the
