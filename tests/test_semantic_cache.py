@@ -387,3 +387,86 @@ def test_a_key_without_the_embeddings_endpoint_gets_plain_misses(semantic, gatew
     assert calls(semantic, "/embeddings") == 0
     rows = wait_usage(3, tenant=tenant)
     assert [r.endpoint for r in rows] == ["chat", "chat", "chat"]
+
+
+def _probe(values: list[float], params: str = "p" * 64) -> Any:
+    import numpy as np
+
+    from gateway.cache.semantic import Probe
+
+    vector = np.asarray(values, dtype=np.float32)
+    return Probe(vector / np.linalg.norm(vector), params)
+
+
+def test_the_search_keeps_to_the_tenant_model_parameters_and_unexpired_rows(make_tenant):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from gateway.cache import semantic
+    from gateway.models import SemanticVector
+
+    a, b = make_tenant("search-a"), make_tenant("search-b")
+    semantic._remember(a.id, "m", "1" * 64, _probe([1, 0, 0]), 60)
+    semantic._remember(a.id, "m", "2" * 64, _probe([0.95, 0.31, 0]), 60)
+    semantic._remember(a.id, "other-model", "3" * 64, _probe([1, 0, 0]), 60)
+    semantic._remember(a.id, "m", "4" * 64, _probe([1, 0, 0], params="q" * 64), 60)
+    semantic._remember(b.id, "m", "5" * 64, _probe([1, 0, 0]), 60)
+    semantic._remember(a.id, "m", "6" * 64, _probe([1, 0, 0, 0]), 60)  # another dimension
+    semantic._remember(a.id, "m", "7" * 64, _probe([1, 0, 0]), 60)
+    SemanticVector.objects.filter(cache_digest="7" * 64).update(expires_at=timezone.now() - timedelta(seconds=1))
+
+    query = _probe([1, 0, 0]).vector
+    found = semantic._nearest_numpy(a.id, "m", "p" * 64, query, 0.9)
+    assert [d for d, _ in found] == ["1" * 64, "2" * 64]
+    assert found[0][1] == pytest.approx(1.0) and found[1][1] == pytest.approx(0.95, abs=0.01)
+    assert [d for d, _ in semantic._nearest_numpy(a.id, "m", "p" * 64, query, 0.999)] == ["1" * 64]
+    assert [d for d, _ in semantic._nearest_numpy(b.id, "m", "p" * 64, query, 0.9)] == ["5" * 64]
+
+    # storing again replaces the entry's row; the expired row goes when the tenant's model stores one
+    semantic._remember(a.id, "m", "1" * 64, _probe([0, 0, 1]), 60)
+    assert not SemanticVector.objects.filter(cache_digest="7" * 64).exists()
+    assert SemanticVector.objects.filter(tenant=a, cache_digest="1" * 64).count() == 1
+    assert [d for d, _ in semantic._nearest_numpy(a.id, "m", "p" * 64, query, 0.9)] == ["2" * 64]
+
+
+def _pgvector_available() -> bool:
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return False
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'vector'")
+        return cursor.fetchone() is not None
+
+
+def test_the_search_backend_follows_the_vector_extension(transactional_db):
+    from django.db import connection
+
+    from gateway.cache import semantic
+
+    expected = "pgvector" if _pgvector_available() else "numpy"
+    assert semantic._detect() == expected
+    with connection.cursor() as cursor:  # a refused CREATE EXTENSION left the connection usable
+        cursor.execute("SELECT 1")
+        assert cursor.fetchone() == (1,)
+
+
+def test_pgvector_search(make_tenant):
+    """Runs only where PostgreSQL has the vector extension (not on the project's test machine)."""
+    if not _pgvector_available():
+        pytest.skip("PostgreSQL has no vector extension here (apt: postgresql-<version>-pgvector)")
+    from gateway.cache import semantic
+
+    assert semantic._detect() == "pgvector"
+    semantic._backend = "pgvector"
+    try:
+        a, b = make_tenant("pg-a"), make_tenant("pg-b")
+        semantic._remember(a.id, "m", "1" * 64, _probe([1, 0, 0]), 60)
+        semantic._remember(a.id, "m", "2" * 64, _probe([0.95, 0.31, 0]), 60)
+        semantic._remember(b.id, "m", "3" * 64, _probe([1, 0, 0]), 60)
+        found = semantic._nearest_pgvector(a.id, "m", "p" * 64, _probe([1, 0, 0]).vector, 0.9)
+        assert [d for d, _ in found] == ["1" * 64, "2" * 64]
+        assert found[0][1] == pytest.approx(1.0, abs=1e-5)
+    finally:
+        semantic._backend = None

@@ -329,4 +329,3 @@ async def _store_vector(tenant_id: int, model: str, cache_digest: str, probe: Pr
         await sync_to_async(_remember, thread_sensitive=False)(tenant_id, model, cache_digest, probe, ttl)
     except DatabaseError as exc:
         log.warning("semantic cache: vector not stored: %s", exc, extra={"request_id": request_id})
-

@@ -9,7 +9,7 @@ carries its ``RequestContext`` from stage to stage; stages never call each other
  2. authenticate   gateway.pipeline.authenticate  key by prefix + HMAC, cached with its tenant chain
  3. route          gateway.pipeline.route         public model -> deployments the key may use
  4. limit          gateway.pipeline.limit         RPM/TPM per key and tenant
- 5. cache          gateway.pipeline.cache         the exact response cache: a hit is served here
+ 5. cache          gateway.pipeline.cache         the response cache (exact, then semantic): a hit is served here
  6. reserve        gateway.pipeline.reserve       worst-case cost on every budget scope, all or nothing
  7. dispatch       gateway.pipeline.dispatch      the deployments in order, retries and fallback
  8. relay          gateway.pipeline.relay         the answer, or the stream item by item as it arrives
