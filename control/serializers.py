@@ -10,7 +10,7 @@ from budgets.models import Budget
 from core import egress
 from tenants.models import ApiKey, Tenant
 
-KNOWN_ENDPOINTS = ("chat", "completions", "embeddings", "messages", "models", "usage:read")
+KNOWN_ENDPOINTS = ("chat", "completions", "embeddings", "messages", "responses", "models", "usage:read")
 
 
 class TenantSerializer(serializers.ModelSerializer[Tenant]):

@@ -18,7 +18,7 @@ from gateway.models import StoredResponse
 
 Json = dict[str, Any]
 
-__all__ = ["Prior", "delete", "find", "prune_expired", "save"]
+__all__ = ["Prior", "delete", "find", "prior", "prune_expired", "save"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +34,8 @@ def _live(tenant_id: int, response_id: str) -> StoredResponse | None:
     return StoredResponse.objects.filter(pk=response_id, tenant_id=tenant_id, expires_at__gt=timezone.now()).first()
 
 
-def find_sync(tenant_id: int, response_id: str) -> StoredResponse | None:
-    """The tenant's stored response, or None (unknown, another tenant's, deleted or expired)."""
-    return _live(tenant_id, response_id)
-
-
 async def find(tenant_id: int, response_id: str) -> StoredResponse | None:
+    """The tenant's stored response, or None (unknown, another tenant's, deleted or expired)."""
     return await sync_to_async(_live, thread_sensitive=False)(tenant_id, response_id)
 
 

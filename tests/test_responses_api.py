@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.models import StoredResponse
 from ledger.models import UsageRecord
 from tests import anthropic_support as support
 from tests.conftest import wait_usage
@@ -546,3 +547,16 @@ def test_the_mock_answers_the_responses_api(transactional_db, gateway_server, ma
     assert done.output[0].type == "message" and done.output_text
     rows = wait_usage(5, endpoint="responses")
     assert len(rows) == 5 and all(r.usage_source == "upstream" and r.cost_micro > 0 for r in rows)
+
+
+def test_translated_stream_cut_midway_ends_with_an_error_event(upstream, openai_client):
+    frames = upstream.chat_stream_reply({"model": "gpt-4o", "stream": True}).frames
+    assert frames is not None
+    upstream.push("/v1/chat/completions", Reply(frames=frames, reset_after=3))
+    events = events_of(openai_client.responses.create(model="gpt-4o", input="Hi", stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].type == "error" and "response.completed" not in [e.type for e in events]
+    assert [e.delta for e in events if e.type == "response.output_text.delta"] == ["Hello", " from"]
+    [row] = wait_usage(1, endpoint="responses")
+    assert row.status == "upstream_error" and row.usage_source == "estimated" and row.completion_tokens > 0
+    assert not StoredResponse.objects.filter(pk=events[0].response.id).exists()  # never completed: not stored

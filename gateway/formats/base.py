@@ -77,7 +77,7 @@ class StreamTracker(ABC):
 class WireFormat(ABC):
     """One ``/v1`` route's wire format."""
 
-    endpoint: str  # chat | completions | embeddings | messages (ledger rows, key scopes)
+    endpoint: str  # chat | completions | embeddings | messages | responses (ledger rows, key scopes)
     operation: Operation  # what the provider is asked
     kinds: tuple[str, ...]  # the model kinds that may serve it
     keeps_state = False  # the gateway keeps its answers (the Responses API): see prepare / complete

@@ -29,7 +29,7 @@ from gateway.context import RequestContext
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.formats.base import Json, StreamTracker, WireFormat
 from gateway.formats.checks import stream_flags
-from gateway.providers.base import Operation
+from gateway.providers.base import Operation, close_stream
 from gateway.sse import event_frame
 from gateway.translate import responses_api
 from gateway.translate.responses_api import ESTIMATED_MARK, item_type
@@ -297,19 +297,25 @@ class ResponsesFormat(WireFormat):
 
     async def complete(self, ctx: RequestContext, body: Json) -> Json:
         """A complete answer (fresh, or a cache hit) under this request's id, stored unless
-        ``store`` is false, before the client sees it."""
+        ``store`` is false, before the client sees it.
+
+        Its usage is noted first: should the database fail to store it (the client then hears a
+        503), the ledger row still bills what the upstream answered.
+        """
         state = state_of(ctx)
         state.estimated = bool(body.pop(ESTIMATED_MARK, False)) or state.estimated
         finish(state, body)
         if ctx.cache_hit:
             body["created_at"] = int(time.time())
+        else:
+            ctx.usage = self.read_result(ctx, body)
         if body["store"]:
             assert ctx.key is not None
             await responses_store.save(ctx.key.tenant.id, body, state.prior_items + state.own_items)
         return body
 
     def watch_stream(self, ctx: RequestContext, items: AsyncIterator[Json]) -> AsyncIterator[Json]:
-        return self._watch(ctx, items)
+        return _Watched(self._watch(ctx, items), items)
 
     async def _watch(self, ctx: RequestContext, items: AsyncIterator[Json]) -> AsyncGenerator[Json, None]:
         """The stream's items; the terminal response is completed (and stored) before it is sent."""
@@ -335,6 +341,27 @@ class ResponsesFormat(WireFormat):
 
     def stream_tracker(self, ctx: RequestContext) -> StreamTracker:
         return ResponseEventTracker(ctx)
+
+
+class _Watched:
+    """The watched stream; closing it closes the upstream's too, even if it was never iterated
+    (an async generator that never started skips its ``finally``)."""
+
+    def __init__(self, watched: AsyncGenerator[Json, None], upstream: AsyncIterator[Json]) -> None:
+        self.watched = watched
+        self.upstream = upstream
+
+    def __aiter__(self) -> _Watched:
+        return self
+
+    async def __anext__(self) -> Json:
+        return await anext(self.watched)
+
+    async def aclose(self) -> None:
+        try:
+            await self.watched.aclose()
+        finally:
+            await close_stream(self.upstream)
 
 
 RESPONSES = ResponsesFormat()

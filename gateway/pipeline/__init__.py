@@ -1,9 +1,11 @@
 """The request pipeline: every ``/v1`` route, one stage after another.
 
 ``run`` serves chat completions, legacy completions, embeddings, Anthropic messages and the
-Responses API; what
-differs between them is the wire format (``gateway.formats``), passed in as ``wire``. A request
-carries its ``RequestContext`` from stage to stage; stages never call each other.
+Responses API; what differs between them is the wire format (``gateway.formats``), passed in as
+``wire``. A request carries its ``RequestContext`` from stage to stage; stages never call each
+other. A format whose answers the gateway keeps (the Responses API) also loads its stored state
+after authenticate (``wire.prepare``) and stores each complete answer before the client sees it
+(``wire.complete``, ``wire.watch_stream``).
 
  1. parse          gateway.pipeline.parse         JSON body, model, the format's checks
  2. authenticate   gateway.pipeline.authenticate  key by prefix + HMAC, cached with its tenant chain
