@@ -16,6 +16,7 @@ urlpatterns = [
     path("v1/", v1_api.urls),
     re_path(r"^v1/(?P<rest>.*)$", unknown_url),  # after the API: any other /v1 path, in the envelope
     path("api/", include("control.urls")),
+    path("dashboard/", include("dashboard.urls")),
     path("healthz", healthz),
     path("readyz", readyz),
     path("metrics", metrics_view),

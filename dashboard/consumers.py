@@ -1,0 +1,61 @@
+"""The live feed's websocket: ``/ws/dashboard/feed/<tenant id>/``.
+
+The browser's session (Channels' ``AuthMiddlewareStack``) says who is asking; the socket is
+accepted only for a user who sees the tenant (``dashboard.access``) and, when a second factor is
+required of that user, whose session passed it. It then joins that tenant's feed group
+(``ledger.feed``), which carries the tenant's requests and its subtree's, and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django_otp import DEVICE_ID_SESSION_KEY
+from django_otp.models import Device
+
+from dashboard.access import Access, otp_required_for
+from ledger.feed import feed_group
+
+#: Close codes (4000-4999 are the application's): not signed in / no access.
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+
+
+def _allowed(user: Any, session: Any, tenant_id: int) -> int | None:
+    """None if ``user`` may watch ``tenant_id``; else the close code."""
+    if user is None or not user.is_authenticated or not user.is_active:
+        return CLOSE_UNAUTHENTICATED
+    if otp_required_for(user):
+        persistent = session.get(DEVICE_ID_SESSION_KEY) if session is not None else None
+        device = Device.from_persistent_id(persistent) if persistent else None
+        if device is None or device.user_id != user.pk:
+            return CLOSE_UNAUTHENTICATED
+    if not Access(user).can_see(tenant_id):
+        return CLOSE_FORBIDDEN
+    return None
+
+
+class FeedConsumer(AsyncJsonWebsocketConsumer):
+    group: str | None = None
+
+    async def connect(self) -> None:
+        tenant_id = int(self.scope["url_route"]["kwargs"]["tenant_id"])
+        refused = await database_sync_to_async(_allowed)(self.scope.get("user"), self.scope.get("session"), tenant_id)
+        if refused is not None:
+            await self.close(code=refused)
+            return
+        self.group = feed_group(tenant_id)
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        if self.group is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        """The feed is one-way; anything the browser sends is ignored."""
+
+    async def feed_request(self, event: dict[str, Any]) -> None:
+        await self.send_json(event["row"])
