@@ -9,9 +9,11 @@ required of that user, whose session passed it. It then joins that tenant's feed
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
 from django_otp import DEVICE_ID_SESSION_KEY
 from django_otp.models import Device
 
@@ -21,6 +23,21 @@ from ledger.feed import feed_group
 #: Close codes (4000-4999 are the application's): not signed in / no access.
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+
+
+def same_origin(scope: dict[str, Any]) -> bool:
+    """The socket was opened by a page of ours: its Origin is this host (or a trusted origin).
+
+    Browsers always send Origin on a websocket; without the check any site could open the feed
+    with the user's cookie (cross-site websocket hijacking). A client without Origin is not a
+    browser and cannot carry someone else's cookie."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+    origin = headers.get("origin")
+    if origin is None:
+        return True
+    if origin in settings.CSRF_TRUSTED_ORIGINS:
+        return True
+    return urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
 
 
 def _allowed(user: Any, session: Any, tenant_id: int) -> int | None:
@@ -42,8 +59,14 @@ class FeedConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self) -> None:
         tenant_id = int(self.scope["url_route"]["kwargs"]["tenant_id"])
+        if not same_origin(self.scope):
+            await self.close()  # the handshake is refused (HTTP 403): no page of ours asked
+            return
         refused = await database_sync_to_async(_allowed)(self.scope.get("user"), self.scope.get("session"), tenant_id)
         if refused is not None:
+            # Accepted, then closed with a code the page understands (sign in again / no access),
+            # so it stops reconnecting; no message was sent.
+            await self.accept()
             await self.close(code=refused)
             return
         self.group = feed_group(tenant_id)
