@@ -180,6 +180,27 @@ LOGIN_URL = "dashboard:login"
 # Single sign-on through OpenID Connect (dashboard/oidc.py, docs/dashboard.md): off unless an
 # issuer's client id is set.
 CHITTYCAN_OIDC_ENABLED = bool(env_str("OIDC_RP_CLIENT_ID", ""))
+CHITTYCAN_OIDC_GROUPS_CLAIM = env_str("CHITTYCAN_OIDC_GROUPS_CLAIM", "groups")
+# group=tenant-slug:role pairs, comma-separated (dashboard/oidc.py).
+CHITTYCAN_OIDC_GROUP_ROLES = env_str("CHITTYCAN_OIDC_GROUP_ROLES", "")
+if CHITTYCAN_OIDC_ENABLED:
+    INSTALLED_APPS.append("mozilla_django_oidc")
+    AUTHENTICATION_BACKENDS = [
+        "django.contrib.auth.backends.ModelBackend",
+        "dashboard.oidc.GroupRoleBackend",
+    ]
+    OIDC_RP_CLIENT_ID = env_str("OIDC_RP_CLIENT_ID")
+    OIDC_RP_CLIENT_SECRET = env_secret("OIDC_RP_CLIENT_SECRET", "")
+    OIDC_RP_SIGN_ALGO = env_str("OIDC_RP_SIGN_ALGO", "RS256")
+    OIDC_RP_SCOPES = env_str("OIDC_RP_SCOPES", "openid email profile groups")
+    OIDC_OP_AUTHORIZATION_ENDPOINT = env_str("OIDC_OP_AUTHORIZATION_ENDPOINT")
+    OIDC_OP_TOKEN_ENDPOINT = env_str("OIDC_OP_TOKEN_ENDPOINT")
+    OIDC_OP_USER_ENDPOINT = env_str("OIDC_OP_USER_ENDPOINT")
+    OIDC_OP_JWKS_ENDPOINT = env_str("OIDC_OP_JWKS_ENDPOINT", "")
+    OIDC_TIMEOUT = env_float("OIDC_TIMEOUT", 10.0)
+    LOGIN_REDIRECT_URL = "/dashboard/"
+    LOGIN_REDIRECT_URL_FAILURE = "/dashboard/login/"
+    LOGOUT_REDIRECT_URL = "/dashboard/login/"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -37,7 +37,7 @@ def same_origin(scope: dict[str, Any]) -> bool:
         return True
     if origin in settings.CSRF_TRUSTED_ORIGINS:
         return True
-    return urlsplit(origin).netloc.lower() == headers.get("host", "").lower()
+    return bool(urlsplit(origin).netloc.lower() == headers.get("host", "").lower())
 
 
 def _allowed(user: Any, session: Any, tenant_id: int) -> int | None:

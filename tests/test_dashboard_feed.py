@@ -22,7 +22,7 @@ from django.test import Client
 from control.models import TenantMembership
 from tests.conftest import exact_usage
 
-MSG = [{"role": "user", "content": "hello"}]
+MSG: Any = [{"role": "user", "content": "hello"}]
 
 
 def _session_cookie(user: Any) -> str:

@@ -86,6 +86,8 @@ Python (pip install openai):
   print(reply.choices[0].message.content, reply.usage)
 
 {dev_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
+Tenant dashboard (spend, keys, budgets, usage, live feed of the demo tenant; sign in as {ADMIN_USER}):
+  http://127.0.0.1:{opts["port"]}/dashboard/t/{DEMO_SLUG}/
 """
         )
 
