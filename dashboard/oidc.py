@@ -13,10 +13,12 @@ Memberships on tenants the mapping does not name are left alone. Changes go thro
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import requests
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
+from django.core.exceptions import ImproperlyConfigured, SuspiciousOperation
 from mozilla_django_oidc.auth import OIDCAuthenticationBackend
 
 from control import members
@@ -25,6 +27,7 @@ from dashboard.access import RANK
 from tenants.models import Tenant
 
 ACTOR_LABEL = "sso"
+log = logging.getLogger(__name__)
 
 
 def group_roles(raw: str) -> dict[str, list[tuple[str, str]]]:
@@ -70,6 +73,15 @@ def sync_memberships(user: Any, claims: dict[str, Any]) -> None:
 
 class GroupRoleBackend(OIDCAuthenticationBackend):
     """mozilla-django-oidc's backend, plus the group -> tenant role mapping at each sign-in."""
+
+    def authenticate(self, request: Any, **kwargs: Any) -> Any:
+        """A code the provider refuses, a provider that is down or claims that fail verification
+        sign nobody in (back to the sign-in page), never a 500."""
+        try:
+            return super().authenticate(request, **kwargs)
+        except (requests.RequestException, SuspiciousOperation) as exc:
+            log.warning("single sign-on refused: %s", exc)
+            return None
 
     def create_user(self, claims: dict[str, Any]) -> Any:
         user = super().create_user(claims)
