@@ -99,8 +99,8 @@ class FakeOIDC:
             headers = dict(scope.get("headers", []))
             token = headers.get(b"authorization", b"").decode().removeprefix("Bearer ")
             with self._lock:
-                claims = self._tokens.get(token)
-            if claims is None:
+                known = self._tokens.get(token)
+            if known is None:
                 return 401, {"error": "invalid_token"}
-            return 200, {"sub": claims["email"], **claims}
+            return 200, {"sub": known["email"], **known}
         return 404, {"error": "not_found"}
