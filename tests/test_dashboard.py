@@ -181,7 +181,8 @@ def test_request_detail_in_scope_only(world):
 
 
 def _csv(response) -> list[dict[str, str]]:
-    body = b"".join(response.streaming_content).decode()
+    assert response.status_code == 200 and response.is_async  # streamed as read, under ASGI
+    body = b"".join(response).decode()
     return list(csv.DictReader(io.StringIO(body)))
 
 
