@@ -8,6 +8,8 @@ required of that user, whose session passed it. It then joins that tenant's feed
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -18,7 +20,9 @@ from django_otp import DEVICE_ID_SESSION_KEY
 from django_otp.models import Device
 
 from dashboard.access import Access, otp_required_for
-from ledger.feed import feed_group
+from ledger import feed
+
+log = logging.getLogger(__name__)
 
 #: Close codes (4000-4999 are the application's): not signed in / no access.
 CLOSE_UNAUTHENTICATED = 4401
@@ -56,6 +60,7 @@ def _allowed(user: Any, session: Any, tenant_id: int) -> int | None:
 
 class FeedConsumer(AsyncJsonWebsocketConsumer):
     group: str | None = None
+    renewer: asyncio.Task[None] | None = None
 
     async def connect(self) -> None:
         tenant_id = int(self.scope["url_route"]["kwargs"]["tenant_id"])
@@ -69,11 +74,28 @@ class FeedConsumer(AsyncJsonWebsocketConsumer):
             await self.accept()
             await self.close(code=refused)
             return
-        self.group = feed_group(tenant_id)
+        self.group = feed.feed_group(tenant_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
+        await self._watch(tenant_id)
         await self.accept()
+        self.renewer = asyncio.get_running_loop().create_task(self._keep_watching(tenant_id))
+
+    @staticmethod
+    async def _watch(tenant_id: int) -> None:
+        try:
+            await feed.watch(tenant_id)
+        except Exception:  # Redis unreachable: the next renewal tries again
+            log.warning("live feed: could not mark tenant %s watched", tenant_id, exc_info=True)
+
+    async def _keep_watching(self, tenant_id: int) -> None:
+        """Keep the tenant marked watched (its requests published) while this socket is open."""
+        while True:
+            await asyncio.sleep(feed.WATCH_RENEW)
+            await self._watch(tenant_id)
 
     async def disconnect(self, code: int) -> None:
+        if self.renewer is not None:
+            self.renewer.cancel()
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
 

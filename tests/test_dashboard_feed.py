@@ -16,10 +16,17 @@ import openai
 import pytest
 import websockets
 from asgiref.sync import async_to_sync
+from channels.auth import AuthMiddlewareStack
+from channels.layers import InMemoryChannelLayer, get_channel_layer
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.test import Client
 
+from chittycan.routing import websocket_routes
 from control.models import TenantMembership
+from ledger import feed
+from tenants import services
 from tests.conftest import exact_usage
 
 MSG: Any = [{"role": "user", "content": "hello"}]
@@ -150,5 +157,44 @@ def test_feed_refuses_other_tenants_and_anonymous_sockets(feed_world):
             assert code is not None, "a foreign origin's socket stayed open"
         # Positive control: her own tenant's team is fine.
         assert await _refused(server, w["team"].pk, w["ann"]) is None
+
+    async_to_sync(run)()
+
+
+def test_embedded_in_process_layer_carries_the_feed_per_tenant(db, settings):
+    """The embedded default (no Redis): Channels' in-process layer, the consumer behind the session
+    middleware as chittycan/asgi.py mounts it, ``ledger.feed.publish`` as the record stage calls it."""
+    settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    acme = services.tenant_create(slug="acme", name="Acme")
+    team = services.tenant_create(slug="acme-team", parent=acme, kind="team")
+    rival = services.tenant_create(slug="rival", name="Rival")
+    users = get_user_model().objects
+    ann, rob = users.create_user("ann"), users.create_user("rob")
+    TenantMembership.objects.create(user=ann, tenant=acme, role="viewer")
+    TenantMembership.objects.create(user=rob, tenant=rival, role="viewer")
+    app = AuthMiddlewareStack(URLRouter(websocket_routes))
+
+    def socket(user: Any, tenant_id: int) -> WebsocketCommunicator:
+        headers = [(b"cookie", _session_cookie(user).encode()), (b"host", b"testserver")]
+        return WebsocketCommunicator(app, f"/ws/dashboard/feed/{tenant_id}/", headers=headers)
+
+    async def run() -> None:
+        assert isinstance(get_channel_layer(), InMemoryChannelLayer)
+        settings.REDIS_URL = ""  # the embedded default: watches kept in-process
+        assert await feed.watched([team.pk, acme.pk, rival.pk]) == []  # nobody watches: nothing is sent
+        ann_ws, rob_ws = socket(ann, acme.pk), socket(rob, rival.pk)
+        assert (await ann_ws.connect())[0] and (await rob_ws.connect())[0]
+        assert await feed.watched([team.pk, acme.pk, rival.pk]) == [acme.pk, rival.pk]
+        row = {"request_id": "req_embedded", "tenant_id": team.pk, "requested_model": "gpt-4o", "cost_micro": 1234}
+        feed.publish(row, [team.pk, acme.pk])  # the key's lineage: its tenant, then the ancestors
+        message = await ann_ws.receive_json_from(timeout=1)
+        assert message["request_id"] == "req_embedded" and message["cost_usd"] == "0.001234"
+        assert await rob_ws.receive_nothing(timeout=0.3)
+        snoop = socket(rob, acme.pk)
+        connected, _ = await snoop.connect()
+        assert connected  # accepted, then closed with 4403 at once
+        assert (await snoop.receive_output(timeout=1))["code"] == 4403
+        await ann_ws.disconnect()
+        await rob_ws.disconnect()
 
     async_to_sync(run)()
