@@ -173,9 +173,10 @@ def test_embedded_in_process_layer_carries_the_feed_per_tenant(db, settings):
     TenantMembership.objects.create(user=ann, tenant=acme, role="viewer")
     TenantMembership.objects.create(user=rob, tenant=rival, role="viewer")
     app = AuthMiddlewareStack(URLRouter(websocket_routes))
+    cookies = {user.pk: _session_cookie(user).encode() for user in (ann, rob)}
 
     def socket(user: Any, tenant_id: int) -> WebsocketCommunicator:
-        headers = [(b"cookie", _session_cookie(user).encode()), (b"host", b"testserver")]
+        headers = [(b"cookie", cookies[user.pk]), (b"host", b"testserver")]
         return WebsocketCommunicator(app, f"/ws/dashboard/feed/{tenant_id}/", headers=headers)
 
     async def run() -> None:
