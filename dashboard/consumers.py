@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django_otp import DEVICE_ID_SESSION_KEY
 from django_otp.models import Device
 
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 #: Close codes (4000-4999 are the application's): not signed in / no access.
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+#: How often (seconds) an open socket checks the user's access again and renews its watch.
+RECHECK = feed.WATCH_RENEW
 
 
 def same_origin(scope: dict[str, Any]) -> bool:
@@ -46,7 +49,10 @@ def same_origin(scope: dict[str, Any]) -> bool:
 
 def _allowed(user: Any, session: Any, tenant_id: int) -> int | None:
     """None if ``user`` may watch ``tenant_id``; else the close code."""
-    if user is None or not user.is_authenticated or not user.is_active:
+    if user is None or not user.is_authenticated:
+        return CLOSE_UNAUTHENTICATED
+    user = get_user_model().objects.filter(pk=user.pk, is_active=True).first()  # as it is now, not at connect
+    if user is None:
         return CLOSE_UNAUTHENTICATED
     if otp_required_for(user):
         persistent = session.get(DEVICE_ID_SESSION_KEY) if session is not None else None
@@ -88,9 +94,20 @@ class FeedConsumer(AsyncJsonWebsocketConsumer):
             log.warning("live feed: could not mark tenant %s watched", tenant_id, exc_info=True)
 
     async def _keep_watching(self, tenant_id: int) -> None:
-        """Keep the tenant marked watched (its requests published) while this socket is open."""
+        """While this socket is open: check the user's access again (a membership taken away, or
+        the user deactivated, closes the socket within ``RECHECK`` seconds) and keep the tenant
+        marked watched (its requests published)."""
         while True:
-            await asyncio.sleep(feed.WATCH_RENEW)
+            await asyncio.sleep(RECHECK)
+            refused = await database_sync_to_async(_allowed)(
+                self.scope.get("user"), self.scope.get("session"), tenant_id
+            )
+            if refused is not None:
+                if self.group is not None:
+                    await self.channel_layer.group_discard(self.group, self.channel_name)
+                    self.group = None
+                await self.close(code=refused)
+                return
             await self._watch(tenant_id)
 
     async def disconnect(self, code: int) -> None:

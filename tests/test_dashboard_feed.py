@@ -17,6 +17,7 @@ import pytest
 import websockets
 from asgiref.sync import async_to_sync
 from channels.auth import AuthMiddlewareStack
+from channels.db import database_sync_to_async
 from channels.layers import InMemoryChannelLayer, get_channel_layer
 from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
@@ -25,6 +26,7 @@ from django.test import Client
 
 from chittycan.routing import websocket_routes
 from control.models import TenantMembership
+from dashboard import consumers
 from ledger import feed
 from tenants import services
 from tests.conftest import exact_usage
@@ -161,10 +163,11 @@ def test_feed_refuses_other_tenants_and_anonymous_sockets(feed_world):
     async_to_sync(run)()
 
 
-def test_embedded_in_process_layer_carries_the_feed_per_tenant(db, settings):
+def test_embedded_in_process_layer_carries_the_feed_per_tenant(db, settings, monkeypatch):
     """The embedded default (no Redis): Channels' in-process layer, the consumer behind the session
     middleware as chittycan/asgi.py mounts it, ``ledger.feed.publish`` as the record stage calls it."""
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    monkeypatch.setattr(consumers, "RECHECK", 0.1)  # open sockets check access again this often
     acme = services.tenant_create(slug="acme", name="Acme")
     team = services.tenant_create(slug="acme-team", parent=acme, kind="team")
     rival = services.tenant_create(slug="rival", name="Rival")
@@ -195,7 +198,9 @@ def test_embedded_in_process_layer_carries_the_feed_per_tenant(db, settings):
         connected, _ = await snoop.connect()
         assert connected  # accepted, then closed with 4403 at once
         assert (await snoop.receive_output(timeout=1))["code"] == 4403
-        await ann_ws.disconnect()
+        # Her membership taken away while the socket is open: it closes (4403) and carries no more.
+        await database_sync_to_async(TenantMembership.objects.filter(user=ann).delete)()
+        assert (await ann_ws.receive_output(timeout=2)) == {"type": "websocket.close", "code": 4403}
         await rob_ws.disconnect()
 
     async_to_sync(run)()
