@@ -163,9 +163,11 @@ def test_feed_refuses_other_tenants_and_anonymous_sockets(feed_world):
     async_to_sync(run)()
 
 
-def test_embedded_in_process_layer_carries_the_feed_per_tenant(db, settings, monkeypatch):
+def test_embedded_in_process_layer_carries_the_feed_per_tenant(transactional_db, settings, monkeypatch):
     """The embedded default (no Redis): Channels' in-process layer, the consumer behind the session
-    middleware as chittycan/asgi.py mounts it, ``ledger.feed.publish`` as the record stage calls it."""
+    middleware as chittycan/asgi.py mounts it, ``ledger.feed.publish`` as the record stage calls it.
+    (``transactional_db``: the consumer's database calls close old connections, as Channels does,
+    which a test-wide transaction would not survive.)"""
     settings.CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
     monkeypatch.setattr(consumers, "RECHECK", 0.1)  # open sockets check access again this often
     acme = services.tenant_create(slug="acme", name="Acme")
