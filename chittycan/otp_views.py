@@ -42,6 +42,7 @@ from django_otp.middleware import is_verified as otp_is_verified
 from django_otp.plugins.otp_static.models import StaticDevice, StaticToken
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
+from dashboard.access import otp_required_for
 from tenants import audit
 
 PENDING_KEY = "chittycan_otp_enrolling"
@@ -68,8 +69,10 @@ def has_authenticator(user: Any) -> bool:
 
 
 def needs_enrolment(user: Any) -> bool:
-    """A signed-in, active staff member with no confirmed authenticator app."""
-    return bool(user.is_authenticated and user.is_active and user.is_staff) and not has_authenticator(user)
+    """A signed-in, active staff member (or a dashboard user who needs a second factor:
+    ``dashboard.access.otp_required_for``) with no confirmed authenticator app."""
+    needs = bool(user.is_authenticated and user.is_active and (user.is_staff or otp_required_for(user)))
+    return needs and not has_authenticator(user)
 
 
 def start_enrolment(request: HttpRequest, user: Any) -> None:

@@ -1,6 +1,5 @@
-"""Channels routes: the hot ``/v1`` consumers, reached before Django's URL resolver.
-
-(Websocket routes join here when the tenant dashboard's live feed lands.)
+"""Channels routes: the hot ``/v1`` consumers, reached before Django's URL resolver, and the
+websockets (the tenant dashboard's live feed, behind the session middleware in chittycan/asgi.py).
 """
 
 from __future__ import annotations
@@ -9,6 +8,7 @@ from typing import Any
 
 from django.urls import path
 
+from dashboard.consumers import FeedConsumer
 from gateway import consumers
 
 hot_routes: list[Any] = [
@@ -19,4 +19,8 @@ hot_routes: list[Any] = [
     path("v1/messages/count_tokens", consumers.CountTokensConsumer.as_asgi()),
     path("v1/responses", consumers.ResponsesConsumer.as_asgi()),
     path("v1/cache/invalidate", consumers.CacheInvalidateConsumer.as_asgi()),
+]
+
+websocket_routes: list[Any] = [
+    path("ws/dashboard/feed/<int:tenant_id>/", FeedConsumer.as_asgi()),
 ]

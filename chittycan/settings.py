@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "gateway",
     "billing_export",
     "control",
+    "dashboard",
 ]
 # daphne's AppConfig imports Twisted (~40 MiB resident) to install its reactor; only `runserver` and
 # the daphne server need that, so `can serve` with uvicorn or granian leaves it out.
@@ -69,6 +70,7 @@ MIDDLEWARE = [
     "django_otp.middleware.OTPMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "dashboard.security.DashboardHeadersMiddleware",  # CSP and friends on /dashboard/ (docs/dashboard.md)
 ]
 
 ROOT_URLCONF = "chittycan.urls"
@@ -135,7 +137,15 @@ CHITTYCAN_REDIS_PROBE_TIMEOUT = env_float("CHITTYCAN_REDIS_PROBE_TIMEOUT", 0.5)
 CHITTYCAN_REDIS_PROBE_FAILURES = env_int("CHITTYCAN_REDIS_PROBE_FAILURES", 3)
 
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    # Keys under the deployment's prefix, as every other key of ours (several deployments, or test
+    # runs, may share one Redis).
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": REDIS_PREFIX,
+        }
+    }
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -163,6 +173,40 @@ AUTH_PASSWORD_VALIDATORS = [
 # Staff must pass a TOTP second factor in the admin. Only an explicit development setting turns it off.
 CHITTYCAN_ADMIN_REQUIRE_OTP = env_bool("CHITTYCAN_ADMIN_REQUIRE_OTP", True)
 OTP_TOTP_ISSUER = "ChittyCan"
+
+# --- Tenant dashboard (docs/dashboard.md) -------------------------------------------------------
+# Staff need the second factor in the dashboard as in the admin; members of a tenant with
+# "require OTP" set (on it or an ancestor) too; this asks it of every dashboard user.
+CHITTYCAN_DASHBOARD_REQUIRE_OTP = env_bool("CHITTYCAN_DASHBOARD_REQUIRE_OTP", False)
+# Sign-in throttle: this many failures per user name or client address within the window
+# (seconds) and further attempts are refused until the window has passed.
+CHITTYCAN_DASHBOARD_LOGIN_ATTEMPTS = env_int("CHITTYCAN_DASHBOARD_LOGIN_ATTEMPTS", 5)
+CHITTYCAN_DASHBOARD_LOGIN_WINDOW = env_int("CHITTYCAN_DASHBOARD_LOGIN_WINDOW", 900)
+LOGIN_URL = "dashboard:login"
+# Single sign-on through OpenID Connect (dashboard/oidc.py, docs/dashboard.md): off unless an
+# issuer's client id is set.
+CHITTYCAN_OIDC_ENABLED = bool(env_str("OIDC_RP_CLIENT_ID", ""))
+CHITTYCAN_OIDC_GROUPS_CLAIM = env_str("CHITTYCAN_OIDC_GROUPS_CLAIM", "groups")
+# group=tenant-slug:role pairs, comma-separated (dashboard/oidc.py).
+CHITTYCAN_OIDC_GROUP_ROLES = env_str("CHITTYCAN_OIDC_GROUP_ROLES", "")
+if CHITTYCAN_OIDC_ENABLED:
+    INSTALLED_APPS.append("mozilla_django_oidc")
+    AUTHENTICATION_BACKENDS = [
+        "django.contrib.auth.backends.ModelBackend",
+        "dashboard.oidc.GroupRoleBackend",
+    ]
+    OIDC_RP_CLIENT_ID = env_str("OIDC_RP_CLIENT_ID")
+    OIDC_RP_CLIENT_SECRET = env_secret("OIDC_RP_CLIENT_SECRET", "")
+    OIDC_RP_SIGN_ALGO = env_str("OIDC_RP_SIGN_ALGO", "RS256")
+    OIDC_RP_SCOPES = env_str("OIDC_RP_SCOPES", "openid email profile groups")
+    OIDC_OP_AUTHORIZATION_ENDPOINT = env_str("OIDC_OP_AUTHORIZATION_ENDPOINT")
+    OIDC_OP_TOKEN_ENDPOINT = env_str("OIDC_OP_TOKEN_ENDPOINT")
+    OIDC_OP_USER_ENDPOINT = env_str("OIDC_OP_USER_ENDPOINT")
+    OIDC_OP_JWKS_ENDPOINT = env_str("OIDC_OP_JWKS_ENDPOINT", "")
+    OIDC_TIMEOUT = env_float("OIDC_TIMEOUT", 10.0)
+    LOGIN_REDIRECT_URL = "/dashboard/"
+    LOGIN_REDIRECT_URL_FAILURE = "/dashboard/login/"
+    LOGOUT_REDIRECT_URL = "/dashboard/login/"
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.conf import settings
 from django.contrib import admin
 from django.urls import include, path, re_path, reverse_lazy
 from django.views.generic import RedirectView
@@ -16,10 +17,14 @@ urlpatterns = [
     path("v1/", v1_api.urls),
     re_path(r"^v1/(?P<rest>.*)$", unknown_url),  # after the API: any other /v1 path, in the envelope
     path("api/", include("control.urls")),
+    path("dashboard/", include("dashboard.urls")),
     path("healthz", healthz),
     path("readyz", readyz),
     path("metrics", metrics_view),
     path("health/providers", ProviderHealthView.as_view(), name="provider-health"),
 ]
+
+if settings.CHITTYCAN_OIDC_ENABLED:  # single sign-on (dashboard/oidc.py): /oidc/authenticate/, /oidc/callback/
+    urlpatterns.append(path("oidc/", include("mozilla_django_oidc.urls")))
 
 __all__ = ["include", "urlpatterns"]

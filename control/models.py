@@ -12,13 +12,16 @@ __all__ = ["ManagementToken", "SecretReference", "TenantMembership"]
 class TenantMembership(models.Model):
     """A user's role on a tenant; it covers the tenant's whole subtree.
 
-    Admins read and change the subtree (child tenants, keys, budgets); members only read it.
-    Staff users see everything without a membership.
+    Owners and admins read and change the subtree (child tenants, keys, budgets, members); in the
+    management API members and viewers only read it; in the dashboard (dashboard/access.py) members
+    also manage the keys they own. Staff users see everything without a membership.
     """
 
     class Role(models.TextChoices):
+        OWNER = "owner"
         ADMIN = "admin"
         MEMBER = "member"
+        VIEWER = "viewer"
 
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="tenant_memberships")
     tenant = models.ForeignKey("tenants.Tenant", on_delete=models.CASCADE, related_name="memberships")

@@ -1,8 +1,8 @@
 """Who sees and changes what through the management API.
 
 - Staff users see and change everything.
-- A membership covers the tenant and its whole subtree. Members read; admins also create child
-  tenants, keys and budgets inside it.
+- A membership covers the tenant and its whole subtree. Members and viewers read; owners and
+  admins also create child tenants, keys and budgets inside it.
 - A tenant admin cannot change the budget of the tenant its membership is on (that limit is set
   from above, by staff or by an admin of an ancestor), only budgets strictly inside its subtree
   and budgets of keys in it.
@@ -38,7 +38,7 @@ class Scope:
             for m in memberships.values("tenant_id", "role"):
                 ids = subtree_ids(m["tenant_id"])
                 visible.update(ids)
-                if m["role"] == TenantMembership.Role.ADMIN:
+                if m["role"] in (TenantMembership.Role.OWNER, TenantMembership.Role.ADMIN):
                     admin.update(ids)
                     budget.update(i for i in ids if i != m["tenant_id"])
             self._visible, self._admin, self._budget = visible, admin, budget

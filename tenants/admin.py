@@ -180,6 +180,7 @@ class TenantForm(forms.ModelForm):
             "kind",
             "parent",
             "is_active",
+            "require_otp",
             "plan",
             "time_zone",
             "stripe_customer_id",
@@ -217,7 +218,7 @@ class TenantAdmin(AuditedAdmin[Tenant]):
     autocomplete_fields = ["parent"]
     readonly_fields = ["lineage", "children_list", "created_at"]
     fieldsets = [
-        (None, {"fields": ["slug", "name", "kind", "parent", "lineage", "children_list", "is_active"]}),
+        (None, {"fields": ["slug", "name", "kind", "parent", "lineage", "children_list", "is_active", "require_otp"]}),
         ("Billing and limits", {"fields": ["plan", "time_zone", "stripe_customer_id", "rpm_limit", "tpm_limit"]}),
         ("Models", {"fields": ["allowed_models"]}),
         (None, {"fields": ["created_at"]}),

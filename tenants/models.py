@@ -55,6 +55,10 @@ class Tenant(models.Model):
         default=list, blank=True, help_text="Public model names this tenant may use; empty for all."
     )
     is_active = models.BooleanField(default=True)
+    require_otp = models.BooleanField(
+        default=False,
+        help_text="Members of this tenant (and of its subtree) need a TOTP second factor in the dashboard.",
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -33,6 +33,7 @@ class TenantFields(TypedDict, total=False):
     tpm_limit: int | None
     allowed_models: list[str]
     is_active: bool
+    require_otp: bool
 
 
 class PlanFields(TypedDict, total=False):
@@ -72,6 +73,7 @@ def tenant_create(
     tpm_limit: int | None = None,
     allowed_models: list[str] | None = None,
     is_active: bool = True,
+    require_otp: bool = False,
     actor: AbstractBaseUser | None = None,
     actor_label: str = "",
     source: str = "",
@@ -88,6 +90,7 @@ def tenant_create(
         tpm_limit=tpm_limit,
         allowed_models=list(allowed_models or []),
         is_active=is_active,
+        require_otp=require_otp,
     )
     tenant.full_clean()
     tenant.save()

@@ -3,7 +3,8 @@
 The row (a plain dict, ``created_at`` a Unix timestamp) is built here from the context and handed
 durably to the ledger's writer (``ledger.writer``: a Redis stream, or the local spool when Redis is
 unreachable); the writer inserts it, idempotent by request id. With Redis, the hand-off goes in one
-round trip with the settle stage's commands (``ctx.closing``).
+round trip with the settle stage's commands (``ctx.closing``). Its summary then goes to the
+dashboard's live feed (``ledger.feed``: the tenant's and its ancestors' groups, without waiting).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from gateway import metrics, tracing
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.routing import breaker, latency
-from ledger import writer
+from ledger import feed, writer
 
 
 async def run(ctx: RequestContext) -> None:
     batch, ctx.closing = ctx.closing, None
-    if ctx.reached_provider or ctx.cache_hit:
-        await writer.hand_off_or_spool(row_from_context(ctx), batch)
+    row = row_from_context(ctx) if ctx.reached_provider or ctx.cache_hit else None
+    if row is not None:
+        await writer.hand_off_or_spool(row, batch)
     if ctx.deployment is not None and ctx.status == "ok" and not ctx.cache_hit:
         # The p50 a routing policy reads (``p50_ms``): time to the first byte, or the whole answer.
         latency.observe(
@@ -28,6 +30,8 @@ async def run(ctx: RequestContext) -> None:
         )
     if batch is not None:
         await batch.send()
+    if row is not None and ctx.key is not None:
+        feed.publish(row, (t.id for t in ctx.key.lineage))
     if ctx.trace is not None:
         tracing.export(ctx)
     metrics.observe(ctx)

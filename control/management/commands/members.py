@@ -1,5 +1,5 @@
-"""``can members add --user NAME --tenant SLUG [--role admin|member]``, ``list``, ``remove``:
-who may use the management API for which tenant subtree."""
+"""``can members add --user NAME --tenant SLUG [--role owner|admin|member|viewer]``, ``list``,
+``remove``: who may use the management API and the dashboard for which tenant subtree."""
 
 from __future__ import annotations
 

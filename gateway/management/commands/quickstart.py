@@ -111,6 +111,8 @@ Python (pip install openai):
 {dev_note}{routing_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
 Audit log (every control-plane change, hash-chained): http://127.0.0.1:{opts["port"]}/admin/tenants/auditevent/
   .venv/bin/can audit verify      .venv/bin/can audit export --since 2026-01-01 --format jsonl
+Tenant dashboard (spend, keys, budgets, usage, live feed of the demo tenant; sign in as {ADMIN_USER}):
+  http://127.0.0.1:{opts["port"]}/dashboard/t/{DEMO_SLUG}/
 """
         )
 

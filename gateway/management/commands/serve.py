@@ -69,7 +69,6 @@ class Command(BaseCommand):
                 str(workers),
                 "--loop",
                 "uvloop",
-                "--no-ws",
                 app,
             ]
             if opts["access_log"]:
