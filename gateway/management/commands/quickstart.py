@@ -109,6 +109,7 @@ Python (pip install openai):
   print(response.output_text, client.responses.retrieve(response.id).usage)
 
 {dev_note}{routing_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
+Provider health (circuit breakers, probe results): http://127.0.0.1:{opts["port"]}/admin/gateway/provider/
 Audit log (every control-plane change, hash-chained): http://127.0.0.1:{opts["port"]}/admin/tenants/auditevent/
   .venv/bin/can audit verify      .venv/bin/can audit export --since 2026-01-01 --format jsonl
 Tenant dashboard (spend, keys, budgets, usage, live feed of the demo tenant; sign in as {ADMIN_USER}):
@@ -126,10 +127,6 @@ Tenant dashboard (spend, keys, budgets, usage, live feed of the demo tenant; sig
             "Routing policy `roadmap` (examples/routing-policy.yaml) is on the demo tenant: a short prompt\n"
             "matches rule=cheap_for_simple, a long one (over 500 tokens) smart_for_complex; see the\n"
             "X-ChittyCan-Route header (curl -i) and `can route explain --key $OPENAI_API_KEY -f request.json`.\n\n"
-        )
-{dev_note}Admin: http://127.0.0.1:{opts["port"]}/admin/
-Provider health (circuit breakers, probe results): http://127.0.0.1:{opts["port"]}/admin/gateway/provider/
-"""
         )
 
     def ensure_probed_deployment(self, model: LLMModel) -> None:
