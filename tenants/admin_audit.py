@@ -7,7 +7,8 @@ registered model gets an audit row for each save and delete made from its own ad
 change, delete, the changelist's bulk delete, a user's password form): the fields changed, with
 their values before and after; secrets (passwords, device keys, tokens, hashes) are marked
 changed, never stored. Saves made elsewhere under ``/admin/`` (the login updating ``last_login``,
-the second-factor pages, which audit themselves) are not these.
+the second-factor pages, which audit themselves) are not these. Users written by a command
+(``createsuperuser``, ``changepassword``, the quickstart's admin user) are audited the same way.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.auth import get_user_model
 from django.db.models import Model
 from django.db.models.signals import post_delete, post_save, pre_delete, pre_save
 
@@ -36,8 +38,12 @@ def _is_secret(name: str) -> bool:
 
 
 def _audited_here(model: type[Model]) -> bool:
-    """True inside a request to ``model``'s own admin pages, when no service of ours audits it."""
-    request = origin.current().request
+    """True inside a request to ``model``'s own admin pages, when no service of ours audits it; and
+    for users written by a command (``createsuperuser``, ``changepassword``, the quickstart)."""
+    where = origin.current()
+    if where.surface == "cli" and model is get_user_model():
+        return True
+    request = where.request
     match = getattr(request, "resolver_match", None) if request is not None else None
     if match is None or match.namespace != "admin":
         return False
@@ -82,7 +88,7 @@ def _record(verb: str, instance: Model, changes: audit.Changes) -> None:
         target=str(instance),
         changes=changes,
         data={"object_id": str(instance.pk)},
-        actor_label="admin",
+        actor_label=origin.current().surface,
     )
 
 
@@ -116,7 +122,7 @@ def connect() -> None:
     """Called from ``TenantsConfig.ready()`` (after the admin's autodiscovery). Receivers are
     connected per model, never for every sender: a delete receiver on a model turns off Django's
     fast delete for it, which the ledger's retention relies on."""
-    for model in generic_models():
+    for model in {*generic_models(), get_user_model()}:
         uid = f"chittycan_admin_audit_{model._meta.label_lower}"
         pre_save.connect(_remember, sender=model, dispatch_uid=f"{uid}_pre_save")
         post_save.connect(_saved, sender=model, dispatch_uid=f"{uid}_post_save")

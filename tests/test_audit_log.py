@@ -416,6 +416,11 @@ def test_rest_write_records_its_origin(world):
     event = AuditEvent.objects.get(action="tenant.create", target="team-a2")
     assert (event.origin, event.actor_label, event.actor_name) == ("api", "api:alice", "alice")
     assert event.address == "10.1.2.3" and event.user_agent == "AuditTest/1.0 (rest)"
+    # Deleting the user empties the foreign key, not the name; the chain still verifies.
+    get_user_model().objects.filter(username="alice").delete()
+    event.refresh_from_db()
+    assert (event.actor_id, event.actor_name) == (None, "alice")
+    assert audit.verify().ok
 
 
 def test_rest_audit_endpoint_is_scoped_to_the_admins_subtree(world):
@@ -541,3 +546,18 @@ def test_concurrent_processes_do_not_fork_the_chain(transactional_db):
     assert {e.data["process"] for e in written} == {"p0", "p1", "p2"}
     result = audit.verify()
     assert result.ok and result.checked == 61
+
+
+def test_users_written_by_commands_are_audited(transactional_db, monkeypatch):
+    monkeypatch.setenv("DJANGO_SUPERUSER_PASSWORD", "a-cli-pass-phrase-3")
+    cli.main(["createsuperuser", "--username", "ops", "--email", "ops@example.com", "--noinput"])
+    event = AuditEvent.objects.get(action="auth.user.create", target="ops")
+    assert (event.origin, event.actor_label, event.user_agent) == ("cli", "cli", "can createsuperuser")
+    assert event.os_user == getpass.getuser()
+    assert event.data["changes"]["password"] == [None, None]
+    user = get_user_model().objects.get(username="ops")
+    logged = _everything_audited()
+    assert "a-cli-pass-phrase-3" not in logged and user.password not in logged
+    # Outside the admin and commands (a service, a test, the gateway), user saves are no audit rows.
+    get_user_model().objects.create_user("quiet", password="pw-quiet-123")
+    assert not AuditEvent.objects.filter(target="quiet").exists()
