@@ -32,7 +32,7 @@ from gateway.models import (
     RoutingRule,
 )
 from gateway.providers.base import ProbeSettings, ProviderConfig
-from gateway.routing import breaker, health
+from gateway.routing import health
 from gateway.routing.policy import PolicyError, check_includes, parse_policy
 from gateway.routing.table import DeploymentRoute, breaker_settings
 from tenants.admin import AuditedAdmin, actor_of, adopt, https_formfield
