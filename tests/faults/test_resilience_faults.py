@@ -86,6 +86,9 @@ def upstreams() -> Iterator[Upstreams]:
         hole.close()
 
 
+FIGURES: dict[str, dict[str, Any]] = {}
+
+
 @pytest.fixture(scope="module")
 def resil_env(upstreams: Upstreams) -> Iterator[FaultEnv]:
     urls = {"primary": upstreams.servers[0].url, "fallback": upstreams.servers[1].url, "blackhole": upstreams.hole.url}
@@ -93,12 +96,17 @@ def resil_env(upstreams: Upstreams) -> Iterator[FaultEnv]:
     try:
         yield env
     finally:
-        report = env.report_dir / "resilience.json"
-        if env.figures:
-            report.write_bytes(orjson.dumps(env.figures, option=orjson.OPT_INDENT_2))
-            (env.report_dir / "resilience.md").write_text(render(env.figures))
-            print("\n" + render(env.figures))
+        if FIGURES:
+            print("\nresilience fault figures\n" + render(FIGURES))
         env.destroy()
+
+
+def record(env: FaultEnv, name: str, figures: dict[str, Any]) -> None:
+    """Keep a scenario's figures (``resilience.json`` and ``.md`` in the suite's report directory)."""
+    FIGURES[name] = figures
+    (env.report_dir / "resilience.json").write_bytes(orjson.dumps(FIGURES, option=orjson.OPT_INDENT_2))
+    (env.report_dir / "resilience.md").write_text(render(FIGURES))
+    print(f"\nresilience scenario {name}: {orjson.dumps(figures).decode()}")
 
 
 def render(figures: dict[str, dict[str, Any]]) -> str:
@@ -243,7 +251,7 @@ def assert_only_probes(figures: dict[str, Any]) -> None:
 def test_r1_primary_down(resil_env: FaultEnv, upstreams: Upstreams) -> None:
     outcomes, figures = scenario(resil_env, upstreams, "r1", Fault("down"))
     figures["recovered"] = recover(resil_env, upstreams)
-    resil_env.record("r1. primary down (100 % 500)", figures)
+    record(resil_env, "r1. primary down (100 % 500)", figures)
     assert_served(figures)
     assert_only_probes(figures)
     assert figures["recovered"].startswith("closed")
@@ -251,15 +259,16 @@ def test_r1_primary_down(resil_env: FaultEnv, upstreams: Upstreams) -> None:
 
 def test_r2_primary_flaky_30(resil_env: FaultEnv, upstreams: Upstreams) -> None:
     outcomes, figures = scenario(resil_env, upstreams, "r2", Fault("flaky", rate=0.3))
-    resil_env.record("r2. primary flaky (30 % 500)", figures)
+    record(resil_env, "r2. primary flaky (30 % 500)", figures)
     assert_served(figures)
-    # 30 % stays under the error-rate threshold; the primary keeps most of its traffic.
-    assert figures["primary_calls"] >= TOTAL // 2, figures
+    # Under 30 % errors three consecutive failures (a retry included) happen now and then: the
+    # breaker opens for a cool-down and its probe, 70 % likely to succeed, closes it again.
+    assert figures["primary_calls"] > figures["primary_calls_after_open"] > 0, figures
 
 
 def test_r3_primary_rate_limited(resil_env: FaultEnv, upstreams: Upstreams) -> None:
     outcomes, figures = scenario(resil_env, upstreams, "r3", Fault("rate_limited", retry_after="10"))
-    resil_env.record("r3. primary 429 (retry-after 10 s)", figures)
+    record(resil_env, "r3. primary 429 (retry-after 10 s)", figures)
     assert_served(figures)
     # A 429 never opens the breaker: every request asks the primary once and moves on at once.
     assert figures["times_opened"] == 0 and figures["state_after_load"] == "closed", figures
@@ -269,7 +278,7 @@ def test_r3_primary_rate_limited(resil_env: FaultEnv, upstreams: Upstreams) -> N
 def test_r4_connect_never_completes(resil_env: FaultEnv, upstreams: Upstreams) -> None:
     assert not upstreams.hole.connect_completes(0.3)
     outcomes, figures = scenario(resil_env, upstreams, "r4", None, model="unreachable")
-    resil_env.record("r4. connect never completes", figures)
+    record(resil_env, "r4. connect never completes", figures)
     assert_served(figures)
     assert figures["times_opened"] >= 1 and figures["fallback_calls"] == TOTAL, figures
 
@@ -279,7 +288,7 @@ def test_r5_first_byte_stall(resil_env: FaultEnv, upstreams: Upstreams) -> None:
         resil_env, upstreams, "r5", Fault("stall", stall=30.0), attempt_limit=2 * FIRST_BYTE + 0.3
     )
     figures["recovered"] = recover(resil_env, upstreams)
-    resil_env.record("r5. first-byte stall (30 s)", figures)
+    record(resil_env, "r5. first-byte stall (30 s)", figures)
     assert_served(figures)
     assert_only_probes(figures)
     assert figures["recovered"].startswith("closed")
@@ -292,7 +301,7 @@ def test_r6_reset_mid_stream(resil_env: FaultEnv, upstreams: Upstreams) -> None:
     opened (and the half-open probes that were streams) end with the in-stream error event."""
     outcomes, figures = scenario(resil_env, upstreams, "r6", Fault("reset", after_frames=3), stream_every=10)
     figures["recovered"] = recover(resil_env, upstreams)
-    resil_env.record("r6. reset mid-stream (every 10th a stream)", figures)
+    record(resil_env, "r6. reset mid-stream (every 10th a stream)", figures)
     cut = [o for o in outcomes if not served(o)]
     assert all(o.status == 200 and o.code == "stream_error" for o in cut), figures["statuses"]
     assert len(cut) <= THRESHOLD + CONCURRENCY + figures["probes_allowed"], figures
