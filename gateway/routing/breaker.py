@@ -251,6 +251,12 @@ def store() -> Store:
     return _redis_store if settings.REDIS_URL else _memory_store
 
 
+def forget_loop() -> None:
+    """Drop the Redis scripts registered for this event loop: call it before a loop of its own
+    ends (the health probes' task), or the scripts, and the client they hold, stay behind."""
+    _redis_store._scripts.pop(asyncio.get_running_loop(), None)
+
+
 # --- this process's view ------------------------------------------------------------------------
 
 
