@@ -112,13 +112,15 @@ def record(env: FaultEnv, name: str, figures: dict[str, Any]) -> None:
 def render(figures: dict[str, dict[str, Any]]) -> str:
     lines = [
         "| fault | requests | succeeded | errors | primary calls | after open (probes allowed) "
-        "| fallback calls | breaker opened | recovered | seconds |",
+        "| fallback calls | breaker opened (reopenings too) | recovered | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, f in figures.items():
-        errs = ", ".join(f"{k}: {v}" for k, v in f["statuses"].items() if k != "200") or "none"
+        errs = [f"{k}: {v}" for k, v in f["statuses"].items() if k != "200"]
+        if f["stream_errors"]:
+            errs.append(f"streams cut (in-stream error): {f['stream_errors']}")
         lines.append(
-            f"| {name} | {f['requests']} | {f['success_pct']} % | {errs} | {f['primary_calls']} "
+            f"| {name} | {f['requests']} | {f['success_pct']} % | {', '.join(errs) or 'none'} | {f['primary_calls']} "
             f"| {f['primary_calls_after_open']} ({f['probes_allowed']}) | {f['fallback_calls']} "
             f"| {f['times_opened']} | {f['recovered']} | {f['seconds']} |"
         )
@@ -191,6 +193,7 @@ def scenario(
         "requests": len(outcomes),
         "statuses": statuses(outcomes),
         "succeeded": ok,
+        "stream_errors": sum(1 for o in outcomes if o.status == 200 and not o.complete),
         "success_pct": round(100 * ok / len(outcomes), 2),
         "primary_calls": len(ups.primary.times),
         "primary_calls_after_open": late,
@@ -308,5 +311,9 @@ def test_r6_reset_mid_stream(resil_env: FaultEnv, upstreams: Upstreams) -> None:
     assert all(o.status == 200 and o.code == "stream_error" for o in cut), figures["statuses"]
     assert len(cut) <= THRESHOLD + CONCURRENCY + figures["probes_allowed"], figures
     assert figures["success_pct"] >= 99.0, figures
-    assert_only_probes(figures)
+    # A half-open probe that is a stream closes the breaker at its first chunk (dispatch); cut
+    # later, it leaves a closed breaker that needs its threshold of failures again. So here the
+    # dead upstream sees, besides the probes, a few such rounds: at most twice the probes.
+    assert figures["times_opened"] >= 1, figures
+    assert figures["primary_calls_after_open"] <= 2 * figures["probes_allowed"], figures
     assert figures["recovered"].startswith("closed")
