@@ -390,3 +390,78 @@ def test_an_anthropic_upstream_reset_mid_stream_ends_the_openai_stream_with_an_e
     [row] = exact_usage(tenant_key[0], 1)
     assert row.status == "upstream_error" and row.http_status == 200 and row.provider == "claude"
     assert row.prompt_tokens > 0
+
+
+# --- configuration and admin -------------------------------------------------------------------------
+
+
+def test_timeouts_probes_and_outliers_round_trip_through_can_apply(transactional_db, tmp_path):
+    from gateway.models import Provider
+
+    config = tmp_path / "chittycan.yaml"
+    config.write_text(
+        "version: 1\nproviders:\n  - slug: edge\n    kind: openai\n    base_url: https://api.example.com/v1\n"
+        "    active: false\n    connect_timeout: 2\n    first_byte_timeout: 5\n    total_timeout: 10\n"
+        "    probe: {interval: 15, request: {messages: [{role: user, content: hi}], max_tokens: 1}}\n"
+        "    outlier_latency_factor: 4\n"
+    )
+    call_command("apply", "-f", str(config), stdout=StringIO())
+    p = Provider.objects.get(slug="edge")
+    assert (p.connect_timeout, p.first_byte_timeout, p.total_timeout) == (2.0, 5.0, 10.0)
+    assert (p.probe_enabled, p.probe_interval, p.outlier_latency_factor) == (True, 15.0, 4.0)
+    assert p.probe_request == {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    out = StringIO()
+    call_command("export", stdout=out)
+    exported = out.getvalue()
+    assert "first_byte_timeout: 5" in exported and "total_timeout: 10" in exported
+    assert "probe:" in exported and "interval: 15" in exported and "outlier_latency_factor: 4" in exported
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "version: 1\nproviders:\n  - slug: edge\n    kind: openai\n    active: false\n    total_timeout: 0\n"
+    )
+    err = StringIO()
+    with pytest.raises(Exception, match="nothing was written"):
+        call_command("apply", "-f", str(bad), stdout=StringIO(), stderr=err)
+    assert "total_timeout" in err.getvalue(), err.getvalue()
+    assert Provider.objects.get(slug="edge").total_timeout == 10.0
+
+
+def test_the_admin_shows_probe_results_on_provider_and_model_pages(gateway_server, pair, tenant_key, settings):  # noqa: F811
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    from gateway.models import LLMModel
+
+    primary, _, provider = pair
+    provider.probe_enabled = True
+    provider.save()
+    probe_now()
+    settings.CHITTYCAN_ADMIN_REQUIRE_OTP = False
+    client = Client()
+    client.force_login(get_user_model().objects.create_superuser("root", password="pw-root-123"))
+    page = client.get(f"/admin/gateway/provider/{provider.pk}/change/").content.decode()
+    assert "Health: active probes and outlier detection" in page
+    assert re.search(
+        r"<strong>closed</strong> \(0 consecutive failures, opened 0 times\); last probe ok \d+ s ago", page
+    )
+    model = LLMModel.objects.get(name="gpt-4o")
+    page = client.get(f"/admin/gateway/llmmodel/{model.pk}/change/").content.decode()
+    assert "Breaker and health now" in page and "last probe ok" in page and "probes off" in page
+    refused = client.post(
+        f"/admin/gateway/provider/{provider.pk}/change/",
+        {
+            "slug": "primary",
+            "kind": "openai",
+            "base_url": provider.base_url,
+            "extra_headers": "{}",
+            "connect_timeout": "5",
+            "read_timeout": "600",
+            "first_byte_timeout": "0",
+            "max_retries": "0",
+            "probe_request": "[1, 2]",
+            "is_active": "on",
+        },
+    )
+    body = refused.content.decode()
+    assert refused.status_code == 200 and "greater than or equal to 0.01" in body and "JSON object" in body

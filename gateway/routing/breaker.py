@@ -130,6 +130,16 @@ end
 return redis.call('HMGET', KEYS[1], 's', 'u', 'f', 'o')
 """
 
+# KEYS[1] the hash, KEYS[2] the probe lease. ARGV: now (s), lease token, lease (ms). The lease is
+# refused while the breaker is open in Redis: a process whose cached state says half-open may be
+# behind a probe that failed meanwhile (and reopened it); without this it would probe again.
+_PROBE = """
+local u = tonumber(redis.call('HGET', KEYS[1], 'u') or '0')
+if redis.call('HGET', KEYS[1], 's') == 'open' and tonumber(ARGV[1]) < u then return 0 end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
+return 0
+"""
+
 _TTL_MS = 86_400_000  # an idle breaker's state expires after a day
 
 
@@ -150,7 +160,7 @@ def parse_state(raw: list[Any]) -> Snapshot:
 
 class RedisStore:
     def __init__(self) -> None:
-        self._scripts: dict[asyncio.AbstractEventLoop, tuple[AsyncScript, AsyncScript]] = {}
+        self._scripts: dict[asyncio.AbstractEventLoop, tuple[AsyncScript, AsyncScript, AsyncScript]] = {}
 
     def _hash(self, key: str) -> str:
         return state_key(key)
@@ -163,7 +173,11 @@ class RedisStore:
         scripts = self._scripts.get(loop)
         if scripts is None:
             conn = runtime.redis_client()
-            scripts = self._scripts[loop] = (conn.register_script(_FAIL), conn.register_script(_SUCCEED))
+            scripts = self._scripts[loop] = (
+                conn.register_script(_FAIL),
+                conn.register_script(_SUCCEED),
+                conn.register_script(_PROBE),
+            )
         return scripts[index]
 
     async def read(self, key: str) -> Snapshot:
@@ -180,7 +194,8 @@ class RedisStore:
         return _parse(list(raw))
 
     async def acquire_probe(self, key: str, token: str, lease: float) -> bool:
-        got = await runtime.redis_client().set(self._lease(key), token, nx=True, px=max(1, int(lease * 1000)))
+        args: list[str | int] = [repr(time.time()), token, max(1, int(lease * 1000))]
+        got = await self._script(2)(keys=[self._hash(key), self._lease(key)], args=args)
         return bool(got)
 
     async def release_probe(self, key: str, token: str) -> None:
@@ -244,6 +259,12 @@ _memory_store = MemoryStore()
 
 def store() -> Store:
     return _redis_store if settings.REDIS_URL else _memory_store
+
+
+def forget_loop() -> None:
+    """Drop the Redis scripts registered for this event loop: call it before a loop of its own
+    ends (the health probes' task), or the scripts, and the client they hold, stay behind."""
+    _redis_store._scripts.pop(asyncio.get_running_loop(), None)
 
 
 # --- this process's view ------------------------------------------------------------------------

@@ -255,6 +255,7 @@ async def probe_in_own_loop(table: RouteTable, *, force: bool = False) -> list[d
     try:
         return await probe_due(table, force=force)
     finally:
+        breaker.forget_loop()
         await http.aclose()
         if settings.REDIS_URL:
             await runtime.close_redis()
