@@ -374,3 +374,28 @@ def test_route_header_on_a_stream(gateway_server: ServerThread, catalogue: Any, 
         body = b"".join(response.iter_bytes())
     assert response.headers["x-chittycan-route"] == "rule=cheap_for_simple; model=cheap; outcome=primary"
     assert b"data: [DONE]" in body
+
+
+def test_reject_in_the_anthropic_envelope_and_routing_on_messages(
+    gateway_server: ServerThread, catalogue: Any, tenant_key: tuple[Any, str]
+) -> None:
+    import anthropic
+
+    tenant, key = tenant_key
+    put_policy(
+        "messages",
+        [
+            {"name": "no-tools", "condition": "has_tools", "reject": "Tools are not allowed here."},
+            {"name": "short", "condition": "tokens < 100 && endpoint == 'messages'", "route": "cheap"},
+        ],
+        tenant=tenant,
+    )
+    client = anthropic.Anthropic(base_url=gateway_server.url, api_key=key, max_retries=0)
+    tool: Any = {"name": "f", "description": "d", "input_schema": {"type": "object", "properties": {}}}
+    with pytest.raises(anthropic.PermissionDeniedError) as caught:
+        client.messages.create(model="default-m", max_tokens=50, messages=SHORT, tools=[tool])
+    body = caught.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"] == {"type": "permission_error", "message": "Tools are not allowed here."}
+    ok = client.messages.with_raw_response.create(model="default-m", max_tokens=50, messages=SHORT)
+    assert ok.headers["x-chittycan-route"] == "rule=short; model=cheap; outcome=primary"

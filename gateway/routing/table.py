@@ -122,20 +122,18 @@ class RouteTable:
     models: dict[str, ModelRoute] = field(default_factory=dict)  # public names and aliases
     loaded_at: float = 0.0
     policies: PolicySet = field(default_factory=PolicySet)  # routing policies, compiled
+    by_deployment: dict[str, tuple[ModelRoute, DeploymentRoute]] = field(default_factory=dict)  # built on first use
 
     def resolve(self, name: str) -> ModelRoute | None:
         return self.models.get(name)
 
     def deployment(self, target: str) -> tuple[ModelRoute, DeploymentRoute] | None:
         """A ``provider/upstream-model`` target: the first model's deployment that matches it."""
-        slug, _, upstream = target.partition("/")
-        if not upstream:
-            return None
-        for route in self.public_models():
-            for dep in route.deployments:
-                if dep.provider.slug == slug and dep.upstream_model == upstream:
-                    return route, dep
-        return None
+        if not self.by_deployment and self.models:
+            for route in self.public_models():
+                for dep in route.deployments:
+                    self.by_deployment.setdefault(f"{dep.provider.slug}/{dep.upstream_model}", (route, dep))
+        return self.by_deployment.get(target)
 
     def public_models(self) -> list[ModelRoute]:
         seen: dict[str, ModelRoute] = {}
