@@ -216,6 +216,7 @@ class LLMModelForm(forms.ModelForm):
             "is_active",
             "cache_enabled",
             "cache_ttl",
+            "strategy",
         ]
 
     def clean_cache_ttl(self) -> int:

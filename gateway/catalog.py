@@ -75,6 +75,7 @@ class ModelFields(TypedDict, total=False):
     is_active: bool
     cache_enabled: bool
     cache_ttl: int
+    strategy: str
     created_at: datetime
 
 

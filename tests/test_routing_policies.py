@@ -399,3 +399,32 @@ def test_reject_in_the_anthropic_envelope_and_routing_on_messages(
     assert body["error"] == {"type": "permission_error", "message": "Tools are not allowed here."}
     ok = client.messages.with_raw_response.create(model="default-m", max_tokens=50, messages=SHORT)
     assert ok.headers["x-chittycan-route"] == "rule=short; model=cheap; outcome=primary"
+
+
+def test_model_strategy_lowest_latency_orders_deployments(
+    gateway_server: ServerThread, catalogue: Any, tenant_key: tuple[Any, str]
+) -> None:
+    from gateway import catalog
+    from gateway.models import Deployment, LLMModel, Provider
+    from gateway.routing import latency
+
+    model = LLMModel.objects.get(name="default-m")
+    backup = Deployment.objects.create(
+        model=model, provider=Provider.objects.get(slug="two"), upstream_model="backup-up", priority=1
+    )
+    own = Deployment.objects.get(model=model, provider__slug="one")
+    catalog.model_update(model, strategy="lowest_latency")
+    client = client_for(gateway_server, tenant_key[1])
+    latency.reset()
+    try:
+        latency.observe(f"d{own.pk}", 900)
+        latency.observe(f"d{backup.pk}", 40)
+        first = client.chat.completions.with_raw_response.create(model="default-m", messages=SHORT)
+        assert first.headers["x-chittycan-provider"] == "two"  # faster, despite its priority
+        for _ in range(20):
+            latency.observe(f"d{backup.pk}", 5000)  # it slowed down: the decaying average follows
+        second = client.chat.completions.with_raw_response.create(model="default-m", messages=SHORT)
+        assert second.headers["x-chittycan-provider"] == "one"
+    finally:
+        latency.reset()
+    catalog.model_update(model, strategy="priority")

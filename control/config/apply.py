@@ -247,6 +247,7 @@ class _Applier:
                 "is_active": spec.active,
                 "cache_enabled": spec.cache is not None and spec.cache.enabled,
                 "cache_ttl": spec.cache.ttl if spec.cache is not None else 86_400,
+                "strategy": spec.strategy,
             }
             model = LLMModel.objects.filter(name=spec.name).first()
             with self.valid("model", spec.name):

@@ -85,6 +85,7 @@ def export() -> dict[str, Any]:
         _put_if(item, "active", m.is_active, True)
         if m.cache_enabled:
             item["cache"] = {"ttl": m.cache_ttl}
+        _put_if(item, "strategy", m.strategy, "priority")
         deployments = []
         for d in sorted(m.deployments.all(), key=lambda d: (d.priority, d.provider.slug, d.upstream_model)):
             dep: dict[str, Any] = {"provider": d.provider.slug, "upstream_model": d.upstream_model}

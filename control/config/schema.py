@@ -227,6 +227,7 @@ class ModelSpec(_Spec):
     max_output_tokens: Annotated[int, Field(ge=0)] = 16_384
     active: bool = True
     cache: CacheSpec | None = None  # the exact response cache; absent: off
+    strategy: Literal["priority", "weighted", "lowest_latency", "lowest_cost"] = "priority"
     deployments: list[DeploymentSpec] = []
     prices: list[PriceSpec] = []
 

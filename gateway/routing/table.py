@@ -62,6 +62,7 @@ class ModelRoute:
     cache_ttl: int = 0  # seconds the exact response cache keeps an answer; 0: the cache is off
     # A routing policy's route may hold other models' deployments (its fallback chain): their prices.
     hop_prices: tuple[tuple[tuple[int | None, str, str], tuple[PriceInfo, ...]], ...] = ()
+    strategy: str = "priority"  # load balancing: gateway.routing.strategy
 
     def price_at(self, when: datetime | None = None) -> PriceInfo | None:
         return _price_at(self.prices, when or timezone.now())
@@ -207,6 +208,7 @@ def load_route_table() -> RouteTable:
             prices=prices,
             aliases=tuple(model.aliases or ()),
             cache_ttl=model.cache_ttl if model.cache_enabled else 0,
+            strategy=model.strategy,
         )
         table.models[model.name] = route
         for alias in model.aliases or ():
