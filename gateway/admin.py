@@ -310,6 +310,7 @@ class LLMModelForm(forms.ModelForm):
             "semantic_cache_enabled",
             "semantic_threshold",
             "semantic_embedding_model",
+            "strategy",
         ]
 
     def clean(self) -> dict[str, Any]:

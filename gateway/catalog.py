@@ -85,6 +85,7 @@ class ModelFields(TypedDict, total=False):
     semantic_cache_enabled: bool
     semantic_threshold: float
     semantic_embedding_model: str
+    strategy: str
     created_at: datetime
 
 

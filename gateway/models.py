@@ -166,6 +166,17 @@ class LLMModel(models.Model):
         default="",
         help_text="The public name of the catalogue's embedding model that embeds the prompts (metered)",
     )
+    strategy = models.CharField(
+        max_length=20,
+        choices=[
+            ("priority", "priority (weighted among equals)"),
+            ("weighted", "weighted, priorities ignored"),
+            ("lowest_latency", "lowest latency (decaying average)"),
+            ("lowest_cost", "lowest cost for the request"),
+        ],
+        default="priority",
+        help_text="The order its deployments are tried in (docs/routing.md)",
+    )
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -374,3 +374,57 @@ def test_route_header_on_a_stream(gateway_server: ServerThread, catalogue: Any, 
         body = b"".join(response.iter_bytes())
     assert response.headers["x-chittycan-route"] == "rule=cheap_for_simple; model=cheap; outcome=primary"
     assert b"data: [DONE]" in body
+
+
+def test_reject_in_the_anthropic_envelope_and_routing_on_messages(
+    gateway_server: ServerThread, catalogue: Any, tenant_key: tuple[Any, str]
+) -> None:
+    import anthropic
+
+    tenant, key = tenant_key
+    put_policy(
+        "messages",
+        [
+            {"name": "no-tools", "condition": "has_tools", "reject": "Tools are not allowed here."},
+            {"name": "short", "condition": "tokens < 100 && endpoint == 'messages'", "route": "cheap"},
+        ],
+        tenant=tenant,
+    )
+    client = anthropic.Anthropic(base_url=gateway_server.url, api_key=key, max_retries=0)
+    tool: Any = {"name": "f", "description": "d", "input_schema": {"type": "object", "properties": {}}}
+    with pytest.raises(anthropic.PermissionDeniedError) as caught:
+        client.messages.create(model="default-m", max_tokens=50, messages=SHORT, tools=[tool])
+    body = caught.value.body
+    assert isinstance(body, dict) and body["type"] == "error"
+    assert body["error"] == {"type": "permission_error", "message": "Tools are not allowed here."}
+    ok = client.messages.with_raw_response.create(model="default-m", max_tokens=50, messages=SHORT)
+    assert ok.headers["x-chittycan-route"] == "rule=short; model=cheap; outcome=primary"
+
+
+def test_model_strategy_lowest_latency_orders_deployments(
+    gateway_server: ServerThread, catalogue: Any, tenant_key: tuple[Any, str]
+) -> None:
+    from gateway import catalog
+    from gateway.models import Deployment, LLMModel, Provider
+    from gateway.routing import latency
+
+    model = LLMModel.objects.get(name="default-m")
+    backup = Deployment.objects.create(
+        model=model, provider=Provider.objects.get(slug="two"), upstream_model="backup-up", priority=1
+    )
+    own = Deployment.objects.get(model=model, provider__slug="one")
+    catalog.model_update(model, strategy="lowest_latency")
+    client = client_for(gateway_server, tenant_key[1])
+    latency.reset()
+    try:
+        latency.observe(f"d{own.pk}", 900)
+        latency.observe(f"d{backup.pk}", 40)
+        first = client.chat.completions.with_raw_response.create(model="default-m", messages=SHORT)
+        assert first.headers["x-chittycan-provider"] == "two"  # faster, despite its priority
+        for _ in range(20):
+            latency.observe(f"d{backup.pk}", 5000)  # it slowed down: the decaying average follows
+        second = client.chat.completions.with_raw_response.create(model="default-m", messages=SHORT)
+        assert second.headers["x-chittycan-provider"] == "one"
+    finally:
+        latency.reset()
+    catalog.model_update(model, strategy="priority")

@@ -257,6 +257,7 @@ class _Applier:
                 "semantic_cache_enabled": spec.semantic_cache is not None and spec.semantic_cache.enabled,
                 "semantic_embedding_model": spec.semantic_cache.embedding_model if spec.semantic_cache else "",
                 "semantic_threshold": spec.semantic_cache.threshold if spec.semantic_cache else 0.95,
+                "strategy": spec.strategy,
             }
             model = LLMModel.objects.filter(name=spec.name).first()
             with self.valid("model", spec.name):

@@ -98,6 +98,7 @@ def export() -> dict[str, Any]:
             item["cache"] = {"ttl": m.cache_ttl}
         if m.semantic_cache_enabled and m.semantic_embedding_model:
             item["semantic_cache"] = {"embedding_model": m.semantic_embedding_model, "threshold": m.semantic_threshold}
+        _put_if(item, "strategy", m.strategy, "priority")
         deployments = []
         for d in sorted(m.deployments.all(), key=lambda d: (d.priority, d.provider.slug, d.upstream_model)):
             dep: dict[str, Any] = {"provider": d.provider.slug, "upstream_model": d.upstream_model}

@@ -30,7 +30,7 @@ from budgets.periods import counters_for
 from core.money import PriceInfo
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, NotFound, PermissionDenied
-from gateway.routing import breaker, latency
+from gateway.routing import breaker, latency, strategy
 from gateway.routing.policy import LIVE_VARIABLES, Decision, Timeouts, evaluate
 from gateway.routing.table import (
     DeploymentRoute,
@@ -81,6 +81,17 @@ async def resolve(
     ctx.tags = request_tags(headers or {})
     if not ctx.passthrough_key:
         await _apply_policy(ctx, table, kinds)
+        routed = ctx.route
+        if routed.strategy != "priority":
+            ctx.route = strategy.order(
+                routed,
+                routed.strategy,
+                key_of=breaker.breaker_id,
+                prompt_tokens=ctx.estimated_prompt_tokens,
+                output_tokens=routed.max_output_tokens,
+            )
+            if ctx.route_explanation:
+                ctx.route_explanation["strategy"] = routed.strategy
     return ctx.route
 
 

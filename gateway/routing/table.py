@@ -64,6 +64,7 @@ class ModelRoute:
     semantic_threshold: float = 1.0  # the cosine similarity a semantic hit needs
     # A routing policy's route may hold other models' deployments (its fallback chain): their prices.
     hop_prices: tuple[tuple[tuple[int | None, str, str], tuple[PriceInfo, ...]], ...] = ()
+    strategy: str = "priority"  # load balancing: gateway.routing.strategy
 
     def price_at(self, when: datetime | None = None) -> PriceInfo | None:
         return _price_at(self.prices, when or timezone.now())
@@ -124,20 +125,18 @@ class RouteTable:
     models: dict[str, ModelRoute] = field(default_factory=dict)  # public names and aliases
     loaded_at: float = 0.0
     policies: PolicySet = field(default_factory=PolicySet)  # routing policies, compiled
+    by_deployment: dict[str, tuple[ModelRoute, DeploymentRoute]] = field(default_factory=dict)  # built on first use
 
     def resolve(self, name: str) -> ModelRoute | None:
         return self.models.get(name)
 
     def deployment(self, target: str) -> tuple[ModelRoute, DeploymentRoute] | None:
         """A ``provider/upstream-model`` target: the first model's deployment that matches it."""
-        slug, _, upstream = target.partition("/")
-        if not upstream:
-            return None
-        for route in self.public_models():
-            for dep in route.deployments:
-                if dep.provider.slug == slug and dep.upstream_model == upstream:
-                    return route, dep
-        return None
+        if not self.by_deployment and self.models:
+            for route in self.public_models():
+                for dep in route.deployments:
+                    self.by_deployment.setdefault(f"{dep.provider.slug}/{dep.upstream_model}", (route, dep))
+        return self.by_deployment.get(target)
 
     def public_models(self) -> list[ModelRoute]:
         seen: dict[str, ModelRoute] = {}
@@ -227,6 +226,7 @@ def load_route_table() -> RouteTable:
             cache_ttl=model.cache_ttl if model.cache_enabled else 0,
             semantic_model=_semantic_model(model),
             semantic_threshold=model.semantic_threshold,
+            strategy=model.strategy,
         )
         table.models[model.name] = route
         for alias in model.aliases or ():
