@@ -79,6 +79,7 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
             try:
                 first, rest = await dispatch.open_stream(ctx, wire.operation)
             except GatewayError as err:
+                ctx.stage("upstream")
                 await relay.upstream_failed(responder, ctx, wire, err)
                 return
             await relay.send_stream(responder, ctx, wire, first, wire.watch_stream(ctx, rest))
