@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from budgets.counters import Reservation
     from core.runtime import RedisBatch
     from gateway.cache import Entry
+    from gateway.cache.coalesce import Flight
     from gateway.limits import RatePlan, RateTicket
     from gateway.routing.table import DeploymentRoute, ModelRoute
     from tenants.keyinfo import KeyInfo
@@ -69,6 +70,10 @@ class RequestContext:
     cache_ttl: int = 0  # seconds a stored answer is kept (0: the answer is not stored)
     cache_items: list[dict[str, Any]] | None = None  # a streamed miss's items, recorded as relayed
     saved_micro: int = 0  # a hit: what the answer would have cost
+    cache_space: str = ""  # whose entries the request reads and writes (docs/caching.md, scopes)
+    cache_flight: Flight | None = None  # coalescing: the flight this request leads or follows
+    cache_follow: Any = None  # a streamed follower's reader of its leader's messages
+    coalesced: bool = False  # answered from an identical in-flight request's upstream call
     estimated_prompt_tokens: int = 0
     output_text_chars: int = 0
     timings: dict[str, float] = field(default_factory=dict)

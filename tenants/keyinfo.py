@@ -25,6 +25,8 @@ class TenantInfo:
     rpm_limit: int | None
     tpm_limit: int | None
     monthly_request_quota: int | None
+    cache_enabled: bool | None = None  # the response cache for every model (None: as each model says)
+    cache_scope: str = "tenant"  # whose entries: tenant | key | tree | global (docs/caching.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,8 @@ class KeyInfo:
     tpm_limit: int | None
     expires_at: float | None
     name: str = ""
+    cache_enabled: bool | None = None  # the response cache for this key (None: as its tenant says)
+    cache_own: bool = False  # this key's cache entries are its own (not shared with its tenant's keys)
 
     @property
     def root_id(self) -> int:
