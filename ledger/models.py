@@ -62,6 +62,9 @@ class UsageRecord(models.Model):
     saved_micro = models.BigIntegerField(
         default=0, help_text="A cache hit: what the answer would have cost (micro-USD)"
     )
+    coalesced = models.BooleanField(
+        default=False, help_text="A cache hit answered by an identical in-flight request's upstream call"
+    )
     end_user = models.CharField(max_length=200, blank=True, default="")
     timings = models.JSONField(default=dict, blank=True, help_text="Per-stage milliseconds")
     recorded_at = models.DateTimeField(

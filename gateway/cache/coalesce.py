@@ -235,17 +235,16 @@ def _local(key: str) -> Flight | None:
     return flight
 
 
-async def join(key: str) -> Flight | None:
-    """Lead the flight of this lease key (``flight.leader``) or follow the one in the air.
-
-    None when coalescing cannot be arranged (Redis unreachable): the request goes alone.
+async def join(key: str) -> tuple[Flight, bool] | None:
+    """The flight of this lease key, and whether this request leads it (else it follows the one
+    in the air). None when coalescing cannot be arranged (Redis unreachable): the request goes alone.
     """
     flight = _local(key)
     if flight is not None:
-        return flight
+        return flight, False
     if not settings.REDIS_URL:
         flight = _flights[key] = Flight(key, leader=True)
-        return flight
+        return flight, True
     token = os.urandom(12).hex()
     now = time.monotonic()
     for gone, until in list(_gone.items()):
@@ -256,7 +255,7 @@ async def join(key: str) -> Flight | None:
             if await redis_client().set(key, token, nx=True, px=LEASE_MS):
                 flight = _flights[key] = Flight(key, leader=True, token=token)
                 flight._share()
-                return flight
+                return flight, True
             holder = await redis_client().get(key)
             if holder is None:
                 continue  # released between the two commands: try to lead again
@@ -265,10 +264,10 @@ async def join(key: str) -> Flight | None:
                 continue
             flight = _local(key)  # another request of this process may have set up the mirror
             if flight is not None:
-                return flight
+                return flight, False
             flight = _flights[key] = Flight(key, leader=False, token=_text(holder))
             flight._tasks.append(asyncio.ensure_future(flight._watch()))
-            return flight
+            return flight, False
     except (redis.RedisError, OSError) as exc:
         log.warning("coalescing unavailable (Redis): %s", exc)
     return None

@@ -89,10 +89,11 @@ async def lookup(ctx: RequestContext, headers: dict[bytes, bytes]) -> None:
         if entry is not None and entry.endpoint == ctx.endpoint:
             await _hit(ctx, entry)
             return
-        flight = await coalesce.join(store.lease_key(ctx.cache_space, route.name, ctx.cache_digest))
-        if flight is None:
+        joined = await coalesce.join(store.lease_key(ctx.cache_space, route.name, ctx.cache_digest))
+        if joined is None:
             break
-        if flight.leader:
+        flight, leads = joined
+        if leads:
             if not refresh:  # the previous leader may have stored its answer since the lookup
                 entry = await store.lookup(ctx.cache_space, route.name, ctx.cache_digest)
                 if entry is not None and entry.endpoint == ctx.endpoint:
