@@ -99,6 +99,7 @@ class UsageTotals(models.Model):
     calls = models.PositiveBigIntegerField(default=0)
     errors = models.PositiveBigIntegerField(default=0, help_text="Rows whose status is not ok")
     cache_hits = models.PositiveBigIntegerField(default=0)
+    saved_micro = models.BigIntegerField(default=0, help_text="What the cache hits would have cost (micro-USD)")
     stream_calls = models.PositiveBigIntegerField(default=0)
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     cached_tokens = models.PositiveBigIntegerField(default=0)

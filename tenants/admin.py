@@ -186,6 +186,8 @@ class TenantForm(forms.ModelForm):
             "rpm_limit",
             "tpm_limit",
             "allowed_models",
+            "cache_enabled",
+            "cache_scope",
         ]
 
     def clean_allowed_models(self) -> list[str]:
@@ -220,6 +222,7 @@ class TenantAdmin(AuditedAdmin[Tenant]):
         (None, {"fields": ["slug", "name", "kind", "parent", "lineage", "children_list", "is_active"]}),
         ("Billing and limits", {"fields": ["plan", "time_zone", "stripe_customer_id", "rpm_limit", "tpm_limit"]}),
         ("Models", {"fields": ["allowed_models"]}),
+        ("Response cache", {"fields": ["cache_enabled", "cache_scope"]}),
         (None, {"fields": ["created_at"]}),
     ]
 
@@ -318,7 +321,17 @@ class KeyStatusFilter(admin.SimpleListFilter):
 class ApiKeyForm(forms.ModelForm):
     class Meta:
         model = ApiKey
-        fields = ["tenant", "user", "name", "scopes", "rpm_limit", "tpm_limit", "expires_at"]
+        fields = [
+            "tenant",
+            "user",
+            "name",
+            "scopes",
+            "rpm_limit",
+            "tpm_limit",
+            "expires_at",
+            "cache_enabled",
+            "cache_own",
+        ]
 
     def clean_scopes(self) -> dict[str, list[str]]:
         value = self.cleaned_data.get("scopes") or {}
@@ -359,7 +372,17 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
 
     def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[Any]:
         if obj is None:
-            return ["tenant", "user", "name", "scopes", "rpm_limit", "tpm_limit", "expires_at"]
+            return [
+                "tenant",
+                "user",
+                "name",
+                "scopes",
+                "rpm_limit",
+                "tpm_limit",
+                "expires_at",
+                "cache_enabled",
+                "cache_own",
+            ]
         return [
             "prefix",
             "tenant",
@@ -369,6 +392,8 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
             "rpm_limit",
             "tpm_limit",
             "expires_at",
+            "cache_enabled",
+            "cache_own",
             "status",
             "revoked_at",
             "rotated_from",

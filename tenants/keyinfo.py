@@ -70,6 +70,8 @@ def _tenant_info(tenant: Tenant) -> TenantInfo:
         rpm_limit=tenant.rpm_limit if tenant.rpm_limit is not None else (plan.rpm_limit if plan else None),
         tpm_limit=tenant.tpm_limit if tenant.tpm_limit is not None else (plan.tpm_limit if plan else None),
         monthly_request_quota=plan.monthly_request_quota if plan else None,
+        cache_enabled=tenant.cache_enabled,
+        cache_scope=tenant.cache_scope,
     )
 
 
@@ -107,4 +109,6 @@ def load_key(prefix: str) -> KeyInfo | None:
         tpm_limit=key.tpm_limit,
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
         name=key.name,
+        cache_enabled=key.cache_enabled,
+        cache_own=key.cache_own,
     )

@@ -33,6 +33,8 @@ class TenantFields(TypedDict, total=False):
     tpm_limit: int | None
     allowed_models: list[str]
     is_active: bool
+    cache_enabled: bool | None
+    cache_scope: str
 
 
 class PlanFields(TypedDict, total=False):
@@ -53,6 +55,8 @@ class KeyFields(TypedDict, total=False):
     rpm_limit: int | None
     tpm_limit: int | None
     expires_at: datetime | None
+    cache_enabled: bool | None
+    cache_own: bool
 
 
 # --- tenants ------------------------------------------------------------------------------------
@@ -72,11 +76,15 @@ def tenant_create(
     tpm_limit: int | None = None,
     allowed_models: list[str] | None = None,
     is_active: bool = True,
+    cache_enabled: bool | None = None,
+    cache_scope: str = "tenant",
     actor: AbstractBaseUser | None = None,
     actor_label: str = "",
     source: str = "",
 ) -> Tenant:
     tenant = Tenant(
+        cache_enabled=cache_enabled,
+        cache_scope=cache_scope,
         slug=slug,
         name=name or slug,
         parent=parent,

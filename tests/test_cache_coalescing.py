@@ -82,7 +82,6 @@ async def _burst(urls: list[str], key: str, total: int, *, stream: bool) -> list
             api_key=key,
             max_retries=0,
             timeout=60,
-            http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=total)),
         )
         for url in urls
     ]

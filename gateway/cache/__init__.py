@@ -184,6 +184,19 @@ def space_for(key: KeyInfo) -> str:
 
 GLOBAL_SPACE = "global"
 
+
+def enabled_ttl(model_ttl: int, model_ttl_setting: int, key: KeyInfo) -> int:
+    """Seconds this key's answers of a model are kept (0: the cache is off for them). The key
+    decides first, then its tenant and the tenant's ancestors (nearest first), then the model;
+    turned on above the model, the model's TTL setting applies."""
+    decided = key.cache_enabled
+    if decided is None:
+        decided = next((t.cache_enabled for t in key.lineage if t.cache_enabled is not None), None)
+    if decided is None:
+        return model_ttl
+    return (model_ttl or model_ttl_setting) if decided else 0
+
+
 MANAGEMENT_PREFIX = "ccm_"
 
 #: Set by the control app (``control.apps``): whether a management token is valid. The gateway

@@ -72,14 +72,17 @@ async def lookup(ctx: RequestContext, headers: dict[bytes, bytes]) -> None:
     upstream) or follows an identical request in the air (``HIT``, the leader's answer)."""
     ctx.cache_hit = False
     route, key = ctx.route, ctx.key
-    if route is None or key is None or route.cache_ttl <= 0:
+    if route is None or key is None:
+        return
+    ttl = store.enabled_ttl(route.cache_ttl, route.cache_ttl_setting, key)
+    if ttl <= 0:
         return
     directives = _directives(headers)
     if "no-store" in directives or ctx.passthrough_key:
         ctx.extra_headers.append((HEADER, b"BYPASS"))
         ctx.cache_result = "bypass"
         return
-    ctx.cache_ttl = _ttl(headers, route.cache_ttl)
+    ctx.cache_ttl = _ttl(headers, ttl)
     ctx.cache_space = store.space_for(key)
     ctx.cache_digest = store.request_digest(ctx.endpoint, route.name, ctx.body, ctx.upstream_headers)
     refresh = "no-cache" in directives

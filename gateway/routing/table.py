@@ -46,6 +46,7 @@ class ModelRoute:
     prices: tuple[PriceInfo, ...] = ()  # newest first
     aliases: tuple[str, ...] = ()
     cache_ttl: int = 0  # seconds the exact response cache keeps an answer; 0: the cache is off
+    cache_ttl_setting: int = 86_400  # the model's TTL even when off (a tenant or key may turn it on)
 
     def price_at(self, when: datetime | None = None) -> PriceInfo | None:
         when = when or timezone.now()
@@ -151,6 +152,7 @@ def load_route_table() -> RouteTable:
             prices=prices,
             aliases=tuple(model.aliases or ()),
             cache_ttl=model.cache_ttl if model.cache_enabled else 0,
+            cache_ttl_setting=model.cache_ttl,
         )
         table.models[model.name] = route
         for alias in model.aliases or ():
@@ -214,6 +216,7 @@ def dev_route(name: str, known: ModelRoute | None) -> ModelRoute | None:
             prices=known.prices,
             aliases=known.aliases,
             cache_ttl=known.cache_ttl,
+            cache_ttl_setting=known.cache_ttl_setting,
         )
     return ModelRoute(
         id=None,

@@ -4,15 +4,16 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('ledger', '0003_usage_cache_saving'),
+        ("ledger", "0003_usage_cache_saving"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='usagerecord',
-            name='coalesced',
-            field=models.BooleanField(default=False, help_text="A cache hit answered by an identical in-flight request's upstream call"),
+            model_name="usagerecord",
+            name="coalesced",
+            field=models.BooleanField(
+                default=False, help_text="A cache hit answered by an identical in-flight request's upstream call"
+            ),
         ),
     ]
