@@ -179,7 +179,7 @@ def test_savings_in_the_costs_report_and_the_usage_api(cached, gateway_server, m
 def _events(stream: Any) -> tuple[list[Any], Any]:
     """What the openai SDK's stream() helper makes of a stream: its content and tool-call
     argument deltas, in order, and the final completion it assembles."""
-    seen = []
+    seen: list[Any] = []
     for event in stream:
         if event.type == "content.delta":
             seen.append(("content", event.delta))
