@@ -261,3 +261,26 @@ def test_a_leader_whose_client_leaves_completes_for_its_followers(cached, gatewa
     assert len(leader) == 1 and leader[0].status == "client_disconnected" and leader[0].completion_tokens == 20
     assert leader[0].cost_micro > 0
     assert UsageRecord.objects.filter(tenant=tenant, coalesced=True).count() == 5
+
+
+def test_followers_of_a_leader_refused_by_its_budget_never_hang(cached, gateway_server, make_tenant, make_key):
+    from budgets import services
+
+    tenant = make_tenant("herd-broke")
+    services.budget_set(tenant=tenant, period="month", limit_micro=1)  # every request's reservation is refused
+    key = make_key(tenant)
+    url = f"{gateway_server.url}/v1/chat/completions"
+
+    async def scenario() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=20) as client:
+            return list(
+                await asyncio.gather(
+                    *(client.post(url, json=BODY, headers={"authorization": f"Bearer {key}"}) for _ in range(10))
+                )
+            )
+
+    started = time.monotonic()
+    responses = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [402] * 10  # each what it would have had alone
+    assert time.monotonic() - started < 10
+    assert chat_calls(cached) == 0

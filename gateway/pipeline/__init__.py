@@ -57,9 +57,13 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
         if not ctx.cache_hit:
             await reserve.run(ctx, most_output)
     except GatewayError as err:
+        await cache.land(ctx, wire)  # a coalescing leader refused here: its followers go again
         await responder.send_json(*wire.error_response(err, ctx))
         record.refused(ctx, err)
         return
+    except BaseException:
+        await asyncio.shield(cache.land(ctx, wire))
+        raise
     try:
         if ctx.cache_hit:
             await cache.serve(responder, ctx, wire)

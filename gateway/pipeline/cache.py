@@ -31,7 +31,7 @@ from gateway import admission
 from gateway import cache as store
 from gateway.cache import coalesce, render
 from gateway.context import RequestContext, Responder
-from gateway.errors import InvalidRequest, UpstreamError
+from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.formats import WireFormat
 from gateway.formats.base import Json
 from gateway.providers.base import close_stream
@@ -322,6 +322,8 @@ async def land(ctx: RequestContext, wire: WireFormat) -> None:
     try:
         if ctx.status == "client_disconnected" and flight.state == "running":
             await _complete_for_followers(ctx, wire, flight)
+    except GatewayError:
+        pass  # the upstream failed after the leader's client left: the followers go again
     except Exception:
         log.exception("coalescing: the leader's upstream call failed after its client left")
     finally:
