@@ -32,7 +32,7 @@ from django.utils.html import format_html_join
 from django.utils.http import urlencode
 
 from tenants import services
-from tenants.models import ApiKey, AuditEvent, Plan, Tenant
+from tenants.models import ApiKey, AuditEvent, CacheScope, Plan, Tenant
 
 MICRO = Decimal(1_000_000)
 ADMIN_LABEL = "admin"
@@ -189,6 +189,13 @@ class TenantForm(forms.ModelForm):
             "cache_enabled",
             "cache_scope",
         ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["cache_scope"].required = False  # left out: the tenant's entries are its own
+
+    def clean_cache_scope(self) -> str:
+        return str(self.cleaned_data.get("cache_scope") or CacheScope.TENANT)
 
     def clean_allowed_models(self) -> list[str]:
         value = self.cleaned_data.get("allowed_models") or []
