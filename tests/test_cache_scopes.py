@@ -236,3 +236,35 @@ def test_replay_through_the_anthropic_stream_helper_with_tools(anthropic_upstrea
         (b.type, getattr(b, "input", None) or getattr(b, "text", None)) for b in first_final.content
     ]
     assert replay_final.stop_reason == first_final.stop_reason
+
+
+def test_tenant_cache_settings_round_trip_through_the_config_file(transactional_db, tmp_path):
+    import yaml
+    from django.core.management import CommandError
+
+    from tenants.models import Tenant
+
+    config = tmp_path / "chittycan.yaml"
+    config.write_text(
+        "version: 1\ntenants:\n"
+        "  - slug: shop\n    cache: {enabled: true, scope: key}\n"
+        "  - slug: shop-eu\n    parent: shop\n    cache: {enabled: false}\n"
+        "  - slug: plain\n"
+    )
+    call_command("apply", "-f", str(config), stdout=io.StringIO())
+    rows = {t.slug: t for t in Tenant.objects.filter(slug__in=["shop", "shop-eu", "plain"])}
+    assert (rows["shop"].cache_enabled, rows["shop"].cache_scope) == (True, "key")
+    assert (rows["shop-eu"].cache_enabled, rows["shop-eu"].cache_scope) == (False, "tenant")
+    assert (rows["plain"].cache_enabled, rows["plain"].cache_scope) == (None, "tenant")
+    out = io.StringIO()
+    call_command("export", stdout=out)
+    exported = {t["slug"]: t for t in yaml.safe_load(out.getvalue())["tenants"]}
+    assert exported["shop"]["cache"] == {"enabled": True, "scope": "key"}
+    assert exported["shop-eu"]["cache"] == {"enabled": False}
+    assert "cache" not in exported["plain"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ntenants:\n  - slug: shop\n    cache: {scope: everyone}\n")
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.raises(CommandError, match="nothing was written"):
+        call_command("apply", "-f", str(bad), stdout=out, stderr=err)
+    assert "scope" in out.getvalue() + err.getvalue()
