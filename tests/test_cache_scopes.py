@@ -14,6 +14,7 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
 from tests.conftest import wait_usage
+from tests.test_admin import admin_client, superuser
 from tests.test_cache import (
     HI,
     TOOLS,
@@ -25,7 +26,7 @@ from tests.test_cache import (
     post,
 )
 
-__all__ = ["anthropic_upstream", "cached", "fake_anthropic_server"]
+__all__ = ["admin_client", "anthropic_upstream", "cached", "fake_anthropic_server", "superuser"]
 
 CACHE = "x-chittycan-cache"
 QUANTUM: Any = [{"role": "user", "content": "Explain quantum computing"}]
@@ -268,3 +269,25 @@ def test_tenant_cache_settings_round_trip_through_the_config_file(transactional_
     with pytest.raises(CommandError, match="nothing was written"):
         call_command("apply", "-f", str(bad), stdout=out, stderr=err)
     assert "scope" in out.getvalue() + err.getvalue()
+
+
+def test_admin_action_drops_a_models_cached_answers(cached, gateway_server, make_tenant, make_key, admin_client):
+    from django.urls import reverse
+
+    from gateway.models import LLMModel
+    from tenants.models import AuditEvent
+
+    key_a, key_b = make_key(make_tenant("adm-a")), make_key(make_tenant("adm-b"))
+    for key in (key_a, key_b):
+        assert post(gateway_server, key, {"model": "gpt-4o", "messages": HI}).headers[CACHE] == "MISS"
+        assert post(gateway_server, key, {"model": "gpt-4o", "messages": HI}).headers[CACHE] == "HIT"
+    model = LLMModel.objects.get(name="gpt-4o")
+    response = admin_client.post(
+        reverse("admin:gateway_llmmodel_changelist"),
+        {"action": "drop_cached_answers", "_selected_action": [model.pk]},
+        follow=True,
+    )
+    assert "2 cached answers dropped." in response.content.decode()
+    assert AuditEvent.objects.filter(action="cache.invalidate", target="gpt-4o").exists()
+    assert post(gateway_server, key_a, {"model": "gpt-4o", "messages": HI}).headers[CACHE] == "MISS"
+    assert post(gateway_server, key_b, {"model": "gpt-4o", "messages": HI}).headers[CACHE] == "MISS"

@@ -204,3 +204,39 @@ def test_streamed_fragments_assemble() -> None:
     call = body["choices"][0]["message"]["tool_calls"][0]
     assert call == {"id": "call_1", "type": "function", "function": {"name": "get", "arguments": '{"city": 1}'}}
     assert body["choices"][0]["finish_reason"] == "tool_calls" and "usage" not in body
+
+
+def test_embedded_coalescing_leads_once_and_fans_out(settings: Any) -> None:
+    """Without Redis, flights are the process's own: the first joiner leads, the others follow and
+    read the leader's messages as they come; after the end a new joiner leads a new flight."""
+    from core.money import Usage
+    from gateway.cache import coalesce
+
+    settings.REDIS_URL = ""
+
+    async def follower(flight: Any) -> list[Any]:
+        return [message async for message in flight.read()]
+
+    async def scenario() -> None:
+        joined = await coalesce.join("k")
+        assert joined is not None and joined[1]
+        leader = joined[0]
+        followed = [await coalesce.join("k") for _ in range(3)]
+        assert all(j is not None and j[0] is leader and not j[1] for j in followed)
+        readers = [asyncio.ensure_future(follower(leader)) for _ in range(3)]
+        leader.push("item", {"n": 1})
+        await asyncio.sleep(0)
+        leader.push("item", {"n": 2})
+        leader.end(Usage(3, 0, 0, 4), 7)
+        got = await asyncio.gather(*readers)
+        assert all([kind for kind, _ in messages] == ["item", "item", "end"] for messages in got)
+        assert coalesce.usage_from(got[0][-1][1]) == (Usage(3, 0, 0, 4, source="cache"), 7)
+        await leader.close()
+        again = await coalesce.join("k")
+        assert again is not None and again[1] and again[0] is not leader
+        # A leader that fails: its followers read the failure (and go again).
+        late = asyncio.ensure_future(follower(again[0]))
+        await again[0].close()  # closed without an end: failed
+        assert [kind for kind, _ in await late] == ["fail"]
+
+    asyncio.run(scenario())
