@@ -5,6 +5,7 @@ fails, and never follow another tenant's request."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -284,3 +285,43 @@ def test_followers_of_a_leader_refused_by_its_budget_never_hang(cached, gateway_
     assert [r.status_code for r in responses] == [402] * 10  # each what it would have had alone
     assert time.monotonic() - started < 10
     assert chat_calls(cached) == 0
+
+
+def test_a_streaming_leader_whose_client_leaves_completes_for_its_followers(
+    cached, gateway_server, make_tenant, make_key
+):
+    tenant = make_tenant("herd-leave-stream")
+    key = make_key(tenant)
+    cached.text = "alpha beta gamma delta"
+    reply = cached.chat_stream_reply({**BODY, "stream": True})
+    reply.frame_delay = 0.3
+    cached.push("/v1/chat/completions", reply)
+    headers = {"authorization": f"Bearer {key}"}
+    url = f"{gateway_server.url}/v1/chat/completions"
+
+    async def follow(client: httpx.AsyncClient) -> tuple[str, str]:
+        text = ""
+        async with client.stream("POST", url, json={**BODY, "stream": True}, headers=headers) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:]).get("choices", []):
+                        text += choice["delta"].get("content") or ""
+            return response.headers["x-chittycan-cache"], text
+
+    async def scenario() -> list[tuple[str, str]]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            async with client.stream("POST", url, json={**BODY, "stream": True}, headers=headers) as leader:
+                assert leader.headers["x-chittycan-cache"] == "MISS"
+                followers = [asyncio.ensure_future(follow(client)) for _ in range(3)]
+                async for line in leader.aiter_lines():
+                    if line.startswith("data: {"):
+                        break  # the leader's client leaves after its first chunk
+            return list(await asyncio.gather(*followers))
+
+    got = asyncio.run(scenario())
+    assert got == [("HIT", "alpha beta gamma delta")] * 3
+    assert chat_calls(cached) == 1
+    rows = wait_usage(4, timeout=15, tenant=tenant)
+    leader = [r for r in rows if not r.cache_hit]
+    assert len(leader) == 1 and leader[0].status == "client_disconnected" and leader[0].cost_micro > 0
+    assert sum(1 for r in rows if r.coalesced) == 3
