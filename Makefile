@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 PORT ?= 8080
 
-.PHONY: help install install-dev run test test-unit lint fmt typecheck check bench bench-routing clean
+.PHONY: help install install-dev run test test-unit lint fmt typecheck check bench bench-routing bench-cache clean
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' Makefile | sed 's/:.*## /\t/'
@@ -64,6 +64,9 @@ bench: install-dev ## benchmark the gateway against a pass-through ceiling; BASE
 
 bench-routing: install-dev ## the roadmap's routing policy on 1,000 prompts: cheap-model share, cost, evaluation time per request
 	$(PY) -m bench.routing $(BENCH_ARGS)
+
+bench-cache: install-dev ## the roadmap's cache demo: 1,000 identical requests, cache off vs on, 10 rounds (BENCH_CACHE_ARGS)
+	bash -c 'source scripts/services.sh && ensure_services bench-cache' && $(PY) scripts/bench_cache.py $(BENCH_CACHE_ARGS)
 
 clean: ## remove the virtualenv and local data
 	rm -rf $(VENV) var

@@ -342,10 +342,18 @@ class UsageView(APIView):
             ]
         else:
             results = analytics.usage_breakdown(tenant_ids=tenant_ids, start=start, end=end, group_by=group_by)
-        total = {
+        total: dict[str, Any] = {
             "calls": sum(int(r["calls"]) for r in results),
             "cost_micro": sum(int(r["cost_micro"]) for r in results),
         }
+        saved = analytics.cache_savings(tenant_ids, start, end)
+        total.update(
+            cache_hits=saved.cache_hits,
+            coalesced=saved.coalesced,
+            saved_micro=saved.saved_micro,
+            saved_usd=f"{saved.saved_micro / 1_000_000:.6f}",
+            cache_hit_rate=saved.hit_rate,
+        )
         return Response(
             {
                 "tenant": tenant.slug if tenant else None,

@@ -64,6 +64,12 @@ def verify(plaintext: str) -> ManagementToken | None:
     return token
 
 
+def is_staff_token(plaintext: str) -> bool:
+    """A valid token of an active staff user (it may drop any tenant's cached answers)."""
+    token = verify(plaintext)
+    return token is not None and token.user.is_active and token.user.is_staff
+
+
 class ManagementTokenAuthentication(authentication.BaseAuthentication):
     """``Authorization: Bearer ccm_...``."""
 

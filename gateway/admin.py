@@ -20,7 +20,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from core import egress
-from gateway import catalog, policies
+from gateway import cache, catalog, policies
 from gateway.models import (
     DEFAULT_CACHE_TTL,
     DEFAULT_SEMANTIC_THRESHOLD,
@@ -35,6 +35,7 @@ from gateway.providers.base import ProbeSettings, ProviderConfig
 from gateway.routing import health
 from gateway.routing.policy import PolicyError, check_includes, parse_policy
 from gateway.routing.table import DeploymentRoute, breaker_settings
+from tenants import audit
 from tenants.admin import AuditedAdmin, actor_of, adopt, https_formfield
 
 ADMIN_LABEL = "admin"
@@ -363,6 +364,16 @@ class LLMModelAdmin(AuditedAdmin[LLMModel]):
     list_filter = ["kind", "is_active", "deployments__provider"]
     search_fields = ["name"]
     inlines = [DeploymentInline, PriceInline]
+    actions = ["drop_cached_answers"]
+
+    @admin.action(description="Drop the selected models' cached answers (every tenant's)")
+    def drop_cached_answers(self, request: HttpRequest, queryset: QuerySet[LLMModel]) -> None:
+        dropped = 0
+        for model in queryset:
+            dropped += async_to_sync(cache.invalidate)(cache.Selection(None, model.name))
+            audit.record("cache.invalidate", target=model.name, actor=actor_of(request))
+        where = "" if cache.shared() else " (this process's cache; each gateway process keeps its own)"
+        self.message_user(request, f"{dropped} cached answers dropped{where}.")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[LLMModel]:
         return super().get_queryset(request).annotate(n_deployments=Count("deployments")).prefetch_related("prices")

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from core.runtime import RedisBatch
     from gateway.cache import Entry
     from gateway.cache.semantic import Probe
+    from gateway.cache.coalesce import Flight
     from gateway.limits import RatePlan, RateTicket
     from gateway.routing.table import DeploymentRoute, ModelRoute
     from gateway.tracing import Trace
@@ -77,6 +78,10 @@ class RequestContext:
     cache_items: list[dict[str, Any]] | None = None  # a streamed miss's items, recorded as relayed
     saved_micro: int = 0  # a hit: what the answer would have cost
     semantic: Probe | None = None  # the embedded prompt, stored with the answer (the semantic cache)
+    cache_space: str = ""  # whose entries the request reads and writes (docs/caching.md, scopes)
+    cache_flight: Flight | None = None  # coalescing: the flight this request leads or follows
+    cache_follow: Any = None  # a streamed follower's reader of its leader's messages
+    coalesced: bool = False  # answered from an identical in-flight request's upstream call
     estimated_prompt_tokens: int = 0
     output_text_chars: int = 0
     timings: dict[str, float] = field(default_factory=dict)

@@ -139,6 +139,7 @@ class UsageRecordAdmin(ReadOnlyAdmin[UsageRecord]):
         "endpoint",
         "stream",
         "cache_hit",
+        "coalesced",
         "usage_source",
         "provider",
         "served_model",

@@ -220,6 +220,8 @@ def usage_breakdown(
             prompt_tokens=Coalesce(Sum("prompt_tokens"), Value(0)),
             completion_tokens=Coalesce(Sum("completion_tokens"), Value(0)),
             cost_micro=Coalesce(Sum("cost_micro"), Value(0)),
+            cache_hits=Count("id", filter=Q(cache_hit=True)),
+            saved_micro=Coalesce(Sum("saved_micro"), Value(0)),
         )
         .order_by()
     )
@@ -233,16 +235,63 @@ def usage_breakdown(
             prompt_tokens=Coalesce(Sum("prompt_tokens"), Value(0)),
             completion_tokens=Coalesce(Sum("completion_tokens"), Value(0)),
             cost_micro=Coalesce(Sum("cost_micro"), Value(0)),
+            cache_hits=Coalesce(Sum("cache_hits"), Value(0)),
+            saved_micro=Coalesce(Sum("saved_micro"), Value(0)),
         )
         .order_by()
     )
     merged: dict[Any, dict[str, Any]] = {}
-    numbers = ("calls", "errors", "prompt_tokens", "completion_tokens", "cost_micro")
+    numbers = ("calls", "errors", "prompt_tokens", "completion_tokens", "cost_micro", "cache_hits", "saved_micro")
     for row, col in [*((r, column) for r in raw_rows), *((r, sealed_column) for r in sealed_rows)]:
         entry = merged.setdefault(row[col], {group_by: row[col], **dict.fromkeys(numbers, 0)})
         for n in numbers:
             entry[n] += int(row[n])
+    for entry in merged.values():
+        entry["cache_hit_rate"] = hit_rate(entry["cache_hits"], entry["calls"])
     return sorted(merged.values(), key=lambda e: (-e["cost_micro"], str(e[group_by])))
+
+
+def hit_rate(hits: int, calls: int) -> float:
+    """Cache hits as a share of calls, in percent with two decimals (0 without calls)."""
+    return round(hits * 100 / calls, 2) if calls else 0.0
+
+
+@dataclass(frozen=True)
+class CacheSavings:
+    calls: int
+    cache_hits: int
+    coalesced: int  # hits answered by an identical in-flight request (raw rows only: rollups keep no split)
+    saved_micro: int  # what the hits would have cost at the prices of the day they were served
+
+    @property
+    def hit_rate(self) -> float:
+        return hit_rate(self.cache_hits, self.calls)
+
+
+def cache_savings(tenant_ids: list[int] | None, start: datetime | None, end: datetime | None) -> CacheSavings:
+    """The response cache's effect in [start, end), from raw rows and sealed rollups alike."""
+    raw = _raw(tenant_ids, None)
+    if start is not None:
+        raw = raw.filter(created_at__gte=start)
+    if end is not None:
+        raw = raw.filter(created_at__lt=end)
+    got = raw.aggregate(
+        calls=Count("id"),
+        hits=Count("id", filter=Q(cache_hit=True)),
+        coalesced=Count("id", filter=Q(coalesced=True)),
+        saved=Coalesce(Sum("saved_micro"), Value(0)),
+    )
+    sealed = sealed_rollups(tenant_ids, None, start, end).aggregate(
+        calls=Coalesce(Sum("calls"), Value(0)),
+        hits=Coalesce(Sum("cache_hits"), Value(0)),
+        saved=Coalesce(Sum("saved_micro"), Value(0)),
+    )
+    return CacheSavings(
+        calls=int(got["calls"]) + int(sealed["calls"]),
+        cache_hits=int(got["hits"]) + int(sealed["hits"]),
+        coalesced=int(got["coalesced"]),
+        saved_micro=int(got["saved"]) + int(sealed["saved"]),
+    )
 
 
 # --- metrics -------------------------------------------------------------------------------------

@@ -62,6 +62,9 @@ class UsageRecord(models.Model):
     saved_micro = models.BigIntegerField(
         default=0, help_text="A cache hit: what the answer would have cost (micro-USD)"
     )
+    coalesced = models.BooleanField(
+        default=False, help_text="A cache hit answered by an identical in-flight request's upstream call"
+    )
     end_user = models.CharField(max_length=200, blank=True, default="")
     timings = models.JSONField(default=dict, blank=True, help_text="Per-stage milliseconds")
     attempts = models.JSONField(
@@ -104,6 +107,7 @@ class UsageTotals(models.Model):
     calls = models.PositiveBigIntegerField(default=0)
     errors = models.PositiveBigIntegerField(default=0, help_text="Rows whose status is not ok")
     cache_hits = models.PositiveBigIntegerField(default=0)
+    saved_micro = models.BigIntegerField(default=0, help_text="What the cache hits would have cost (micro-USD)")
     stream_calls = models.PositiveBigIntegerField(default=0)
     prompt_tokens = models.PositiveBigIntegerField(default=0)
     cached_tokens = models.PositiveBigIntegerField(default=0)

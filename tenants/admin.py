@@ -32,7 +32,7 @@ from django.utils.html import format_html_join
 from django.utils.http import urlencode
 
 from tenants import services
-from tenants.models import ApiKey, AuditEvent, Plan, Tenant
+from tenants.models import ApiKey, AuditEvent, CacheScope, Plan, Tenant
 
 MICRO = Decimal(1_000_000)
 ADMIN_LABEL = "admin"
@@ -187,7 +187,16 @@ class TenantForm(forms.ModelForm):
             "rpm_limit",
             "tpm_limit",
             "allowed_models",
+            "cache_enabled",
+            "cache_scope",
         ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["cache_scope"].required = False  # left out: the tenant's entries are its own
+
+    def clean_cache_scope(self) -> str:
+        return str(self.cleaned_data.get("cache_scope") or CacheScope.TENANT)
 
     def clean_allowed_models(self) -> list[str]:
         value = self.cleaned_data.get("allowed_models") or []
@@ -221,6 +230,7 @@ class TenantAdmin(AuditedAdmin[Tenant]):
         (None, {"fields": ["slug", "name", "kind", "parent", "lineage", "children_list", "is_active", "require_otp"]}),
         ("Billing and limits", {"fields": ["plan", "time_zone", "stripe_customer_id", "rpm_limit", "tpm_limit"]}),
         ("Models", {"fields": ["allowed_models"]}),
+        ("Response cache", {"fields": ["cache_enabled", "cache_scope"]}),
         (None, {"fields": ["created_at"]}),
     ]
 
@@ -319,7 +329,17 @@ class KeyStatusFilter(admin.SimpleListFilter):
 class ApiKeyForm(forms.ModelForm):
     class Meta:
         model = ApiKey
-        fields = ["tenant", "user", "name", "scopes", "rpm_limit", "tpm_limit", "expires_at"]
+        fields = [
+            "tenant",
+            "user",
+            "name",
+            "scopes",
+            "rpm_limit",
+            "tpm_limit",
+            "expires_at",
+            "cache_enabled",
+            "cache_own",
+        ]
 
     def clean_scopes(self) -> dict[str, list[str]]:
         value = self.cleaned_data.get("scopes") or {}
@@ -360,7 +380,17 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
 
     def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[Any]:
         if obj is None:
-            return ["tenant", "user", "name", "scopes", "rpm_limit", "tpm_limit", "expires_at"]
+            return [
+                "tenant",
+                "user",
+                "name",
+                "scopes",
+                "rpm_limit",
+                "tpm_limit",
+                "expires_at",
+                "cache_enabled",
+                "cache_own",
+            ]
         return [
             "prefix",
             "tenant",
@@ -370,6 +400,8 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
             "rpm_limit",
             "tpm_limit",
             "expires_at",
+            "cache_enabled",
+            "cache_own",
             "status",
             "revoked_at",
             "rotated_from",

@@ -26,6 +26,8 @@ class TenantInfo:
     tpm_limit: int | None
     monthly_request_quota: int | None
     plan: str = ""  # the plan's slug ('' without one): routing policies read it
+    cache_enabled: bool | None = None  # the response cache for every model (None: as each model says)
+    cache_scope: str = "tenant"  # whose entries: tenant | key | tree | global (docs/caching.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,8 @@ class KeyInfo:
     tpm_limit: int | None
     expires_at: float | None
     name: str = ""
+    cache_enabled: bool | None = None  # the response cache for this key (None: as its tenant says)
+    cache_own: bool = False  # this key's cache entries are its own (not shared with its tenant's keys)
 
     @property
     def root_id(self) -> int:
@@ -68,6 +72,8 @@ def _tenant_info(tenant: Tenant) -> TenantInfo:
         tpm_limit=tenant.tpm_limit if tenant.tpm_limit is not None else (plan.tpm_limit if plan else None),
         monthly_request_quota=plan.monthly_request_quota if plan else None,
         plan=plan.slug if plan else "",
+        cache_enabled=tenant.cache_enabled,
+        cache_scope=tenant.cache_scope,
     )
 
 
@@ -105,4 +111,6 @@ def load_key(prefix: str) -> KeyInfo | None:
         tpm_limit=key.tpm_limit,
         expires_at=key.expires_at.timestamp() if key.expires_at else None,
         name=key.name,
+        cache_enabled=key.cache_enabled,
+        cache_own=key.cache_own,
     )

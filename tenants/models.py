@@ -36,6 +36,13 @@ class Plan(models.Model):
         return self.name
 
 
+class CacheScope(models.TextChoices):
+    TENANT = "tenant", "the tenant (every key of it)"
+    KEY = "key", "each key its own"
+    TREE = "tree", "the whole tenant tree (shared up to the root)"
+    GLOBAL = "global", "every tenant that says global"
+
+
 class Tenant(models.Model):
     class Kind(models.TextChoices):
         ORGANISATION = "organisation"
@@ -58,6 +65,19 @@ class Tenant(models.Model):
     require_otp = models.BooleanField(
         default=False,
         help_text="Members of this tenant (and of its subtree) need a TOTP second factor in the dashboard.",
+    )
+    cache_enabled = models.BooleanField(
+        null=True,
+        blank=True,
+        help_text="The response cache for every model of this tenant and its subtree: on, off, or unset (as"
+        " each model says; a nearer tenant or the key decides first)",
+    )
+    cache_scope = models.CharField(
+        max_length=10,
+        choices=CacheScope.choices,
+        default=CacheScope.TENANT,
+        help_text="Whose cached answers this tenant's keys share: the tenant's (default), each key its own,"
+        " the whole tenant tree's, or everyone's (sharing is an explicit operator choice)",
     )
     created_at = models.DateTimeField(default=timezone.now)
 
@@ -120,6 +140,12 @@ class ApiKey(models.Model):
     rpm_limit = models.PositiveIntegerField(null=True, blank=True)
     tpm_limit = models.PositiveIntegerField(null=True, blank=True)
     expires_at = models.DateTimeField(null=True, blank=True)
+    cache_enabled = models.BooleanField(
+        null=True, blank=True, help_text="The response cache for this key: on, off, or unset (as its tenant says)"
+    )
+    cache_own = models.BooleanField(
+        default=False, help_text="This key's cached answers are its own, not shared with its tenant's other keys"
+    )
     revoked_at = models.DateTimeField(null=True, blank=True)
     rotated_from = models.OneToOneField(
         "self", null=True, blank=True, on_delete=models.SET_NULL, related_name="rotated_to"

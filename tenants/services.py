@@ -34,6 +34,8 @@ class TenantFields(TypedDict, total=False):
     allowed_models: list[str]
     is_active: bool
     require_otp: bool
+    cache_enabled: bool | None
+    cache_scope: str
 
 
 class PlanFields(TypedDict, total=False):
@@ -54,6 +56,8 @@ class KeyFields(TypedDict, total=False):
     rpm_limit: int | None
     tpm_limit: int | None
     expires_at: datetime | None
+    cache_enabled: bool | None
+    cache_own: bool
 
 
 # --- tenants ------------------------------------------------------------------------------------
@@ -74,11 +78,15 @@ def tenant_create(
     allowed_models: list[str] | None = None,
     is_active: bool = True,
     require_otp: bool = False,
+    cache_enabled: bool | None = None,
+    cache_scope: str = "tenant",
     actor: AbstractBaseUser | None = None,
     actor_label: str = "",
     source: str = "",
 ) -> Tenant:
     tenant = Tenant(
+        cache_enabled=cache_enabled,
+        cache_scope=cache_scope,
         slug=slug,
         name=name or slug,
         parent=parent,

@@ -64,7 +64,8 @@ def test_costs_per_local_day_with_budget_and_projection(make_tenant):
     assert "Used:         33.000000 (110.00 %)" in text
     assert "Remaining:    -3.000000" in text
     assert "Projected:    33.000000 by month end (30 of 30 days elapsed)" in text
-    assert text.rstrip().endswith("Verdict:      OVER")
+    assert "Verdict:      OVER" in text
+    assert text.rstrip().endswith("Cache:        0 hits of 3 calls (0.00 %), 0 of them coalesced; saved 0.000000")
 
     # The same numbers once the raw rows are pruned (rollups carry them).
     before = text

@@ -280,7 +280,15 @@ def test_usage_and_spend_are_scoped(world):
         ("gpt-4o", 1, 1_000),
         ("gpt-4o-mini", 1, 250),
     ]
-    assert body["total"] == {"calls": 2, "cost_micro": 1_250}
+    assert body["total"] == {
+        "calls": 2,
+        "cost_micro": 1_250,
+        "cache_hits": 0,
+        "coalesced": 0,
+        "saved_micro": 0,
+        "saved_usd": "0.000000",
+        "cache_hit_rate": 0.0,
+    }
     by_key = alice.get("/api/usage/", {"tenant": "team-a1", "group_by": "key"}).json()
     assert {r["key"]: r["cost_micro"] for r in by_key["results"]} == {world["key_a"].pk: 1_000, None: 257}
     days = alice.get("/api/usage/", {"tenant": "org-a", "period": "month", "group_by": "day"}).json()
@@ -290,11 +298,13 @@ def test_usage_and_spend_are_scoped(world):
     window = alice.get(
         "/api/usage/", {"tenant": "team-a1", "start": "2019-12-01T00:00:00Z", "end": "2020-02-01T00:00:00Z"}
     )
-    assert window.json()["total"] == {"calls": 1, "cost_micro": 7}
+    total = window.json()["total"]
+    assert (total["calls"], total["cost_micro"], total["cache_hits"]) == (1, 7, 0)
 
     # Charlie sees only B; A's tenant is 404 to him.
     assert charlie.get("/api/usage/", {"tenant": "org-a"}).status_code == 404
-    assert charlie.get("/api/usage/").json()["total"] == {"calls": 1, "cost_micro": 99_999}
+    charlie_total = charlie.get("/api/usage/").json()["total"]
+    assert (charlie_total["calls"], charlie_total["cost_micro"], charlie_total["cache_hits"]) == (1, 99_999, 0)
     assert alice.get("/api/usage/").json()["total"]["cost_micro"] == 1_257
     assert sam.get("/api/usage/", {"group_by": "tenant"}).json()["total"]["cost_micro"] == 101_256
     assert alice.get("/api/usage/", {"group_by": "colour"}).status_code == 400

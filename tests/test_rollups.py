@@ -126,7 +126,17 @@ def test_prune_keeps_rollups_and_ledger_spend_unchanged(make_tenant):
     )
     by_model = analytics.usage_breakdown(tenant_ids=ids, start=None, end=None, group_by="model")
     assert by_model == [
-        {"model": "gpt-4o", "calls": 4, "errors": 0, "prompt_tokens": 40, "completion_tokens": 28, "cost_micro": 329}
+        {
+            "model": "gpt-4o",
+            "calls": 4,
+            "errors": 0,
+            "prompt_tokens": 40,
+            "completion_tokens": 28,
+            "cost_micro": 329,
+            "cache_hits": 0,
+            "saved_micro": 0,
+            "cache_hit_rate": 0.0,
+        }
     ]
 
     # Running it all again changes nothing.

@@ -370,6 +370,8 @@ class _Applier:
                 "tpm_limit": spec.tpm,
                 "allowed_models": list(spec.allowed_models),
                 "is_active": spec.active,
+                "cache_enabled": spec.cache.enabled if spec.cache is not None else None,
+                "cache_scope": spec.cache.scope if spec.cache is not None else "tenant",
             }
             tenant = Tenant.objects.filter(slug=spec.slug).first()
             with self.valid("tenant", spec.slug):

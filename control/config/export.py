@@ -150,6 +150,11 @@ def export() -> dict[str, Any]:
         if t.allowed_models:
             item["allowed_models"] = list(t.allowed_models)
         _put_if(item, "active", t.is_active, True)
+        if t.cache_enabled is not None or t.cache_scope != "tenant":
+            cache: dict[str, Any] = {}
+            _put_if(cache, "enabled", t.cache_enabled, None)
+            _put_if(cache, "scope", t.cache_scope, "tenant")
+            item["cache"] = cache
         budgets = []
         order = ["day", "month", "total"]
         rows = sorted(t.budgets.all(), key=lambda b: (order.index(b.period), not b.hard, b.limit_micro))

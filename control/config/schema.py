@@ -273,6 +273,16 @@ class BudgetSpec(_Spec):
     webhook_secret: SecretRef | None = None
 
 
+class TenantCacheSpec(_Spec):
+    """``cache: {enabled: true, scope: key}`` on a tenant: the response cache for every model of its
+    subtree (``enabled``; absent: as each model says) and whose entries its keys share (``scope``:
+    ``tenant``, the default; ``key``, each key its own; ``tree``, the whole tenant tree's;
+    ``global``, every tenant that says global)."""
+
+    enabled: bool | None = None
+    scope: Literal["tenant", "key", "tree", "global"] = "tenant"
+
+
 class TenantSpec(_Spec):
     slug: Slug
     name: Name | None = None
@@ -285,6 +295,7 @@ class TenantSpec(_Spec):
     tpm: PositiveInt | None = None
     allowed_models: list[Name] = []
     active: bool = True
+    cache: TenantCacheSpec | None = None
     budgets: list[BudgetSpec] = []
 
 

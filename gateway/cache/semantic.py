@@ -280,9 +280,14 @@ async def nearest(
     return await sync_to_async(_nearest, thread_sensitive=False)(tenant_id, model, params_digest, vector, threshold)
 
 
-async def find(ctx: RequestContext, tenant_id: int, embed: Embed, *, search: bool) -> tuple[store.Entry | None, float]:
+async def find(
+    ctx: RequestContext, tenant_id: int, space: str, embed: Embed, *, search: bool
+) -> tuple[store.Entry | None, float]:
     """Embed the request's prompt (kept on ``ctx.semantic`` for ``remember``) and, if ``search``,
-    the cached answer of the nearest similar prompt with its similarity; (None, 0.0) on a miss."""
+    the cached answer of the nearest similar prompt with its similarity; (None, 0.0) on a miss.
+
+    Vectors are the tenant's; the answers are read from the caller's cache namespace ``space``
+    (the tenant's, or narrower or wider as the operator scoped it, ``gateway.cache.space_for``)."""
     route = ctx.route
     assert route is not None
     split = prompt_and_params(ctx.endpoint, ctx.body)
@@ -302,10 +307,10 @@ async def find(ctx: RequestContext, tenant_id: int, embed: Embed, *, search: boo
         log.warning("semantic cache search failed: %s", exc, extra={"request_id": ctx.request_id})
         return None, 0.0
     for cache_digest, similarity in candidates:
-        entry = await store.lookup(tenant_id, route.name, cache_digest)
+        entry = await store.lookup(space, route.name, cache_digest)
         if entry is not None and entry.endpoint == ctx.endpoint:
             return entry, similarity
-        if entry is None:  # expired, evicted or invalidated: its vector goes too
+        if entry is None and space == str(tenant_id):  # expired, evicted or invalidated: its vector goes too
             await sync_to_async(_forget, thread_sensitive=False)(tenant_id, route.name, cache_digest)
     return None, 0.0
 

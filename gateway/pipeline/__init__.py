@@ -32,6 +32,8 @@ import os
 import orjson
 
 from gateway import auth, tracing
+from gateway import cache as cache_store
+from gateway.cache import MANAGEMENT_PREFIX
 from gateway.context import RequestContext, Responder
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.formats import CHAT, EMBEDDINGS, MESSAGES, WireFormat
@@ -68,25 +70,30 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
         if not ctx.cache_hit:
             await reserve.run(ctx, most_output)
     except GatewayError as err:
+        await cache.land(ctx, wire)  # a coalescing leader refused here: its followers go again
         await responder.send_json(*wire.error_response(err, ctx))
         record.refused(ctx, err)
         return
+    except BaseException:
+        await asyncio.shield(cache.land(ctx, wire))
+        raise
     try:
         if ctx.cache_hit:
             await cache.serve(responder, ctx, wire)
             ctx.stage("relay")
         elif ctx.stream:
             try:
-                first, rest = await dispatch.open_stream(ctx, wire.operation)
+                first, rest = await cache.shielded(ctx, dispatch.open_stream(ctx, wire.operation))
             except GatewayError as err:
                 ctx.stage("upstream")
                 await relay.upstream_failed(responder, ctx, wire, err)
                 return
+            rest = cache.fan_out(ctx, first, rest)
             await relay.send_stream(responder, ctx, wire, first, wire.watch_stream(ctx, rest))
             await cache.keep(ctx)
         else:
             try:
-                result = await dispatch.call(ctx, wire.operation)
+                result = await cache.shielded(ctx, dispatch.call(ctx, wire.operation))
             except GatewayError as err:
                 ctx.stage("upstream")
                 await relay.upstream_failed(responder, ctx, wire, err)
@@ -100,7 +107,7 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
         _client_left(ctx)
         raise
     finally:
-        await asyncio.shield(_settle_and_record(ctx))
+        await asyncio.shield(_settle_and_record(ctx, wire))
 
 
 def _client_left(ctx: RequestContext) -> None:
@@ -111,7 +118,8 @@ def _client_left(ctx: RequestContext) -> None:
         ctx.usage = ctx.estimated_usage("")  # the prompt was sent; bill it as the upstream will
 
 
-async def _settle_and_record(ctx: RequestContext) -> None:
+async def _settle_and_record(ctx: RequestContext, wire: WireFormat) -> None:
+    await cache.land(ctx, wire)  # a coalescing leader's flight ends (completed if its client left)
     await settle.run(ctx)
     ctx.stage("settle")
     await record.run(ctx)
@@ -177,20 +185,25 @@ async def count_tokens(responder: Responder, ctx: RequestContext, body: bytes) -
 
 
 async def invalidate_cache(responder: Responder, ctx: RequestContext, body: bytes) -> None:
-    """``POST /v1/cache/invalidate`` ``{"model": name}`` or ``{}``: the caller's tenant's cached
-    answers of that public model, or all of them, are dropped; the answer says how many."""
+    """``POST /v1/cache/invalidate`` ``{"model", "key_prefix", "pattern"}`` (each optional): the
+    matching cached answers are dropped; the answer says how many. A gateway key drops its own
+    tenant's; a management token (``ccm_...``) anyone's, or one tenant's (``"tenant": slug``)."""
     try:
         data = json_object(body) if body.strip() else {}
-        model = data.get("model")
-        if model is not None and (not isinstance(model, str) or not model):
-            raise InvalidRequest("model: must be a public model name", param="model")
-        await authenticate.run(ctx, responder.headers)
-        assert ctx.key is not None
-        deleted = await cache.invalidate(ctx.key.tenant.id, model)
+        token = auth.bearer_token(responder.headers)
+        if token.startswith(MANAGEMENT_PREFIX):
+            tenant_ids = await cache_store.management_scope(token, data.get("tenant"))
+        else:
+            if "tenant" in data:
+                raise InvalidRequest("tenant: only a management token chooses the tenant", param="tenant")
+            await authenticate.run(ctx, responder.headers)
+            assert ctx.key is not None
+            tenant_ids = (ctx.key.tenant.id,)
+        chosen = cache.selection(data, tenant_ids)
+        deleted = await cache.invalidate(chosen)
     except GatewayError as err:
         await responder.send_json(*CHAT.error_response(err, ctx))
         return
     answer: dict[str, object] = {"deleted": deleted}
-    if model is not None:
-        answer["model"] = model
+    answer.update({k: v for k, v in data.items() if k in ("model", "key_prefix", "pattern", "tenant")})
     await responder.send_json(200, orjson.dumps(answer), [(b"x-request-id", ctx.request_id.encode())])

@@ -74,6 +74,7 @@ def row_from_context(ctx: RequestContext) -> dict[str, Any]:
         "stream": ctx.stream,
         "cache_hit": ctx.cache_hit,
         "saved_micro": ctx.saved_micro,
+        "coalesced": ctx.coalesced,
         "end_user": ctx.end_user[:200],
         "timings": ctx.timings,
         "attempts": ctx.attempt_log,

@@ -65,6 +65,7 @@ class ModelRoute:
     # A routing policy's route may hold other models' deployments (its fallback chain): their prices.
     hop_prices: tuple[tuple[tuple[int | None, str, str], tuple[PriceInfo, ...]], ...] = ()
     strategy: str = "priority"  # load balancing: gateway.routing.strategy
+    cache_ttl_setting: int = 86_400  # the model's TTL even when off (a tenant or key may turn it on)
 
     def price_at(self, when: datetime | None = None) -> PriceInfo | None:
         return _price_at(self.prices, when or timezone.now())
@@ -227,6 +228,7 @@ def load_route_table() -> RouteTable:
             semantic_model=_semantic_model(model),
             semantic_threshold=model.semantic_threshold,
             strategy=model.strategy,
+            cache_ttl_setting=model.cache_ttl,
         )
         table.models[model.name] = route
         for alias in model.aliases or ():
@@ -319,6 +321,7 @@ def dev_route(name: str, known: ModelRoute | None) -> ModelRoute | None:
             cache_ttl=known.cache_ttl,
             semantic_model=known.semantic_model,
             semantic_threshold=known.semantic_threshold,
+            cache_ttl_setting=known.cache_ttl_setting,
         )
     return ModelRoute(
         id=None,

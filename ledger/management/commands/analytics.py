@@ -85,3 +85,9 @@ class Command(BaseCommand):
         )
         if report.verdict is not None:
             self.stdout.write(f"Verdict:      {report.verdict}")
+        start, end = analytics.month_bounds(year, mon, tenant.time_zone)
+        saved = analytics.cache_savings(analytics.subtree_ids(tenant.pk), start, end)
+        self.stdout.write(
+            f"Cache:        {saved.cache_hits} hits of {saved.calls} calls ({saved.hit_rate:.2f} %),"
+            f" {saved.coalesced} of them coalesced; saved {usd(saved.saved_micro)}"
+        )
