@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from budgets.counters import Reservation
     from core.runtime import RedisBatch
     from gateway.cache import Entry
-    from gateway.cache.semantic import Probe
     from gateway.cache.coalesce import Flight
+    from gateway.cache.semantic import Probe
     from gateway.limits import RatePlan, RateTicket
     from gateway.routing.table import DeploymentRoute, ModelRoute
     from gateway.tracing import Trace

@@ -4,11 +4,9 @@ from django.db import migrations
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('gateway', '0009_merge_parallel_branches'),
-        ('gateway', '0009_model_strategy'),
+        ("gateway", "0009_merge_parallel_branches"),
+        ("gateway", "0009_model_strategy"),
     ]
 
-    operations = [
-    ]
+    operations = []

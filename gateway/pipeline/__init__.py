@@ -152,7 +152,7 @@ async def _embed(parent: RequestContext, model: str, text: str) -> list[float] |
         log.info("semantic cache: embedding failed: %s", err.message, extra={"request_id": parent.request_id})
         return None
     finally:
-        await asyncio.shield(_settle_and_record(ctx))
+        await asyncio.shield(_settle_and_record(ctx, EMBEDDINGS))
     data = result.get("data")
     first = data[0] if isinstance(data, list) and data and isinstance(data[0], dict) else {}
     vector = first.get("embedding")
