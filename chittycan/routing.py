@@ -18,4 +18,5 @@ hot_routes: list[Any] = [
     path("v1/messages", consumers.MessagesConsumer.as_asgi()),
     path("v1/messages/count_tokens", consumers.CountTokensConsumer.as_asgi()),
     path("v1/cache/invalidate", consumers.CacheInvalidateConsumer.as_asgi()),
+    path("v1/feedback", consumers.FeedbackConsumer.as_asgi()),
 ]

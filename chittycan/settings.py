@@ -283,6 +283,12 @@ CELERY_BEAT_SCHEDULE["budget-reconcile"] = {
     "schedule": CHITTYCAN_RECONCILE_INTERVAL,
 }
 CELERY_BEAT_SCHEDULE["budget-sweep"] = {"task": "tenants.sweep_reservations", "schedule": 60.0}
+# Routing experiments with auto-promotion: how often their winners are looked for (docs/routing.md).
+CHITTYCAN_EXPERIMENT_INTERVAL = env_float("CHITTYCAN_EXPERIMENT_INTERVAL", 300.0)
+CELERY_BEAT_SCHEDULE["experiment-auto-promote"] = {
+    "task": "gateway.tasks.auto_promote_experiments",
+    "schedule": CHITTYCAN_EXPERIMENT_INTERVAL,
+}
 
 CHITTYCAN_SERVER = env_choice("CHITTYCAN_SERVER", "uvicorn", ("uvicorn", "granian", "daphne"))
 # gc.freeze() once the app is built and after warm-up: full collections skip start-up objects.

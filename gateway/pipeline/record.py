@@ -69,6 +69,8 @@ def row_from_context(ctx: RequestContext) -> dict[str, Any]:
         "end_user": ctx.end_user[:200],
         "timings": ctx.timings,
         "route": route_explanation(ctx),
+        "experiment": ctx.experiment,
+        "arm": ctx.arm,
     }
 
 
