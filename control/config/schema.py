@@ -430,10 +430,6 @@ def check_references(doc: Document) -> list[tuple[Path, str]]:
             problems.append((("routing_policies", i), f"a second policy for {whose}"))
         attached.setdefault(policy.tenant, i)
     problems += _dupes(doc.experiments, "id", ("experiments",), "experiment")
-    tenant_slugs = {t.slug for t in doc.tenants}
-    for i, experiment in enumerate(doc.experiments):
-        if experiment.tenant is not None and experiment.tenant not in tenant_slugs:
-            problems.append((("experiments", i, "tenant"), f"no tenant {experiment.tenant} in tenants"))
     compiled = {p.name: parse_policy(p.name, p.rules, p.fallback_chain) for p in doc.routing_policies}
     try:
         check_includes(compiled)
