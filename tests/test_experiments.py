@@ -425,3 +425,26 @@ def test_admin_shows_an_arms_error_at_the_field(admin_client: Client) -> None:  
     response = admin_client.post("/admin/gateway/experiment/add/", form)
     assert response.status_code == 302, response.content[:2000]
     assert Experiment.objects.get(slug="from-admin").arms == ARMS
+
+
+def test_quickstart_shows_the_experiment_on_medium_prompts(
+    gateway_server: ServerThread, transactional_db: Any, settings: Any, tmp_path: Path
+) -> None:
+    from gateway.models import LLMModel
+
+    settings.CHITTYCAN_MODE = "dev"
+    LLMModel.objects.get_or_create(name="gpt-4o-mini")
+    key_file = tmp_path / "key.txt"
+    out = io.StringIO()
+    call_command("quickstart", "--key-file", str(key_file), stdout=out)
+    assert "default-model-ab" in out.getvalue()
+    client = client_for(gateway_server, key_file.read_text().strip())
+    medium: Any = [{"role": "user", "content": "word " * 200}]
+    arms = set()
+    for _ in range(12):
+        response = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=medium)
+        assert response.headers["x-chittycan-route"].startswith("rule=default; model=")
+        arms.add(response.headers["x-chittycan-experiment"])
+    assert arms <= {"default-model-ab=gpt-4", "default-model-ab=llama-70b"} and arms
+    short = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=SHORT)
+    assert "x-chittycan-experiment" not in short.headers  # rule cheap_for_simple: not in the experiment

@@ -21,7 +21,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from gateway import catalog
-from gateway.models import LLMModel, RoutingPolicy
+from gateway.models import Experiment, LLMModel, RoutingPolicy
 from tenants import services
 from tenants.models import ApiKey, Tenant
 
@@ -31,6 +31,8 @@ ADMIN_USER = "admin"
 DEV_ADMIN_PASSWORD = "chittycan-admin"
 #: The roadmap's routing policy, applied in dev mode and attached to the demo tenant (docs/routing.md).
 ROUTING_EXAMPLE = Path(settings.BASE_DIR) / "examples" / "routing-policy.yaml"
+#: A routing experiment on the roadmap policy's `default` rule (medium prompts), on the demo tenant.
+EXPERIMENT_EXAMPLE = Path(settings.BASE_DIR) / "examples" / "routing-experiment.yaml"
 
 
 class Command(BaseCommand):
@@ -101,11 +103,20 @@ Python (pip install openai):
             return ""
         if not RoutingPolicy.objects.filter(name="roadmap").exists():  # once: later edits are the operator's
             call_command("apply", "-f", str(ROUTING_EXAMPLE), stdout=io.StringIO())
-        return (
+        note = (
             "Routing policy `roadmap` (examples/routing-policy.yaml) is on the demo tenant: a short prompt\n"
             "matches rule=cheap_for_simple, a long one (over 500 tokens) smart_for_complex; see the\n"
             "X-ChittyCan-Route header (curl -i) and `can route explain --key $OPENAI_API_KEY -f request.json`.\n\n"
         )
+        if EXPERIMENT_EXAMPLE.exists() and RoutingPolicy.objects.filter(name="roadmap").exists():
+            if not Experiment.objects.filter(slug="default-model-ab").exists():  # once, as the policy
+                call_command("apply", "-f", str(EXPERIMENT_EXAMPLE), stdout=io.StringIO())
+            note += (
+                "Experiment `default-model-ab` (examples/routing-experiment.yaml) splits medium prompts (rule\n"
+                "default) between two models: see X-ChittyCan-Experiment, score answers with POST /v1/feedback,\n"
+                "compare the arms with `can experiments show default-model-ab`.\n\n"
+            )
+        return note
 
     def ensure_admin(self) -> None:
         """The ``admin`` superuser: a known password in dev mode only; in production one the
