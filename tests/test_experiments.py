@@ -305,7 +305,7 @@ def test_show_matches_scipy_on_known_data(transactional_db: Any, make_tenant: Ca
     call_command("experiments", "show", "small", "--json", stdout=out)
     errors = next(c for c in json.loads(out.getvalue())["comparisons"] if c["metric"] == "error_rate")
     assert errors["method"].startswith("Fisher")
-    assert errors["p_value"] == pytest.approx(stats.fisher_exact([[6, 3], [1, 7]]).pvalue, rel=1e-9)
+    assert errors["p_value"] == pytest.approx(stats.fisher_exact(np.array([[6, 3], [1, 7]])).pvalue, rel=1e-9)
     # The text report states the method and the confidence.
     text = io.StringIO()
     call_command("experiments", "show", "exp1", stdout=text)
@@ -372,18 +372,14 @@ def test_apply_export_round_trip(transactional_db: Any, make_tenant: Callable[..
     from tenants.models import AuditEvent
 
     make_tenant("acme")
-    doc = {
-        "version": 1,
-        "experiments": [
-            {
-                "id": "prompt-ab",
-                "tenant": "acme",
-                "model": "default-m",
-                "arms": ARMS,
-                "auto_promote": {"metric": "cost", "min_samples": 50, "significance": 0.01},
-            }
-        ],
+    spec: dict[str, Any] = {
+        "id": "prompt-ab",
+        "tenant": "acme",
+        "model": "default-m",
+        "arms": ARMS,
+        "auto_promote": {"metric": "cost", "min_samples": 50, "significance": 0.01},
     }
+    doc: dict[str, Any] = {"version": 1, "experiments": [spec]}
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(doc))
     call_command("apply", "-f", str(path), stdout=io.StringIO(), stderr=io.StringIO())
@@ -392,10 +388,8 @@ def test_apply_export_round_trip(transactional_db: Any, make_tenant: Callable[..
     assert AuditEvent.objects.filter(action="experiment.create", target="prompt-ab").exists()
     exported = io.StringIO()
     call_command("export", stdout=exported)
-    assert yaml.safe_load(exported.getvalue())["experiments"] == [
-        {**doc["experiments"][0], "status": "running"}  # type: ignore[dict-item]
-    ]
-    bad = {**doc, "experiments": [{**doc["experiments"][0], "arms": ARMS[:1]}]}  # type: ignore[dict-item]
+    assert yaml.safe_load(exported.getvalue())["experiments"] == [{**spec, "status": "running"}]
+    bad = {**doc, "experiments": [{**spec, "arms": ARMS[:1]}]}
     path.write_text(yaml.safe_dump(bad))
     err = io.StringIO()
     with pytest.raises(CommandError, match="nothing was written"):
