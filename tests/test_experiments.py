@@ -442,3 +442,29 @@ def test_quickstart_shows_the_experiment_on_medium_prompts(
     assert arms <= {"default-model-ab=gpt-4", "default-model-ab=llama-70b"} and arms
     short = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=SHORT)
     assert "x-chittycan-experiment" not in short.headers  # rule cheap_for_simple: not in the experiment
+
+
+def test_stream_header_and_route_explain_show_the_arm(
+    gateway_server: ServerThread, catalogue: FakeOpenAI, tenant_key: tuple[Any, str], tmp_path: Path
+) -> None:
+    from gateway.routing.experiments import ExperimentSpec, assign, parse_arms
+
+    tenant, key = tenant_key
+    put_experiment()
+    client = client_for(gateway_server, key)
+    with client.chat.completions.with_streaming_response.create(
+        model="default-m", messages=SHORT, stream=True, user="dana"
+    ) as response:
+        header = response.headers["x-chittycan-experiment"]
+        request_id = response.headers["x-request-id"]
+        for _ in response.iter_lines():
+            pass
+    arm = assign(ExperimentSpec(slug="exp1", arms=parse_arms(ARMS), model="default-m"), "user:dana")
+    assert header == f"exp1={arm.name}"
+    row = wait_usage(1, request_id=request_id)[0]
+    assert row.arm == arm.name and row.stream
+    body = tmp_path / "request.json"
+    body.write_text(json.dumps({"model": "default-m", "messages": SHORT, "user": "dana"}))
+    out = io.StringIO()
+    call_command("route", "explain", "--key", key, "-f", str(body), stdout=out)
+    assert f"experiment exp1  arm {arm.name} -> {arm.target}" in out.getvalue()
