@@ -342,6 +342,12 @@ def test_auto_promotion_is_audited_and_routes_to_the_winner(
     assert event.actor_label == "auto-promotion" and event.data["winner"] == "treatment"
     assert "Bonferroni" in event.data["reason"]
     assert auto_promote_experiments() == []  # once
+    # Celery beat runs it, and so does the embedded scheduler (the same schedule, by task name).
+    from chittycan.celery import app
+    from gateway import scheduler
+
+    assert "gateway.tasks.auto_promote_experiments" in {e.task for e in scheduler.schedule()}
+    assert "gateway.tasks.auto_promote_experiments" in app.tasks
     client = client_for(gateway_server, key)
     for _ in range(6):
         response = client.chat.completions.with_raw_response.create(model="default-m", messages=SHORT)
