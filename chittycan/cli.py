@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "cache": "the response cache: count or drop a tenant's cached answers (invalidate|stats --tenant SLUG)",
     "trace": "one request's usage row and per-stage timings, by its x-request-id",
     "route": "explain the routing policy's decision for a request without sending it (explain --key K -f req.json)",
+    "experiments": "routing experiments (A/B): per arm results and significance, promote a winner (show ID)",
     "billing": "Stripe usage export: the meter CSV, pushing meter events, runs and reconciliation",
     "members": "give users a role on a tenant for the management REST API",
     "apitoken": "create, list and revoke management REST API tokens",

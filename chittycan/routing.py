@@ -19,6 +19,7 @@ hot_routes: list[Any] = [
     path("v1/messages/count_tokens", consumers.CountTokensConsumer.as_asgi()),
     path("v1/responses", consumers.ResponsesConsumer.as_asgi()),
     path("v1/cache/invalidate", consumers.CacheInvalidateConsumer.as_asgi()),
+    path("v1/feedback", consumers.FeedbackConsumer.as_asgi()),
 ]
 
 websocket_routes: list[Any] = [

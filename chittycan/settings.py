@@ -352,6 +352,12 @@ CELERY_BEAT_SCHEDULE["budget-sweep"] = {"task": "tenants.sweep_reservations", "s
 # probe interval has passed, so this tick is the shortest interval a provider can ask for.
 CHITTYCAN_PROBE_TICK = env_float("CHITTYCAN_PROBE_TICK", 5.0)
 CELERY_BEAT_SCHEDULE["provider-probes"] = {"task": "gateway.tasks.probe_providers", "schedule": CHITTYCAN_PROBE_TICK}
+# Routing experiments with auto-promotion: how often their winners are looked for (docs/routing.md).
+CHITTYCAN_EXPERIMENT_INTERVAL = env_float("CHITTYCAN_EXPERIMENT_INTERVAL", 300.0)
+CELERY_BEAT_SCHEDULE["experiment-auto-promote"] = {
+    "task": "gateway.tasks.auto_promote_experiments",
+    "schedule": CHITTYCAN_EXPERIMENT_INTERVAL,
+}
 
 CHITTYCAN_SERVER = env_choice("CHITTYCAN_SERVER", "uvicorn", ("uvicorn", "granian", "daphne"))
 # gc.freeze() once the app is built and after warm-up: full collections skip start-up objects.

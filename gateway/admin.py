@@ -1,5 +1,5 @@
 """Admin for providers (write-only credentials), public models with their deployments and prices,
-and routing policies with their rules (the ledger's read-only admin is in ``ledger/admin.py``).
+routing policies with their rules, and routing experiments (the ledger's read-only admin is in ``ledger/admin.py``).
 
 Providers, models, deployments and prices are written through ``gateway.catalog`` (which audits
 and announces each change), as ``can apply`` writes them."""
@@ -20,11 +20,12 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from core import egress
-from gateway import cache, catalog, policies
+from gateway import cache, catalog, experiments, policies
 from gateway.models import (
     DEFAULT_CACHE_TTL,
     DEFAULT_SEMANTIC_THRESHOLD,
     Deployment,
+    Experiment,
     LLMModel,
     Price,
     Provider,
@@ -523,3 +524,75 @@ class RoutingPolicyAdmin(AuditedAdmin[RoutingPolicy]):
 
     def delete(self, request: HttpRequest, obj: RoutingPolicy) -> None:
         policies.policy_delete(obj, actor=actor_of(request), actor_label=ADMIN_LABEL)
+
+
+# --- routing experiments ----------------------------------------------------------------------------
+
+
+@admin.register(Experiment)
+class ExperimentAdmin(AuditedAdmin[Experiment]):
+    """Written through ``gateway.experiments`` (validated, audited, announced); the results are
+    ``can experiments show ID``."""
+
+    list_display = ["slug", "applies_to", "scope", "status", "arm_summary", "auto_promote", "winner", "updated_at"]
+    list_filter = ["status", "auto_promote"]
+    search_fields = ["slug", "model", "rule", "tenant__slug"]
+    raw_id_fields = ["tenant"]
+    readonly_fields = ["promoted_at"]
+    fields = [
+        "slug",
+        "tenant",
+        ("model", "rule"),
+        "arms",
+        ("status", "winner", "promoted_at"),
+        "description",
+        ("auto_promote", "metric", "min_samples", "significance"),
+    ]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Experiment]:
+        return super().get_queryset(request).select_related("tenant")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Experiment | None = None) -> list[str]:
+        return ["slug", "promoted_at"] if obj is not None else ["promoted_at"]
+
+    @admin.display(description="applies to")
+    def applies_to(self, obj: Experiment) -> str:
+        return obj.model or f"rule {obj.rule}"
+
+    @admin.display(description="tenant")
+    def scope(self, obj: Experiment) -> str:
+        return obj.tenant.slug if obj.tenant else "(every tenant)"
+
+    @admin.display(description="arms")
+    def arm_summary(self, obj: Experiment) -> str:
+        return ", ".join(
+            f"{a.get('name')} -> {a.get('route')} ({a.get('weight', 1)})" for a in obj.arms if isinstance(a, dict)
+        )
+
+    def _put(self, request: HttpRequest, obj: Experiment) -> Experiment:
+        saved, _ = experiments.experiment_put(
+            slug=obj.slug,
+            arms=list(obj.arms or []),
+            tenant=obj.tenant,
+            model=obj.model,
+            rule=obj.rule,
+            status=obj.status,
+            description=obj.description,
+            auto_promote=obj.auto_promote,
+            metric=obj.metric,
+            min_samples=obj.min_samples,
+            significance=obj.significance,
+            winner=obj.winner,
+            actor=actor_of(request),
+            actor_label=ADMIN_LABEL,
+        )
+        return saved
+
+    def create(self, request: HttpRequest, obj: Experiment, values: dict[str, Any]) -> Experiment:
+        return self._put(request, obj)
+
+    def update(self, request: HttpRequest, obj: Experiment, values: dict[str, Any]) -> None:
+        adopt(obj, self._put(request, obj))
+
+    def delete(self, request: HttpRequest, obj: Experiment) -> None:
+        experiments.experiment_delete(obj, actor=actor_of(request), actor_label=ADMIN_LABEL)

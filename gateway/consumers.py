@@ -173,6 +173,13 @@ class CacheInvalidateConsumer(GatewayConsumer):
         await pipeline.invalidate_cache(self, ctx, body)
 
 
+class FeedbackConsumer(GatewayConsumer):
+    """``/v1/feedback``: a score or label for one of the caller's tenant's requests."""
+
+    async def run(self, ctx: RequestContext, body: bytes) -> None:
+        await pipeline.feedback(self, ctx, body)
+
+
 def _unexpected(exc: Exception, ctx: RequestContext) -> GatewayError:
     """A database outage is a 503 the SDKs retry; anything else is our bug: a 500."""
     if isinstance(exc, DatabaseError):

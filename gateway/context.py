@@ -69,6 +69,8 @@ class RequestContext:
     route_reason: str = ""  # dispatch: primary | fallback:N (...)
     route_header: str = ""  # the routing policy's summary for X-ChittyCan-Route (rule=...; model=...)
     route_explanation: dict[str, Any] = field(default_factory=dict)  # why this model (the ledger's `route`)
+    experiment: str = ""  # the routing experiment that assigned this request (its slug) ...
+    arm: str = ""  # ... and the arm
     tags: tuple[str, ...] = ()  # X-ChittyCan-Tags, plus any a routing policy added
     cache_hit: bool = False
     cache_result: str = "none"  # hit | miss | bypass | none (the cache is off for the model)

@@ -13,10 +13,12 @@ from django.db import models
 from django.utils import timezone
 
 from gateway.crypto import decrypt, encrypt
+from gateway.routing.experiments import STATUSES, ExperimentError, parse_arms
 from gateway.routing.policy import PolicyError, parse_chain, parse_rule
 
 __all__ = [
     "Deployment",
+    "Experiment",
     "LLMModel",
     "Price",
     "Provider",
@@ -396,3 +398,83 @@ class RoutingRule(models.Model):
         except PolicyError as err:
             field_name = err.field if err.field in {f.name for f in self._meta.fields} else "__all__"
             raise ValidationError({field_name: err.message}) from None
+
+
+class Experiment(models.Model):
+    """A routing experiment (A/B test): arms with targets and weights, on a public model or a policy
+    rule; its results come from the ledger (``can experiments show``). See docs/routing.md."""
+
+    class Status(models.TextChoices):
+        DRAFT = "draft"
+        RUNNING = "running"
+        PAUSED = "paused"
+        PROMOTED = "promoted"
+
+    class Metric(models.TextChoices):
+        SCORE = "score", "feedback score (higher wins)"
+        LATENCY = "latency", "latency (lower wins)"
+        COST = "cost", "cost per request (lower wins)"
+        ERROR_RATE = "error_rate", "error rate (lower wins)"
+
+    slug = models.SlugField(max_length=100, unique=True, help_text="The id in X-ChittyCan-Experiment")
+    tenant = models.ForeignKey(
+        "tenants.Tenant",
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="experiments",
+        help_text="Empty: every tenant; else this tenant and the tenants below it",
+    )
+    model = models.CharField(
+        max_length=200, blank=True, default="", help_text="The public model (as the client asks for it) it applies to"
+    )
+    rule = models.CharField(
+        max_length=200,
+        blank=True,
+        default="",
+        help_text="Or the routing policy rule it applies to (policy:rule, or the rule's name)",
+    )
+    arms = models.JSONField(
+        default=list, help_text='[{"name": "control", "route": "gpt-4o", "weight": 50}, {"name": "b", ...}]'
+    )
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.RUNNING)
+    description = models.CharField(max_length=300, blank=True, default="")
+    auto_promote = models.BooleanField(
+        default=False, help_text="Promote a winner once every arm has the samples and the difference is significant"
+    )
+    metric = models.CharField(
+        max_length=20, choices=Metric.choices, default=Metric.SCORE, help_text="What auto-promotion compares"
+    )
+    min_samples = models.PositiveIntegerField(default=100, help_text="Requests (or scores) per arm before promoting")
+    significance = models.FloatField(
+        default=0.05,
+        validators=[MinValueValidator(0.0001), MaxValueValidator(0.5)],
+        help_text="The significance level alpha (0.05: 95 % confidence)",
+    )
+    winner = models.CharField(max_length=50, blank=True, default="", help_text="The promoted arm")
+    promoted_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["slug"]
+        constraints = [
+            models.CheckConstraint(condition=~models.Q(model="") | ~models.Q(rule=""), name="experiment_model_or_rule"),
+        ]
+
+    def __str__(self) -> str:
+        return self.slug
+
+    def clean(self) -> None:
+        if bool(self.model) == bool(self.rule):
+            raise ValidationError({"model": "Give the public model or the policy rule it applies to (one of them)."})
+        try:
+            arms = parse_arms(self.arms)
+        except ExperimentError as err:
+            raise ValidationError({"arms": err.message}) from None
+        if self.status not in STATUSES:
+            raise ValidationError({"status": f"one of {', '.join(STATUSES)}"})
+        if self.winner and self.winner not in {a.name for a in arms}:
+            raise ValidationError({"winner": f"no arm named {self.winner!r}"})
+        if self.status == self.Status.PROMOTED and not self.winner:
+            raise ValidationError({"winner": "A promoted experiment names its winning arm."})

@@ -20,7 +20,7 @@ from django.http.response import HttpResponseBase
 from django.urls import URLPattern, path
 from django.utils import timezone
 
-from ledger.models import DailyUsage, HourlyUsage, UsageRecord
+from ledger.models import DailyUsage, Feedback, HourlyUsage, UsageRecord
 from tenants.admin import ReadOnlyAdmin, usd
 from tenants.models import ApiKey, Tenant
 
@@ -143,9 +143,10 @@ class UsageRecordAdmin(ReadOnlyAdmin[UsageRecord]):
         "usage_source",
         "provider",
         "served_model",
+        "experiment",
     ]
     date_hierarchy = "created_at"
-    search_fields = ["request_id", "requested_model", "served_model", "end_user"]
+    search_fields = ["request_id", "requested_model", "served_model", "end_user", "experiment"]
     show_full_result_count = False  # counting a big ledger is slow; the pager still works
     actions = ["download_csv"]
 
@@ -206,3 +207,13 @@ class HourlyUsageAdmin(UsageTotalsAdmin[HourlyUsage]):
 class DailyUsageAdmin(UsageTotalsAdmin[DailyUsage]):
     list_display = ["date", "tenant_id", "api_key_id", "model", "provider", "calls", "errors", "cost"]
     date_hierarchy = "date"
+
+
+@admin.register(Feedback)
+class FeedbackAdmin(ReadOnlyAdmin[Feedback]):
+    """Outcomes clients reported with ``POST /v1/feedback`` (routing experiments read them)."""
+
+    list_display = ["request_id", "created_at", "tenant_id", "score", "label"]
+    list_filter = [TenantFilter, "label"]
+    search_fields = ["request_id", "label"]
+    date_hierarchy = "created_at"

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 __all__ = [
     "DailyUsage",
+    "Feedback",
     "HourlyUsage",
     "RollupCursor",
     "RollupHour",
@@ -75,6 +76,10 @@ class UsageRecord(models.Model):
     route = models.JSONField(
         default=dict, blank=True, help_text="Why this model: the policy rule matched and each candidate's fate"
     )
+    experiment = models.CharField(
+        max_length=100, blank=True, default="", help_text="The routing experiment that assigned the request"
+    )
+    arm = models.CharField(max_length=50, blank=True, default="", help_text="Its arm")
     recorded_at = models.DateTimeField(
         db_default=Now(), editable=False, help_text="When the row reached the ledger (rollups find late rows by it)"
     )
@@ -86,10 +91,34 @@ class UsageRecord(models.Model):
             models.Index(fields=["tenant", "created_at"], name="usage_tenant_time"),
             models.Index(fields=["api_key", "created_at"], name="usage_key_time"),
             models.Index(fields=["recorded_at"], name="usage_recorded"),
+            models.Index(fields=["experiment", "arm"], condition=~models.Q(experiment=""), name="usage_experiment_arm"),
         ]
 
     def __str__(self) -> str:
         return self.request_id
+
+
+class Feedback(models.Model):
+    """An outcome a client reported for one of its requests (``POST /v1/feedback``): a score, a
+    label, or both; the latest report per request counts (experiments read it per arm)."""
+
+    request_id = models.CharField(max_length=64, unique=True)
+    tenant = models.ForeignKey("tenants.Tenant", on_delete=models.DO_NOTHING, db_constraint=False, related_name="+")
+    api_key = models.ForeignKey(
+        "tenants.ApiKey", null=True, on_delete=models.DO_NOTHING, db_constraint=False, related_name="+"
+    )
+    score = models.FloatField(null=True, blank=True)
+    label = models.CharField(max_length=100, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name_plural = "feedback"
+        indexes = [models.Index(fields=["tenant", "created_at"], name="feedback_tenant_time")]
+
+    def __str__(self) -> str:
+        return f"{self.request_id}: {self.score if self.score is not None else self.label}"
 
 
 # --- rollups ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ __all__ = ["describe_route"]
 def describe_route(route: Mapping[str, Any]) -> list[str]:
     """One line per fact: the policy and rule, the model, each candidate and why it was skipped."""
     if not route:
-        return ["no routing policy applied (the model's own deployments, in priority order)"]
+        return ["no routing policy or experiment applied (the model's own deployments, in priority order)"]
     lines = [f"policy {route.get('policy') or '-'}  rule {route.get('rule') or '(none matched)'}"]
     if route.get("rejected"):
         lines.append(f"rejected: {route['rejected']}")
@@ -19,6 +19,14 @@ def describe_route(route: Mapping[str, Any]) -> list[str]:
         lines.append(f"model {route.get('requested') or '-'} -> {route['model']}")
     if route.get("tags"):
         lines.append("tags " + ", ".join(str(t) for t in route["tags"]))
+    experiment = route.get("experiment")
+    if isinstance(experiment, Mapping):
+        text = f"experiment {experiment.get('id')}  arm {experiment.get('arm')} -> {experiment.get('target')}"
+        if experiment.get("promoted"):
+            text += "  (promoted)"
+        if experiment.get("skipped"):
+            text += f"  skipped: {experiment['skipped']}"
+        lines.append(text)
     extra = []
     if route.get("timeouts"):
         extra.append("timeouts " + ", ".join(f"{k} {v:g}s" for k, v in route["timeouts"].items()))

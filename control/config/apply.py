@@ -35,8 +35,8 @@ from control.config import references
 from control.config.schema import MICRO, SECRET_REF, ConfigError, Document, ModelSpec, TenantSpec
 from core import egress
 from core.money import format_usd_short
-from gateway import catalog, policies
-from gateway.models import Deployment, LLMModel, Price, Provider, RoutingPolicy
+from gateway import catalog, experiments, policies
+from gateway.models import Deployment, Experiment, LLMModel, Price, Provider, RoutingPolicy
 from tenants import audit, services
 from tenants.models import Plan, Tenant
 
@@ -155,6 +155,7 @@ class _Applier:
         self.models(providers)
         self.tenants(plans)
         self.routing_policies()
+        self.experiments()
         if self.errors:
             raise ConfigError(self.errors)
         references.forget_missing(references.PROVIDER_API_KEY, Provider.objects.values_list("pk", flat=True))
@@ -480,6 +481,48 @@ class _Applier:
                 self.created("routing policy", spec.name)
             else:
                 self.updated("routing policy", spec.name, changes)
+
+    def experiments(self) -> None:
+        """Routing experiments, each replaced whole when it differs. A promotion the auto-promotion
+        task made is kept while the file still says ``running`` (the file is not told to undo it)."""
+        ids = {e.id for e in self.doc.experiments}
+        if self.prune:
+            for stale in Experiment.objects.exclude(slug__in=ids):
+                target = stale.slug
+                experiments.experiment_delete(stale, **self.by)
+                self.deleted("experiment", target)
+        for i, spec in enumerate(self.doc.experiments):
+            tenant = None
+            if spec.tenant is not None:
+                tenant = Tenant.objects.filter(slug=spec.tenant).first()
+                if tenant is None:
+                    raise ConfigError([f"{self.filename}: experiments[{i}].tenant: no tenant {spec.tenant}"])
+            status: str = spec.status
+            winner = spec.winner
+            stored = Experiment.objects.filter(slug=spec.id).first()
+            if stored is not None and stored.status == "promoted" and status == "running" and not winner:
+                status, winner = stored.status, stored.winner
+            auto = spec.auto_promote
+            with self.valid("experiment", spec.id):
+                _, changes = experiments.experiment_put(
+                    slug=spec.id,
+                    arms=[dict(arm) for arm in spec.arms],
+                    tenant=tenant,
+                    model=spec.model or "",
+                    rule=spec.rule or "",
+                    status=status,
+                    description=spec.description,
+                    auto_promote=auto is not None,
+                    metric=auto.metric if auto else "score",
+                    min_samples=auto.min_samples if auto else 100,
+                    significance=auto.significance if auto else 0.05,
+                    winner=winner,
+                    **self.by,
+                )
+            if changes is None:
+                self.created("experiment", spec.id)
+            else:
+                self.updated("experiment", spec.id, changes)
 
 
 def _budget_ident(period: str, hard: bool, limit_micro: int) -> tuple[str, bool, int | None]:

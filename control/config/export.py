@@ -16,7 +16,8 @@ import yaml
 
 from control.config import references
 from control.config.schema import MICRO, VERSION
-from gateway.models import LLMModel, Provider, RoutingPolicy
+from gateway.experiments import experiment_config
+from gateway.models import Experiment, LLMModel, Provider, RoutingPolicy
 from gateway.policies import policy_config
 from tenants.models import Plan, Tenant
 
@@ -182,6 +183,9 @@ def export() -> dict[str, Any]:
     policies = RoutingPolicy.objects.select_related("tenant").prefetch_related("rules").order_by("-is_library", "name")
     if policies:
         out["routing_policies"] = [policy_config(p) for p in policies]
+    experiments = Experiment.objects.select_related("tenant").order_by("slug")
+    if experiments:
+        out["experiments"] = [experiment_config(e) for e in experiments]
     return out
 
 

@@ -20,6 +20,7 @@ from django.core.validators import URLValidator, validate_email, validate_slug
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from gateway.routing.experiments import ExperimentError, parse_arms
 from gateway.routing.policy import PolicyError, check_includes, parse_policy
 
 __all__ = [
@@ -321,6 +322,42 @@ class RoutingPolicySpec(_Spec):
         return self
 
 
+class AutoPromoteSpec(_Spec):
+    """Promote the best arm once every arm has ``min_samples`` and the difference is significant."""
+
+    metric: Literal["score", "latency", "cost", "error_rate"] = "score"
+    min_samples: Annotated[int, Field(ge=2)] = 100
+    significance: Annotated[float, Field(gt=0, le=0.5)] = 0.05
+
+
+class ExperimentSpec(_Spec):
+    """A routing experiment (docs/routing.md, Experiments): arms with targets and weights."""
+
+    id: Slug
+    tenant: Slug | None = None  # absent: every tenant
+    model: Name | None = None  # the public model it applies to ...
+    rule: Annotated[str, Field(min_length=1, max_length=200)] | None = None  # ... or a policy rule
+    arms: list[dict[str, Any]]
+    status: Literal["draft", "running", "paused", "promoted"] = "running"
+    description: Annotated[str, Field(max_length=300)] = ""
+    auto_promote: AutoPromoteSpec | None = None
+    winner: Annotated[str, Field(max_length=50)] = ""
+
+    @model_validator(mode="after")
+    def _valid(self) -> ExperimentSpec:
+        if (self.model is None) == (self.rule is None):
+            raise PydanticCustomError("experiment", "give `model` or `rule` (one of them)")
+        try:
+            arms = parse_arms(self.arms)
+        except ExperimentError as err:
+            raise PydanticCustomError("experiment", "{error}", {"error": err.message}) from None
+        if self.winner and self.winner not in {a.name for a in arms}:
+            raise PydanticCustomError("experiment", "winner: no arm named {arm}", {"arm": self.winner})
+        if self.status == "promoted" and not self.winner:
+            raise PydanticCustomError("experiment", "a promoted experiment names its `winner`")
+        return self
+
+
 class Document(_Spec):
     version: Literal[1] = 1
     providers: list[ProviderSpec] = []
@@ -328,6 +365,7 @@ class Document(_Spec):
     plans: list[PlanSpec] = []
     tenants: list[TenantSpec] = []
     routing_policies: list[RoutingPolicySpec] = []
+    experiments: list[ExperimentSpec] = []
 
 
 # --- checks beyond types ---------------------------------------------------------------------------
@@ -447,6 +485,7 @@ def check_references(doc: Document) -> list[tuple[Path, str]]:
             whose = f"tenant {policy.tenant}" if policy.tenant else "the whole gateway (global)"
             problems.append((("routing_policies", i), f"a second policy for {whose}"))
         attached.setdefault(policy.tenant, i)
+    problems += _dupes(doc.experiments, "id", ("experiments",), "experiment")
     compiled = {p.name: parse_policy(p.name, p.rules, p.fallback_chain) for p in doc.routing_policies}
     try:
         check_includes(compiled)

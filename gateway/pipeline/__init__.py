@@ -27,21 +27,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 
 import orjson
+from asgiref.sync import sync_to_async
 
 from gateway import auth, tracing
 from gateway import cache as cache_store
 from gateway.cache import MANAGEMENT_PREFIX
 from gateway.context import RequestContext, Responder
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.formats import CHAT, EMBEDDINGS, MESSAGES, WireFormat
 from gateway.formats.anthropic import check_messages, prompt_estimate
 from gateway.formats.checks import json_object, model_name
 from gateway.pipeline import authenticate, cache, dispatch, limit, parse, record, relay, reserve, route, settle
+from ledger.feedback import feedback_record
 
-__all__ = ["count_tokens", "invalidate_cache", "new_request_id", "run"]
+__all__ = ["count_tokens", "feedback", "invalidate_cache", "new_request_id", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -206,4 +209,57 @@ async def invalidate_cache(responder: Responder, ctx: RequestContext, body: byte
         return
     answer: dict[str, object] = {"deleted": deleted}
     answer.update({k: v for k, v in data.items() if k in ("model", "key_prefix", "pattern", "tenant")})
+    await responder.send_json(200, orjson.dumps(answer), [(b"x-request-id", ctx.request_id.encode())])
+
+
+MAX_LABEL = 100
+
+
+def _feedback_input(body: bytes) -> tuple[str, float | None, str]:
+    data = json_object(body)
+    unknown = sorted(set(data) - {"request_id", "score", "label"})
+    if unknown:
+        raise InvalidRequest(f"Unknown field(s): {', '.join(unknown)} (request_id, score, label).", param=unknown[0])
+    request_id = data.get("request_id")
+    if not isinstance(request_id, str) or not request_id or len(request_id) > 64:
+        raise InvalidRequest("request_id: the x-request-id of one of your requests is required.", param="request_id")
+    score = data.get("score")
+    if score is not None and (
+        isinstance(score, bool) or not isinstance(score, int | float) or not math.isfinite(float(score))
+    ):
+        raise InvalidRequest("score: must be a finite number.", param="score")
+    label = data.get("label")
+    if label is not None and (not isinstance(label, str) or not label.strip() or len(label) > MAX_LABEL):
+        raise InvalidRequest(f"label: must be a non-empty string of at most {MAX_LABEL} characters.", param="label")
+    if score is None and label is None:
+        raise InvalidRequest("Give a score (number) or a label (string), or both.", param="score")
+    return request_id, float(score) if score is not None else None, label.strip() if label else ""
+
+
+async def feedback(responder: Responder, ctx: RequestContext, body: bytes) -> None:
+    """``POST /v1/feedback`` ``{"request_id", "score" and/or "label"}``: the outcome of one of the
+    caller's tenant's requests (a routing experiment's feedback mean reads it). Another tenant's
+    request, or one the ledger does not know, is a 404."""
+    try:
+        request_id, score, label = _feedback_input(body)
+        await authenticate.run(ctx, responder.headers)
+        assert ctx.key is not None
+        stored = await sync_to_async(feedback_record, thread_sensitive=False)(
+            tenant_id=ctx.key.tenant.id, api_key_id=ctx.key.id, request_id=request_id, score=score, label=label
+        )
+        if stored is None:
+            raise NotFound(f"No request {request_id} of yours is in the ledger.", code="request_not_found")
+    except GatewayError as err:
+        await responder.send_json(*CHAT.error_response(err, ctx))
+        return
+    saved, row = stored
+    answer: dict[str, object] = {
+        "object": "feedback",
+        "request_id": request_id,
+        "score": saved.score,
+        "label": saved.label or None,
+    }
+    if row.experiment:
+        answer["experiment"] = row.experiment
+        answer["arm"] = row.arm
     await responder.send_json(200, orjson.dumps(answer), [(b"x-request-id", ctx.request_id.encode())])

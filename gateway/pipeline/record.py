@@ -79,6 +79,8 @@ def row_from_context(ctx: RequestContext) -> dict[str, Any]:
         "timings": ctx.timings,
         "attempts": ctx.attempt_log,
         "route": route_explanation(ctx),
+        "experiment": ctx.experiment,
+        "arm": ctx.arm,
     }
 
 

@@ -31,6 +31,7 @@ from core.money import PriceInfo
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, NotFound, PermissionDenied
 from gateway.routing import breaker, latency, strategy
+from gateway.routing.experiments import ExperimentSpec, assign
 from gateway.routing.policy import LIVE_VARIABLES, Decision, Timeouts, evaluate
 from gateway.routing.table import (
     DeploymentRoute,
@@ -44,9 +45,18 @@ from gateway.routing.table import (
 )
 from tenants.keyinfo import KeyInfo
 
-__all__ = ["TAGS_HEADER", "decide", "request_facts", "request_tags", "resolve"]
+__all__ = [
+    "EXPERIMENT_HEADER",
+    "TAGS_HEADER",
+    "apply_experiment",
+    "decide",
+    "request_facts",
+    "request_tags",
+    "resolve",
+]
 
 TAGS_HEADER = b"x-chittycan-tags"
+EXPERIMENT_HEADER = b"x-chittycan-experiment"
 MAX_TAGS = 20
 
 
@@ -80,7 +90,9 @@ async def resolve(
     ctx.route = route
     ctx.tags = request_tags(headers or {})
     if not ctx.passthrough_key:
-        await _apply_policy(ctx, table, kinds)
+        decision = await _apply_policy(ctx, table, kinds)
+        if table.experiments:
+            apply_experiment(ctx, table, kinds, decision)
         routed = ctx.route
         if routed.strategy != "priority":
             ctx.route = strategy.order(
@@ -95,15 +107,65 @@ async def resolve(
     return ctx.route
 
 
-async def _apply_policy(ctx: RequestContext, table: RouteTable, kinds: tuple[str, ...]) -> None:
+async def _apply_policy(ctx: RequestContext, table: RouteTable, kinds: tuple[str, ...]) -> Decision | None:
     decision, routed = await decide(ctx, table, kinds)
     if decision is None:
-        return
+        return None
     if decision.reject:
         ctx.extra_headers.append((b"x-chittycan-route", ctx.route_header.encode()))
         raise PermissionDenied(decision.reject, code="policy_rejected")
     if routed is not None:
         ctx.route = routed
+    return decision
+
+
+def apply_experiment(
+    ctx: RequestContext, table: RouteTable, kinds: tuple[str, ...], decision: Decision | None
+) -> ExperimentSpec | None:
+    """The first running experiment on the requested model (or on the policy rule that matched):
+    the request's arm serves it, keeping the rule's fallback chain, timeouts and retries.
+
+    The arm is the request id's (deterministic), or the end user's when the body names one
+    (sticky). It goes to ``ctx.experiment``/``ctx.arm`` (the ledger row), to
+    ``X-ChittyCan-Experiment: id=arm`` and to the route explanation. Experiment traffic skips the
+    response cache: a cached answer of one arm must not be counted for another.
+    """
+    key, base = ctx.key, ctx.route
+    assert key is not None and base is not None
+    rule, policy = (decision.rule, decision.policy) if decision is not None else ("", "")
+    lineage = [t.id for t in key.lineage]
+    spec = next((e for e in table.experiments if e.applies(ctx.requested_model, rule, policy, lineage)), None)
+    if spec is None:
+        return None
+    arm = assign(spec, f"user:{ctx.end_user}" if ctx.end_user else ctx.request_id)
+    about: dict[str, Any] = {"id": spec.slug, "arm": arm.name, "target": arm.target}
+    if spec.status == "promoted":
+        about["promoted"] = True
+    found = _target(table, arm.target)
+    if found is None or (found[0].kind not in kinds and settings.CHITTYCAN_MODE != "dev"):
+        # A target this request cannot use: the request is served as if there were no experiment
+        # (and not counted for the arm).
+        about["skipped"] = "unknown target" if found is None else f"{found[0].kind} model"
+        ctx.route_explanation = {**(ctx.route_explanation or {"requested": ctx.requested_model}), "experiment": about}
+        return None
+    plan = Decision(
+        policy=policy,
+        rule=rule,
+        route=(arm.target,),
+        fallback=decision.fallback if decision is not None else (),
+        timeouts=decision.timeouts if decision is not None else None,
+        retries=decision.retries if decision is not None else None,
+    )
+    routed, candidates, target_model = _plan(plan, table, base, kinds)
+    ctx.route = dataclasses.replace(routed, cache_ttl=0)
+    ctx.experiment, ctx.arm = spec.slug, arm.name
+    ctx.extra_headers.append((EXPERIMENT_HEADER, f"{spec.slug}={arm.name}".encode()))
+    explanation: dict[str, Any] = dict(ctx.route_explanation or {"requested": ctx.requested_model})
+    explanation.update(model=target_model, candidates=candidates, experiment=about)
+    ctx.route_explanation = explanation
+    if ctx.route_header:
+        ctx.route_header = f"rule={rule or '-'}; model={target_model}"
+    return spec
 
 
 async def decide(

@@ -21,8 +21,9 @@ from django.utils import timezone
 from core import invalidation
 from core.money import PriceInfo
 from gateway.errors import ServiceUnavailable
-from gateway.models import LLMModel, Provider, RoutingPolicy
+from gateway.models import Experiment, LLMModel, Provider, RoutingPolicy
 from gateway.providers.base import BreakerSettings, ProbeSettings, ProviderConfig
+from gateway.routing.experiments import ExperimentError, ExperimentSpec, parse_arms
 from gateway.routing.policy import Policy, PolicyError, PolicySet, check_includes, parse_policy
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class RouteTable:
     loaded_at: float = 0.0
     policies: PolicySet = field(default_factory=PolicySet)  # routing policies, compiled
     by_deployment: dict[str, tuple[ModelRoute, DeploymentRoute]] = field(default_factory=dict)  # built on first use
+    experiments: tuple[ExperimentSpec, ...] = ()  # running and promoted routing experiments
 
     def resolve(self, name: str) -> ModelRoute | None:
         return self.models.get(name)
@@ -234,7 +236,31 @@ def load_route_table() -> RouteTable:
         for alias in model.aliases or ():
             table.models.setdefault(alias, route)
     table.policies = load_policies()
+    table.experiments = load_experiments()
     return table
+
+
+def load_experiments() -> tuple[ExperimentSpec, ...]:
+    """Running and promoted experiments (a stored one whose arms no longer parse is left out, logged)."""
+    found: list[ExperimentSpec] = []
+    for row in Experiment.objects.filter(status__in=("running", "promoted")).order_by("slug"):
+        try:
+            arms = parse_arms(row.arms)
+        except ExperimentError as err:
+            log.error("experiment %s left out: %s", row.slug, err)
+            continue
+        found.append(
+            ExperimentSpec(
+                slug=row.slug,
+                arms=arms,
+                model=row.model,
+                rule=row.rule,
+                tenant_id=row.tenant_id,
+                status=row.status,
+                winner=row.winner,
+            )
+        )
+    return tuple(found)
 
 
 def load_policies() -> PolicySet:

@@ -21,7 +21,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from gateway import catalog
-from gateway.models import Deployment, LLMModel, Provider, RoutingPolicy
+from gateway.models import Deployment, Experiment, LLMModel, Provider, RoutingPolicy
 from tenants import services
 from tenants.models import ApiKey, Tenant
 
@@ -34,6 +34,8 @@ ROUTING_EXAMPLE = Path(settings.BASE_DIR) / "examples" / "routing-policy.yaml"
 #: Dev mode: an offline mock deployment of the demo model with active health probes on, so
 #: ``can providers status`` and GET /health/providers show probe results (docs/resilience.md).
 DEMO_PROBED_PROVIDER = "demo-mock"
+#: A routing experiment on the roadmap policy's `default` rule (medium prompts), on the demo tenant.
+EXPERIMENT_EXAMPLE = Path(settings.BASE_DIR) / "examples" / "routing-experiment.yaml"
 
 
 class Command(BaseCommand):
@@ -123,11 +125,20 @@ Tenant dashboard (spend, keys, budgets, usage, live feed of the demo tenant; sig
             return ""
         if not RoutingPolicy.objects.filter(name="roadmap").exists():  # once: later edits are the operator's
             call_command("apply", "-f", str(ROUTING_EXAMPLE), stdout=io.StringIO())
-        return (
+        note = (
             "Routing policy `roadmap` (examples/routing-policy.yaml) is on the demo tenant: a short prompt\n"
             "matches rule=cheap_for_simple, a long one (over 500 tokens) smart_for_complex; see the\n"
             "X-ChittyCan-Route header (curl -i) and `can route explain --key $OPENAI_API_KEY -f request.json`.\n\n"
         )
+        if EXPERIMENT_EXAMPLE.exists() and RoutingPolicy.objects.filter(name="roadmap").exists():
+            if not Experiment.objects.filter(slug="default-model-ab").exists():  # once, as the policy
+                call_command("apply", "-f", str(EXPERIMENT_EXAMPLE), stdout=io.StringIO())
+            note += (
+                "Experiment `default-model-ab` (examples/routing-experiment.yaml) splits medium prompts (rule\n"
+                "default) between two models: see X-ChittyCan-Experiment, score answers with POST /v1/feedback,\n"
+                "compare the arms with `can experiments show default-model-ab`.\n\n"
+            )
+        return note
 
     def ensure_probed_deployment(self, model: LLMModel) -> None:
         """Dev mode: the demo model gets a deployment on the offline mock provider, probed every 10 s
