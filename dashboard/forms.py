@@ -159,3 +159,25 @@ class UsageFilterForm(forms.Form):
     def __init__(self, *args: Any, keys: list[tuple[str, str]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.fields["key"].choices = [("", "any key"), *keys]  # type: ignore[attr-defined]
+
+
+class AuditFilterForm(forms.Form):
+    """The audit page's filters and cursor: ``before`` is the ``seq`` of the last row shown (the
+    chain's order), so a page never shifts when new rows are written meanwhile."""
+
+    action = forms.CharField(
+        required=False,
+        max_length=100,
+        label="Action starts with",
+        widget=forms.TextInput(attrs={"placeholder": "key."}),
+    )
+    since = forms.DateField(required=False, label="From (UTC)", widget=forms.DateInput(attrs={"type": "date"}))
+    until = forms.DateField(required=False, label="To (UTC, inclusive)", widget=forms.DateInput(attrs={"type": "date"}))
+    before = forms.IntegerField(required=False, min_value=1, widget=forms.HiddenInput)
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        since, until = data.get("since"), data.get("until")
+        if since is not None and until is not None and until < since:
+            self.add_error("until", "must be on or after From")
+        return data

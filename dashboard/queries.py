@@ -20,7 +20,17 @@ from ledger import analytics
 from ledger.models import UsageRecord
 from tenants.models import ApiKey, Tenant
 
-__all__ = ["BudgetLine", "budget_lines", "child_spend", "daily_spend_by_model", "forecast_micro", "period_bounds"]
+__all__ = [
+    "BudgetLine",
+    "RouteView",
+    "attempt_rows",
+    "budget_lines",
+    "child_spend",
+    "daily_spend_by_model",
+    "forecast_micro",
+    "period_bounds",
+    "route_view",
+]
 
 
 def period_bounds(tenant: Tenant, now: datetime | None = None) -> tuple[datetime, datetime]:
@@ -178,3 +188,92 @@ def keys_of(tenant_ids: list[int]) -> list[ApiKey]:
     return list(
         ApiKey.objects.filter(tenant_id__in=tenant_ids).select_related("tenant", "user").order_by("-created_at")
     )
+
+
+# --- a request's route decision and upstream attempts ---------------------------------------------
+
+SCALAR = str | int | float | bool | None
+
+
+@dataclass(frozen=True)
+class RouteView:
+    """``UsageRecord.route`` (the routing policy's decision, ``gateway.pipeline.route``) laid out
+    for the request page: the rule, the routed model, each candidate with why it was skipped, the
+    experiment arm if any, and the outcome (rejected by the rule, or who served the request)."""
+
+    policy: str
+    rule: str
+    requested: str
+    model: str
+    candidates: list[dict[str, Any]]
+    experiment: dict[str, Any]
+    settings: list[tuple[str, str]]  # timeouts, retries, tags, errors: label -> text
+    outcome: str
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_text(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_text(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def route_view(record: UsageRecord) -> RouteView | None:
+    """None when no routing policy applied to the request (the row's ``route`` is empty)."""
+    decision = record.route if isinstance(record.route, dict) else {}
+    if not decision:
+        return None
+    served = "/".join(p for p in (record.provider, record.served_model) if p)
+    if decision.get("rejected"):
+        outcome = f"rejected by the rule: {_text(decision['rejected'])}"
+    elif served:
+        outcome = f"{record.status}: served by {served}"
+    else:
+        outcome = f"{record.status}: no upstream answered"
+    candidates = [
+        {
+            "target": _text(c.get("target")),
+            "role": _text(c.get("role")),
+            "model": _text(c.get("model")),
+            "deployment": _text(c.get("deployment")),
+            "timeouts": _text(c.get("timeouts")),
+            "fate": (
+                f"skipped: {_text(c['skipped'])}"
+                + (f" (weight {_text(c['weight'])})" if c.get("weight") is not None else "")
+                if c.get("skipped")
+                else _text(c.get("note")) or "candidate"
+            ),
+            "skipped": bool(c.get("skipped")),
+        }
+        for c in decision.get("candidates") or []
+        if isinstance(c, dict)
+    ]
+    extra = [
+        (label, _text(decision[name]))
+        for name, label in (
+            ("timeouts", "Timeouts (s)"),
+            ("retries", "Retries"),
+            ("tags", "Tags"),
+            ("errors", "Errors"),
+        )
+        if decision.get(name) not in (None, "", [], {})
+    ]
+    experiment = decision.get("experiment")
+    return RouteView(
+        policy=_text(decision.get("policy")),
+        rule=_text(decision.get("rule")),
+        requested=_text(decision.get("requested")) or record.requested_model,
+        model=_text(decision.get("model")),
+        candidates=candidates,
+        experiment=experiment if isinstance(experiment, dict) else {},
+        settings=extra,
+        outcome=outcome,
+    )
+
+
+def attempt_rows(record: UsageRecord) -> list[dict[str, SCALAR]]:
+    """``UsageRecord.attempts`` (one per upstream attempt, ``gateway.pipeline.dispatch``), in order."""
+    attempts = record.attempts if isinstance(record.attempts, list) else []
+    keys = ("n", "provider", "model", "why", "start_ms", "ms", "outcome", "status", "error")
+    return [{k: a.get(k) for k in keys} for a in attempts if isinstance(a, dict)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import functools
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -45,10 +46,11 @@ from control.requests_api import FIELDS, RequestListView, row_dict
 from core.money import format_usd, format_usd_short
 from dashboard import queries
 from dashboard.access import Access, otp_required_for
-from dashboard.forms import BudgetForm, KeyCreateForm, LoginForm, MemberForm, UsageFilterForm
+from dashboard.forms import AuditFilterForm, BudgetForm, KeyCreateForm, LoginForm, MemberForm, UsageFilterForm
 from dashboard.security import LoginThrottle
 from ledger import analytics
 from ledger.models import UsageRecord
+from tenants import audit as audit_log
 from tenants import services as tenant_services
 from tenants.models import ApiKey, AuditEvent, Tenant
 
@@ -546,29 +548,77 @@ def request_detail(request: HttpRequest, access: Access, tenant: Tenant, request
     if record is None:
         raise Http404("No such request.")
     row = row_dict(record, detail=True)
+    for structured in ("timings_ms", "attempts", "route_decision"):  # shown in their own tables
+        row.pop(structured, None)
     timings = sorted(
-        (record.timings or {}).items(), key=lambda kv: -float(kv[1]) if isinstance(kv[1], int | float) else 0
+        (record.timings if isinstance(record.timings, dict) else {}).items(),
+        key=lambda kv: -float(kv[1]) if isinstance(kv[1], int | float) else 0,
     )
-    route = (record.timings or {}).get("route_decision") if isinstance(record.timings, dict) else None
-    context = _context(request, access, tenant, "usage", row=row, timings=timings, route=route)
+    context = _context(
+        request,
+        access,
+        tenant,
+        "usage",
+        row=row,
+        timings=timings,
+        route=queries.route_view(record),
+        attempts=queries.attempt_rows(record),
+    )
     return render(request, "dashboard/request.html", context)
 
 
 # --- audit and live feed --------------------------------------------------------------------------
 
 
+AUDIT_PAGE_ROWS = 100
+
+
 @tenant_page
 @require_GET
 def audit(request: HttpRequest, access: Access, tenant: Tenant) -> HttpResponse:
+    """The audit log of the tenant and its subtree, newest first, ``AUDIT_PAGE_ROWS`` a page; the
+    "older" link carries the last row's ``seq`` as the cursor, with the filters."""
     if not access.can_read_audit(tenant.pk):
         raise Http404("No such page.")
-    ids = analytics.subtree_ids(tenant.pk)
-    rows = AuditEvent.objects.filter(tenant_id__in=ids).select_related("actor", "tenant").order_by("-at", "-id")
-    action = request.GET.get("action", "").strip()
-    if action:
-        rows = rows.filter(action__startswith=action)
-    context = _context(request, access, tenant, "audit", rows=list(rows[:200]), action=action)
-    return render(request, "dashboard/audit.html", context)
+    form = AuditFilterForm(request.GET or None)
+    rows: list[AuditEvent] = []
+    older_url = newest_url = None
+    problem = None
+    if request.GET and not form.is_valid():
+        problem = "Check the filters."
+    else:
+        data = form.cleaned_data if request.GET else {}
+        since, until = data.get("since"), data.get("until")
+        events = audit_log.events(
+            since=datetime.combine(since, time.min, tzinfo=UTC) if since else None,
+            until=datetime.combine(until + timedelta(days=1), time.min, tzinfo=UTC) if until else None,
+            tenant_ids=set(analytics.subtree_ids(tenant.pk)),
+        ).select_related("actor")
+        if data.get("action"):
+            events = events.filter(action__startswith=data["action"])
+        if data.get("before"):
+            events = events.filter(seq__lt=data["before"])
+        rows = list(events.order_by("-seq")[: AUDIT_PAGE_ROWS + 1])
+        filters = {k: v for k, v in request.GET.items() if v and k in form.fields and k != "before"}
+        base = reverse("dashboard:audit", args=[tenant.slug])
+        if len(rows) > AUDIT_PAGE_ROWS:
+            rows = rows[:AUDIT_PAGE_ROWS]
+            older_url = f"{base}?{urlencode({**filters, 'before': rows[-1].seq})}"
+        if data.get("before"):
+            newest_url = f"{base}?{urlencode(filters)}" if filters else base
+    context = _context(
+        request,
+        access,
+        tenant,
+        "audit",
+        form=form,
+        rows=rows,
+        problem=problem,
+        older_url=older_url,
+        newest_url=newest_url,
+        page_rows=AUDIT_PAGE_ROWS,
+    )
+    return render(request, "dashboard/audit.html", context, status=400 if problem else 200)
 
 
 @tenant_page

@@ -11,7 +11,9 @@ positive control and a cross-tenant attempt.
 from __future__ import annotations
 
 import csv
+import html
 import io
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -154,6 +156,65 @@ def test_audit_page_is_for_owners_and_admins_of_the_subtree(world):
     assert world["key_b"].prefix in page and world["key_a"].prefix not in page
 
 
+def _seqs(response) -> list[int]:
+    return [int(n) for n in re.findall(r'data-seq="(\d+)"', response.content.decode())]
+
+
+def test_audit_page_pages_by_seq_and_filters_by_action_and_date(world):
+    for limit in range(1, 106):  # 105 more events on team-a1, one on org-b
+        services.tenant_update(world["team_a1"], rpm_limit=limit, actor_label="test")
+    services.tenant_update(world["org_b"], rpm_limit=5, actor_label="test")
+    subtree = {world["org_a"].pk, world["team_a1"].pk, world["project"].pk}
+    expected = sorted(AuditEvent.objects.filter(tenant_id__in=subtree).values_list("seq", flat=True), reverse=True)
+    assert len(expected) > 105
+    first = _get(world["alice"], "audit", "org-a")
+    assert first.status_code == 200
+    assert _seqs(first) == expected[:100]  # newest first, 100 a page
+    older = re.search(r'id="audit-older" href="([^"]+)"', first.content.decode())
+    assert older is not None and "before=" in older[1]
+    second = world["alice"].get(html.unescape(older[1]))
+    assert second.status_code == 200 and _seqs(second) == expected[100:]
+    assert b'id="audit-older"' not in second.content and b'id="audit-newest"' in second.content
+    org_b_seqs = set(AuditEvent.objects.filter(tenant=world["org_b"]).values_list("seq", flat=True))
+    assert not org_b_seqs & set(_seqs(first) + _seqs(second))
+
+    # the action prefix filter, kept by the "older" link
+    url = reverse("dashboard:audit", args=["org-a"])
+    updates = world["alice"].get(url, {"action": "tenant.update"})
+    assert len(_seqs(updates)) == 100 and b"key.issue" not in updates.content
+    link = re.search(r'id="audit-older" href="([^"]+)"', updates.content.decode())
+    assert link is not None and "action=tenant.update" in html.unescape(link[1])
+    rest = world["alice"].get(html.unescape(link[1]))
+    assert len(_seqs(rest)) == 5 and b"key.issue" not in rest.content
+    keys = world["alice"].get(url, {"action": "key."})
+    issued = AuditEvent.objects.filter(tenant_id__in=subtree, action__startswith="key.").count()
+    assert issued >= 1 and len(_seqs(keys)) == issued and b"tenant.update" not in keys.content
+
+    # the date filter (UTC days, both ends inclusive)
+    today = datetime.now(UTC).date()
+    assert _seqs(world["alice"].get(url, {"since": today, "until": today})) == expected[:100]
+    assert _seqs(world["alice"].get(url, {"since": today + timedelta(days=1)})) == []
+    assert _seqs(world["alice"].get(url, {"until": today - timedelta(days=1)})) == []
+    # bad filters: a 400 with the form's message, never a 500
+    for bad in ({"since": "yesterday"}, {"since": today, "until": today - timedelta(days=1)}, {"before": "-3"}):
+        response = world["alice"].get(url, bad)
+        assert response.status_code == 400 and b"Check the filters." in response.content, bad
+
+    # an admin sees its subtree only: team-a1's page has none of org-a's own events
+    team_page = _get(world["alice"], "audit", "team-a1")
+    team_expected = sorted(
+        AuditEvent.objects.filter(tenant_id__in=subtree - {world["org_a"].pk}).values_list("seq", flat=True),
+        reverse=True,
+    )[:100]
+    assert _seqs(team_page) == team_expected
+    # viewers and members: 404 whatever the query; another tenant's admin: 404; his own: his rows
+    for who in ("vera", "mike"):
+        assert world[who].get(url, {"action": "key."}).status_code == 404
+        assert _get(world[who], "audit", "team-a1").status_code == 404
+    assert world["charlie"].get(url, {"before": expected[0]}).status_code == 404
+    assert set(_seqs(_get(world["charlie"], "audit", "org-b"))) == org_b_seqs
+
+
 def test_pages_need_a_signed_in_user(world):
     response = Client().get(reverse("dashboard:overview", args=["org-a"]))
     assert response.status_code == 302 and response["Location"].startswith("/dashboard/login/?next=")
@@ -175,6 +236,94 @@ def test_request_detail_in_scope_only(world):
     assert _get(world["charlie"], "request", "org-b", world["a_request"]).status_code == 404
     assert _get(world["alice"], "request", "org-a", world["b_request"]).status_code == 404
     assert _get(world["mike"], "request", "team-a1", world["b_request"]).status_code == 404
+
+
+ROUTE = {
+    "policy": "team-policy",
+    "rule": "long-prompts",
+    "requested": "gpt-4o",
+    "model": "claude-sonnet",
+    "candidates": [
+        {"target": "claude-sonnet", "role": "route", "model": "claude-sonnet", "deployment": "anthropic-eu/sonnet-4"},
+        {
+            "target": "claude-sonnet",
+            "role": "route",
+            "model": "claude-sonnet",
+            "deployment": "anthropic-us/sonnet-4",
+            "skipped": "breaker open",
+        },
+        {"target": "gpt-4o", "role": "fallback", "model": "gpt-4o", "deployment": "fake-openai/gpt-4o"},
+        {"target": "mystery-model", "role": "fallback", "skipped": "unknown target"},
+    ],
+    "timeouts": {"first_byte": 2.0},
+}
+ATTEMPTS = [
+    {
+        "n": 1,
+        "deployment_id": 7,
+        "provider": "anthropic-eu",
+        "model": "sonnet-4",
+        "why": "primary",
+        "start_ms": 1.5,
+        "ms": 2000.4,
+        "outcome": "error",
+        "status": None,
+        "error": "first byte timeout",
+    },
+    {
+        "n": 2,
+        "deployment_id": 9,
+        "provider": "fake-openai",
+        "model": "gpt-4o",
+        "why": "fallback after timeout",
+        "start_ms": 2002.1,
+        "ms": 95.2,
+        "outcome": "ok",
+        "status": 200,
+        "error": "",
+    },
+]
+
+
+def test_request_detail_shows_the_route_decision_and_attempts_per_role(world):
+    row = {**_row(world["team_a1"], world["key_a"], 5_000), "route": ROUTE, "attempts": ATTEMPTS}
+    writer.write_rows([row])
+    rid = row["request_id"]
+    for who, slug in (("olivia", "org-a"), ("alice", "org-a"), ("vera", "team-a1"), ("mike", "team-a1")):
+        response = _get(world[who], "request", slug, rid)
+        assert response.status_code == 200, who
+        page = response.content.decode()
+        assert "long-prompts" in page and "team-policy" in page  # the rule and its policy
+        assert "claude-sonnet" in page  # the routed model
+        assert "skipped: breaker open" in page and "anthropic-us/sonnet-4" in page
+        assert "skipped: unknown target" in page and "mystery-model" in page
+        assert "first_byte=2.0" in page
+        assert "ok: served by fake-openai/gpt-4o" in page  # the outcome
+        # the attempts, next to the stage timings
+        assert 'id="attempts"' in page and 'id="timings"' in page
+        assert "fallback after timeout" in page and "first byte timeout" in page and "2000.4" in page
+        assert "route_decision" not in page and "{&#x27;n&#x27;" not in page  # no raw JSON dumps
+    # another tenant's admin, and a member outside the row's subtree: 404
+    assert _get(world["charlie"], "request", "org-b", rid).status_code == 404
+    assert _get(world["charlie"], "request", "org-a", rid).status_code == 404
+    # a request no policy routed says so, and has no attempts recorded
+    plain = _get(world["alice"], "request", "org-a", world["a_request"]).content.decode()
+    assert 'id="route-none"' in plain and "No upstream attempt recorded" in plain
+
+
+def test_request_detail_shows_a_rejection(world):
+    decision = {"policy": "p", "rule": "no-images", "requested": "gpt-4o", "rejected": "images are not allowed"}
+    row = {
+        **_row(world["org_a"], None, 0, status="rejected", http_status=400),
+        "route": decision,
+        "served_model": "",
+        "provider": "",
+    }
+    writer.write_rows([row])
+    page = _get(world["alice"], "request", "org-a", row["request_id"]).content.decode()
+    assert "rejected by the rule: images are not allowed" in page and "no-images" in page
+    assert "No candidates" in page
+    assert _get(world["mike"], "request", "team-a1", row["request_id"]).status_code == 404  # org-a's row
 
 
 # --- usage explorer and CSV -------------------------------------------------------------------------
