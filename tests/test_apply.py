@@ -267,6 +267,37 @@ def test_export_round_trip_is_a_no_op(db, tmp_path, env):
     assert "no changes" in out.getvalue()
 
 
+def test_require_otp_applies_audits_and_round_trips(db, tmp_path, env):
+    on = BASE.replace("    rpm: 10\n", "    rpm: 10\n    require_otp: true\n")
+    assert on != BASE
+    run(tmp_path, on)
+    org, team = Tenant.objects.get(slug="org"), Tenant.objects.get(slug="team")
+    assert team.require_otp and not org.require_otp
+    # export writes it where set (and only there), and the exported file applies as a no-op
+    exported = tmp_path / "exported.yaml"
+    call_command("export", "-o", str(exported), stdout=io.StringIO(), stderr=io.StringIO())
+    data = yaml.safe_load(exported.read_text())
+    by_slug = {t["slug"]: t for t in data["tenants"]}
+    assert by_slug["team"]["require_otp"] is True and "require_otp" not in by_slug["org"]
+    before = AuditEvent.objects.count()
+    out = io.StringIO()
+    call_command("apply", "-f", str(exported), stdout=out, stderr=io.StringIO())
+    assert "no changes" in out.getvalue() and AuditEvent.objects.count() == before
+    # the file is explicit: without the line, apply turns it off again, through the audited service
+    text = run(tmp_path, BASE)
+    assert "~ update tenant team: require_otp True -> False" in text
+    assert not Tenant.objects.get(slug="team").require_otp
+    event = AuditEvent.objects.filter(action="tenant.update", target="team", actor_label="apply").latest("seq")
+    assert "require_otp" in str(event.data)
+    # a bad value names the file, the path and the problem
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(BASE.replace("    rpm: 10\n", "    rpm: 10\n    require_otp: sometimes\n"))
+    with pytest.raises(schema.ConfigError) as exc:
+        load.load_file(str(bad))
+    [message] = exc.value.errors
+    assert message.startswith(f"{bad}: tenants[1].require_otp: must be true or false"), message
+
+
 def test_example_file_applies_and_round_trips(db, tmp_path, env):
     out = io.StringIO()
     call_command("apply", "-f", str(EXAMPLE), stdout=out, stderr=io.StringIO())

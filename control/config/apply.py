@@ -371,6 +371,7 @@ class _Applier:
                 "tpm_limit": spec.tpm,
                 "allowed_models": list(spec.allowed_models),
                 "is_active": spec.active,
+                "require_otp": spec.require_otp,
                 "cache_enabled": spec.cache.enabled if spec.cache is not None else None,
                 "cache_scope": spec.cache.scope if spec.cache is not None else "tenant",
             }

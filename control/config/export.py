@@ -151,6 +151,7 @@ def export() -> dict[str, Any]:
         if t.allowed_models:
             item["allowed_models"] = list(t.allowed_models)
         _put_if(item, "active", t.is_active, True)
+        _put_if(item, "require_otp", t.require_otp, False)
         if t.cache_enabled is not None or t.cache_scope != "tenant":
             cache: dict[str, Any] = {}
             _put_if(cache, "enabled", t.cache_enabled, None)

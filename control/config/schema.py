@@ -296,6 +296,7 @@ class TenantSpec(_Spec):
     tpm: PositiveInt | None = None
     allowed_models: list[Name] = []
     active: bool = True
+    require_otp: bool = False  # dashboard users of this tenant and its subtree need a TOTP second factor
     cache: TenantCacheSpec | None = None
     budgets: list[BudgetSpec] = []
 
