@@ -224,11 +224,14 @@ def route_view(record: UsageRecord) -> RouteView | None:
     decision = record.route if isinstance(record.route, dict) else {}
     if not decision:
         return None
-    served = "/".join(p for p in (record.provider, record.served_model) if p)
+    # ``served``/``outcome``: what dispatch did with the decision (gateway.pipeline.record); rows
+    # written before those keys existed fall back to the ledger row's provider and model.
+    served = _text(decision.get("served")) or "/".join(p for p in (record.provider, record.served_model) if p)
+    how = _text(decision.get("outcome"))  # primary, or fallback:N
     if decision.get("rejected"):
         outcome = f"rejected by the rule: {_text(decision['rejected'])}"
     elif served:
-        outcome = f"{record.status}: served by {served}"
+        outcome = f"{record.status}: served by {served}" + (f" ({how})" if how else "")
     else:
         outcome = f"{record.status}: no upstream answered"
     candidates = [

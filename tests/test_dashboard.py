@@ -256,6 +256,8 @@ ROUTE = {
         {"target": "mystery-model", "role": "fallback", "skipped": "unknown target"},
     ],
     "timeouts": {"first_byte": 2.0},
+    "served": "fake-openai/gpt-4o",
+    "outcome": "fallback:2",
 }
 ATTEMPTS = [
     {
@@ -298,7 +300,7 @@ def test_request_detail_shows_the_route_decision_and_attempts_per_role(world):
         assert "skipped: breaker open" in page and "anthropic-us/sonnet-4" in page
         assert "skipped: unknown target" in page and "mystery-model" in page
         assert "first_byte=2.0" in page
-        assert "ok: served by fake-openai/gpt-4o" in page  # the outcome
+        assert "ok: served by fake-openai/gpt-4o (fallback:2)" in page  # the outcome
         # the attempts, next to the stage timings
         assert 'id="attempts"' in page and 'id="timings"' in page
         assert "fallback after timeout" in page and "first byte timeout" in page and "2000.4" in page
