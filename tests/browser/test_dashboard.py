@@ -23,6 +23,7 @@ from playwright.sync_api import Page, expect
 
 from budgets import services as budget_services
 from control.models import TenantMembership
+from gateway import policies
 from ledger.models import UsageRecord
 from tenants import services
 from tenants.models import ApiKey
@@ -67,6 +68,7 @@ def test_owner_signs_in_with_totp_manages_keys_watches_the_feed_and_downloads_us
     device = TOTPDevice.objects.create(user=lee, name="phone", confirmed=True)
     budget_services.budget_set(tenant=team, period="month", limit_micro=5_000_000, actor_label="test")
     _, team_key = services.key_issue(tenant=team, name="search-api", actor_label="test")
+    policies.policy_put(name="acme-routing", rules=[{"name": "all-to-gpt-4o", "route": "gpt-4o"}], tenant=acme)
     for _ in range(3):
         chat(app_server, team_key)
     exact_usage(team, 3, settle=0)
@@ -123,9 +125,13 @@ def test_owner_signs_in_with_totp_manages_keys_watches_the_feed_and_downloads_us
     ledger = UsageRecord.objects.filter(tenant_id=team.pk, requested_model="gpt-4o").aggregate(s=Sum("cost_micro"))["s"]
     assert len(rows) == 4 and sum(int(r["cost_micro"]) for r in rows) == ledger > 0
 
-    # A request's detail: stage timings.
+    # A request's detail: stage timings, the upstream attempts and the routing policy's decision.
     page.click(f"#usage a:has-text('{request_id}')")
     expect(page.locator("#timings")).to_be_visible()
+    expect(page.locator("#attempts tbody tr")).to_have_count(1)
+    expect(page.locator("#attempts")).to_contain_text("primary")
+    expect(page.locator("#route-summary")).to_contain_text("all-to-gpt-4o")
+    expect(page.locator("#route-outcome")).to_contain_text("served by")
     shot(page, "request")
     page.goto("/dashboard/t/acme/tree/")
     expect(page.locator("#tree")).to_contain_text("acme-ads")
