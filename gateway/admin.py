@@ -192,7 +192,17 @@ class DeploymentInline(admin.TabularInline):
 
 class PriceInline(admin.TabularInline):
     model = Price
-    fields = ["effective_from", "input_per_mtok", "cached_input_per_mtok", "cache_write_per_mtok", "output_per_mtok"]
+    fields = [
+        "effective_from",
+        "input_per_mtok",
+        "cached_input_per_mtok",
+        "cache_write_per_mtok",
+        "output_per_mtok",
+        "per_image",
+        "image_prices",
+        "audio_per_minute",
+        "per_mchars",
+    ]
     extra = 0
 
 

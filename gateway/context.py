@@ -35,7 +35,7 @@ class Responder(Protocol):
 @dataclass(slots=True)
 class RequestContext:
     request_id: str
-    endpoint: str  # chat | completions | embeddings | messages | responses
+    endpoint: str  # chat | completions | embeddings | messages | responses | images | ... (docs/media.md)
     started: float = field(default_factory=time.perf_counter)
     created_at: float = field(default_factory=time.time)
     body: dict[str, Any] = field(default_factory=dict)
@@ -70,6 +70,7 @@ class RequestContext:
     cache_items: list[dict[str, Any]] | None = None  # a streamed miss's items, recorded as relayed
     saved_micro: int = 0  # a hit: what the answer would have cost
     estimated_prompt_tokens: int = 0
+    most_units: Usage | None = None  # the most images, audio and characters it may bill (reserved)
     output_text_chars: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*

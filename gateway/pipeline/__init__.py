@@ -1,11 +1,12 @@
 """The request pipeline: every ``/v1`` route, one stage after another.
 
-``run`` serves chat completions, legacy completions, embeddings, Anthropic messages and the
-Responses API; what differs between them is the wire format (``gateway.formats``), passed in as
-``wire``. A request carries its ``RequestContext`` from stage to stage; stages never call each
-other. A format whose answers the gateway keeps (the Responses API) also loads its stored state
-after authenticate (``wire.prepare``) and stores each complete answer before the client sees it
-(``wire.complete``, ``wire.watch_stream``).
+``run`` serves chat completions, legacy completions, embeddings, Anthropic messages, the
+Responses API and the media routes (images, audio, moderations: docs/media.md); what differs
+between them is the wire format (``gateway.formats``), passed in as ``wire``. A request carries
+its ``RequestContext`` from stage to stage; stages never call each other. A format whose answers
+the gateway keeps (the Responses API) also loads its stored state after authenticate
+(``wire.prepare``) and stores each complete answer before the client sees it (``wire.complete``,
+``wire.watch_stream``).
 
  1. parse          gateway.pipeline.parse         JSON body, model, the format's checks
  2. authenticate   gateway.pipeline.authenticate  key by prefix + HMAC, cached with its tenant chain
@@ -52,9 +53,11 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
         await wire.prepare(ctx)  # the Responses API: the stored conversation (previous_response_id)
         await route.resolve(ctx, wire.kinds)
         ctx.estimated_prompt_tokens = wire.prompt_tokens(ctx)
+        ctx.most_units = wire.most_units(ctx)
         most_output = wire.max_output_tokens(ctx)
         await limit.run(ctx, most_output)
-        await cache.lookup(ctx, responder.headers)
+        if wire.cacheable:
+            await cache.lookup(ctx, responder.headers)
         if not ctx.cache_hit:
             await reserve.run(ctx, most_output)
     except GatewayError as err:

@@ -12,6 +12,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -20,7 +21,7 @@ from django.utils import timezone
 from core import invalidation
 from core.money import PriceInfo
 from gateway.errors import ServiceUnavailable
-from gateway.models import LLMModel, Provider
+from gateway.models import LLMModel, Price, Provider
 from gateway.providers.base import BreakerSettings, ProviderConfig
 
 
@@ -112,6 +113,26 @@ def breaker_settings(provider: Provider) -> BreakerSettings:
     )
 
 
+def price_info(price: Price) -> PriceInfo:
+    """A price row as the pipeline reads it: the cache prices filled in (empty means the input
+    price), the per-unit prices of the media routes with it."""
+    return PriceInfo(
+        effective_from=price.effective_from,
+        input_per_mtok=price.input_per_mtok,
+        cached_input_per_mtok=price.cached_input_per_mtok
+        if price.cached_input_per_mtok is not None
+        else price.input_per_mtok,
+        cache_write_per_mtok=price.cache_write_per_mtok
+        if price.cache_write_per_mtok is not None
+        else price.input_per_mtok,
+        output_per_mtok=price.output_per_mtok,
+        per_image=price.per_image,
+        image_prices=tuple((str(k), Decimal(str(v))) for k, v in sorted((price.image_prices or {}).items())),
+        audio_per_minute=price.audio_per_minute,
+        per_mchars=price.per_mchars,
+    )
+
+
 def load_route_table() -> RouteTable:
     """Build the snapshot from the database (synchronous; call off the event loop)."""
     table = RouteTable(loaded_at=time.monotonic())
@@ -128,18 +149,7 @@ def load_route_table() -> RouteTable:
             for d in model.deployments.all()
             if d.is_active and d.provider.is_active
         )
-        prices = tuple(
-            PriceInfo(
-                effective_from=p.effective_from,
-                input_per_mtok=p.input_per_mtok,
-                cached_input_per_mtok=p.cached_input_per_mtok
-                if p.cached_input_per_mtok is not None
-                else p.input_per_mtok,
-                cache_write_per_mtok=p.cache_write_per_mtok if p.cache_write_per_mtok is not None else p.input_per_mtok,
-                output_per_mtok=p.output_per_mtok,
-            )
-            for p in sorted(model.prices.all(), key=lambda p: p.effective_from, reverse=True)
-        )
+        prices = tuple(price_info(p) for p in sorted(model.prices.all(), key=lambda p: p.effective_from, reverse=True))
         route = ModelRoute(
             id=model.pk,
             name=model.name,
