@@ -548,9 +548,10 @@ def multipart_form(raw: bytes, content_type: str) -> dict[str, Any]:
         b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
     )
     form: dict[str, Any] = {}
-    for part in message.iter_parts():  # type: ignore[attr-defined]
-        name = part.get_param("name", header="content-disposition")
+    for part in message.iter_parts():
+        name = str(part.get_param("name", header="content-disposition"))
         payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
         filename = part.get_filename()
         value: Any = (filename, payload, part.get_content_type()) if filename else payload.decode()
         if name in form:
