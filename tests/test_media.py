@@ -1,0 +1,331 @@
+"""The media routes, driven by the official openai SDK: images (generations and edits), audio
+transcriptions (a real WAV made here) and speech (streamed to a file), moderations; their prices
+per image, minute and character; ledger rows and cost headers; hard budgets under concurrency."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import struct
+import wave
+from concurrent.futures import ThreadPoolExecutor
+from decimal import Decimal
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import add_model, exact_usage, wait_usage
+from tests.fakes.openai_upstream import FakeOpenAI
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_wav(seconds: float, rate: int = 16_000) -> bytes:
+    """A real mono 16-bit WAV file of a 440 Hz tone."""
+    frames = int(rate * seconds)
+    out = io.BytesIO()
+    with wave.open(out, "wb") as writer:
+        writer.setnchannels(1)
+        writer.setsampwidth(2)
+        writer.setframerate(rate)
+        writer.writeframes(struct.pack(f"<{frames}h", *(int(9000 * math.sin(i / 5)) for i in range(frames))))
+    return out.getvalue()
+
+
+def set_price(model, **fields) -> None:
+    price = model.prices.get()
+    for name, value in fields.items():
+        setattr(price, name, value)
+    price.save()
+
+
+@pytest.fixture
+def media(upstream: FakeOpenAI) -> FakeOpenAI:
+    """Image, transcription, speech and moderation models on the fake OpenAI upstream, priced per unit."""
+    from gateway.models import Provider
+
+    provider = Provider.objects.get(slug="fake-openai")
+    zero = ("0", "0", "0")
+    dalle = add_model("dall-e-3", provider, kind="image", prices=zero)
+    set_price(
+        dalle,
+        per_image=Decimal("0.04"),
+        image_prices={"1024x1024/standard": "0.04", "1024x1024/hd": "0.08", "1792x1024/hd": "0.12"},
+    )
+    gpt_image = add_model("gpt-image-1", provider, kind="image", prices=zero)
+    set_price(
+        gpt_image,
+        image_prices={"1024x1024/low": "0.011", "1024x1024/high": "0.167", "1536x1024/high": "0.25"},
+    )
+    set_price(add_model("whisper-1", provider, kind="transcription", prices=zero), audio_per_minute=Decimal("0.006"))
+    set_price(add_model("tts-1", provider, kind="speech", prices=zero), per_mchars=Decimal("15.00"))
+    add_model("omni-moderation-latest", provider, kind="moderation", prices=("0.10", "0.10", "0"))
+    return upstream
+
+
+# --- images -----------------------------------------------------------------------------------
+
+
+def test_image_generation_b64_priced_by_size_and_quality(media, openai_client, tenant_key):
+    res = openai_client.images.with_raw_response.generate(
+        model="dall-e-3", prompt="a lighthouse", n=2, size="1024x1024", quality="hd", response_format="b64_json"
+    )
+    result = res.parse()
+    assert len(result.data) == 2
+    assert base64.b64decode(result.data[0].b64_json).startswith(PNG_SIGNATURE)
+    sent = media.requests[-1]
+    assert sent.path == "/v1/images/generations"
+    assert sent.body["model"] == "dall-e-3" and sent.body["n"] == 2 and sent.body["quality"] == "hd"
+    assert res.headers["x-chittycan-cost"] == "0.160000"  # 2 x $0.08
+    [row] = exact_usage(tenant_key[0], 1)
+    assert (row.endpoint, row.cost_micro, row.status, row.requested_model) == ("images", 160_000, "ok", "dall-e-3")
+
+
+def test_image_generation_url_and_default_price(media, openai_client, tenant_key):
+    res = openai_client.images.with_raw_response.generate(
+        model="dall-e-3", prompt="a cat", size="1024x1792", quality="standard", response_format="url"
+    )
+    assert res.parse().data[0].url == "https://images.fake.example/img-0.png"
+    # 1024x1792 has no entry of its own: the model's default price per image.
+    assert res.headers["x-chittycan-cost"] == "0.040000"
+    [row] = exact_usage(tenant_key[0], 1)
+    assert row.cost_micro == 40_000
+
+
+def test_gpt_image_auto_size_is_settled_at_what_the_upstream_made(media, openai_client, tenant_key):
+    res = openai_client.images.with_raw_response.generate(model="gpt-image-1", prompt="a map", size="auto")
+    assert res.parse().data[0].b64_json
+    assert res.headers["x-chittycan-cost"] == "0.167000"  # the answer says 1024x1024, high
+    [row] = exact_usage(tenant_key[0], 1)
+    assert row.cost_micro == 167_000
+
+
+def test_auto_size_reserves_the_dearest_picture(media, gateway_server, make_tenant, make_key):
+    """$0.20 would pay for the 1024x1024 high the model will make ($0.167), but not for the
+    1536x1024 high it might ($0.25): refused before the call, nothing reaches the upstream."""
+    from budgets import services
+
+    tenant = make_tenant("tight")
+    services.budget_set(tenant=tenant, period="month", limit_micro=200_000, hard=True)
+    client = openai.OpenAI(base_url=f"{gateway_server.url}/v1", api_key=make_key(tenant), max_retries=0)
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.images.generate(model="gpt-image-1", prompt="a map", size="auto")
+    assert exc.value.status_code == 402 and exc.value.code == "insufficient_quota"
+    assert "may cost up to $0.25" in exc.value.message
+    assert media.requests == []
+    # A size and quality named: reserved at their price, admitted.
+    client.images.generate(model="gpt-image-1", prompt="a map", size="1024x1024", quality="high")
+    [row] = exact_usage(tenant, 1)
+    assert row.cost_micro == 167_000
+
+
+def test_image_edit_multipart(media, openai_client, tenant_key):
+    picture = FakeOpenAI.PNG
+    res = openai_client.images.with_raw_response.edit(
+        model="gpt-image-1",
+        image=("in.png", picture, "image/png"),
+        prompt="add a hat",
+        size="1024x1024",
+        quality="low",
+    )
+    assert res.parse().data[0].b64_json
+    sent = media.requests[-1]
+    assert sent.path == "/v1/images/edits"
+    assert sent.body["image"] == ("in.png", picture, "image/png")  # the file's bytes, unchanged
+    assert sent.body["prompt"] == "add a hat" and sent.body["model"] == "gpt-image-1"
+    assert res.headers["x-chittycan-cost"] == "0.011000"
+    [row] = exact_usage(tenant_key[0], 1)
+    assert (row.endpoint, row.cost_micro) == ("images", 11_000)
+
+
+def test_image_errors_in_the_openai_envelope(media, gateway_server, tenant_key):
+    url = f"{gateway_server.url}/v1/images/generations"
+    auth = {"authorization": f"Bearer {tenant_key[1]}"}
+    for body, param in (
+        ({"model": "dall-e-3"}, "prompt"),
+        ({"model": "dall-e-3", "prompt": "x", "n": 11}, "n"),
+        ({"model": "dall-e-3", "prompt": "x", "response_format": "gif"}, "response_format"),
+        ({"model": "gpt-4o", "prompt": "x"}, None),  # a chat model does not draw
+    ):
+        res = httpx.post(url, json=body, headers=auth)
+        assert res.status_code in (400, 404), (body, res.text)
+        error = res.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
+        if param:
+            assert error["param"] == param
+    edit = httpx.post(f"{gateway_server.url}/v1/images/edits", json={"model": "gpt-image-1"}, headers=auth)
+    assert edit.status_code == 400 and edit.json()["error"]["code"] == "invalid_content_type"
+    assert media.requests == []
+
+
+# --- audio ------------------------------------------------------------------------------------
+
+
+def test_transcription_of_a_real_wav(media, openai_client, tenant_key):
+    audio = make_wav(1.5)
+    res = openai_client.audio.transcriptions.with_raw_response.create(
+        model="whisper-1", file=("hello.wav", audio, "audio/wav"), language="en"
+    )
+    assert res.parse().text == "Transcribed hello.wav."
+    sent = media.requests[-1]
+    assert sent.path == "/v1/audio/transcriptions"
+    assert sent.body["file"] == ("hello.wav", audio, "audio/wav") and sent.body["language"] == "en"
+    assert sent.headers["content-type"].startswith("multipart/form-data")
+    # The upstream bills 2 whole seconds at $0.006 a minute: $0.0002.
+    assert res.headers["x-chittycan-cost"] == "0.000200"
+    [row] = exact_usage(tenant_key[0], 1)
+    assert (row.endpoint, row.cost_micro, row.usage_source) == ("transcriptions", 200, "upstream")
+
+
+def test_transcription_verbose_json(media, openai_client):
+    result = openai_client.audio.transcriptions.create(
+        model="whisper-1", file=("a.wav", make_wav(0.5), "audio/wav"), response_format="verbose_json"
+    )
+    assert result.duration == 0.5 and result.text == "Transcribed a.wav."
+
+
+def test_transcription_limits_and_errors(media, gateway_server, openai_client, tenant_key, settings):
+    settings.CHITTYCAN_MAX_AUDIO_BYTES = 10_000
+    with pytest.raises(openai.APIStatusError) as exc:
+        openai_client.audio.transcriptions.create(model="whisper-1", file=("big.wav", make_wav(1.0), "audio/wav"))
+    assert exc.value.status_code == 413 and exc.value.code == "request_too_large"
+    assert "10000 byte limit" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as bad:
+        openai_client.audio.transcriptions.create(
+            model="whisper-1", file=("a.wav", make_wav(0.1), "audio/wav"), response_format="srt"
+        )
+    assert bad.value.body["param"] == "response_format"
+    url = f"{gateway_server.url}/v1/audio/transcriptions"
+    auth = {"authorization": f"Bearer {tenant_key[1]}"}
+    as_json = httpx.post(url, json={"model": "whisper-1"}, headers=auth)
+    assert as_json.status_code == 400 and as_json.json()["error"]["code"] == "invalid_content_type"
+    no_file = httpx.post(url, data={"model": "whisper-1"}, files={"x": ("n.txt", b"")}, headers=auth)
+    assert no_file.status_code == 400 and no_file.json()["error"]["param"] == "file"
+    assert media.requests == []
+
+
+def test_speech_streamed_to_a_file(media, openai_client, tenant_key, tmp_path):
+    text = "Hello from the gateway."
+    target = tmp_path / "speech.mp3"
+    with openai_client.audio.speech.with_streaming_response.create(model="tts-1", voice="alloy", input=text) as res:
+        assert res.headers["content-type"] == "audio/mpeg"
+        assert res.headers["x-chittycan-cost"] == f"{Decimal(15 * len(text)) / 1_000_000:.6f}"
+        res.stream_to_file(target)
+    assert target.read_bytes() == FakeOpenAI.speech_audio({"input": text})  # every byte, in order
+    assert media.requests[-1].body == {"model": "tts-1", "voice": "alloy", "input": text}
+    [row] = exact_usage(tenant_key[0], 1)
+    assert (row.endpoint, row.cost_micro, row.stream, row.status) == ("speech", 15 * len(text), True, "ok")
+
+
+def test_speech_errors(media, openai_client):
+    with pytest.raises(openai.BadRequestError) as exc:
+        openai_client.audio.speech.create(model="tts-1", voice="alloy", input="")
+    assert exc.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError) as exc:
+        openai_client.audio.speech.create(model="tts-1", voice="alloy", input="x" * 4097)
+    assert exc.value.body["param"] == "input"
+    assert media.requests == []
+
+
+# --- moderations ------------------------------------------------------------------------------
+
+
+def test_moderations(media, openai_client, tenant_key):
+    res = openai_client.moderations.with_raw_response.create(input=["I will kill the process", "good morning"])
+    result = res.parse()
+    assert [r.flagged for r in result.results] == [True, False]
+    assert result.results[0].categories.violence is True
+    assert media.requests[-1].body["model"] == "omni-moderation-latest"  # the API's default model
+    [row] = exact_usage(tenant_key[0], 1)
+    assert row.endpoint == "moderations" and row.prompt_tokens > 0 and row.usage_source == "estimated"
+    assert res.headers["x-chittycan-cost"] == f"{Decimal(row.cost_micro) / 1_000_000:.6f}"
+
+
+# --- the mock provider serves them all offline -------------------------------------------------
+
+
+def test_mock_provider_serves_every_media_route(transactional_db, gateway_server, tenant_key, tmp_path):
+    from gateway.models import Provider
+
+    mock = Provider.objects.create(slug="mock-media", kind="mock")
+    set_price(add_model("mock-image", mock, kind="image", prices=("0", "0", "0")), per_image=Decimal("0.01"))
+    set_price(
+        add_model("mock-whisper", mock, kind="transcription", prices=("0", "0", "0")), audio_per_minute=Decimal("0.6")
+    )
+    set_price(add_model("mock-tts", mock, kind="speech", prices=("0", "0", "0")), per_mchars=Decimal("30"))
+    add_model("mock-moderation", mock, kind="moderation", prices=("0", "0", "0"))
+    client = openai.OpenAI(base_url=f"{gateway_server.url}/v1", api_key=tenant_key[1], max_retries=0)
+
+    image = client.images.generate(model="mock-image", prompt="a boat", size="1024x1024", n=2)
+    assert len(image.data) == 2 and base64.b64decode(image.data[1].b64_json).startswith(PNG_SIGNATURE)
+    edited = client.images.edit(model="mock-image", image=("a.png", FakeOpenAI.PNG, "image/png"), prompt="sails")
+    assert base64.b64decode(edited.data[0].b64_json).startswith(PNG_SIGNATURE)
+    text = client.audio.transcriptions.create(model="mock-whisper", file=("memo.wav", make_wav(2.0), "audio/wav"))
+    assert text.text == "This is the mock transcript of memo.wav, 2 seconds of audio."
+    with client.audio.speech.with_streaming_response.create(
+        model="mock-tts", voice="alloy", input="Hi there", response_format="wav"
+    ) as res:
+        assert res.headers["content-type"] == "audio/wav"
+        res.stream_to_file(tmp_path / "hi.wav")
+    with wave.open(str(tmp_path / "hi.wav"), "rb") as spoken:
+        assert spoken.getnframes() / spoken.getframerate() == pytest.approx(0.4)  # 50 ms per character
+    verdict = client.moderations.create(model="mock-moderation", input="I hate mondays")
+    assert verdict.results[0].flagged and verdict.results[0].categories.hate
+    rows = {r.endpoint: r for r in exact_usage(tenant_key[0], 5)}
+    assert rows["transcriptions"].cost_micro == 20_000  # 2 s at $0.60 a minute
+    assert rows["speech"].cost_micro == 30 * len("Hi there")
+    assert sorted(r.cost_micro for r in wait_usage(5, tenant_id=tenant_key[0].pk) if r.endpoint == "images") == [
+        10_000,
+        20_000,
+    ]
+
+
+# --- hard budgets under concurrency -------------------------------------------------------------
+
+
+def test_hard_budget_holds_for_images_and_audio_under_concurrency(media, gateway_server, make_tenant, make_key):
+    """50 concurrent requests (images at $0.04, 10-second transcriptions at $0.10) under a $1.00
+    hard budget: the admitted ones spend at most $1.00, each has one ledger row, the refused ones
+    are 402s that never reached the upstream."""
+    from budgets import services
+    from ledger.models import UsageRecord
+
+    set_price(media_model("whisper-1"), audio_per_minute=Decimal("0.60"))
+    tenant = make_tenant("crowd")
+    services.budget_set(tenant=tenant, period="month", limit_micro=1_000_000, hard=True)
+    key = make_key(tenant)
+    client = openai.OpenAI(base_url=f"{gateway_server.url}/v1", api_key=key, max_retries=0, timeout=60)
+    wav = make_wav(10.0, rate=8000)
+
+    def one(i: int) -> int:
+        try:
+            if i % 2:
+                client.audio.transcriptions.create(model="whisper-1", file=(f"{i}.wav", wav, "audio/wav"))
+            else:
+                client.images.generate(model="dall-e-3", prompt=f"p{i}", size="1024x1024", quality="standard")
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 402 and exc.code == "insufficient_quota", exc.message
+            return 402
+        return 200
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        statuses = list(pool.map(one, range(50)))
+    admitted = statuses.count(200)
+    assert admitted and statuses.count(402) == 50 - admitted
+    rows = exact_usage(tenant, admitted)
+    assert len(rows) == admitted == len(media.requests)  # one row each; the refused never left
+    spent = sum(r.cost_micro for r in rows)
+    assert spent <= 1_000_000
+    assert {r.cost_micro for r in rows} <= {40_000, 100_000}
+    assert spent == sum(40_000 if r.endpoint == "images" else 100_000 for r in rows)
+    assert UsageRecord.objects.filter(tenant=tenant, status="ok").count() == admitted
+    # The budget was the limit: nothing more of either fits.
+    assert 1_000_000 - spent < 100_000 or statuses.count(402) == 0
+
+
+def media_model(name: str):
+    from gateway.models import LLMModel
+
+    return LLMModel.objects.get(name=name)
