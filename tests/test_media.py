@@ -196,7 +196,7 @@ def test_transcription_limits_and_errors(media, gateway_server, openai_client, t
         openai_client.audio.transcriptions.create(
             model="whisper-1", file=("a.wav", make_wav(0.1), "audio/wav"), response_format="srt"
         )
-    assert bad.value.body["param"] == "response_format"
+    assert bad.value.param == "response_format"
     url = f"{gateway_server.url}/v1/audio/transcriptions"
     auth = {"authorization": f"Bearer {tenant_key[1]}"}
     as_json = httpx.post(url, json={"model": "whisper-1"}, headers=auth)
@@ -222,10 +222,10 @@ def test_speech_streamed_to_a_file(media, openai_client, tenant_key, tmp_path):
 def test_speech_errors(media, openai_client):
     with pytest.raises(openai.BadRequestError) as exc:
         openai_client.audio.speech.create(model="tts-1", voice="alloy", input="")
-    assert exc.value.body["param"] == "input"
+    assert exc.value.param == "input"
     with pytest.raises(openai.BadRequestError) as exc:
         openai_client.audio.speech.create(model="tts-1", voice="alloy", input="x" * 4097)
-    assert exc.value.body["param"] == "input"
+    assert exc.value.param == "input"
     assert media.requests == []
 
 
@@ -259,9 +259,10 @@ def test_mock_provider_serves_every_media_route(transactional_db, gateway_server
     client = openai.OpenAI(base_url=f"{gateway_server.url}/v1", api_key=tenant_key[1], max_retries=0)
 
     image = client.images.generate(model="mock-image", prompt="a boat", size="1024x1024", n=2)
-    assert len(image.data) == 2 and base64.b64decode(image.data[1].b64_json).startswith(PNG_SIGNATURE)
+    assert image.data is not None and len(image.data) == 2
+    assert base64.b64decode(image.data[1].b64_json or "").startswith(PNG_SIGNATURE)
     edited = client.images.edit(model="mock-image", image=("a.png", FakeOpenAI.PNG, "image/png"), prompt="sails")
-    assert base64.b64decode(edited.data[0].b64_json).startswith(PNG_SIGNATURE)
+    assert edited.data is not None and base64.b64decode(edited.data[0].b64_json or "").startswith(PNG_SIGNATURE)
     text = client.audio.transcriptions.create(model="mock-whisper", file=("memo.wav", make_wav(2.0), "audio/wav"))
     assert text.text == "This is the mock transcript of memo.wav, 2 seconds of audio."
     with client.audio.speech.with_streaming_response.create(
