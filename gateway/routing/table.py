@@ -197,8 +197,12 @@ def invalidate() -> None:
 _DEV_MOCK = ProviderConfig(id=0, slug="dev-mock", kind="mock", base_url="")
 
 
+_OLLAMA_KINDS = ("chat", "completion", "embedding")
+
+
 def dev_route(name: str, known: ModelRoute | None) -> ModelRoute | None:
-    """Dev mode: a catalogue model goes to Ollama when OLLAMA_BASE_URL is set, otherwise to the mock.
+    """Dev mode: a catalogue model goes to Ollama when OLLAMA_BASE_URL is set, otherwise to the mock
+    (the media models, images, audio and moderations, always to the mock: Ollama serves none of them).
 
     Prices stay those of the model asked for, so a team sees what it would cost. A name the
     catalogue does not know (neither a model nor an alias) is ``None``, the same 404
@@ -207,7 +211,7 @@ def dev_route(name: str, known: ModelRoute | None) -> ModelRoute | None:
     """
     if known is None and not settings.CHITTYCAN_DEV_ACCEPT_ANY_MODEL:
         return None
-    if settings.OLLAMA_BASE_URL:
+    if settings.OLLAMA_BASE_URL and (known is None or known.kind in _OLLAMA_KINDS):
         provider = ProviderConfig(id=0, slug="dev-ollama", kind="ollama", base_url=settings.OLLAMA_BASE_URL)
         deployment = DeploymentRoute(id=None, provider=provider, upstream_model=settings.CHITTYCAN_DEV_OLLAMA_MODEL)
     else:
