@@ -15,6 +15,9 @@ from decimal import Decimal
 import httpx
 import openai
 import pytest
+import yaml
+from django.core.management import call_command
+from django.core.management.base import CommandError
 
 from tests.conftest import add_model, exact_usage, wait_usage
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -330,3 +333,67 @@ def media_model(name: str):
     from gateway.models import LLMModel
 
     return LLMModel.objects.get(name=name)
+
+
+# --- prices as configuration (can apply / can export) ------------------------------------------
+
+MEDIA_CONFIG = """
+providers:
+  - slug: up
+    kind: openai
+    base_url: https://up.example/v1
+models:
+  - name: pix
+    kind: image
+    deployments: [{provider: up, upstream_model: dall-e-3}]
+    prices:
+      - effective_from: "2025-01-01"
+        per_image: "0.04"
+        image_prices: {"1024x1024/hd": "0.08", "1792x1024": "0.12"}
+  - name: ears
+    kind: transcription
+    deployments: [{provider: up, upstream_model: whisper-1}]
+    prices:
+      - effective_from: "2025-01-01"
+        audio_per_minute: "0.006"
+  - name: voice
+    kind: speech
+    deployments: [{provider: up, upstream_model: tts-1}]
+    prices:
+      - effective_from: "2025-01-01"
+        per_mchars: "15"
+      - effective_from: "2026-01-01"
+        per_mchars: "12.5"
+"""
+
+
+def test_media_prices_apply_and_export(transactional_db, tmp_path):
+    from gateway.models import LLMModel, Price
+    from gateway.routing.table import price_info
+
+    path = tmp_path / "chittycan.yaml"
+    path.write_text(MEDIA_CONFIG)
+    call_command("apply", "-f", str(path), stdout=io.StringIO(), stderr=io.StringIO())
+    assert LLMModel.objects.get(name="pix").kind == "image"
+    pix = price_info(Price.objects.get(model__name="pix"))
+    assert pix.image_price("1024x1024/hd") == Decimal("0.08")
+    assert pix.image_price("1792x1024/standard") == Decimal("0.12")  # the size's entry
+    assert pix.image_price("512x512/standard") == Decimal("0.04")  # the default
+    assert pix.image_price("*") == Decimal("0.12")
+    assert Price.objects.get(model__name="ears").audio_per_minute == Decimal("0.006")
+    voice = sorted(Price.objects.filter(model__name="voice"), key=lambda p: p.effective_from)
+    assert [p.per_mchars for p in voice] == [Decimal(15), Decimal("12.5")]  # effective dates kept
+
+    exported = tmp_path / "out.yaml"
+    call_command("export", "-o", str(exported), stdout=io.StringIO(), stderr=io.StringIO())
+    models = {m["name"]: m for m in yaml.safe_load(exported.read_text())["models"]}
+    assert models["pix"]["prices"][0]["image_prices"] == {"1024x1024/hd": "0.08", "1792x1024": "0.12"}
+    assert models["pix"]["prices"][0]["per_image"] == "0.04"
+    assert models["ears"]["prices"][0]["audio_per_minute"] == "0.006"
+    assert [p["per_mchars"] for p in models["voice"]["prices"]] == ["15.00", "12.50"]
+
+    path.write_text(MEDIA_CONFIG.replace('"1024x1024/hd": "0.08"', '"1024x1024/hd": "-1"'))
+    err = io.StringIO()
+    with pytest.raises(CommandError, match="nothing was written"):
+        call_command("apply", "-f", str(path), stdout=io.StringIO(), stderr=err)
+    assert "image_prices" in err.getvalue() and "must not be negative" in err.getvalue()
