@@ -397,3 +397,21 @@ def test_media_prices_apply_and_export(transactional_db, tmp_path):
     with pytest.raises(CommandError, match="nothing was written"):
         call_command("apply", "-f", str(path), stdout=io.StringIO(), stderr=err)
     assert "image_prices" in err.getvalue() and "must not be negative" in err.getvalue()
+
+
+def test_upstream_failures_are_enveloped_and_cost_nothing(media, openai_client, tenant_key):
+    from tests.fakes.openai_upstream import Reply
+
+    error = {"error": {"message": "content policy", "type": "invalid_request_error", "code": "content_policy"}}
+    media.push("/v1/images/generations", Reply(status=400, json=error))
+    with pytest.raises(openai.BadRequestError) as exc:
+        openai_client.images.generate(model="dall-e-3", prompt="x", size="1024x1024", quality="standard")
+    assert "content policy" in exc.value.message
+    down = {"error": {"message": "down", "type": "server_error"}}
+    media.push("/v1/audio/speech", Reply(status=500, json=down), Reply(status=500, json=down))
+    with pytest.raises(openai.APIStatusError) as failed:
+        openai_client.audio.speech.create(model="tts-1", voice="alloy", input="hi")
+    assert failed.value.status_code >= 500
+    rows = exact_usage(tenant_key[0], 2)
+    assert sorted(r.endpoint for r in rows) == ["images", "speech"]
+    assert all(r.status == "upstream_error" and r.cost_micro == 0 for r in rows)
