@@ -415,3 +415,51 @@ def test_upstream_failures_are_enveloped_and_cost_nothing(media, openai_client, 
     rows = exact_usage(tenant_key[0], 2)
     assert sorted(r.endpoint for r in rows) == ["images", "speech"]
     assert all(r.status == "upstream_error" and r.cost_micro == 0 for r in rows)
+
+
+def test_previous_generation_sdk_drives_the_media_routes(transactional_db, gateway_server, tenant_key, tmp_path):
+    """The pinned openai 2.x SDK (tests/sdk_legacy), in a subprocess, against the mock's media models."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gateway.models import Provider
+    from tests.test_openai_legacy_sdk import LEGACY, LEGACY_VERSION
+
+    mock = Provider.objects.create(slug="mock-legacy", kind="mock")
+    set_price(add_model("old-image", mock, kind="image", prices=("0", "0", "0")), per_image=Decimal("0.02"))
+    set_price(
+        add_model("old-whisper", mock, kind="transcription", prices=("0", "0", "0")), audio_per_minute=Decimal("0.6")
+    )
+    set_price(add_model("old-tts", mock, kind="speech", prices=("0", "0", "0")), per_mchars=Decimal("20"))
+    add_model("old-moderation", mock, kind="moderation", prices=("0", "0", "0"))
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(root / "tests" / "sdk_legacy" / "drive_media.py"),
+            f"{gateway_server.url}/v1",
+            tenant_key[1],
+            "old-image",
+            "old-whisper",
+            "old-tts",
+            "old-moderation",
+            str(tmp_path),
+        ],
+        env={**os.environ, "PYTHONPATH": str(LEGACY)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["version"] == LEGACY_VERSION
+    assert seen["png"] == PNG_SIGNATURE.hex()
+    assert seen["transcript"] == "This is the mock transcript of memo.wav, 3 seconds of audio."
+    assert (seen["speech_type"], seen["speech_riff"]) == ("audio/wav", "RIFF")
+    assert seen["flagged"] == [True, False]
+    costs = {r.endpoint: r.cost_micro for r in exact_usage(tenant_key[0], 4)}
+    assert costs == {"images": 20_000, "transcriptions": 30_000, "speech": 100, "moderations": 0}
