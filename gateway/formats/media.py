@@ -70,6 +70,11 @@ def _form_int(data: Json, name: str, low: int, high: int, default: int) -> int:
     return value
 
 
+def _named(value: Any) -> str | None:
+    """A size or quality the request or answer names (``auto`` and empty name none)."""
+    return value if isinstance(value, str) and value and value != "auto" else None
+
+
 class _Media(WireFormat):
     cacheable = False
 
@@ -122,10 +127,11 @@ class ImagesFormat(_Media):
         data = result.get("data")
         images = len(data) if isinstance(data, list) else 0
         # Billed per image as produced: the answer's size and quality where it says (gpt-image-1
-        # does), else what was asked; where the model picked and does not say, the dearest.
-        size = result.get("size") or ctx.body.get("size")
-        quality = result.get("quality") or ctx.body.get("quality")
-        return Usage(images=images, image_variant=self.variant(size, quality))
+        # does), else what was asked; neither: the model's default, which the price table gives as
+        # the size's own entry (``"1024x1024"``), or ``per_image`` when the size is unknown too.
+        size, quality = (_named(result.get(k)) or _named(ctx.body.get(k)) for k in ("size", "quality"))
+        variant = "" if size is None else size if quality is None else f"{size}/{quality}"
+        return Usage(images=images, image_variant=variant)
 
 
 class ImageEditsFormat(ImagesFormat):

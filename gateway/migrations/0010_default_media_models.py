@@ -22,6 +22,9 @@ MODELS: list[tuple[str, str, dict[str, Any]]] = [
         {
             "per_image": Decimal("0.04"),
             "image_prices": {
+                "1024x1024": "0.04",  # a size alone: its price when the quality is not known (the default)
+                "1024x1792": "0.08",
+                "1792x1024": "0.08",
                 "1024x1024/standard": "0.04",
                 "1024x1792/standard": "0.08",
                 "1792x1024/standard": "0.08",

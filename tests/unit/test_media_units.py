@@ -73,6 +73,11 @@ def test_image_worst_case_and_settlement():
     assert (said.images, said.image_variant) == (2, "1024x1024/standard")
     unsaid = IMAGES.read_result(ctx_with({"size": "1024x1024", "quality": "hd"}), {"data": [{}]})
     assert unsaid.image_variant == "1024x1024/hd"
+    # Nothing says the quality: the size's own entry (the model's default); nor the size: per_image.
+    sized = IMAGES.read_result(ctx_with({"size": "1792x1024"}), {"data": [{}]})
+    assert sized.image_variant == "1792x1024" and money.cost_micro(PRICE, sized) == 120_000
+    bare = IMAGES.read_result(ctx_with({"size": "auto"}), {"data": [{}, {}]})
+    assert bare.image_variant == "" and money.cost_micro(PRICE, bare) == 80_000
 
 
 def wav_bytes(ms: int) -> bytes:
