@@ -84,6 +84,7 @@ def test_image_generation_b64_priced_by_size_and_quality(media, openai_client, t
     assert res.headers["x-chittycan-cost"] == "0.160000"  # 2 x $0.08
     [row] = exact_usage(tenant_key[0], 1)
     assert (row.endpoint, row.cost_micro, row.status, row.requested_model) == ("images", 160_000, "ok", "dall-e-3")
+    assert (row.images, row.audio_ms, row.characters, row.prompt_tokens) == (2, 0, 0, 0)
 
 
 def test_image_generation_url_and_default_price(media, openai_client, tenant_key):
@@ -180,6 +181,7 @@ def test_transcription_of_a_real_wav(media, openai_client, tenant_key):
     assert res.headers["x-chittycan-cost"] == "0.000200"
     [row] = exact_usage(tenant_key[0], 1)
     assert (row.endpoint, row.cost_micro, row.usage_source) == ("transcriptions", 200, "upstream")
+    assert row.audio_ms == 2_000  # what the upstream billed: whole seconds
 
 
 def test_transcription_verbose_json(media, openai_client):
@@ -220,6 +222,7 @@ def test_speech_streamed_to_a_file(media, openai_client, tenant_key, tmp_path):
     assert media.requests[-1].body == {"model": "tts-1", "voice": "alloy", "input": text}
     [row] = exact_usage(tenant_key[0], 1)
     assert (row.endpoint, row.cost_micro, row.stream, row.status) == ("speech", 15 * len(text), True, "ok")
+    assert row.characters == len(text)
 
 
 def test_speech_errors(media, openai_client):
@@ -463,3 +466,44 @@ def test_previous_generation_sdk_drives_the_media_routes(transactional_db, gatew
     assert seen["flagged"] == [True, False]
     costs = {r.endpoint: r.cost_micro for r in exact_usage(tenant_key[0], 4)}
     assert costs == {"images": 20_000, "transcriptions": 30_000, "speech": 100, "moderations": 0}
+
+
+def test_admin_sets_per_unit_prices(db, settings):
+    """The model page's price inline takes the per-unit prices; a bad image table is a form error."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+    from django.urls import reverse
+
+    from gateway.models import LLMModel, Provider
+    from tests.test_write_paths import inline
+
+    settings.CHITTYCAN_ADMIN_REQUIRE_OTP = False
+    staff = Client()
+    staff.force_login(get_user_model().objects.create_superuser("root", "root@example.com", "pw"))
+    provider = Provider.objects.create(slug="up", kind="openai", base_url="https://up.example/v1")
+    model_form = {
+        "name": "pix",
+        "kind": "image",
+        "aliases": "[]",
+        "owned_by": "us",
+        "context_window": "0",
+        "max_output_tokens": "0",
+        "is_active": "on",
+    }
+    deployment = {"provider": str(provider.pk), "upstream_model": "dall-e-3", "priority": "0", "weight": "1"}
+    price = {
+        "effective_from_0": "2025-01-01",
+        "effective_from_1": "00:00:00",
+        "input_per_mtok": "0",
+        "output_per_mtok": "0",
+        "per_image": "0.04",
+        "image_prices": '{"1024x1024/hd": "0.08"}',
+    }
+    bad = {**model_form, **inline("deployments", [deployment]), **inline("prices", [{**price, "image_prices": "[1]"}])}
+    assert staff.post(reverse("admin:gateway_llmmodel_add"), bad).status_code == 200  # the form again, with the error
+    assert not LLMModel.objects.filter(name="pix").exists()
+    post = {**model_form, **inline("deployments", [deployment]), **inline("prices", [price])}
+    response = staff.post(reverse("admin:gateway_llmmodel_add"), post)
+    assert response.status_code == 302, response.content.decode()[:2000]
+    [row] = LLMModel.objects.get(name="pix").prices.all()
+    assert (row.per_image, row.image_prices, row.audio_per_minute) == (Decimal("0.04"), {"1024x1024/hd": "0.08"}, 0)
