@@ -18,6 +18,11 @@ hot_routes: list[Any] = [
     path("v1/messages", consumers.MessagesConsumer.as_asgi()),
     path("v1/messages/count_tokens", consumers.CountTokensConsumer.as_asgi()),
     path("v1/responses", consumers.ResponsesConsumer.as_asgi()),
+    path("v1/images/generations", consumers.ImagesConsumer.as_asgi()),
+    path("v1/images/edits", consumers.ImageEditsConsumer.as_asgi()),
+    path("v1/audio/transcriptions", consumers.TranscriptionsConsumer.as_asgi()),
+    path("v1/audio/speech", consumers.SpeechConsumer.as_asgi()),
+    path("v1/moderations", consumers.ModerationsConsumer.as_asgi()),
     path("v1/cache/invalidate", consumers.CacheInvalidateConsumer.as_asgi()),
     path("v1/feedback", consumers.FeedbackConsumer.as_asgi()),
 ]

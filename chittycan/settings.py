@@ -284,6 +284,8 @@ CHITTYCAN_KEY_SECRET = env_secret("CHITTYCAN_KEY_SECRET", SECRET_KEY)
 CHITTYCAN_ENCRYPTION_KEY = env_secret("CHITTYCAN_ENCRYPTION_KEY", "")
 
 CHITTYCAN_MAX_BODY_BYTES = env_int("CHITTYCAN_MAX_BODY_BYTES", 32 * 1024 * 1024)
+# The largest audio file /v1/audio/transcriptions takes (OpenAI's own limit is 25 MB): docs/media.md.
+CHITTYCAN_MAX_AUDIO_BYTES = env_int("CHITTYCAN_MAX_AUDIO_BYTES", 25 * 1024 * 1024)
 CHITTYCAN_AUTH_CACHE_TTL = env_float("CHITTYCAN_AUTH_CACHE_TTL", 30.0)
 CHITTYCAN_ROUTES_TTL = env_float("CHITTYCAN_ROUTES_TTL", 30.0)
 # Circuit breakers and the retry budget (docs/resilience.md): how long a process trusts the breaker

@@ -10,7 +10,19 @@ from budgets.models import Budget
 from core import egress
 from tenants.models import ApiKey, Tenant
 
-KNOWN_ENDPOINTS = ("chat", "completions", "embeddings", "messages", "responses", "models", "usage:read")
+KNOWN_ENDPOINTS = (
+    "chat",
+    "completions",
+    "embeddings",
+    "messages",
+    "responses",
+    "images",
+    "transcriptions",
+    "speech",
+    "moderations",
+    "models",
+    "usage:read",
+)
 
 
 class TenantSerializer(serializers.ModelSerializer[Tenant]):

@@ -7,7 +7,7 @@ else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
@@ -23,6 +23,11 @@ class Usage:
     completion_tokens: int = 0
     reasoning_tokens: int = 0
     source: str = "upstream"  # upstream | estimated | cache
+    # Units priced per item rather than per token (images, audio, moderations: docs/media.md).
+    images: int = 0
+    image_variant: str = ""  # "size/quality", "size", "" (the default price) or "*" (the dearest)
+    audio_ms: int = 0  # milliseconds of audio transcribed
+    characters: int = 0  # characters of text spoken (text to speech)
 
     @classmethod
     def from_openai(cls, usage: dict[str, Any] | None) -> Usage | None:
@@ -60,6 +65,28 @@ class PriceInfo:
     cached_input_per_mtok: Decimal
     cache_write_per_mtok: Decimal
     output_per_mtok: Decimal
+    # Prices per unit (docs/media.md); zero where the model has none. Keyword-only.
+    _: KW_ONLY
+    per_image: Decimal = Decimal(0)  # USD per image, when no size/quality entry matches
+    image_prices: tuple[tuple[str, Decimal], ...] = ()  # ("1024x1024/hd", USD) or ("1024x1024", USD)
+    audio_per_minute: Decimal = Decimal(0)  # USD per minute of audio transcribed
+    per_mchars: Decimal = Decimal(0)  # USD per million characters spoken
+
+    def image_price(self, variant: str) -> Decimal:
+        """USD per image of a ``size/quality`` variant: that entry, else the size's, else the default.
+        The worst cases, when the model picks: ``size/*`` is the size's dearest quality, ``*`` the
+        dearest of them all."""
+        table = dict(self.image_prices)
+        if variant == "*":
+            return max([self.per_image, *table.values()])
+        size, _, quality = variant.partition("/")
+        if quality == "*":  # the size's dearest quality
+            found = [v for k, v in table.items() if k == size or k.startswith(f"{size}/")]
+            return max(found) if found else self.per_image
+        for key in (variant, size):
+            if key and key in table:
+                return table[key]
+        return self.per_image
 
 
 _MICRO_PER_USD_PER_MTOK = Decimal(1)  # (USD / 1e6 tokens) * tokens * 1e6 micro/USD = price * tokens
@@ -83,7 +110,22 @@ def cost_micro(price: PriceInfo | None, usage: Usage) -> int:
         + price.cache_write_per_mtok * written
         + price.output_per_mtok * usage.completion_tokens
     ) * _MICRO_PER_USD_PER_MTOK
-    return to_micro(exact)
+    return to_micro(exact + _units_micro(price, usage))
+
+
+_MICRO = Decimal(1_000_000)
+
+
+def _units_micro(price: PriceInfo, usage: Usage) -> Decimal:
+    """The exact micro-USD of what is priced per unit: images, audio minutes, characters."""
+    amount = Decimal(0)
+    if usage.images:
+        amount += price.image_price(usage.image_variant) * usage.images * _MICRO
+    if usage.audio_ms:
+        amount += price.audio_per_minute * usage.audio_ms * _MICRO / 60_000
+    if usage.characters:
+        amount += price.per_mchars * usage.characters  # USD per million characters = micro-USD each
+    return amount
 
 
 def worst_case_micro(price: PriceInfo | None, prompt_tokens: int, max_output_tokens: int) -> int:

@@ -7,6 +7,7 @@ and announces each change), as ``can apply`` writes them."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -276,9 +277,44 @@ class DeploymentInline(admin.TabularInline):
         return health_list(obj.provider, [obj])
 
 
+class PriceForm(forms.ModelForm):
+    """The per-unit prices (docs/media.md) may be left empty: zero, and no image table."""
+
+    UNIT_FIELDS = ("per_image", "audio_per_minute", "per_mchars")
+
+    class Meta:
+        model = Price
+        fields = [
+            "effective_from",
+            "input_per_mtok",
+            "cached_input_per_mtok",
+            "cache_write_per_mtok",
+            "output_per_mtok",
+            "per_image",
+            "image_prices",
+            "audio_per_minute",
+            "per_mchars",
+        ]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in (*self.UNIT_FIELDS, "image_prices"):
+            if name in self.fields:
+                self.fields[name].required = False
+
+    def clean(self) -> dict[str, Any]:
+        cleaned: dict[str, Any] = super().clean() or {}
+        for name in self.UNIT_FIELDS:
+            if name in self.fields and cleaned.get(name) is None:
+                cleaned[name] = Decimal(0)
+        if "image_prices" in self.fields and not cleaned.get("image_prices"):
+            cleaned["image_prices"] = {}
+        return cleaned
+
+
 class PriceInline(admin.TabularInline):
     model = Price
-    fields = ["effective_from", "input_per_mtok", "cached_input_per_mtok", "cache_write_per_mtok", "output_per_mtok"]
+    form = PriceForm
     extra = 0
 
 

@@ -2,8 +2,9 @@
 
 ``rate_limit`` checks the rate limits (``gateway.limits``); ``reserve`` computes the request's
 worst-case cost (every input token, padded by 10 %, at the highest input rate plus the largest
-possible output) and asks the budget service to reserve it on every budget counter of the key and
-of each ancestor tenant, plus one request on every plan quota, all or nothing
+possible output, plus the most images, audio minutes and characters it may bill: docs/media.md)
+and asks the budget service to reserve it on every budget counter of the key and of each ancestor
+tenant, plus one request on every plan quota, all or nothing
 (``budgets.service``); a refusal is a 402. ``settle`` corrects the rate windows and settles the
 reservation to the actual cost, exactly once. See docs/budgets.md.
 
@@ -35,7 +36,9 @@ INPUT_OVERHEAD_TOKENS = 16
 def reservation_micro(ctx: RequestContext, max_output_tokens: int) -> int:
     assert ctx.route is not None
     prompt = math.ceil(ctx.estimated_prompt_tokens * INPUT_MARGIN) + INPUT_OVERHEAD_TOKENS
-    return money.worst_case_micro(ctx.route.worst_price(), prompt, max_output_tokens)
+    price = ctx.route.worst_price()
+    units = money.cost_micro(price, ctx.most_units) if ctx.most_units is not None else 0  # images, audio, characters
+    return money.worst_case_micro(price, prompt, max_output_tokens) + units
 
 
 def _policy_error() -> ServiceUnavailable:

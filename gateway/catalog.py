@@ -105,6 +105,10 @@ class PriceFields(TypedDict, total=False):
     cached_input_per_mtok: Decimal | None
     cache_write_per_mtok: Decimal | None
     output_per_mtok: Decimal
+    per_image: Decimal
+    image_prices: dict[str, str]
+    audio_per_minute: Decimal
+    per_mchars: Decimal
 
 
 def deployment_label(deployment: Deployment) -> str:

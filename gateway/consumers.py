@@ -13,7 +13,6 @@ import logging
 from typing import Any
 
 from channels.generic.http import AsyncHttpConsumer
-from django.conf import settings
 from django.db import Error as DatabaseError
 
 from core import runtime
@@ -45,7 +44,7 @@ class GatewayConsumer(AsyncHttpConsumer):
         self.headers = dict(scope.get("headers") or ())
         runtime.ensure_started()
         ctx = RequestContext(request_id=pipeline.new_request_id(), endpoint=self.wire.endpoint)
-        limit = settings.CHITTYCAN_MAX_BODY_BYTES
+        limit = self.wire.body_limit()
         try:
             if scope.get("method") != "POST":
                 raise GatewayError(
@@ -155,6 +154,28 @@ class ResponsesConsumer(GatewayConsumer):
     """``POST /v1/responses``: the Responses API (its GET and DELETE are in ``gateway.api``)."""
 
     wire = formats.RESPONSES
+
+
+class ImagesConsumer(GatewayConsumer):
+    wire = formats.IMAGES
+
+
+class ImageEditsConsumer(GatewayConsumer):
+    wire = formats.IMAGE_EDITS
+
+
+class TranscriptionsConsumer(GatewayConsumer):
+    wire = formats.TRANSCRIPTIONS
+
+
+class SpeechConsumer(GatewayConsumer):
+    """``/v1/audio/speech``: the audio relayed as the upstream streams it (binary, not SSE)."""
+
+    wire = formats.SPEECH
+
+
+class ModerationsConsumer(GatewayConsumer):
+    wire = formats.MODERATIONS
 
 
 class CountTokensConsumer(GatewayConsumer):

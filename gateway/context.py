@@ -38,7 +38,7 @@ class Responder(Protocol):
 @dataclass(slots=True)
 class RequestContext:
     request_id: str
-    endpoint: str  # chat | completions | embeddings | messages | responses
+    endpoint: str  # chat | completions | embeddings | messages | responses | images | ... (docs/media.md)
     started: float = field(default_factory=time.perf_counter)
     created_at: float = field(default_factory=time.time)
     body: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +85,7 @@ class RequestContext:
     cache_follow: Any = None  # a streamed follower's reader of its leader's messages
     coalesced: bool = False  # answered from an identical in-flight request's upstream call
     estimated_prompt_tokens: int = 0
+    most_units: Usage | None = None  # the most images, audio and characters it may bill (reserved)
     output_text_chars: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     extra_headers: list[tuple[bytes, bytes]] = field(default_factory=list)  # e.g. x-ratelimit-*

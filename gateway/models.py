@@ -133,6 +133,10 @@ class LLMModel(models.Model):
         CHAT = "chat"
         EMBEDDING = "embedding"
         COMPLETION = "completion"
+        IMAGE = "image"  # /v1/images/generations and /v1/images/edits
+        TRANSCRIPTION = "transcription"  # /v1/audio/transcriptions
+        SPEECH = "speech"  # /v1/audio/speech
+        MODERATION = "moderation"  # /v1/moderations
 
     name = models.CharField(max_length=200, unique=True)
     kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.CHAT)
@@ -222,6 +226,21 @@ class Price(models.Model):
         max_digits=12, decimal_places=6, null=True, blank=True, help_text="Cache writes; empty = input price"
     )
     output_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal(0))
+    # Prices per unit, for the media routes (docs/media.md).
+    per_image = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal(0), help_text="USD per image when no size entry matches"
+    )
+    image_prices = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='USD per image by "size" or "size/quality", e.g. {"1024x1024": "0.04", "1024x1024/hd": "0.08"}',
+    )
+    audio_per_minute = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal(0), help_text="USD per minute of audio transcribed"
+    )
+    per_mchars = models.DecimalField(
+        max_digits=12, decimal_places=6, default=Decimal(0), help_text="USD per million characters spoken (TTS)"
+    )
 
     class Meta:
         ordering = ["model", "-effective_from"]
@@ -231,6 +250,22 @@ class Price(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} from {self.effective_from:%Y-%m-%d}"
+
+    def clean(self) -> None:
+        check_image_prices(self.image_prices)
+
+
+def check_image_prices(value: object) -> None:
+    """``image_prices``: an object of ``size`` or ``size/quality`` to a non-negative USD amount."""
+    if not isinstance(value, dict):
+        raise ValidationError({"image_prices": 'must be an object such as {"1024x1024": "0.04"}'})
+    for key, amount in value.items():
+        try:
+            ok = isinstance(amount, (str, int, float)) and Decimal(str(amount)) >= 0
+        except ArithmeticError:
+            ok = False
+        if not key or not ok:
+            raise ValidationError({"image_prices": f"{key!r}: must map a size to a USD amount of 0 or more"})
 
 
 class SemanticVector(models.Model):

@@ -5,21 +5,7 @@ from __future__ import annotations
 
 from core.money import PriceInfo
 from gateway.models import LLMModel, Price
-
-
-def price_info(price: Price) -> PriceInfo:
-    """A price row with the cache prices filled in (empty means the input price)."""
-    return PriceInfo(
-        effective_from=price.effective_from,
-        input_per_mtok=price.input_per_mtok,
-        cached_input_per_mtok=price.cached_input_per_mtok
-        if price.cached_input_per_mtok is not None
-        else price.input_per_mtok,
-        cache_write_per_mtok=price.cache_write_per_mtok
-        if price.cache_write_per_mtok is not None
-        else price.input_per_mtok,
-        output_per_mtok=price.output_per_mtok,
-    )
+from gateway.routing.table import price_info
 
 
 def price_history(name: str) -> tuple[PriceInfo, ...]:

@@ -51,6 +51,10 @@ class UsageRecord(models.Model):
     cache_write_tokens = models.PositiveIntegerField(default=0, help_text="Input tokens written to a cache")
     completion_tokens = models.PositiveIntegerField(default=0)
     reasoning_tokens = models.PositiveIntegerField(default=0)
+    # What the media routes bill per unit (docs/media.md).
+    images = models.PositiveIntegerField(default=0, help_text="Images generated or edited")
+    audio_ms = models.BigIntegerField(default=0, help_text="Milliseconds of audio transcribed")
+    characters = models.PositiveIntegerField(default=0, help_text="Characters spoken (text to speech)")
     cost_micro = models.BigIntegerField(default=0, help_text="Integer micro-USD")
     usage_source = models.CharField(max_length=20, default="upstream", help_text="upstream | estimated | cache")
     latency_ms = models.PositiveIntegerField(default=0)

@@ -36,7 +36,19 @@ from tenants.models import ApiKey, AuditEvent, CacheScope, Plan, Tenant
 
 MICRO = Decimal(1_000_000)
 ADMIN_LABEL = "admin"
-ENDPOINTS = ("chat", "completions", "embeddings", "messages", "responses", "models", "usage:read")
+ENDPOINTS = (
+    "chat",
+    "completions",
+    "embeddings",
+    "messages",
+    "responses",
+    "images",
+    "transcriptions",
+    "speech",
+    "moderations",
+    "models",
+    "usage:read",
+)
 
 
 def usd(micro: int | None) -> str:

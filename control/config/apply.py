@@ -337,6 +337,10 @@ class _Applier:
                 "cached_input_per_mtok": price.cached_input,
                 "cache_write_per_mtok": price.cache_write,
                 "output_per_mtok": price.output,
+                "per_image": price.per_image,
+                "image_prices": {k: str(v) for k, v in price.image_prices.items()},
+                "audio_per_minute": price.audio_per_minute,
+                "per_mchars": price.per_mchars,
             }
             target = catalog.price_label(Price(**desired))
             row = existing.get(price.effective_from)

@@ -120,6 +120,14 @@ def export() -> dict[str, Any]:
             if pr.cache_write_per_mtok is not None:
                 price["cache_write"] = _money(pr.cache_write_per_mtok)
             price["output"] = _money(pr.output_per_mtok)
+            if pr.per_image:
+                price["per_image"] = _money(pr.per_image)
+            if pr.image_prices:
+                price["image_prices"] = {k: _money(Decimal(str(v))) for k, v in sorted(pr.image_prices.items())}
+            if pr.audio_per_minute:
+                price["audio_per_minute"] = _money(pr.audio_per_minute)
+            if pr.per_mchars:
+                price["per_mchars"] = _money(pr.per_mchars)
             prices.append(price)
         if prices:
             item["prices"] = prices

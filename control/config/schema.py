@@ -219,10 +219,16 @@ class DeploymentSpec(_Spec):
 
 class PriceSpec(_Spec):
     effective_from: EffectiveFrom
-    input: DecimalString
+    input: DecimalString = Decimal(0)
     cached_input: DecimalString | None = None
     cache_write: DecimalString | None = None
-    output: DecimalString
+    output: DecimalString = Decimal(0)
+    # Per unit (docs/media.md): USD per image (default, and by "size" or "size/quality"), per
+    # minute of audio transcribed, per million characters spoken.
+    per_image: DecimalString = Decimal(0)
+    image_prices: dict[Annotated[str, Field(min_length=1, max_length=40)], DecimalString] = {}
+    audio_per_minute: DecimalString = Decimal(0)
+    per_mchars: DecimalString = Decimal(0)
 
 
 class CacheSpec(_Spec):
@@ -243,7 +249,7 @@ class SemanticCacheSpec(_Spec):
 
 class ModelSpec(_Spec):
     name: Name
-    kind: Literal["chat", "embedding", "completion"] = "chat"
+    kind: Literal["chat", "embedding", "completion", "image", "transcription", "speech", "moderation"] = "chat"
     aliases: list[Name] = []
     owned_by: Annotated[str, Field(max_length=100)] = "chittycan"
     context_window: Annotated[int, Field(ge=0)] = 128_000

@@ -9,7 +9,21 @@ from __future__ import annotations
 
 from gateway.formats.anthropic import MESSAGES
 from gateway.formats.base import StreamTracker, WireFormat
+from gateway.formats.media import IMAGE_EDITS, IMAGES, MODERATIONS, SPEECH, TRANSCRIPTIONS
 from gateway.formats.openai import CHAT, COMPLETIONS, EMBEDDINGS
 from gateway.formats.responses import RESPONSES
 
-__all__ = ["CHAT", "COMPLETIONS", "EMBEDDINGS", "MESSAGES", "RESPONSES", "StreamTracker", "WireFormat"]
+__all__ = [
+    "CHAT",
+    "COMPLETIONS",
+    "EMBEDDINGS",
+    "IMAGES",
+    "IMAGE_EDITS",
+    "MESSAGES",
+    "MODERATIONS",
+    "RESPONSES",
+    "SPEECH",
+    "TRANSCRIPTIONS",
+    "StreamTracker",
+    "WireFormat",
+]

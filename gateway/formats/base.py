@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+from django.conf import settings
 
 from core.money import Usage
 from gateway.context import Headers, RequestContext
 from gateway.errors import GatewayError
+from gateway.formats.checks import json_object
 from gateway.providers.base import Operation
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,24 @@ class WireFormat(ABC):
     operation: Operation  # what the provider is asked
     kinds: tuple[str, ...]  # the model kinds that may serve it
     keeps_state = False  # the gateway keeps its answers (the Responses API): see prepare / complete
+    cacheable = True  # the exact response cache may serve it (the media routes: no)
+
+    def body_limit(self) -> int:
+        """The largest request body the route reads (bytes); larger ones are a 413."""
+        return int(settings.CHITTYCAN_MAX_BODY_BYTES)
+
+    def decode(self, body: bytes, headers: dict[bytes, bytes]) -> Json:
+        """The request body as an object: JSON here; a multipart form for the upload routes."""
+        return json_object(body)
+
+    def most_units(self, ctx: RequestContext) -> Usage | None:
+        """The most of what is priced per unit (images, audio, characters) the request can be
+        billed for: reserved with its tokens (None: the route bills tokens only)."""
+        return None
+
+    def stream_content_type(self, ctx: RequestContext, first: Json) -> bytes:
+        """The content type of a streamed answer (``first``: its first item)."""
+        return b"text/event-stream; charset=utf-8"
 
     @abstractmethod
     def parse(self, ctx: RequestContext, data: Json, headers: dict[bytes, bytes]) -> None:

@@ -1,11 +1,12 @@
 """The request pipeline: every ``/v1`` route, one stage after another.
 
-``run`` serves chat completions, legacy completions, embeddings, Anthropic messages and the
-Responses API; what differs between them is the wire format (``gateway.formats``), passed in as
-``wire``. A request carries its ``RequestContext`` from stage to stage; stages never call each
-other. A format whose answers the gateway keeps (the Responses API) also loads its stored state
-after authenticate (``wire.prepare``) and stores each complete answer before the client sees it
-(``wire.complete``, ``wire.watch_stream``).
+``run`` serves chat completions, legacy completions, embeddings, Anthropic messages, the
+Responses API and the media routes (images, audio, moderations: docs/media.md); what differs
+between them is the wire format (``gateway.formats``), passed in as ``wire``. A request carries
+its ``RequestContext`` from stage to stage; stages never call each other. A format whose answers
+the gateway keeps (the Responses API) also loads its stored state after authenticate
+(``wire.prepare``) and stores each complete answer before the client sees it (``wire.complete``,
+``wire.watch_stream``).
 
  1. parse          gateway.pipeline.parse         JSON body, model, the format's checks
  2. authenticate   gateway.pipeline.authenticate  key by prefix + HMAC, cached with its tenant chain
@@ -62,14 +63,16 @@ async def run(wire: WireFormat, responder: Responder, ctx: RequestContext, body:
         await authenticate.run(ctx, responder.headers)
         await wire.prepare(ctx)  # the Responses API: the stored conversation (previous_response_id)
         ctx.estimated_prompt_tokens = wire.prompt_tokens(ctx)  # before route: routing policies read it
+        ctx.most_units = wire.most_units(ctx)
         await route.resolve(ctx, wire.kinds, responder.headers)
         ctx.stage("route")
         most_output = wire.max_output_tokens(ctx)
         await limit.run(ctx, most_output)
         ctx.stage("limit")
-        await cache.lookup(ctx, responder.headers, embed=_embed)
-        if ctx.cache_result in ("miss", "bypass"):
-            ctx.stage("cache")  # a hit closes its own stage
+        if wire.cacheable:
+            await cache.lookup(ctx, responder.headers, embed=_embed)
+            if ctx.cache_result in ("miss", "bypass"):
+                ctx.stage("cache")  # a hit closes its own stage
         if not ctx.cache_hit:
             await reserve.run(ctx, most_output)
     except GatewayError as err:

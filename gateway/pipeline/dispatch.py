@@ -277,6 +277,16 @@ async def _call_once(provider: Provider, operation: Operation, call: UpstreamCal
             return await _messages(provider).messages(call)
         case Operation.RESPONSES:
             return await _responses(provider, call).responses(call)
+        case Operation.IMAGES:
+            return await provider.images(call)
+        case Operation.IMAGE_EDITS:
+            return await provider.image_edits(call)
+        case Operation.TRANSCRIPTIONS:
+            return await provider.transcriptions(call)
+        case Operation.MODERATIONS:
+            return await provider.moderations(call)
+        case Operation.SPEECH:
+            raise InvalidRequest("speech is always streamed", param="stream")
 
 
 def _stream_once(provider: Provider, operation: Operation, call: UpstreamCall) -> AsyncIterator[Json]:
@@ -289,8 +299,16 @@ def _stream_once(provider: Provider, operation: Operation, call: UpstreamCall) -
             return _messages(provider).messages_stream(call)
         case Operation.RESPONSES:
             return _responses(provider, call).responses_stream(call)
-        case Operation.EMBEDDINGS:
-            raise InvalidRequest("embeddings do not stream", param="stream")
+        case Operation.SPEECH:
+            return provider.speech_stream(call)
+        case (
+            Operation.EMBEDDINGS
+            | Operation.IMAGES
+            | Operation.IMAGE_EDITS
+            | Operation.TRANSCRIPTIONS
+            | Operation.MODERATIONS
+        ):
+            raise InvalidRequest(f"{operation.value} do not stream", param="stream")
 
 
 async def call(ctx: RequestContext, operation: Operation) -> Json:

@@ -1,4 +1,5 @@
-"""Stage 1, parse: the body as a JSON object naming a model, checked by the route's wire format.
+"""Stage 1, parse: the body as an object naming a model (JSON, or a multipart form for uploads),
+checked by the route's wire format.
 
 Unknown fields are kept untouched so OpenAI-compatible upstreams see exactly what the client sent.
 """
@@ -7,11 +8,11 @@ from __future__ import annotations
 
 from gateway.context import RequestContext
 from gateway.formats import WireFormat
-from gateway.formats.checks import json_object, model_name
+from gateway.formats.checks import model_name
 
 
 def run(ctx: RequestContext, wire: WireFormat, body: bytes, headers: dict[bytes, bytes]) -> None:
-    data = json_object(body)
+    data = wire.decode(body, headers)
     ctx.requested_model = model_name(data)
     wire.parse(ctx, data, headers)
     ctx.body = data

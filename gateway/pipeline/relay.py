@@ -53,7 +53,7 @@ async def send_stream(
     ctx.ttft_ms = ctx.elapsed_ms()
     ctx.stage("upstream_first_chunk")
     headers = wire.success_headers(ctx)
-    headers.append((b"content-type", b"text/event-stream; charset=utf-8"))
+    headers.append((b"content-type", wire.stream_content_type(ctx, first)))
     headers.append((b"cache-control", b"no-cache"))
     await responder.start_stream(headers)
     tracker = wire.stream_tracker(ctx)

@@ -103,6 +103,19 @@ Message = dict[str, Any]  # an Anthropic ``message``
 MessageEvent = dict[str, Any]  # an Anthropic stream event (a dict with ``type``)
 ResponseObject = dict[str, Any]  # an OpenAI Responses API ``response``
 ResponseEvent = dict[str, Any]  # an OpenAI Responses API stream event (``response.*``, ``error``)
+ImageList = dict[str, Any]  # an OpenAI images answer: ``created``, ``data`` of ``b64_json`` or ``url``
+Transcription = dict[str, Any]  # an OpenAI transcription (json or verbose_json)
+AudioChunk = dict[str, Any]  # ``{"audio": bytes}``: a piece of a speech answer, as the upstream sent it
+ModerationList = dict[str, Any]  # an OpenAI moderations answer
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A file of a multipart request (the transcription's audio, an edit's image or mask)."""
+
+    filename: str
+    content_type: str
+    data: bytes = field(repr=False)
 
 
 class Operation(StrEnum):
@@ -113,6 +126,11 @@ class Operation(StrEnum):
     EMBEDDINGS = "embeddings"
     MESSAGES = "messages"
     RESPONSES = "responses"
+    IMAGES = "images"  # /v1/images/generations
+    IMAGE_EDITS = "image_edits"  # /v1/images/edits (multipart)
+    TRANSCRIPTIONS = "transcriptions"  # /v1/audio/transcriptions (multipart)
+    SPEECH = "speech"  # /v1/audio/speech (streamed binary: ``speech_stream``)
+    MODERATIONS = "moderations"
 
 
 class Provider:
@@ -146,6 +164,24 @@ class Provider:
     async def embeddings(self, call: UpstreamCall) -> EmbeddingList:
         """Return an OpenAI embeddings list with float vectors (the pipeline encodes base64)."""
         raise InvalidRequest(f"{self.kind} providers do not serve embeddings", param="model")
+
+    # The media routes (docs/media.md). A multipart request's files are ``Upload`` values in the body.
+
+    async def images(self, call: UpstreamCall) -> ImageList:
+        raise InvalidRequest(f"{self.kind} providers do not generate images", param="model")
+
+    async def image_edits(self, call: UpstreamCall) -> ImageList:
+        raise InvalidRequest(f"{self.kind} providers do not edit images", param="model")
+
+    async def transcriptions(self, call: UpstreamCall) -> Transcription:
+        raise InvalidRequest(f"{self.kind} providers do not transcribe audio", param="model")
+
+    def speech_stream(self, call: UpstreamCall) -> AsyncIterator[AudioChunk]:
+        """Yield ``{"audio": bytes}`` pieces of the spoken audio as they arrive."""
+        raise InvalidRequest(f"{self.kind} providers do not synthesise speech", param="model")
+
+    async def moderations(self, call: UpstreamCall) -> ModerationList:
+        raise InvalidRequest(f"{self.kind} providers do not serve moderations", param="model")
 
 
 @runtime_checkable
@@ -219,6 +255,32 @@ async def post_json(
         response = await client().post(url, content=orjson.dumps(body), headers=headers, timeout=timeouts)
     except httpx.HTTPError as exc:
         raise connection_error(exc) from exc
+    return _json_answer(response)
+
+
+async def post_multipart(
+    url: str | httpx.URL, body: Mapping[str, Any], headers: Mapping[str, str], timeouts: httpx.Timeout
+) -> dict[str, Any]:
+    """POST a ``multipart/form-data`` body (``Upload`` values are files, a list is sent as ``name[]``)
+    and return the upstream's JSON object."""
+    fields: dict[str, list[str]] = {}
+    files: list[tuple[str, tuple[str, bytes, str]]] = []
+    for name, value in body.items():
+        part = f"{name}[]" if isinstance(value, list) else name
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, Upload):
+                files.append((part, (item.filename, item.data, item.content_type)))
+            elif item is not None:
+                fields.setdefault(part, []).append(item if isinstance(item, str) else orjson.dumps(item).decode())
+    sent = {k: v for k, v in headers.items() if k.lower() != "content-type"}  # httpx sets the boundary
+    try:
+        response = await client().post(url, data=fields, files=files, headers=sent, timeout=timeouts)
+    except httpx.HTTPError as exc:
+        raise connection_error(exc) from exc
+    return _json_answer(response)
+
+
+def _json_answer(response: httpx.Response) -> dict[str, Any]:
     raise_for_status(response, response.content)
     try:
         data = orjson.loads(response.content)

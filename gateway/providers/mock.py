@@ -9,6 +9,7 @@ first tool (or the named one) with arguments built from the tool's JSON schema.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import math
 import re
@@ -23,7 +24,8 @@ import orjson
 from core.money import Usage
 from gateway import tokens
 from gateway.errors import InvalidRequest
-from gateway.providers.base import Provider, UpstreamCall
+from gateway.providers import media
+from gateway.providers.base import Provider, Upload, UpstreamCall
 
 _WORDS = (
     "the gateway answers offline with a deterministic reply so tests and demos cost nothing "
@@ -245,6 +247,100 @@ class MockProvider(Provider):
             "model": call.upstream_model,
             "usage": {"prompt_tokens": total, "total_tokens": total},
         }
+
+    # --- the media routes: a small generated PNG, a WAV tone, a transcript, moderation verdicts ---
+
+    def _images(self, call: UpstreamCall, seed: str) -> dict[str, Any]:
+        body = call.body
+        n = int(body.get("n") or 1)
+        size = str(body.get("size") or "1024x1024")
+        quality = str(body.get("quality") or "standard")
+        width, _, height = size.partition("x")
+        # A small picture whatever the size asked (the mock's answers stay tiny); its shape follows it.
+        w, h = (16, 16) if not (width.isdigit() and height.isdigit()) else _small(int(width), int(height))
+        data = []
+        for index in range(n):
+            encoded = base64.b64encode(media.png(w, h, f"{seed}:{index}")).decode()
+            if body.get("response_format") == "url":
+                data.append({"url": f"data:image/png;base64,{encoded}", "revised_prompt": body.get("prompt")})
+            else:
+                data.append({"b64_json": encoded, "revised_prompt": body.get("prompt")})
+        return {"created": int(time.time()), "data": data, "size": size, "quality": quality, "output_format": "png"}
+
+    async def images(self, call: UpstreamCall) -> dict[str, Any]:
+        prompt = call.body.get("prompt")
+        if not isinstance(prompt, str):
+            raise InvalidRequest("prompt: must be a string", param="prompt")
+        return self._images(call, prompt)
+
+    async def image_edits(self, call: UpstreamCall) -> dict[str, Any]:
+        images = call.body.get("image")
+        first = images[0] if isinstance(images, list) and images else images
+        if not isinstance(first, Upload):
+            raise InvalidRequest("image: an image file is required", param="image")
+        return self._images(call, f"{call.body.get('prompt')}:{hashlib.sha256(first.data).hexdigest()}")
+
+    async def transcriptions(self, call: UpstreamCall) -> dict[str, Any]:
+        upload = call.body.get("file")
+        if not isinstance(upload, Upload):
+            raise InvalidRequest("file: an audio file is required", param="file")
+        ms = media.wav_milliseconds(upload.data)
+        if ms is None:
+            raise InvalidRequest("file: the mock provider transcribes WAV files only", param="file")
+        seconds = ms / 1000
+        text = f"This is the mock transcript of {upload.filename}, {seconds:g} seconds of audio."
+        if call.body.get("response_format") == "verbose_json":
+            return {
+                "task": "transcribe",
+                "language": str(call.body.get("language") or "english"),
+                "duration": seconds,
+                "text": text,
+                "segments": [
+                    {
+                        "id": 0,
+                        "seek": 0,
+                        "start": 0.0,
+                        "end": seconds,
+                        "text": text,
+                        "tokens": [],
+                        "temperature": 0.0,
+                        "avg_logprob": -0.1,
+                        "compression_ratio": 1.0,
+                        "no_speech_prob": 0.0,
+                    }
+                ],
+            }
+        return {"text": text, "usage": {"type": "duration", "seconds": math.ceil(seconds)}}
+
+    async def speech_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+        text = call.body.get("input")
+        if not isinstance(text, str):
+            raise InvalidRequest("input: must be a string", param="input")
+        # A tone of 50 ms per character (at most 10 s): a real WAV whatever format was asked.
+        audio = media.wav(min(50 * len(text), 10_000) or 50, pitch=220.0 + len(text) % 200)
+        for start in range(0, len(audio), 4096):
+            yield {"audio": audio[start : start + 4096], "content_type": "audio/wav"}
+            await self._pause()
+
+    async def moderations(self, call: UpstreamCall) -> dict[str, Any]:
+        raw = call.body.get("input")
+        items = raw if isinstance(raw, list) else [raw]
+        texts = [
+            item if isinstance(item, str) else str(item.get("text") or "") if isinstance(item, dict) else ""
+            for item in items
+        ]
+        digest = hashlib.sha256(orjson.dumps(texts)).hexdigest()[:24]
+        return {
+            "id": f"modr-{digest}",
+            "model": call.upstream_model,
+            "results": [media.moderation_result(text) for text in texts],
+        }
+
+
+def _small(width: int, height: int) -> tuple[int, int]:
+    """The mock's picture size: the asked shape, the longer side 32 pixels."""
+    longer = max(width, height, 1)
+    return max(1, width * 32 // longer), max(1, height * 32 // longer)
 
 
 def _features(text: str) -> list[tuple[str, float]]:

@@ -9,7 +9,7 @@ import httpx
 import orjson
 
 from gateway.errors import UpstreamError
-from gateway.providers.base import Provider, UpstreamCall, post_json, streamed_post
+from gateway.providers.base import Provider, UpstreamCall, post_json, post_multipart, streamed_post
 from gateway.sse import parse_events
 
 
@@ -103,3 +103,26 @@ class OpenAIProvider(Provider):
 
     def responses_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
         return self._stream(call, "/responses", {**call.body, "stream": True})
+
+    # The media routes (docs/media.md): multipart where OpenAI takes files, the speech streamed as bytes.
+
+    async def images(self, call: UpstreamCall) -> dict[str, Any]:
+        return await self._post(call, "/images/generations", call.body)
+
+    async def image_edits(self, call: UpstreamCall) -> dict[str, Any]:
+        return await post_multipart(self._url(call, "/images/edits"), call.body, self._headers(call), call.timeout)
+
+    async def transcriptions(self, call: UpstreamCall) -> dict[str, Any]:
+        url = self._url(call, "/audio/transcriptions")
+        return await post_multipart(url, call.body, self._headers(call), call.timeout)
+
+    async def speech_stream(self, call: UpstreamCall) -> AsyncIterator[dict[str, Any]]:
+        async with streamed_post(
+            self._url(call, "/audio/speech"), call.body, self._headers(call), call.timeout
+        ) as response:
+            async for piece in response.aiter_bytes():
+                if piece:
+                    yield {"audio": piece}
+
+    async def moderations(self, call: UpstreamCall) -> dict[str, Any]:
+        return await self._post(call, "/moderations", call.body)

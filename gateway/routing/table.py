@@ -13,6 +13,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
@@ -21,7 +22,7 @@ from django.utils import timezone
 from core import invalidation
 from core.money import PriceInfo
 from gateway.errors import ServiceUnavailable
-from gateway.models import Experiment, LLMModel, Provider, RoutingPolicy
+from gateway.models import Experiment, LLMModel, Price, Provider, RoutingPolicy
 from gateway.providers.base import BreakerSettings, ProbeSettings, ProviderConfig
 from gateway.routing.experiments import ExperimentError, ExperimentSpec, parse_arms
 from gateway.routing.policy import Policy, PolicyError, PolicySet, check_includes, parse_policy
@@ -81,7 +82,8 @@ class ModelRoute:
         return self.price_at(when)
 
     def worst_price(self, when: datetime | None = None) -> PriceInfo | None:
-        """The highest price per token kind over every deployment (what a reservation must cover)."""
+        """The highest price per token kind and per unit over every deployment (what a reservation
+        must cover)."""
         when = when or timezone.now()
         found = [p for p in (self.price_at(when), *(_price_at(ps, when) for _, ps in self.hop_prices)) if p]
         if len(found) <= 1:
@@ -92,6 +94,13 @@ class ModelRoute:
             cached_input_per_mtok=max(p.cached_input_per_mtok for p in found),
             cache_write_per_mtok=max(p.cache_write_per_mtok for p in found),
             output_per_mtok=max(p.output_per_mtok for p in found),
+            per_image=max(p.per_image for p in found),
+            image_prices=tuple(
+                (variant, max(p.image_price(variant) for p in found))
+                for variant in sorted({k for p in found for k, _ in p.image_prices})
+            ),
+            audio_per_minute=max(p.audio_per_minute for p in found),
+            per_mchars=max(p.per_mchars for p in found),
         )
 
     def ordered_deployments(self) -> list[DeploymentRoute]:
@@ -187,6 +196,26 @@ def _semantic_model(model: LLMModel) -> str:
     return model.semantic_embedding_model if model.cache_enabled and model.semantic_cache_enabled else ""
 
 
+def price_info(price: Price) -> PriceInfo:
+    """A price row as the pipeline reads it: the cache prices filled in (empty means the input
+    price), the per-unit prices of the media routes with it."""
+    return PriceInfo(
+        effective_from=price.effective_from,
+        input_per_mtok=price.input_per_mtok,
+        cached_input_per_mtok=price.cached_input_per_mtok
+        if price.cached_input_per_mtok is not None
+        else price.input_per_mtok,
+        cache_write_per_mtok=price.cache_write_per_mtok
+        if price.cache_write_per_mtok is not None
+        else price.input_per_mtok,
+        output_per_mtok=price.output_per_mtok,
+        per_image=price.per_image,
+        image_prices=tuple((str(k), Decimal(str(v))) for k, v in sorted((price.image_prices or {}).items())),
+        audio_per_minute=price.audio_per_minute,
+        per_mchars=price.per_mchars,
+    )
+
+
 def load_route_table() -> RouteTable:
     """Build the snapshot from the database (synchronous; call off the event loop)."""
     table = RouteTable(loaded_at=time.monotonic())
@@ -203,18 +232,7 @@ def load_route_table() -> RouteTable:
             for d in model.deployments.all()
             if d.is_active and d.provider.is_active
         )
-        prices = tuple(
-            PriceInfo(
-                effective_from=p.effective_from,
-                input_per_mtok=p.input_per_mtok,
-                cached_input_per_mtok=p.cached_input_per_mtok
-                if p.cached_input_per_mtok is not None
-                else p.input_per_mtok,
-                cache_write_per_mtok=p.cache_write_per_mtok if p.cache_write_per_mtok is not None else p.input_per_mtok,
-                output_per_mtok=p.output_per_mtok,
-            )
-            for p in sorted(model.prices.all(), key=lambda p: p.effective_from, reverse=True)
-        )
+        prices = tuple(price_info(p) for p in sorted(model.prices.all(), key=lambda p: p.effective_from, reverse=True))
         route = ModelRoute(
             id=model.pk,
             name=model.name,
@@ -317,8 +335,12 @@ def invalidate() -> None:
 _DEV_MOCK = ProviderConfig(id=0, slug="dev-mock", kind="mock", base_url="")
 
 
+_OLLAMA_KINDS = ("chat", "completion", "embedding")
+
+
 def dev_route(name: str, known: ModelRoute | None) -> ModelRoute | None:
-    """Dev mode: a catalogue model goes to Ollama when OLLAMA_BASE_URL is set, otherwise to the mock.
+    """Dev mode: a catalogue model goes to Ollama when OLLAMA_BASE_URL is set, otherwise to the mock
+    (the media models, images, audio and moderations, always to the mock: Ollama serves none of them).
 
     Prices stay those of the model asked for, so a team sees what it would cost. A name the
     catalogue does not know (neither a model nor an alias) is ``None``, the same 404
@@ -327,7 +349,7 @@ def dev_route(name: str, known: ModelRoute | None) -> ModelRoute | None:
     """
     if known is None and not settings.CHITTYCAN_DEV_ACCEPT_ANY_MODEL:
         return None
-    if settings.OLLAMA_BASE_URL:
+    if settings.OLLAMA_BASE_URL and (known is None or known.kind in _OLLAMA_KINDS):
         provider = ProviderConfig(id=0, slug="dev-ollama", kind="ollama", base_url=settings.OLLAMA_BASE_URL)
         deployment = DeploymentRoute(id=None, provider=provider, upstream_model=settings.CHITTYCAN_DEV_OLLAMA_MODEL)
     else:

@@ -3,7 +3,9 @@
 By default it answers like OpenAI: chat completions (JSON or SSE with ``include_usage``), tool
 calls when tools are offered, the Responses API (``/v1/responses``: a ``response`` object or its
 typed ``event:`` stream, function calls when function tools are offered), legacy completions,
-embeddings (float or base64) and models. Tests
+embeddings (float or base64), models, and the media routes: images (generations, and edits
+from a multipart form), audio transcriptions (multipart; the WAV's length read from its header and
+reported as ``usage.seconds``), speech (the audio streamed as raw bytes) and moderations. Tests
 queue ``Reply`` objects to make the next request on a path fail, stall, stream custom frames or
 reset mid-stream; every request is recorded, and so is every client disconnect.
 """
@@ -12,9 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.parser
+import email.policy
+import io
+import math
 import random
 import struct
 import time
+import wave
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -125,12 +132,16 @@ class FakeOpenAI:
             if not message.get("more_body"):
                 break
         raw = b"".join(chunks)
-        try:
-            body = orjson.loads(raw) if raw else None
-        except orjson.JSONDecodeError:
-            body = raw
         path = scope["path"]
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        body: Any
+        if headers.get("content-type", "").startswith("multipart/form-data"):
+            body = multipart_form(raw, headers["content-type"])
+        else:
+            try:
+                body = orjson.loads(raw) if raw else None
+            except orjson.JSONDecodeError:
+                body = raw
         self.requests.append(Recorded(path, headers, body))
         queue = self.replies.get(path)
         reply = queue.popleft() if queue else self.default_reply(path, body if isinstance(body, dict) else {})
@@ -171,7 +182,8 @@ class FakeOpenAI:
             await send({"type": "http.response.start", "status": reply.status, "headers": hdrs})
             await send({"type": "http.response.body", "body": payload})
             return
-        hdrs.append((b"content-type", b"text/event-stream"))
+        if not any(k == b"content-type" for k, _ in hdrs):
+            hdrs.append((b"content-type", b"text/event-stream"))
         await send({"type": "http.response.start", "status": reply.status, "headers": hdrs})
         disconnected = asyncio.Event()
 
@@ -213,6 +225,17 @@ class FakeOpenAI:
             return self.completion_reply(body)
         if path.endswith("/embeddings"):
             return Reply(json=self.embeddings_json(body))
+        if path.endswith(("/images/generations", "/images/edits")):
+            return Reply(json=self.images_json(body))
+        if path.endswith("/audio/transcriptions"):
+            return self.transcription_reply(body)
+        if path.endswith("/audio/speech"):
+            audio = self.speech_audio(body)
+            mime = {"wav": "audio/wav", "pcm": "audio/pcm", "opus": "audio/ogg"}.get(body.get("response_format", ""))
+            pieces = [audio[i : i + 1024] for i in range(0, len(audio), 1024)]
+            return Reply(frames=pieces, headers={"content-type": mime or "audio/mpeg"})
+        if path.endswith("/moderations"):
+            return Reply(json=self.moderations_json(body))
         if path.endswith("/models"):
             return Reply(
                 json={
@@ -469,3 +492,78 @@ class FakeOpenAI:
             "model": body.get("model"),
             "usage": {"prompt_tokens": 4 * len(items), "total_tokens": 4 * len(items)},
         }
+
+    # --- media ------------------------------------------------------------------------------------
+
+    #: The 1x1 PNG every fake image is.
+    PNG = base64.b64decode(
+        "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+    )
+
+    def images_json(self, body: dict[str, Any]) -> dict[str, Any]:
+        """dall-e answers with the pictures only; gpt-image-1 also says the size and quality it made."""
+        n = int(body.get("n") or 1)
+        model = str(body.get("model") or "")
+        data: list[dict[str, Any]] = []
+        for i in range(n):
+            if body.get("response_format") == "url" and not model.startswith("gpt-image"):
+                data.append({"url": f"https://images.fake.example/img-{i}.png", "revised_prompt": body.get("prompt")})
+            else:
+                data.append({"b64_json": base64.b64encode(self.PNG).decode()})
+        answer: dict[str, Any] = {"created": int(time.time()), "data": data}
+        if model.startswith("gpt-image"):
+            size = body.get("size") if body.get("size") not in (None, "auto") else "1024x1024"
+            quality = body.get("quality") if body.get("quality") not in (None, "auto") else "high"
+            answer.update(size=size, quality=quality, output_format="png", background="opaque")
+            answer["usage"] = {"input_tokens": 10, "output_tokens": 4160, "total_tokens": 4170}
+        return answer
+
+    def transcription_reply(self, body: dict[str, Any]) -> Reply:
+        upload = body.get("file")
+        if not isinstance(upload, tuple):
+            return Reply(status=400, json={"error": {"message": "file is required", "type": "invalid_request_error"}})
+        with wave.open(io.BytesIO(upload[1]), "rb") as reader:
+            seconds = reader.getnframes() / reader.getframerate()
+        text = f"Transcribed {upload[0]}."
+        if body.get("response_format") == "verbose_json":
+            return Reply(json={"task": "transcribe", "language": "english", "duration": seconds, "text": text})
+        return Reply(json={"text": text, "usage": {"type": "duration", "seconds": math.ceil(seconds)}})
+
+    @staticmethod
+    def speech_audio(body: dict[str, Any]) -> bytes:
+        """Bytes standing in for the encoded speech: 100 per character of the input."""
+        text = str(body.get("input") or "")
+        return bytes((ord(c) + i) % 256 for i, c in enumerate(text * 100))
+
+    @staticmethod
+    def moderations_json(body: dict[str, Any]) -> dict[str, Any]:
+        raw = body.get("input")
+        texts = raw if isinstance(raw, list) else [raw]
+        names = ("harassment", "hate", "self-harm", "sexual", "violence")
+        results = []
+        for text in texts:
+            flagged = "kill" in str(text).lower()
+            categories = {name: flagged and name == "violence" for name in names}
+            scores = {name: 0.97 if categories[name] else 0.001 for name in names}
+            results.append({"flagged": flagged, "categories": categories, "category_scores": scores})
+        return {"id": "modr-fake", "model": body.get("model") or "omni-moderation-latest", "results": results}
+
+
+def multipart_form(raw: bytes, content_type: str) -> dict[str, Any]:
+    """A multipart form as the fake reads it: text fields as str, files as (filename, bytes, type);
+    a field sent more than once (``name[]``) as a list."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw
+    )
+    form: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = str(part.get_param("name", header="content-disposition"))
+        payload = part.get_payload(decode=True)
+        assert isinstance(payload, bytes)
+        filename = part.get_filename()
+        value: Any = (filename, payload, part.get_content_type()) if filename else payload.decode()
+        if name in form:
+            form[name] = [*form[name], value] if isinstance(form[name], list) else [form[name], value]
+        else:
+            form[name] = value
+    return form

@@ -102,6 +102,19 @@ The Responses API (stored per tenant; GET {base}/responses/<id> retrieves one):
     -H "Authorization: Bearer $OPENAI_API_KEY" -H "Content-Type: application/json" \\
     -d '{{"model": "gpt-4o-mini", "input": "Say hello"}}'
 
+Images, speech, transcription and moderations (priced per image, character and minute: docs/media.md):
+  curl {base}/images/generations \\
+    -H "Authorization: Bearer $OPENAI_API_KEY" -H "Content-Type: application/json" \\
+    -d '{{"model": "dall-e-3", "prompt": "a lighthouse", "size": "1024x1024", "quality": "standard"}}'
+  curl {base}/audio/speech -o hello.wav \\
+    -H "Authorization: Bearer $OPENAI_API_KEY" -H "Content-Type: application/json" \\
+    -d '{{"model": "tts-1", "voice": "alloy", "input": "Hello there", "response_format": "wav"}}'
+  curl {base}/audio/transcriptions \\
+    -H "Authorization: Bearer $OPENAI_API_KEY" -F model=whisper-1 -F file=@hello.wav
+  curl {base}/moderations \\
+    -H "Authorization: Bearer $OPENAI_API_KEY" -H "Content-Type: application/json" \\
+    -d '{{"input": "I will kill the process"}}'
+
 Python (pip install openai):
   from openai import OpenAI
   client = OpenAI()  # reads OPENAI_API_KEY and OPENAI_BASE_URL

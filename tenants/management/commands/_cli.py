@@ -12,7 +12,19 @@ from django.core.management.base import CommandError
 from django.utils import timezone
 
 # The endpoint names a key's scopes may list (see gateway/consumers.py).
-KNOWN_ENDPOINTS = ("chat", "completions", "embeddings", "messages", "responses", "models", "usage:read")
+KNOWN_ENDPOINTS = (
+    "chat",
+    "completions",
+    "embeddings",
+    "messages",
+    "responses",
+    "images",
+    "transcriptions",
+    "speech",
+    "moderations",
+    "models",
+    "usage:read",
+)
 SCOPE_KINDS = ("models", "endpoints")
 
 _DURATION = re.compile(r"^(\d+)([hdw])$")
