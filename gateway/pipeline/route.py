@@ -30,7 +30,7 @@ from budgets.periods import counters_for
 from core.money import PriceInfo
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, NotFound, PermissionDenied
-from gateway.routing import breaker, latency, strategy
+from gateway.routing import breaker, inflight, latency, strategy
 from gateway.routing.experiments import ExperimentSpec, assign
 from gateway.routing.policy import LIVE_VARIABLES, Decision, Timeouts, evaluate
 from gateway.routing.table import (
@@ -95,15 +95,23 @@ async def resolve(
             apply_experiment(ctx, table, kinds, decision)
         routed = ctx.route
         if routed.strategy != "priority":
+            busy = None
+            if routed.strategy == "least_in_flight" and len(routed.deployments) > 1:
+                busy = await inflight.counts(breaker.breaker_id(d) for d in routed.deployments)
             ctx.route = strategy.order(
                 routed,
                 routed.strategy,
                 key_of=breaker.breaker_id,
                 prompt_tokens=ctx.estimated_prompt_tokens,
                 output_tokens=routed.max_output_tokens,
+                in_flight=busy,
             )
             if ctx.route_explanation:
                 ctx.route_explanation["strategy"] = routed.strategy
+                if busy:
+                    ctx.route_explanation["in_flight"] = {
+                        deployment_name(d): busy.get(breaker.breaker_id(d), 0) for d in routed.deployments
+                    }
     return ctx.route
 
 
