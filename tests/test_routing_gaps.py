@@ -147,3 +147,216 @@ def test_a_stream_counts_until_it_ends_or_its_client_leaves(
     stream.close()
     wait_for(lambda: in_flight(dep_two.pk) == 0)
     assert provider_of(client) == "two"
+
+
+# --- why a candidate was skipped: unhealthy, over budget ----------------------------------------
+
+
+@pytest.fixture
+def priced_pair(
+    transactional_db: Any,
+    fake_openai: tuple[FakeOpenAI, ServerThread],
+    second_upstream: tuple[FakeOpenAI, ServerThread],
+) -> tuple[FakeOpenAI, FakeOpenAI]:
+    """``dear`` on provider one ($1,000 per M tokens), ``cheap`` on provider two ($0.10 / $0.20)."""
+    from gateway.models import Provider
+
+    first_app, first = fake_openai
+    second_app, second = second_upstream
+    for app in (first_app, second_app):
+        app.reset()
+    one = Provider(slug="one", kind="openai", base_url=f"{first.url}/v1", max_retries=0, breaker_failures=1)
+    one.api_key = "sk-one"
+    one.save()
+    two = Provider(slug="two", kind="openai", base_url=f"{second.url}/v1", max_retries=0)
+    two.api_key = "sk-two"
+    two.save()
+    add_model("dear", one, upstream="dear-up", prices=("1000", "1000", "1000"))
+    add_model("cheap", two, upstream="cheap-up", prices=("0.10", "0.10", "0.20"))
+    return first_app, second_app
+
+
+def put_policy(tenant: Any, route: str, fallback: str) -> None:
+    from gateway import policies
+
+    policies.policy_put(name="gaps", rules=[{"name": "main", "route": route}], tenant=tenant, fallback_chain=[fallback])
+
+
+def trace_text(request_id: str) -> str:
+    import io
+
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("trace", request_id, stdout=out)
+    return out.getvalue()
+
+
+def in_own_loop(fn: Callable[[], Any]) -> Any:
+    """Run a coroutine function the way a Celery task or the embedded scheduler does."""
+    import asyncio
+
+    from core import runtime
+    from gateway import http
+    from gateway.routing import breaker
+
+    async def run() -> Any:
+        try:
+            return await fn()
+        finally:
+            breaker.forget_loop()
+            await http.aclose()
+            await runtime.close_redis()
+
+    return asyncio.run(run())
+
+
+def test_unhealthy_candidates_are_explained_with_what_the_health_checks_found(
+    gateway_server: ServerThread, priced_pair: tuple[FakeOpenAI, FakeOpenAI], tenant_key: tuple[Any, str]
+) -> None:
+    from gateway.routing.table import route_table
+
+    first, second = priced_pair
+    tenant, key = tenant_key
+    put_policy(tenant, "dear", "cheap")
+    client = client_for(gateway_server, key)
+
+    async def dear_deployment() -> Any:
+        table = await route_table()
+        found = table.resolve("dear")
+        assert found is not None
+        return found, found.deployments[0]
+
+    # Passive outlier detection ejected it.
+    in_own_loop(lambda: _eject_dear(dear_deployment))
+    raw = client.chat.completions.with_raw_response.create(model="dear", messages=SHORT)
+    assert raw.headers["x-chittycan-provider"] == "two"
+    assert raw.headers["x-chittycan-route"].startswith("rule=main; model=dear; skipped=1;")
+    row = wait_for_row(raw.headers["x-request-id"])
+    dear, cheap = row.route["candidates"]
+    assert dear["skipped"] == "unhealthy" and dear["reason"] == "latency outlier"
+    assert "skipped" not in cheap
+    assert "skipped: unhealthy (latency outlier)" in trace_text(raw.headers["x-request-id"])
+    assert len(first.requests) == 0
+
+    # An active health probe failed (provider one's breaker opens at its first failure).
+    forget_breaker("dear")
+    first.set_fault(Fault("down"))
+    try:
+        results = in_own_loop(lambda: _probe_dear(dear_deployment))
+    finally:
+        first.set_fault(None)
+    assert results["probe_result"] == "failed"
+    raw = client.chat.completions.with_raw_response.create(model="dear", messages=SHORT)
+    assert raw.headers["x-chittycan-provider"] == "two"
+    dear = wait_for_row(raw.headers["x-request-id"]).route["candidates"][0]
+    assert dear["skipped"] == "unhealthy" and dear["reason"] == "health probe failed"
+    assert len(first.requests) == 1  # the probe only
+
+    # Client traffic that failed opens it too: that is "breaker open", not "unhealthy".
+    forget_breaker("dear")
+    first.set_fault(Fault("down"))
+    try:
+        failed = client.chat.completions.with_raw_response.create(model="dear", messages=SHORT)
+        assert failed.headers["x-chittycan-provider"] == "two"  # failed over
+        raw = client.chat.completions.with_raw_response.create(model="dear", messages=SHORT)
+    finally:
+        first.set_fault(None)
+    dear = wait_for_row(raw.headers["x-request-id"]).route["candidates"][0]
+    assert dear["skipped"] == "breaker open" and dear["reason"] == "consecutive failures"
+    assert len(first.requests) == 2
+    rows = breaker_rows()
+    assert rows["dear"]["opened_by"] == "consecutive failures"
+
+
+async def _eject_dear(found: Callable[[], Any]) -> None:
+    from gateway.routing import breaker
+
+    _, dep = await found()
+    await breaker.eject(dep)
+
+
+async def _probe_dear(found: Callable[[], Any]) -> dict[str, str]:
+    from gateway.routing import health
+
+    route, dep = await found()
+    return await health.probe(route, dep)
+
+
+def forget_breaker(model: str) -> None:
+    """Close the model's breaker: its shared state and every process-local view of it."""
+    from gateway.models import Deployment
+    from gateway.routing import breaker
+
+    conn = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        for dep in Deployment.objects.filter(model__name=model):
+            conn.delete(breaker.state_key(f"d{dep.pk}"))
+    finally:
+        conn.close()
+    breaker.reset_local()
+
+
+def breaker_rows() -> dict[str, dict[str, Any]]:
+    from gateway.routing import breaker
+
+    return {row["model"]: row for row in in_own_loop(breaker.all_status)}
+
+
+def wait_for_row(request_id: str) -> Any:
+    from tests.conftest import wait_usage
+
+    rows = wait_usage(1, request_id=request_id)
+    assert rows, f"no ledger row for {request_id}"
+    return rows[0]
+
+
+def test_a_candidate_over_the_remaining_budget_is_skipped_not_reserved_for(
+    gateway_server: ServerThread, priced_pair: tuple[FakeOpenAI, FakeOpenAI], tenant_key: tuple[Any, str]
+) -> None:
+    """A rule to a dear model with a cheap fallback: the dear one's worst case ($1,000 per M
+    tokens times the 4,096-token output cap, about $4.1) exceeds the $1 the tenant has left, so it
+    is skipped "over budget" and the cheap one serves (before, the reservation covered the dearest
+    deployment of the route and the request was refused with a 402)."""
+    from budgets import services
+
+    first, second = priced_pair
+    tenant, key = tenant_key
+    put_policy(tenant, "dear", "cheap")
+    services.budget_put(tenant=tenant, period="month", limit_micro=1_000_000)
+    client = client_for(gateway_server, key)
+    raw = client.chat.completions.with_raw_response.create(model="dear", messages=SHORT)
+    assert raw.headers["x-chittycan-provider"] == "two"
+    assert raw.headers["x-chittycan-route"] == "rule=main; model=cheap; skipped=1; outcome=primary"
+    row = wait_for_row(raw.headers["x-request-id"])
+    dear, cheap = row.route["candidates"]
+    assert dear["skipped"] == "over budget" and dear["deployment"] == "one/dear-up"
+    assert float(dear["worst_case_usd"]) > 4.0
+    assert "skipped" not in cheap and row.route["model"] == "cheap"
+    assert float(row.route["budget_left_usd"]) == 1.0
+    assert 0 < row.cost_micro < 1000  # the cheap model's price
+    assert len(first.requests) == 0
+    text = trace_text(raw.headers["x-request-id"])
+    assert "skipped: over budget (worst case $" in text and "budget left $1" in text
+
+    # What can route explain shows, without sending anything.
+    import io
+    import json
+    from pathlib import Path
+
+    from django.core.management import call_command
+
+    request = Path("/tmp") / f"chittycan-gaps-{tenant.pk}.json"
+    request.write_text(json.dumps({"model": "dear", "messages": SHORT}))
+    out = io.StringIO()
+    call_command("route", "explain", "--key", key, "-f", str(request), "--json", stdout=out)
+    explained = json.loads(out.getvalue())
+    assert explained["route"]["candidates"][0]["skipped"] == "over budget"
+    assert explained["order"] == ["two/cheap-up"]
+
+    # When nothing fits, nothing is skipped: the budget stage refuses as before (402).
+    services.budget_put(tenant=tenant, period="month", limit_micro=10, allow_weaken=True)
+    with pytest.raises(openai.APIStatusError) as refused:
+        client.chat.completions.create(model="dear", messages=SHORT)
+    assert refused.value.status_code == 402
+    assert len(first.requests) == 0
