@@ -360,3 +360,74 @@ def test_a_candidate_over_the_remaining_budget_is_skipped_not_reserved_for(
         client.chat.completions.create(model="dear", messages=SHORT)
     assert refused.value.status_code == 402
     assert len(first.requests) == 0
+
+
+# --- a half-open probe that streams closes the breaker only at the stream's end -----------------
+
+
+@pytest.fixture
+def solo(transactional_db: Any, fake_openai: tuple[FakeOpenAI, ServerThread]) -> tuple[FakeOpenAI, Any]:
+    """Model ``solo`` on provider one alone, whose breaker opens at one failure for 0.3 s."""
+    from gateway.models import Deployment, Provider
+
+    app, server = fake_openai
+    app.reset()
+    one = Provider(
+        slug="one", kind="openai", base_url=f"{server.url}/v1", max_retries=0, breaker_failures=1, breaker_cooldown=0.3
+    )
+    one.api_key = "sk-one"
+    one.save()
+    model = add_model("solo", one, upstream="solo-up")
+    return app, Deployment.objects.get(model=model)
+
+
+def breaker_state(deployment_pk: int) -> tuple[str, float]:
+    from gateway.routing import breaker
+
+    conn = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        s, u = conn.hmget(breaker.state_key(f"d{deployment_pk}"), ["s", "u"])
+    finally:
+        conn.close()
+    return (s or b"").decode(), float(u or 0)
+
+
+def open_then_half_open(client: openai.OpenAI, app: FakeOpenAI, deployment_pk: int) -> None:
+    app.set_fault(Fault("down"))
+    try:
+        with pytest.raises(openai.APIStatusError):
+            client.chat.completions.create(model="solo", messages=SHORT)
+    finally:
+        app.set_fault(None)
+    state, until = breaker_state(deployment_pk)
+    assert state == "open"
+    time.sleep(max(until - time.time(), 0) + 0.05)  # the cool-down is over: the next request probes
+
+
+def test_a_streaming_half_open_probe_closes_the_breaker_only_when_it_completes(
+    gateway_server: ServerThread, solo: tuple[FakeOpenAI, Any], tenant_key: tuple[Any, str]
+) -> None:
+    app, dep = solo
+    client = client_for(gateway_server, tenant_key[1])
+    open_then_half_open(client, app, dep.pk)
+    slow = app.chat_stream_reply({"model": "solo-up", "stream": True, "messages": SHORT})
+    slow.frame_delay = 0.2
+    app.push(PATH, slow)
+    stream = client.chat.completions.create(model="solo", messages=SHORT, stream=True)
+    chunks = iter(stream)
+    next(chunks)
+    assert breaker_state(dep.pk)[0] == "open"  # its first chunk is not a recovery yet
+    rest = list(chunks)
+    assert any(c.choices and c.choices[0].finish_reason == "stop" for c in rest)  # to its end
+    wait_for(lambda: breaker_state(dep.pk)[0] == "closed")
+
+    # A probe whose stream breaks mid-way reopens the breaker for another cool-down.
+    open_then_half_open(client, app, dep.pk)
+    broken = app.chat_stream_reply({"model": "solo-up", "stream": True, "messages": SHORT})
+    broken.reset_after = 2
+    app.push(PATH, broken)
+    stream = client.chat.completions.create(model="solo", messages=SHORT, stream=True)
+    with pytest.raises(openai.APIError):
+        list(stream)
+    state, until = breaker_state(dep.pk)
+    assert state == "open" and until > time.time()

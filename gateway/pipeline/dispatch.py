@@ -208,7 +208,8 @@ async def _attempts(
     """Try the route's deployments in order: an open breaker skips one at once (no upstream call).
 
     A stream's success is the relay's to report (at its clean end; a failure after the first byte
-    counts against the breaker), except a half-open probe's: its first item closes the breaker.
+    counts against the breaker), a half-open probe's too: the probe's admission goes to
+    ``ctx.stream_probe``, and only a stream that completes closes the breaker.
     """
     assert ctx.route is not None
     deployments = ctx.route.ordered_deployments()
@@ -278,8 +279,10 @@ async def _attempts(
                 await asyncio.shield(breaker.release(admission))  # cancelled: let another request probe
                 raise
             ctx.attempt_log.append(_attempt_entry(ctx, deployment, why, began, "ok", 200))
-            if admission.probe or not stream:
+            if not stream:
                 await breaker.record(deployment, admission, None)
+            elif admission.probe:
+                ctx.stream_probe = admission  # settled by the relay when the stream ends
             await health.observe(ctx.route.deployments, deployment, time.monotonic() - started)
             ctx.route_reason = "primary" if index == 0 else f"fallback:{index}"
             if skipped:
