@@ -389,7 +389,8 @@ def breaker_state(deployment_pk: int) -> tuple[str, float]:
         s, u = conn.hmget(breaker.state_key(f"d{deployment_pk}"), ["s", "u"])
     finally:
         conn.close()
-    return (s or b"").decode(), float(u or 0)
+    state = s.decode() if isinstance(s, bytes) else str(s or "")
+    return state, float(u or 0)
 
 
 def open_then_half_open(client: openai.OpenAI, app: FakeOpenAI, deployment_pk: int) -> None:
