@@ -432,3 +432,40 @@ def test_a_streaming_half_open_probe_closes_the_breaker_only_when_it_completes(
         list(stream)
     state, until = breaker_state(dep.pk)
     assert state == "open" and until > time.time()
+
+
+def test_least_in_flight_round_trips_through_the_configuration_file(
+    transactional_db: Any, make_tenant: Callable[..., Any], tmp_path: Any
+) -> None:
+    import io
+    from pathlib import Path
+
+    import yaml
+    from django.core.management import CommandError, call_command
+
+    from gateway.models import LLMModel
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "routing-policy.yaml"
+    make_tenant("demo")
+    call_command("apply", "-f", str(example), stdout=io.StringIO(), stderr=io.StringIO())
+    exported = io.StringIO()
+    call_command("export", stdout=exported)
+    document = yaml.safe_load(exported.getvalue())
+    name = document["models"][0]["name"]
+    document["models"][0]["strategy"] = "least_in_flight"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(document))
+    out = io.StringIO()
+    call_command("apply", "-f", str(path), stdout=out, stderr=io.StringIO())
+    assert f"update model {name}" in out.getvalue()
+    assert LLMModel.objects.get(name=name).strategy == "least_in_flight"
+    again = io.StringIO()
+    call_command("export", stdout=again)
+    model = next(m for m in yaml.safe_load(again.getvalue())["models"] if m["name"] == name)
+    assert model["strategy"] == "least_in_flight"
+    document["models"][0]["strategy"] = "fewest"
+    path.write_text(yaml.safe_dump(document))
+    err = io.StringIO()
+    with pytest.raises(CommandError, match="nothing was written"):
+        call_command("apply", "-f", str(path), stdout=io.StringIO(), stderr=err)
+    assert "strategy" in err.getvalue()
