@@ -67,6 +67,9 @@ class RequestContext:
     attempt_log: list[dict[str, Any]] = field(default_factory=list)  # each upstream attempt (ledger ``attempts``)
     trace: Trace | None = None  # set only when tracing is on (gateway.tracing)
     route_reason: str = ""  # dispatch: primary | fallback:N (...)
+    # dispatch: the half-open breaker probe a stream holds (a ``breaker.Admission``); the relay
+    # settles it at the stream's end (a clean end closes the breaker, a failure reopens it).
+    stream_probe: Any = None
     route_header: str = ""  # the routing policy's summary for X-ChittyCan-Route (rule=...; model=...)
     route_explanation: dict[str, Any] = field(default_factory=dict)  # why this model (the ledger's `route`)
     experiment: str = ""  # the routing experiment that assigned this request (its slug) ...

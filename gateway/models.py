@@ -179,6 +179,7 @@ class LLMModel(models.Model):
             ("weighted", "weighted, priorities ignored"),
             ("lowest_latency", "lowest latency (decaying average)"),
             ("lowest_cost", "lowest cost for the request"),
+            ("least_in_flight", "least requests in flight (shared)"),
         ],
         default="priority",
         help_text="The order its deployments are tried in (docs/routing.md)",

@@ -32,6 +32,8 @@ def describe_route(route: Mapping[str, Any]) -> list[str]:
         extra.append("timeouts " + ", ".join(f"{k} {v:g}s" for k, v in route["timeouts"].items()))
     if route.get("retries") is not None:
         extra.append(f"retries {route['retries']}")
+    if route.get("budget_left_usd"):
+        extra.append(f"budget left ${route['budget_left_usd']}")
     if extra:
         lines.append("  ".join(extra))
     candidates = route.get("candidates") or []
@@ -46,6 +48,10 @@ def describe_route(route: Mapping[str, Any]) -> list[str]:
                 text += f" weight {c['weight']}"
             if c.get("skipped"):
                 text += f"  skipped: {c['skipped']}"
+                if c.get("reason"):
+                    text += f" ({c['reason']})"
+                if c.get("worst_case_usd"):
+                    text += f" (worst case ${c['worst_case_usd']})"
             if c.get("note"):
                 text += f"  {c['note']}"
             lines.append(text)

@@ -257,7 +257,7 @@ class ModelSpec(_Spec):
     active: bool = True
     cache: CacheSpec | None = None  # the exact response cache; absent: off
     semantic_cache: SemanticCacheSpec | None = None  # the semantic cache; absent: off
-    strategy: Literal["priority", "weighted", "lowest_latency", "lowest_cost"] = "priority"
+    strategy: Literal["priority", "weighted", "lowest_latency", "lowest_cost", "least_in_flight"] = "priority"
     deployments: list[DeploymentSpec] = []
     prices: list[PriceSpec] = []
 

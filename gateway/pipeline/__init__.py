@@ -43,6 +43,7 @@ from gateway.formats import CHAT, EMBEDDINGS, MESSAGES, WireFormat
 from gateway.formats.anthropic import check_messages, prompt_estimate
 from gateway.formats.checks import json_object, model_name
 from gateway.pipeline import authenticate, cache, dispatch, limit, parse, record, relay, reserve, route, settle
+from gateway.routing import breaker
 from ledger.feedback import feedback_record
 
 __all__ = ["count_tokens", "feedback", "invalidate_cache", "new_request_id", "run"]
@@ -125,6 +126,10 @@ def _client_left(ctx: RequestContext) -> None:
 
 
 async def _settle_and_record(ctx: RequestContext, wire: WireFormat) -> None:
+    if ctx.stream_probe is not None:
+        # A stream's half-open probe the relay never settled (cancelled before it started).
+        probe, ctx.stream_probe = ctx.stream_probe, None
+        await breaker.release(probe)
     await cache.land(ctx, wire)  # a coalescing leader's flight ends (completed if its client left)
     await settle.run(ctx)
     ctx.stage("settle")

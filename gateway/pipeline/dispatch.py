@@ -27,7 +27,7 @@ from gateway.providers import get_provider
 from gateway.providers.base import NativeMessages, NativeResponses, Operation, Provider, UpstreamCall, close_stream
 from gateway.providers.bridge import MessagesViaChat
 from gateway.providers.responses_bridge import ResponsesViaChat
-from gateway.routing import breaker, health
+from gateway.routing import breaker, health, inflight
 from gateway.routing.table import DeploymentRoute
 
 Json = dict[str, Any]
@@ -155,6 +155,47 @@ async def _until_deadline(
         await close_stream(stream)
 
 
+def _counts_in_flight(ctx: RequestContext) -> bool:
+    """Whether this request's attempts are counted in flight (the ``least_in_flight`` strategy)."""
+    return ctx.route is not None and ctx.route.strategy == "least_in_flight"
+
+
+async def _start_in_flight(ctx: RequestContext, deployment: DeploymentRoute) -> inflight.Slot | None:
+    if not _counts_in_flight(ctx):
+        return None
+    return await inflight.start(breaker.breaker_id(deployment), total_limit(deployment))
+
+
+async def _end_in_flight(slot: inflight.Slot | None) -> None:
+    if slot is not None:
+        await asyncio.shield(inflight.end(slot))  # a cancelled request still ends its count
+
+
+class _InFlightStream:
+    """A stream counted in flight on its deployment until it ends or is closed."""
+
+    def __init__(self, stream: AsyncIterator[Json], slot: inflight.Slot) -> None:
+        self._stream = stream
+        self._slot: inflight.Slot | None = slot
+
+    def __aiter__(self) -> _InFlightStream:
+        return self
+
+    async def __anext__(self) -> Json:
+        try:
+            return await anext(self._stream)
+        except StopAsyncIteration:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        slot, self._slot = self._slot, None
+        try:
+            await close_stream(self._stream)
+        finally:
+            await _end_in_flight(slot)
+
+
 def _client_key_rejected(exc: UpstreamError) -> UpstreamError:
     """Passthrough: the provider refused the client's own key, so the client hears it as a 401."""
     message = exc.message.removeprefix("upstream rejected the gateway's credentials: ")
@@ -167,7 +208,8 @@ async def _attempts(
     """Try the route's deployments in order: an open breaker skips one at once (no upstream call).
 
     A stream's success is the relay's to report (at its clean end; a failure after the first byte
-    counts against the breaker), except a half-open probe's: its first item closes the breaker.
+    counts against the breaker), a half-open probe's too: the probe's admission goes to
+    ``ctx.stream_probe``, and only a stream that completes closes the breaker.
     """
     assert ctx.route is not None
     deployments = ctx.route.ordered_deployments()
@@ -237,8 +279,10 @@ async def _attempts(
                 await asyncio.shield(breaker.release(admission))  # cancelled: let another request probe
                 raise
             ctx.attempt_log.append(_attempt_entry(ctx, deployment, why, began, "ok", 200))
-            if admission.probe or not stream:
+            if not stream:
                 await breaker.record(deployment, admission, None)
+            elif admission.probe:
+                ctx.stream_probe = admission  # settled by the relay when the stream ends
             await health.observe(ctx.route.deployments, deployment, time.monotonic() - started)
             ctx.route_reason = "primary" if index == 0 else f"fallback:{index}"
             if skipped:
@@ -317,7 +361,11 @@ async def call(ctx: RequestContext, operation: Operation) -> Json:
     async def attempt(deployment: DeploymentRoute) -> Json:
         provider = get_provider(deployment.provider.kind)
         ctx.reached_provider = True
-        return await _call_once(provider, operation, make_call(ctx, deployment))
+        slot = await _start_in_flight(ctx, deployment)
+        try:
+            return await _call_once(provider, operation, make_call(ctx, deployment))
+        finally:
+            await _end_in_flight(slot)
 
     result: Json = await _attempts(ctx, attempt)
     return result
@@ -331,17 +379,23 @@ async def open_stream(ctx: RequestContext, operation: Operation) -> tuple[Json, 
         ctx.reached_provider = True
         total = total_limit(deployment)
         deadline = asyncio.get_running_loop().time() + total if total is not None else None
-        stream = _stream_once(provider, operation, make_call(ctx, deployment))
+        slot = await _start_in_flight(ctx, deployment)
         try:
-            first = await anext(stream)
-        except StopAsyncIteration:
-            raise UpstreamError("upstream closed the stream without sending anything", retryable=True) from None
+            stream = _stream_once(provider, operation, make_call(ctx, deployment))
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                raise UpstreamError("upstream closed the stream without sending anything", retryable=True) from None
+            except BaseException:
+                await close_stream(stream)
+                raise
         except BaseException:
-            await close_stream(stream)
+            await _end_in_flight(slot)
             raise
+        rest: AsyncIterator[Json] = stream
         if deadline is not None and total is not None:
-            return first, _until_deadline(deployment, stream, deadline, total)
-        return first, stream
+            rest = _until_deadline(deployment, stream, deadline, total)
+        return first, rest if slot is None else _InFlightStream(rest, slot)
 
     opened: tuple[Json, AsyncIterator[Json]] = await _attempts(ctx, attempt, stream=True)
     return opened

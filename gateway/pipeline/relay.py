@@ -66,7 +66,9 @@ async def send_stream(
         if ctx.status == "ok":
             await responder.write(tracker.closing(money.format_usd(ctx.cost_micro)))
             if ctx.deployment is not None:
-                await breaker.record(ctx.deployment, None, None)  # the upstream streamed to its end
+                # The upstream streamed to its end: a half-open probe's success closes the breaker.
+                probe, ctx.stream_probe = ctx.stream_probe, None
+                await breaker.record(ctx.deployment, probe, None)
     except asyncio.CancelledError:
         ctx.status, ctx.http_status = "client_disconnected", 499
         raise
@@ -77,7 +79,8 @@ async def send_stream(
         ctx.status, ctx.error_type = "upstream_error", err.code or err.type
         await responder.write(tracker.error_frame(err))
         if ctx.deployment is not None and isinstance(err, UpstreamError):
-            await breaker.record(ctx.deployment, None, err)
+            probe, ctx.stream_probe = ctx.stream_probe, None
+            await breaker.record(ctx.deployment, probe, err)  # a probe's failure reopens it
     except Exception as exc:
         log.exception("stream relay failed", extra={"request_id": ctx.request_id})
         ctx.status, ctx.error_type = "error", type(exc).__name__
@@ -86,6 +89,10 @@ async def send_stream(
         if ctx.usage is None:
             ctx.usage = tracker.usage()  # what was relayed before the end, estimated where unreported
         await asyncio.shield(close_stream(rest))
+        if ctx.stream_probe is not None:
+            # The probe ended without a verdict (the client left): another request may probe.
+            probe, ctx.stream_probe = ctx.stream_probe, None
+            await asyncio.shield(breaker.release(probe))
     await responder.finish()
 
 

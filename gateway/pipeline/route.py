@@ -15,6 +15,7 @@ go to ``ctx.route_explanation`` (the ledger row's ``route``) and ``X-ChittyCan-R
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Any
@@ -27,10 +28,12 @@ from django.utils import timezone
 from budgets import counters
 from budgets import service as budget_service
 from budgets.periods import counters_for
+from core import money
 from core.money import PriceInfo
+from gateway.admission import INPUT_MARGIN, INPUT_OVERHEAD_TOKENS
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, NotFound, PermissionDenied
-from gateway.routing import breaker, latency, strategy
+from gateway.routing import breaker, inflight, latency, strategy
 from gateway.routing.experiments import ExperimentSpec, assign
 from gateway.routing.policy import LIVE_VARIABLES, Decision, Timeouts, evaluate
 from gateway.routing.table import (
@@ -95,15 +98,23 @@ async def resolve(
             apply_experiment(ctx, table, kinds, decision)
         routed = ctx.route
         if routed.strategy != "priority":
+            busy = None
+            if routed.strategy == "least_in_flight" and len(routed.deployments) > 1:
+                busy = await inflight.counts(breaker.breaker_id(d) for d in routed.deployments)
             ctx.route = strategy.order(
                 routed,
                 routed.strategy,
                 key_of=breaker.breaker_id,
                 prompt_tokens=ctx.estimated_prompt_tokens,
                 output_tokens=routed.max_output_tokens,
+                in_flight=busy,
             )
             if ctx.route_explanation:
                 ctx.route_explanation["strategy"] = routed.strategy
+                if busy:
+                    ctx.route_explanation["in_flight"] = {
+                        deployment_name(d): busy.get(breaker.breaker_id(d), 0) for d in routed.deployments
+                    }
     return ctx.route
 
 
@@ -204,6 +215,10 @@ async def decide(
         ctx.route_header = f"rule={decision.rule}; rejected"
         return decision, None
     routed, candidates, target_model = _plan(decision, table, base, kinds)
+    over, left = await _over_budget(ctx, routed, key)
+    if over:
+        routed, candidates, target_model = _plan(decision, table, base, kinds, over)
+        explanation["budget_left_usd"] = money.format_usd(left)
     explanation["model"] = target_model
     explanation["candidates"] = candidates
     if decision.timeouts is not None:
@@ -320,6 +335,50 @@ async def budget_used(key: KeyInfo) -> float:
     return result
 
 
+async def budget_left(key: KeyInfo) -> int | None:
+    """The least money (micro-USD) left over the hard money budgets of the key and its tenant
+    chain, as their counters stand (reservations in flight included); None without such a budget."""
+    budgets = await budget_service.budgets_for(key)
+    money_counters = [c for c in counters_for(key, budgets, timezone.now()) if c.kind == "m" and c.limit]
+    if not money_counters:
+        return None
+    root = key.root_id
+
+    def peek() -> int:
+        return min(c.limit - (counters.peek_sync(c, root) or 0) for c in money_counters if c.limit)
+
+    left: int = await sync_to_async(peek, thread_sensitive=False)()
+    return max(left, 0)
+
+
+def worst_case(ctx: RequestContext, route: ModelRoute, deployment: DeploymentRoute) -> int:
+    """What the budget reservation would hold (micro-USD) were ``deployment`` the route's only one:
+    the padded prompt estimate and the output cap at its own model's price."""
+    prompt = math.ceil(ctx.estimated_prompt_tokens * INPUT_MARGIN) + INPUT_OVERHEAD_TOKENS
+    asked = ctx.body.get("max_completion_tokens") or ctx.body.get("max_tokens")
+    cap = route.max_output_tokens
+    output = min(asked, cap) if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else cap
+    return money.worst_case_micro(route.price_for(deployment), prompt, output)
+
+
+async def _over_budget(ctx: RequestContext, routed: ModelRoute | None, key: KeyInfo) -> tuple[dict[str, int], int]:
+    """The deployments of a policy's route whose worst case exceeds the money left on the tenant's
+    budgets, when some others fit (they are dropped from the route, so neither tried nor reserved
+    for). Only a route whose deployments differ in price (a fallback chain or split over models)
+    is checked: when none fits the budget stage refuses the request as before (402). Returns them
+    and the money left."""
+    if routed is None or not routed.hop_prices or len(routed.deployments) < 2:
+        return {}, 0
+    left = await budget_left(key)
+    if left is None:
+        return {}, 0
+    costs = {breaker.breaker_id(d): worst_case(ctx, routed, d) for d in routed.deployments}
+    over = {ident: cost for ident, cost in costs.items() if cost > left}
+    if not over or len(over) == len(costs):
+        return {}, left
+    return over, left
+
+
 # --- from a decision to a route ------------------------------------------------------------------
 
 
@@ -350,12 +409,18 @@ def _target(table: RouteTable, target: str) -> tuple[ModelRoute, tuple[Deploymen
 
 
 def _plan(
-    decision: Decision, table: RouteTable, base: ModelRoute, kinds: tuple[str, ...]
+    decision: Decision,
+    table: RouteTable,
+    base: ModelRoute,
+    kinds: tuple[str, ...],
+    over_budget: Mapping[str, int] | None = None,
 ) -> tuple[ModelRoute, list[dict[str, Any]], str]:
     """The route a decision makes: its targets in order, then the fallback chain's hops, each
     target's deployments in their own priority order after the previous target's; duplicates
     dropped. Prices, context window and output cap are the first usable target's; the name, aliases
-    and response-cache setting the requested model's."""
+    and response-cache setting the requested model's. ``over_budget`` (breaker id -> worst case in
+    micro-USD): deployments left out of the route, explained as skipped ``over budget``."""
+    over_budget = over_budget or {}
     hops: list[tuple[str, Timeouts | None, int | None, str]] = [
         (t, decision.timeouts, decision.retries, "route") for t in decision.targets
     ]
@@ -380,8 +445,6 @@ def _plan(
         if not deps:
             candidates.append({"target": label, "role": role, "model": model.name, "skipped": "no active deployment"})
             continue
-        if primary is None:
-            primary = model
         for dep in sorted(deps, key=lambda d: d.priority):
             ident = breaker.breaker_id(dep)
             entry: dict[str, Any] = {
@@ -395,8 +458,14 @@ def _plan(
             seen.add(ident)
             if limits is not None and limits.as_dict():
                 entry["timeouts"] = limits.as_dict()
-            if breaker.known_open(dep):
-                entry["skipped"] = "breaker open"
+            if ident in over_budget:
+                entry["skipped"] = "over budget"
+                entry["worst_case_usd"] = money.format_usd(over_budget[ident])
+                candidates.append(entry)
+                continue  # not in the route: not tried, and not in the reservation's worst case
+            skip = breaker.skip_reason(dep)
+            if skip is not None:
+                entry["skipped"], entry["reason"] = skip
             provider = dep.provider
             if retries is not None and retries != provider.max_retries:
                 provider = dataclasses.replace(provider, max_retries=retries)
@@ -408,6 +477,8 @@ def _plan(
             )
             deployments.append(routed_dep)
             owners[deployment_ident(routed_dep)] = model.prices
+            if primary is None:
+                primary = model
             candidates.append(entry)
     for arm, weight in decision.split:
         if arm != decision.split_pick:

@@ -80,6 +80,7 @@ class Snapshot:
     open_until: float = 0.0
     failures: int = 0
     opened: int = 0  # how many times it opened (while the key lived)
+    reason: str = ""  # why it last opened: one of REASONS ("" before the first opening)
 
     def state(self, now: float | None = None) -> State:
         if not self.open:
@@ -88,6 +89,15 @@ class Snapshot:
 
 
 CLOSED = Snapshot()
+
+#: Why a breaker opened. ``unhealthy`` ones come from the health checks (``gateway.routing.health``):
+#: passive outlier detection ejected the deployment, or an active health probe failed.
+OPENED_BY_FAILURES = "consecutive failures"
+OPENED_BY_ERROR_RATE = "error rate"
+OPENED_BY_PROBE = "half-open probe failed"
+OPENED_BY_OUTLIER = "latency outlier"
+OPENED_BY_HEALTH_PROBE = "health probe failed"
+UNHEALTHY = frozenset({OPENED_BY_OUTLIER, OPENED_BY_HEALTH_PROBE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +111,8 @@ class Admission:
 
 # --- the shared store: Redis, or this process (embedded mode) --------------------------------------
 
-# KEYS[1] the breaker's hash. ARGV: now (s), threshold, cooldown (s), force ("1" opens it now), ttl (ms)
+# KEYS[1] the breaker's hash. ARGV: now (s), threshold, cooldown (s), force ("1" opens it now), ttl (ms),
+# the reason recorded when it opens
 _FAIL = """
 local f = redis.call('HINCRBY', KEYS[1], 'f', 1)
 local s = redis.call('HGET', KEYS[1], 's')
@@ -110,12 +121,12 @@ local now = tonumber(ARGV[1])
 if ARGV[4] == '1' or (s ~= 'open' and f >= tonumber(ARGV[2])) then
   if s ~= 'open' or now >= u or ARGV[4] == '1' then
     u = now + tonumber(ARGV[3])
-    redis.call('HSET', KEYS[1], 's', 'open', 'u', tostring(u))
+    redis.call('HSET', KEYS[1], 's', 'open', 'u', tostring(u), 'r', ARGV[6])
     redis.call('HINCRBY', KEYS[1], 'o', 1)
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return redis.call('HMGET', KEYS[1], 's', 'u', 'f', 'o')
+return redis.call('HMGET', KEYS[1], 's', 'u', 'f', 'o', 'r')
 """
 
 # KEYS[1] the hash, KEYS[2] the probe lease. ARGV: "1" when the success is the probe's, lease token
@@ -127,7 +138,7 @@ if ARGV[1] == '1' then
 elseif s ~= 'open' then
   redis.call('HSET', KEYS[1], 'f', '0')
 end
-return redis.call('HMGET', KEYS[1], 's', 'u', 'f', 'o')
+return redis.call('HMGET', KEYS[1], 's', 'u', 'f', 'o', 'r')
 """
 
 # KEYS[1] the hash, KEYS[2] the probe lease. ARGV: now (s), lease token, lease (ms). The lease is
@@ -144,8 +155,9 @@ _TTL_MS = 86_400_000  # an idle breaker's state expires after a day
 
 
 def _parse(raw: list[Any]) -> Snapshot:
-    s, u, f, o = (v.decode() if isinstance(v, bytes) else v for v in raw)
-    return Snapshot(open=s == "open", open_until=float(u or 0), failures=int(f or 0), opened=int(o or 0))
+    s, u, f, o, *rest = (v.decode() if isinstance(v, bytes) else v for v in raw)
+    reason = str(rest[0] or "") if rest else ""
+    return Snapshot(open=s == "open", open_until=float(u or 0), failures=int(f or 0), opened=int(o or 0), reason=reason)
 
 
 def state_key(key: str) -> str:
@@ -181,11 +193,18 @@ class RedisStore:
         return scripts[index]
 
     async def read(self, key: str) -> Snapshot:
-        raw = await runtime.redis_client().hmget(self._hash(key), ["s", "u", "f", "o"])
+        raw = await runtime.redis_client().hmget(self._hash(key), ["s", "u", "f", "o", "r"])
         return _parse(list(raw))
 
-    async def fail(self, key: str, cfg: BreakerSettings, *, force: bool) -> Snapshot:
-        args: list[str | int] = [repr(time.time()), cfg.failures, repr(cfg.cooldown), "1" if force else "0", _TTL_MS]
+    async def fail(self, key: str, cfg: BreakerSettings, *, force: bool, reason: str = "") -> Snapshot:
+        args: list[str | int] = [
+            repr(time.time()),
+            cfg.failures,
+            repr(cfg.cooldown),
+            "1" if force else "0",
+            _TTL_MS,
+            reason or (OPENED_BY_ERROR_RATE if force else OPENED_BY_FAILURES),
+        ]
         raw = await self._script(0)(keys=[self._hash(key)], args=args)
         return _parse(list(raw))
 
@@ -214,25 +233,26 @@ class MemoryStore:
     async def read(self, key: str) -> Snapshot:
         return self.states.get(key, CLOSED)
 
-    async def fail(self, key: str, cfg: BreakerSettings, *, force: bool) -> Snapshot:
+    async def fail(self, key: str, cfg: BreakerSettings, *, force: bool, reason: str = "") -> Snapshot:
         cur = self.states.get(key, CLOSED)
         now = time.time()
         failures = cur.failures + 1
-        snap = Snapshot(cur.open, cur.open_until, failures, cur.opened)
+        snap = Snapshot(cur.open, cur.open_until, failures, cur.opened, cur.reason)
         if force or (not cur.open and failures >= cfg.failures):
             if not cur.open or now >= cur.open_until or force:
-                snap = Snapshot(True, now + cfg.cooldown, failures, cur.opened + 1)
+                why = reason or (OPENED_BY_ERROR_RATE if force else OPENED_BY_FAILURES)
+                snap = Snapshot(True, now + cfg.cooldown, failures, cur.opened + 1, why)
         self.states[key] = snap
         return snap
 
     async def succeed(self, key: str, *, probe: bool, token: str) -> Snapshot:
         cur = self.states.get(key, CLOSED)
         if probe:
-            snap = Snapshot(False, 0.0, 0, cur.opened)
+            snap = Snapshot(False, 0.0, 0, cur.opened, cur.reason)
             if self.leases.get(key, ("", 0.0))[0] == token:
                 self.leases.pop(key, None)
         elif not cur.open:
-            snap = Snapshot(False, 0.0, 0, cur.opened)
+            snap = Snapshot(False, 0.0, 0, cur.opened, cur.reason)
         else:
             snap = cur
         self.states[key] = snap
@@ -356,6 +376,17 @@ def known_open(deployment: DeploymentRoute) -> bool:
     return cached is not None and cached[1].state() == "open"
 
 
+def skip_reason(deployment: DeploymentRoute) -> tuple[str, str] | None:
+    """Why routing skips the deployment, as this process last saw its breaker (no I/O): None when
+    it is not open; else (``unhealthy``, what the health checks found) when an outlier ejection or a
+    failed health probe opened it, or (``breaker open``, why) when client traffic did."""
+    cached = _cache.get(breaker_id(deployment))
+    if cached is None or cached[1].state() != "open":
+        return None
+    reason = cached[1].reason
+    return ("unhealthy" if reason in UNHEALTHY else "breaker open"), reason
+
+
 def _lease_seconds(deployment: DeploymentRoute) -> float:
     cfg = deployment.provider
     return min(cfg.connect_timeout + cfg.read_timeout, 60.0) + 1.0
@@ -384,8 +415,15 @@ async def admit(deployment: DeploymentRoute) -> Admission | None:
     return Admission(key, probe=True, token=token)
 
 
-async def record(deployment: DeploymentRoute, admission: Admission | None, err: UpstreamError | None) -> None:
-    """Feed an attempt's result to the deployment's breaker (``admission`` None: a mid-stream failure)."""
+async def record(
+    deployment: DeploymentRoute,
+    admission: Admission | None,
+    err: UpstreamError | None,
+    *,
+    health_probe: bool = False,
+) -> None:
+    """Feed an attempt's result to the deployment's breaker (``admission`` None: a mid-stream failure;
+    ``health_probe``: the result of an active health probe, not of a client's request)."""
     key = admission.key if admission is not None else breaker_id(deployment)
     probe = admission is not None and admission.probe
     token = admission.token if admission is not None else ""
@@ -408,7 +446,13 @@ async def record(deployment: DeploymentRoute, admission: Admission | None, err: 
                 _remember(key, await store().succeed(key, probe=probe, token=token))
             return
         force = probe or (total >= cfg.min_requests and failed >= cfg.error_rate * total)
-        snap = _remember(key, await store().fail(key, cfg, force=force))
+        if health_probe:
+            reason = OPENED_BY_HEALTH_PROBE
+        elif probe:
+            reason = OPENED_BY_PROBE
+        else:
+            reason = OPENED_BY_ERROR_RATE if force else OPENED_BY_FAILURES
+        snap = _remember(key, await store().fail(key, cfg, force=force, reason=reason))
         if probe:
             await store().release_probe(key, token)
         if snap.open and snap.state() == "open" and (force or snap.failures == cfg.failures):
@@ -420,11 +464,11 @@ async def record(deployment: DeploymentRoute, admission: Admission | None, err: 
         log.warning("breaker state not written", extra={"breaker": key, "error": str(exc)})
 
 
-async def eject(deployment: DeploymentRoute) -> None:
+async def eject(deployment: DeploymentRoute, reason: str = OPENED_BY_OUTLIER) -> None:
     """Open the deployment's breaker now, for its cool-down (passive outlier detection,
     ``gateway.routing.health``); the half-open probe then tests it. Raises ``REDIS_ERRORS``."""
     key = breaker_id(deployment)
-    _remember(key, await store().fail(key, deployment.provider.breaker, force=True))
+    _remember(key, await store().fail(key, deployment.provider.breaker, force=True, reason=reason))
 
 
 async def release(admission: Admission) -> None:
@@ -485,6 +529,7 @@ async def status(deployments: list[tuple[str, DeploymentRoute]]) -> list[dict[st
             "state": state,
             "consecutive_failures": snap.failures,
             "times_opened": snap.opened,
+            "opened_by": snap.reason,
             "retry_in_seconds": round(max(snap.open_until - now, 0.0), 1) if state == "open" else 0.0,
             "settings": {
                 "failures": dep.provider.breaker.failures,

@@ -216,7 +216,7 @@ async def probe(route: ModelRoute, deployment: DeploymentRoute) -> dict[str, str
     except BaseException:
         await asyncio.shield(breaker.release(admission))
         raise
-    await breaker.record(deployment, admission, err)
+    await breaker.record(deployment, admission, err, health_probe=True)
     outcome = breaker.outcome_of(err)
     fields.update(
         probe_result="ok" if err is None else ("answered" if outcome == "success" else "failed"),

@@ -6,6 +6,8 @@
   traffic); a deployment not measured yet goes first, so each one is measured.
 - ``lowest_cost``: the cheapest for the estimated request first (prompt tokens and the output cap
   at each deployment's own model price: it differs across the models of a policy's route).
+- ``least_in_flight``: the fewest upstream attempts in flight first (``gateway.routing.inflight``:
+  counts shared by every gateway process through Redis; this process's in embedded mode).
 
 Within a routing policy's route, the strategy orders each hop's deployments; the hops keep their
 order. The order is encoded in the returned route's priorities, so dispatch tries them as given.
@@ -15,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from core.money import PriceInfo, worst_case_micro
 from gateway.routing import latency
 from gateway.routing.table import DeploymentRoute, ModelRoute
 
-STRATEGIES = ("priority", "weighted", "lowest_latency", "lowest_cost")
+STRATEGIES = ("priority", "weighted", "lowest_latency", "lowest_cost", "least_in_flight")
 
 HOP = 100_000  # a policy's route puts hop N's deployments at priorities N * HOP + their own
 
@@ -42,8 +44,12 @@ def order(
     key_of: Callable[[DeploymentRoute], str],
     prompt_tokens: int = 0,
     output_tokens: int = 0,
+    in_flight: Mapping[str, int] | None = None,
 ) -> ModelRoute:
-    """The route with its deployments' priorities set to the strategy's order (``priority``: as is)."""
+    """The route with its deployments' priorities set to the strategy's order (``priority``: as is).
+
+    ``in_flight`` (``least_in_flight``): the attempts in flight per ``key_of`` key (missing: 0).
+    """
     if strategy not in STRATEGIES or strategy == "priority" or len(route.deployments) < 2:
         return route
     hops: dict[int, list[DeploymentRoute]] = {}
@@ -61,5 +67,8 @@ def order(
                 return worst_case_micro(price, prompt_tokens, output_tokens) if price is not None else 0
 
             pool.sort(key=cost)
+        elif strategy == "least_in_flight":
+            busy = in_flight or {}
+            pool.sort(key=lambda d: busy.get(key_of(d), 0))
         ordered += [dataclasses.replace(d, priority=hop * HOP + rank) for rank, d in enumerate(pool)]
     return dataclasses.replace(route, deployments=tuple(ordered))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from core.money import PriceInfo
 from gateway.providers.base import ProviderConfig
-from gateway.routing import latency
+from gateway.routing import inflight, latency
 from gateway.routing.strategy import HOP, order
 from gateway.routing.table import DeploymentRoute, ModelRoute, deployment_ident
 
@@ -77,3 +79,33 @@ def test_lowest_cost_across_a_policy_routes_models_within_each_hop() -> None:
     r = route(dear, cheap, later, hop_prices=((deployment_ident(cheap), price("0.1", "0.1")),))
     ordered = order(r, "lowest_cost", key_of=key, prompt_tokens=1000, output_tokens=100)
     assert slugs(ordered) == ["cheap", "dear", "later"]  # the fallback hop stays last
+
+
+def test_least_in_flight_fewest_first_within_each_hop() -> None:
+    busy, idle, later = dep("busy", weight=1000), dep("idle", weight=1), dep("later", priority=HOP)
+    r = route(busy, idle, later)
+    counts = {"busy": 3, "idle": 1, "later": 0}
+    for _ in range(50):  # the weights only break ties
+        assert slugs(order(r, "least_in_flight", key_of=key, in_flight=counts)) == ["idle", "busy", "later"]
+    # Equal (or unknown) counts: the weighted order.
+    firsts = Counter(slugs(order(r, "least_in_flight", key_of=key, in_flight={}))[0] for _ in range(500))
+    assert firsts["busy"] > 450
+
+
+def test_least_in_flight_local_counts_without_redis(settings: Any) -> None:
+    settings.REDIS_URL = ""
+    inflight.reset_local()
+
+    async def scenario() -> list[dict[str, int]]:
+        seen = [await inflight.counts(["a", "b"])]
+        one = await inflight.start("a")
+        two = await inflight.start("a")
+        three = await inflight.start("b")
+        seen.append(await inflight.counts(["a", "b"]))
+        for slot in (one, two, three):
+            await inflight.end(slot)
+        await inflight.end(one)  # a second end never counts below zero
+        seen.append(await inflight.counts(["a", "b"]))
+        return seen
+
+    assert asyncio.run(scenario()) == [{"a": 0, "b": 0}, {"a": 2, "b": 1}, {"a": 0, "b": 0}]
