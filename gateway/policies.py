@@ -135,10 +135,23 @@ def policy_put(
         row.save()
     _check_all()
     if changes is None:
-        audit.record("routing_policy.create", target=name, actor=actor, actor_label=actor_label, source=source)
+        audit.record(
+            "routing_policy.create",
+            tenant=policy.tenant,
+            target=name,
+            actor=actor,
+            actor_label=actor_label,
+            source=source,
+        )
     else:
         audit.record(
-            "routing_policy.update", target=name, changes=changes, actor=actor, actor_label=actor_label, source=source
+            "routing_policy.update",
+            tenant=policy.tenant,
+            target=name,
+            changes=changes,
+            actor=actor,
+            actor_label=actor_label,
+            source=source,
         )
     invalidation.announce_on_commit()
     return policy, changes
@@ -148,8 +161,10 @@ def policy_put(
 def policy_delete(
     policy: RoutingPolicy, *, actor: AbstractBaseUser | None = None, actor_label: str = "", source: str = ""
 ) -> None:
-    name = policy.name
+    name, tenant = policy.name, policy.tenant
     policy.delete()
     _check_all()
-    audit.record("routing_policy.delete", target=name, actor=actor, actor_label=actor_label, source=source)
+    audit.record(
+        "routing_policy.delete", tenant=tenant, target=name, actor=actor, actor_label=actor_label, source=source
+    )
     invalidation.announce_on_commit()
