@@ -362,6 +362,13 @@ class LLMModelForm(forms.ModelForm):
                 self.add_error("semantic_embedding_model", "The public name of an embedding model of the catalogue.")
         return data
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["strategy"].required = False  # absent from a post: the default, priority
+
+    def clean_strategy(self) -> str:
+        return self.cleaned_data.get("strategy") or "priority"
+
     def clean_semantic_threshold(self) -> float:
         value = self.cleaned_data.get("semantic_threshold")
         return DEFAULT_SEMANTIC_THRESHOLD if value is None else float(value)
