@@ -139,12 +139,25 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         _wait_usage_drained()
 
 
+def _drop_routing_memory() -> None:
+    """What each process remembers about deployments (breaker snapshots, latency averages,
+    outlier ejections, in-flight counts) is keyed by provider and upstream model, names every
+    test reuses: a test starts with none of an earlier test's."""
+    from gateway.routing import breaker, health, inflight, latency
+
+    breaker.reset_local()
+    health.reset_local()
+    inflight.reset_local()
+    latency.reset()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_state(request: pytest.FixtureRequest) -> Iterator[None]:
     from core import invalidation
 
     _flush_redis()
     invalidation.drop_local()
+    _drop_routing_memory()
     if "fake_openai" in request.fixturenames:
         request.getfixturevalue("fake_openai")[0].reset()
     yield

@@ -86,6 +86,9 @@ def sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
+DEFAULT_TEXT = "Hello from the fake upstream!"
+
+
 class FakeOpenAI:
     """The ASGI app. ``text`` is what it answers; usage is 10 prompt tokens per message + 7 out."""
 
@@ -94,7 +97,7 @@ class FakeOpenAI:
         self.replies: dict[str, deque[Reply]] = defaultdict(deque)
         self.disconnects = 0
         self.completed_streams = 0
-        self.text = "Hello from the fake upstream!"
+        self.text = DEFAULT_TEXT
         self.cached_tokens = 0
         self.fault: Fault | None = None
         self._random = random.Random(0)
@@ -110,6 +113,7 @@ class FakeOpenAI:
 
     def reset(self) -> None:
         self.requests.clear()
+        self.text = DEFAULT_TEXT
         self.replies.clear()
         self.disconnects = 0
         self.completed_streams = 0
