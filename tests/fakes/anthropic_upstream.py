@@ -28,9 +28,10 @@ def error_body(kind: str, message: str) -> dict[str, Any]:
 
 
 class FakeAnthropic(FakeOpenAI):
+    default_text = "Hello from the fake Anthropic!"
+
     def __init__(self) -> None:
         super().__init__()
-        self.text = "Hello from the fake Anthropic!"
         self.cache_read = 0
         self.cache_creation = 0
 

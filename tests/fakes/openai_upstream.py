@@ -86,18 +86,17 @@ def sse(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
-DEFAULT_TEXT = "Hello from the fake upstream!"
-
-
 class FakeOpenAI:
     """The ASGI app. ``text`` is what it answers; usage is 10 prompt tokens per message + 7 out."""
+
+    default_text = "Hello from the fake upstream!"  # what ``text`` is again after ``reset``
 
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
         self.replies: dict[str, deque[Reply]] = defaultdict(deque)
         self.disconnects = 0
         self.completed_streams = 0
-        self.text = DEFAULT_TEXT
+        self.text = self.default_text
         self.cached_tokens = 0
         self.fault: Fault | None = None
         self._random = random.Random(0)
@@ -113,7 +112,7 @@ class FakeOpenAI:
 
     def reset(self) -> None:
         self.requests.clear()
-        self.text = DEFAULT_TEXT
+        self.text = self.default_text
         self.replies.clear()
         self.disconnects = 0
         self.completed_streams = 0
