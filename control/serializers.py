@@ -8,21 +8,7 @@ from rest_framework import serializers
 
 from budgets.models import Budget
 from core import egress
-from tenants.models import ApiKey, Tenant
-
-KNOWN_ENDPOINTS = (
-    "chat",
-    "completions",
-    "embeddings",
-    "messages",
-    "responses",
-    "images",
-    "transcriptions",
-    "speech",
-    "moderations",
-    "models",
-    "usage:read",
-)
+from tenants.models import KNOWN_ENDPOINTS, ApiKey, Tenant
 
 
 class TenantSerializer(serializers.ModelSerializer[Tenant]):

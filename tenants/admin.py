@@ -32,23 +32,11 @@ from django.utils.html import format_html_join
 from django.utils.http import urlencode
 
 from tenants import services
-from tenants.models import ApiKey, AuditEvent, CacheScope, Plan, Tenant
+from tenants.models import KNOWN_ENDPOINTS, ApiKey, AuditEvent, CacheScope, Plan, Tenant
 
 MICRO = Decimal(1_000_000)
 ADMIN_LABEL = "admin"
-ENDPOINTS = (
-    "chat",
-    "completions",
-    "embeddings",
-    "messages",
-    "responses",
-    "images",
-    "transcriptions",
-    "speech",
-    "moderations",
-    "models",
-    "usage:read",
-)
+ENDPOINTS = KNOWN_ENDPOINTS
 
 
 def usd(micro: int | None) -> str:

@@ -114,6 +114,23 @@ class Tenant(models.Model):
                 node = node.parent
 
 
+#: The endpoint names a key's ``endpoints`` scope may list (the /v1 routes, ``models``, and
+#: ``usage:read`` for the request log API); the admin, the CLI and the REST API check against it.
+KNOWN_ENDPOINTS = (
+    "chat",
+    "completions",
+    "embeddings",
+    "messages",
+    "responses",
+    "images",
+    "transcriptions",
+    "speech",
+    "moderations",
+    "models",
+    "usage:read",
+)
+
+
 class ApiKeyQuerySet(models.QuerySet["ApiKey"]):
     def usable(self) -> ApiKeyQuerySet:
         now = timezone.now()

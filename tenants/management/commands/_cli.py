@@ -11,20 +11,8 @@ from zoneinfo import ZoneInfo
 from django.core.management.base import CommandError
 from django.utils import timezone
 
-# The endpoint names a key's scopes may list (see gateway/consumers.py).
-KNOWN_ENDPOINTS = (
-    "chat",
-    "completions",
-    "embeddings",
-    "messages",
-    "responses",
-    "images",
-    "transcriptions",
-    "speech",
-    "moderations",
-    "models",
-    "usage:read",
-)
+from tenants.models import KNOWN_ENDPOINTS
+
 SCOPE_KINDS = ("models", "endpoints")
 
 _DURATION = re.compile(r"^(\d+)([hdw])$")
