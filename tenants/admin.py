@@ -36,7 +36,6 @@ from tenants.models import KNOWN_ENDPOINTS, ApiKey, AuditEvent, CacheScope, Plan
 
 MICRO = Decimal(1_000_000)
 ADMIN_LABEL = "admin"
-ENDPOINTS = KNOWN_ENDPOINTS
 
 
 def usd(micro: int | None) -> str:
@@ -348,9 +347,9 @@ class ApiKeyForm(forms.ModelForm):
         for kind, items in value.items():
             if not isinstance(items, list) or not all(isinstance(i, str) and i for i in items):
                 raise forms.ValidationError(f"{kind} must be a list of names")
-        unknown = [e for e in value.get("endpoints", []) if e not in ENDPOINTS]
+        unknown = [e for e in value.get("endpoints", []) if e not in KNOWN_ENDPOINTS]
         if unknown:
-            raise forms.ValidationError(f"unknown endpoint {', '.join(unknown)}; known: {', '.join(ENDPOINTS)}")
+            raise forms.ValidationError(f"unknown endpoint {', '.join(unknown)}; known: {', '.join(KNOWN_ENDPOINTS)}")
         return {k: v for k, v in value.items() if v}
 
 
@@ -380,17 +379,7 @@ class ApiKeyAdmin(AuditedAdmin[ApiKey]):
 
     def get_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> list[Any]:
         if obj is None:
-            return [
-                "tenant",
-                "user",
-                "name",
-                "scopes",
-                "rpm_limit",
-                "tpm_limit",
-                "expires_at",
-                "cache_enabled",
-                "cache_own",
-            ]
+            return list(ApiKeyForm.Meta.fields)
         return [
             "prefix",
             "tenant",
