@@ -32,6 +32,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.tracing import Trace
 from django.conf import settings
 from httpx_aiohttp import AiohttpTransport, HttpxAiohttpClient
+from httpx_aiohttp.transport import AiohttpResponseStream, map_aiohttp_exceptions
 
 from core import egress
 
@@ -109,6 +110,46 @@ class _EgressConnector(aiohttp.TCPConnector):
         return hosts
 
 
+def _unread(content: aiohttp.StreamReader) -> bytes:
+    """What an aiohttp body reader still holds (private fields: aiohttp has no public accessor)."""
+    buffered: typing.Iterable[bytes] = getattr(content, "_buffer", ())
+    offset: int = getattr(content, "_buffer_offset", 0)
+    return b"".join(buffered)[offset:]
+
+
+class _WholeStream(AiohttpResponseStream):
+    """A response body that yields every byte the upstream sent before its connection broke.
+
+    aiohttp's body reader raises a connection failure before the bytes it already holds (bytes
+    that arrived together with, or just before, the reset), so a stream cut mid-way would lose
+    its last frames when the gateway reads them a moment late: the client would miss text the
+    upstream billed for, and the usage row would count fewer output tokens than were sent.
+    """
+
+    async def __aiter__(self) -> typing.AsyncIterator[bytes]:
+        content = self._aiohttp_response.content
+        with map_aiohttp_exceptions():
+            try:
+                async for chunk in content.iter_chunked(self.CHUNK_SIZE):
+                    yield chunk
+            except aiohttp.ClientPayloadError:
+                rest = _unread(content)
+                if rest:
+                    yield rest
+                raise
+
+
+class _WholeTransport(AiohttpTransport):
+    """httpx-aiohttp's transport with ``_WholeStream`` bodies."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await super().handle_async_request(request)
+        stream = response.stream
+        if isinstance(stream, AiohttpResponseStream):
+            response.stream = _WholeStream(stream._aiohttp_response)
+        return response
+
+
 class _EgressBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend for the ``httpx`` transport: resolve, check, connect to the
     checked address (httpcore still sends SNI and Host for the name)."""
@@ -180,7 +221,7 @@ def _build_client() -> httpx.AsyncClient:
             # aiohttp's default cookie jar would keep upstream cookies across tenants too.
             return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
 
-        transport = AiohttpTransport(limits=limits, client=session)
+        transport = _WholeTransport(limits=limits, client=session)
         return HttpxAiohttpClient(limits=limits, timeout=timeout, trust_env=False, transport=transport)
     native = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     # httpx has no public switch for httpcore's network backend; the pool is httpcore's own.

@@ -154,8 +154,10 @@ def _drop_routing_memory() -> None:
 @pytest.fixture(autouse=True)
 def _fresh_state(request: pytest.FixtureRequest) -> Iterator[None]:
     from core import invalidation
+    from ledger import writer
 
     _flush_redis()
+    writer._memory_queue.clear()  # embedded mode's queue: a row an earlier test left is not this test's
     invalidation.drop_local()
     _drop_routing_memory()
     if "fake_openai" in request.fixturenames:
