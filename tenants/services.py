@@ -282,9 +282,11 @@ def key_update(
     *,
     actor: AbstractBaseUser | None = None,
     actor_label: str = "",
+    source: str = "",
     **fields: Unpack[KeyFields],
 ) -> audit.Changes:
-    """Change a key's name, owner, scopes, limits or expiry; returns what changed."""
+    """Change a key's name, owner, scopes, limits, expiry or cache settings; returns what changed
+    (``source``: the file a ``can apply`` change came from)."""
     stored = ApiKey.objects.select_for_update().get(pk=api_key.pk)
     changes = audit.diff(stored, fields)
     if not changes:
@@ -300,6 +302,7 @@ def key_update(
         changes=changes,
         actor=actor,
         actor_label=actor_label,
+        source=source,
     )
     _announce_on_commit()
     return changes
@@ -317,7 +320,7 @@ def key_revoke(*, api_key: ApiKey, actor_label: str = "", actor: AbstractBaseUse
 
 @transaction.atomic
 def key_rotate(*, api_key: ApiKey, actor_label: str = "", actor: AbstractBaseUser | None = None) -> tuple[ApiKey, str]:
-    """Issue a replacement with the same tenant, name, scopes and limits; revoke the old key."""
+    """Issue a replacement with the same tenant, name, scopes, limits and cache settings; revoke the old key."""
     new_key, plaintext = key_issue(
         tenant=api_key.tenant,
         name=api_key.name,
@@ -330,7 +333,8 @@ def key_rotate(*, api_key: ApiKey, actor_label: str = "", actor: AbstractBaseUse
         actor=actor,
     )
     new_key.rotated_from = api_key
-    new_key.save(update_fields=["rotated_from"])
+    new_key.cache_enabled, new_key.cache_own = api_key.cache_enabled, api_key.cache_own
+    new_key.save(update_fields=["rotated_from", "cache_enabled", "cache_own"])
     key_revoke(api_key=api_key, actor_label=actor_label, actor=actor)
     audit.record(
         "key.rotate",

@@ -2,11 +2,11 @@
 
 Every write goes through the service functions the admin, the CLI and the REST API use
 (``gateway.catalog`` for providers, models, deployments and prices; ``tenants.services`` for plans,
-tenants and budgets), so each change is validated, audited (``actor_label=apply``, with the file
-name and the old and new values; secrets only as changed) and announced to the gateway processes,
-once, after commit. This module reads the database to decide what to change and never writes it
-itself. A dry run does the same work and rolls it back, so it reports exactly what a real run
-would change.
+tenants, budgets and the cache settings of existing keys), so each change is validated, audited
+(``actor_label=apply``, with the file name and the old and new values; secrets only as changed)
+and announced to the gateway processes, once, after commit. This module reads the database to
+decide what to change and never writes it itself. A dry run does the same work and rolls it back,
+so it reports exactly what a real run would change.
 
 Secrets are never in the file: a provider's ``api_key`` (and a budget's ``webhook_secret``) is an
 ``${ENV_VAR}`` reference, read from the environment here. An unset variable keeps the stored
@@ -38,7 +38,7 @@ from core.money import format_usd_short
 from gateway import catalog, experiments, policies
 from gateway.models import Deployment, Experiment, LLMModel, Price, Provider, RoutingPolicy
 from tenants import audit, services
-from tenants.models import Plan, Tenant
+from tenants.models import ApiKey, Plan, Tenant
 
 __all__ = ["ACTOR", "Change", "Result", "apply"]
 
@@ -48,7 +48,7 @@ ACTOR = "apply"
 @dataclass
 class Change:
     op: Literal["create", "update", "delete", "deactivate"]
-    kind: str  # provider, model, deployment, price, plan, tenant, budget
+    kind: str  # provider, model, deployment, price, plan, tenant, budget, key
     target: str
     fields: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     note: str = ""
@@ -388,6 +388,7 @@ class _Applier:
                     self.updated("tenant", spec.slug, services.tenant_update(tenant, **desired, **self.by))
             rows[spec.slug] = tenant
             self.budgets(tenant, spec)
+            self.keys(tenant, spec)
         if self.prune:
             keep = set(by_slug) | {settings.CHITTYCAN_PASSTHROUGH_TENANT}
             note = "not in the file; keys and usage kept"
@@ -454,6 +455,48 @@ class _Applier:
                 if ident not in wanted:
                     budget_services.budget_delete(budget=row, allow_weaken=True, actor_label=ACTOR)
                     self.deleted("budget", _budget_target(tenant.slug, row.period, row.hard, row.limit_micro))
+
+    def keys(self, tenant: Tenant, spec: TenantSpec) -> None:
+        """The cache settings of the tenant's existing keys named in the file (every active key of
+        that name), through ``tenants.services.key_update`` as the admin and the CLI. Keys are never
+        created here (their secrets are not configuration). With ``--prune``, the tenant's named keys
+        the file does not list go back to the defaults (as the tenant says)."""
+        i = next(n for n, t in enumerate(self.doc.tenants) if t.slug == spec.slug)
+        by_name: dict[str, list[ApiKey]] = {}
+        for row in ApiKey.objects.filter(tenant=tenant, revoked_at__isnull=True).order_by("created_at", "pk"):
+            by_name.setdefault(row.name, []).append(row)
+        for j, key in enumerate(spec.keys):
+            found = by_name.get(key.name)
+            if not found:
+                self.errors.append(
+                    f"{self.filename}: tenants[{i}].keys[{j}].name: tenant {tenant.slug} has no active key named "
+                    f"{key.name}; the file sets the settings of existing keys and never creates one (its secret "
+                    f"is not configuration): create it with `can keys create --tenant {tenant.slug} --name "
+                    f"{key.name}` (or in the admin), then apply again"
+                )
+                continue
+            cache = key.cache
+            desired: services.KeyFields = {
+                "cache_enabled": cache.enabled if cache is not None else None,
+                "cache_own": cache is not None and cache.scope == "own",
+            }
+            for row in found:
+                self._key_update(tenant, row, desired)
+        if self.prune:
+            named = {key.name for key in spec.keys}
+            for name, found in by_name.items():
+                if name and name not in named:  # a key without a name cannot be listed: the admin's
+                    for row in found:
+                        self._key_update(tenant, row, {"cache_enabled": None, "cache_own": False})
+
+    def _key_update(self, tenant: Tenant, row: ApiKey, desired: services.KeyFields) -> None:
+        target = f"{tenant.slug}/{row.name or '(no name)'} ({row.prefix})"
+        with self.valid("key", target):
+            self.updated(
+                "key",
+                target,
+                services.key_update(row, actor=self.by["actor"], actor_label=ACTOR, source=self.filename, **desired),
+            )
 
     def routing_policies(self) -> None:
         """Routing policies, each replaced whole (its rules in file order) when it differs."""

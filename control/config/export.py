@@ -19,7 +19,7 @@ from control.config.schema import MICRO, VERSION
 from gateway.experiments import experiment_config
 from gateway.models import Experiment, LLMModel, Provider, RoutingPolicy
 from gateway.policies import policy_config
-from tenants.models import Plan, Tenant
+from tenants.models import ApiKey, Plan, Tenant
 
 __all__ = ["dump", "env_name", "export"]
 
@@ -144,6 +144,9 @@ def export() -> dict[str, Any]:
     out["plans"] = plans
     tenants = []
     all_tenants = list(Tenant.objects.select_related("parent", "plan").prefetch_related("budgets"))
+    named_keys: dict[int, list[ApiKey]] = {}
+    for k in ApiKey.objects.filter(revoked_at__isnull=True).exclude(name="").order_by("created_at", "pk"):
+        named_keys.setdefault(k.tenant_id, []).append(k)
     for t in _tree_order(all_tenants):
         item = {"slug": t.slug}
         _put_if(item, "name", t.name, t.slug)
@@ -187,6 +190,9 @@ def export() -> dict[str, Any]:
             budgets.append(budget)
         if budgets:
             item["budgets"] = budgets
+        keys = _key_settings(named_keys.get(t.pk, []))
+        if keys:
+            item["keys"] = keys
         tenants.append(item)
     out["tenants"] = tenants
     policies = RoutingPolicy.objects.select_related("tenant").prefetch_related("rules").order_by("-is_library", "name")
@@ -195,6 +201,23 @@ def export() -> dict[str, Any]:
     experiments = Experiment.objects.select_related("tenant").order_by("slug")
     if experiments:
         out["experiments"] = [experiment_config(e) for e in experiments]
+    return out
+
+
+def _key_settings(keys: list[ApiKey]) -> list[dict[str, Any]]:
+    """``keys:`` of a tenant (``keys``: its active named keys, oldest first): those whose cache
+    settings are not the defaults, one entry per name (``apply`` sets every key of a name alike;
+    the newest key's settings are written). A key without a name cannot be named in the file: its
+    settings stay the admin's."""
+    newest = {k.name: k for k in keys}
+    out = []
+    for name in sorted(newest):
+        k = newest[name]
+        cache: dict[str, Any] = {}
+        _put_if(cache, "enabled", k.cache_enabled, None)
+        _put_if(cache, "scope", "own" if k.cache_own else "tenant", "tenant")
+        if cache:
+            out.append({"name": name, "cache": cache})
     return out
 
 

@@ -1,6 +1,7 @@
 """The configuration file's schema: typed, strict specs of providers, models (deployments, prices),
-plans and tenants (budgets), and the checks a schema cannot express (uniqueness, references
-between objects, the tenant tree). The format is in docs/config.md.
+plans and tenants (budgets, the cache settings of their existing keys), and the checks a schema
+cannot express (uniqueness, references between objects, the tenant tree). The format is in
+docs/config.md.
 
 Money is a quoted decimal string (``"2.50"``); secrets are ``${ENV_VAR}`` references, never
 literals (they are read from the environment at apply time).
@@ -31,6 +32,8 @@ __all__ = [
     "ConfigError",
     "DeploymentSpec",
     "Document",
+    "KeyCacheSpec",
+    "KeySpec",
     "ModelSpec",
     "Path",
     "PlanSpec",
@@ -290,6 +293,24 @@ class TenantCacheSpec(_Spec):
     scope: Literal["tenant", "key", "tree", "global"] = "tenant"
 
 
+class KeyCacheSpec(_Spec):
+    """``cache: {enabled: false}`` or ``cache: {scope: own}`` on a key: the response cache for this
+    key's requests (``enabled``; absent: as its tenant and the model say) and whose entries it
+    reads and writes (``scope``: ``tenant``, as its tenant's ``cache.scope`` says, the default;
+    ``own``, the key's own entries, shared with no other key)."""
+
+    enabled: bool | None = None
+    scope: Literal["tenant", "own"] = "tenant"
+
+
+class KeySpec(_Spec):
+    """An existing key of the tenant, by its name (``can keys create --name``): the file sets its
+    settings, never creates it (a key's secret is not configuration)."""
+
+    name: Name
+    cache: KeyCacheSpec | None = None
+
+
 class TenantSpec(_Spec):
     slug: Slug
     name: Name | None = None
@@ -305,6 +326,7 @@ class TenantSpec(_Spec):
     require_otp: bool = False  # dashboard users of this tenant and its subtree need a TOTP second factor
     cache: TenantCacheSpec | None = None
     budgets: list[BudgetSpec] = []
+    keys: list[KeySpec] = []  # settings of the tenant's existing keys, by name
 
 
 class RoutingPolicySpec(_Spec):
@@ -483,6 +505,7 @@ def check_references(doc: Document) -> list[tuple[Path, str]]:
         if tenant.plan is not None and tenant.plan not in plan_slugs:
             problems.append(((*path, "plan"), f"no plan {tenant.plan} in plans"))
         problems += _budget_dupes(tenant.budgets, (*path, "budgets"))
+        problems += _dupes(tenant.keys, "name", (*path, "keys"), "key")
     problems += _dupes(doc.routing_policies, "name", ("routing_policies",), "routing policy")
     attached: dict[str | None, int] = {}
     for i, policy in enumerate(doc.routing_policies):
