@@ -1,9 +1,10 @@
 """The OpenTelemetry side of ``gateway.tracing``: the SDK's sampler, propagator and exporter, and
 the spans a traced request becomes.
 
-The SDK, the OTLP exporter (protobuf) and the semantic conventions take about 12 MiB resident and
-a tenth of a second to import; tracing is off by default, so ``gateway.tracing`` (what the request
-path imports) loads this module only when tracing is turned on (``configure``) or a trace is begun.
+The SDK's tracing side, the OTLP exporter (protobuf) and the semantic conventions take about
+4 MiB resident and 0.13 s to import on top of what redis-py already imports (the OTel metrics
+API); tracing is off by default, so ``gateway.tracing`` (what the request path imports) loads this
+module only when tracing is turned on (``configure``) or a trace is begun.
 This module never imports ``gateway.tracing``: the request's ``Trace`` is passed in.
 """
 

@@ -16,7 +16,7 @@ standard ``OTEL_*`` variables (endpoint, headers, timeout, compression, batch si
 
 This module imports nothing of OpenTelemetry: the SDK side (``gateway/otel.py``: sampler,
 propagator, exporter, the spans) is imported when tracing is turned on or a trace is begun, so a
-gateway with tracing off never loads the SDK (about 12 MiB resident).
+gateway with tracing off never loads it (about 4 MiB resident and 0.13 s of start-up).
 
 The tree (names and attributes follow the OpenTelemetry GenAI semantic conventions of
 ``SEMCONV_SCHEMA``; ChittyCan's own attributes are ``chittycan.*``)::
