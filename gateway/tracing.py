@@ -19,7 +19,7 @@ propagator, exporter, the spans) is imported when tracing is turned on or a trac
 gateway with tracing off never loads it (about 4 MiB resident and 0.13 s of start-up).
 
 The tree (names and attributes follow the OpenTelemetry GenAI semantic conventions of
-``SEMCONV_SCHEMA``; ChittyCan's own attributes are ``chittycan.*``)::
+``gateway.otel.SEMCONV_SCHEMA``; ChittyCan's own attributes are ``chittycan.*``)::
 
     chat gpt-4o                        SERVER  gen_ai.*, tenant, key name, request id, cost
       chittycan.parse / auth / route / limit / cache / reserve
