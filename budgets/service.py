@@ -40,8 +40,8 @@ from budgets import counters
 from budgets.counters import Reservation
 from budgets.models import Budget
 from budgets.periods import BudgetInfo, Counter, budget_counter, counters_for, period_bounds
+from budgets.reconcile import Drift, reconcile
 from budgets.spend import ledger_value
-from budgets.tasks import Drift, reconcile
 from core import invalidation
 from core.runtime import RedisBatch, background
 from ledger import writer

@@ -21,6 +21,13 @@ from core import preflight  # noqa: E402
 
 preflight.require_secret_key()
 
+from gateway import scheduler  # noqa: E402
+
+if scheduler.enabled():
+    # Its tasks are Celery's and may send others (an alert's delivery): the configured app first.
+    # A gateway without it never loads Celery (chittycan/__init__.py).
+    from chittycan import celery  # noqa: E402, F401
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402

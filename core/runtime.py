@@ -172,8 +172,15 @@ def ensure_started() -> None:
         loop.call_later(FREEZE_AFTER_WARMUP, freeze_heap)
     for name, fn in _starters:
         task = tasks.get(name)
-        if task is None or task.done():
+        if task is None or (task.done() and not _returned(task)):
             tasks[name] = loop.create_task(_supervise(name, fn), name=f"chittycan:{name}")
+
+
+def _returned(task: asyncio.Task[None]) -> bool:
+    """A done background task that returned: it has nothing to do in this process (the embedded
+    scheduler when it is off, the budget convergence without Redis) and is not started again on
+    every request. One that was cancelled or raised is."""
+    return not task.cancelled() and task.exception() is None
 
 
 def running(name: str) -> bool:

@@ -21,9 +21,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from scipy import stats
-
 from ledger.models import Feedback, UsageRecord
 
 __all__ = [
@@ -131,12 +128,21 @@ def load_samples(slug: str, arms: Sequence[str]) -> dict[str, ArmSamples]:
     return found
 
 
+# numpy and scipy (``ledger.significance``) are imported by the functions that compute, on the first
+# report or promotion check: a gateway process imports this module (through the admin) but never
+# computes, and would otherwise hold ~75 MiB for nothing.
+
+
 def _mean(values: Sequence[float]) -> float | None:
-    return float(np.mean(values)) if values else None
+    from ledger import significance  # noqa: PLC0415  (numpy + scipy, ~75 MiB: not in a serving gateway)
+
+    return significance.mean(values) if values else None
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
-    return float(np.percentile(values, q)) if values else None
+    from ledger import significance  # noqa: PLC0415  (numpy + scipy, ~75 MiB: not in a serving gateway)
+
+    return significance.percentile(values, q) if values else None
 
 
 def summarize(samples: ArmSamples) -> dict[str, Any]:
@@ -160,64 +166,65 @@ def _finite(value: Any) -> float | None:
 
 
 def welch(metric: str, arm: ArmSamples, control: ArmSamples, alpha: float) -> Comparison:
+    from ledger import significance  # noqa: PLC0415  (numpy + scipy, ~75 MiB: not in a serving gateway)
+
     a, b = arm.values(metric), control.values(metric)
-    difference = float(np.mean(a) - np.mean(b)) if a and b else None
+    difference = significance.mean(a) - significance.mean(b) if a and b else None
     if len(a) < 2 or len(b) < 2:
         return Comparison(
             metric, arm.name, control.name, "Welch's t-test: too few samples", None, None, alpha, difference
         )
-    if np.var(a) == 0 and np.var(b) == 0:
+    if significance.constant(a) and significance.constant(b):
         # Two constant samples: the t statistic is undefined (0/0) unless the means differ.
         p_value = 1.0 if difference == 0 else 0.0
         return Comparison(
             metric, arm.name, control.name, "Welch's t-test (both constant)", None, p_value, alpha, difference
         )
-    result = stats.ttest_ind(a, b, equal_var=False)
+    statistic, p_value = significance.welch_t(a, b)
     return Comparison(
         metric,
         arm.name,
         control.name,
         "Welch's t-test (two-sided)",
-        _finite(result.statistic),
-        _finite(result.pvalue),
+        _finite(statistic),
+        _finite(p_value),
         alpha,
         difference,
     )
 
 
 def error_rate_test(arm: ArmSamples, control: ArmSamples, alpha: float) -> Comparison:
+    from ledger import significance  # noqa: PLC0415  (numpy + scipy, ~75 MiB: not in a serving gateway)
+
     if not arm.requests or not control.requests:
         return Comparison("error_rate", arm.name, control.name, "no requests", None, None, alpha, None)
     difference = arm.errors / arm.requests - control.errors / control.requests
-    table = np.array(
-        [[arm.errors, arm.requests - arm.errors], [control.errors, control.requests - control.errors]], dtype=float
-    )
-    if (table.sum(axis=0) == 0).any():
+    table = [[arm.errors, arm.requests - arm.errors], [control.errors, control.requests - control.errors]]
+    if arm.errors + control.errors == 0 or table[0][1] + table[1][1] == 0:
         # No errors at all (or nothing but errors) in both arms: no difference to test.
         return Comparison(
             "error_rate", arm.name, control.name, "no variation (same outcome everywhere)", None, 1.0, alpha, difference
         )
-    expected = stats.contingency.expected_freq(table)
-    if (expected < 5).any():
-        fisher = stats.fisher_exact(table.astype(int))
+    if significance.min_expected(table) < 5:
+        odds_ratio, p_value = significance.fisher(table)
         return Comparison(
             "error_rate",
             arm.name,
             control.name,
             "Fisher's exact test (two-sided)",
-            _finite(fisher.statistic),
-            _finite(fisher.pvalue),
+            _finite(odds_ratio),
+            _finite(p_value),
             alpha,
             difference,
         )
-    chi2 = stats.chi2_contingency(table, correction=True)
+    statistic, p_value = significance.chi2_yates(table)
     return Comparison(
         "error_rate",
         arm.name,
         control.name,
         "Pearson's chi-square test (Yates' correction)",
-        _finite(chi2.statistic),
-        _finite(chi2.pvalue),
+        _finite(statistic),
+        _finite(p_value),
         alpha,
         difference,
     )

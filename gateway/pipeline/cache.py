@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import orjson
 
@@ -29,12 +29,15 @@ from core import money
 from core.money import Usage
 from gateway import admission
 from gateway import cache as store
-from gateway.cache import coalesce, render, semantic
+from gateway.cache import coalesce, render
 from gateway.context import RequestContext, Responder
 from gateway.errors import GatewayError, InvalidRequest, UpstreamError
 from gateway.formats import WireFormat
 from gateway.formats.base import Json
 from gateway.providers.base import close_stream
+
+if TYPE_CHECKING:
+    from gateway.cache.semantic import Embed
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +69,7 @@ def _ttl(headers: dict[bytes, bytes], default: int) -> int:
     return ttl
 
 
-async def lookup(ctx: RequestContext, headers: dict[bytes, bytes], embed: semantic.Embed | None = None) -> None:
+async def lookup(ctx: RequestContext, headers: dict[bytes, bytes], embed: Embed | None = None) -> None:
     """Find the tenant's cached answer (``ctx.cache_hit``), or prepare this answer's storing.
 
     After an exact miss, a model with the semantic cache on embeds the prompt through ``embed``
@@ -96,6 +99,8 @@ async def lookup(ctx: RequestContext, headers: dict[bytes, bytes], embed: semant
             await _hit(ctx, entry)
             return
         if turn == 0 and route.semantic_model and embed is not None:
+            from gateway.cache import semantic  # noqa: PLC0415  (numpy: only models with the semantic cache on load it)
+
             similar, similarity = await semantic.find(ctx, key.tenant.id, ctx.cache_space, embed, search=not refresh)
             if similar is not None:
                 await _hit(ctx, similar)
@@ -322,7 +327,9 @@ async def _keep(ctx: RequestContext, body: Json | None, items: list[Json] | None
     if not stored:
         log.info("answer not cached (over the size cap or the store failed)", extra={"request_id": ctx.request_id})
         return
-    if ctx.key is not None:
+    if ctx.key is not None and ctx.semantic is not None:  # a semantic probe was made: store it
+        from gateway.cache import semantic  # noqa: PLC0415  (numpy: only models with the semantic cache on load it)
+
         semantic.remember(ctx, ctx.key.tenant.id)  # in the background: the answer is already sent
 
 
