@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -19,7 +20,6 @@ KINDS = ("chat",)
 
 @pytest.fixture(autouse=True)
 def _clean(settings) -> Iterator[None]:
-    settings.REDIS_URL = ""
     settings.CHITTYCAN_MODE = "prod"
     breaker.reset_local()
     yield
@@ -31,7 +31,8 @@ def decision_for(table, tokens: int):
     return evaluate([policy], {"tokens": tokens})
 
 
-def test_a_planned_route_equals_a_fresh_plan_and_is_computed_once_per_snapshot() -> None:
+def test_a_planned_route_equals_a_fresh_plan_and_is_computed_once_per_snapshot(settings) -> None:
+    settings.REDIS_URL = ""
     table = _example_table(True)
     base = table.resolve("openai/gpt-4")
     for tokens in (10, 300, 900):  # each rule of the roadmap policy
@@ -48,7 +49,8 @@ def test_a_planned_route_equals_a_fresh_plan_and_is_computed_once_per_snapshot()
     assert route._planned(decision, newer, newer.resolve("openai/gpt-4"), KINDS)[0] is not first[0]
 
 
-def test_the_candidates_breaker_state_is_read_per_request() -> None:
+def test_the_candidates_breaker_state_is_read_per_request(settings) -> None:
+    settings.REDIS_URL = ""
     table = _example_table(True)
     base = table.resolve("openai/gpt-4")
     decision = decision_for(table, 10)
@@ -60,3 +62,49 @@ def test_the_candidates_breaker_state_is_read_per_request() -> None:
     _, now, _ = route._planned(decision, table, base, KINDS)
     assert now[0]["skipped"] == "breaker open" and now[0]["reason"] == "consecutive failures", now
     assert now == route._plan(decision, table, base, KINDS)[1]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_budget_check_reads_the_live_counters_from_redis(tenant_key, settings) -> None:
+    """``budget_left`` and ``budget_used`` (the over-budget check and the ``budget_used`` variable)
+    read the tenant's money counters with one MGET on the event loop's client: a value spent in
+    Redis shows in both; an unbuilt counter counts as nothing spent."""
+    import asyncio
+
+    import redis as redis_lib
+    from django.utils import timezone
+
+    from budgets import counters, services
+    from budgets import service as budget_service
+    from budgets.periods import counters_for
+    from core import runtime
+    from gateway.auth import authenticate
+
+    assert settings.REDIS_URL  # the suite's real Redis
+    tenant, raw_key = tenant_key
+    services.budget_put(tenant=tenant, period="month", limit_micro=4_000_000)
+
+    async def authenticated() -> Any:
+        try:
+            return await authenticate(raw_key)
+        finally:
+            await runtime.close_redis()
+
+    key = asyncio.run(authenticated())
+
+    async def read() -> tuple[int | None, float]:
+        try:
+            return await route.budget_left(key), await route.budget_used(key)
+        finally:
+            await runtime.close_redis()
+
+    assert asyncio.run(read()) == (4_000_000, 0.0)  # not built: nothing spent
+    budgets = asyncio.run(budget_service.budgets_for(key))
+    [counter] = [c for c in counters_for(key, budgets, timezone.now()) if c.kind == "m"]
+    conn = redis_lib.Redis.from_url(settings.REDIS_URL)
+    try:
+        conn.set(counters.counter_key(key.root_id, counter.name), 3_000_000)
+        assert asyncio.run(read()) == (1_000_000, 0.75)
+    finally:
+        conn.delete(counters.counter_key(key.root_id, counter.name))
+        conn.close()

@@ -21,14 +21,14 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from asgiref.sync import sync_to_async
+import redis
 from django.conf import settings
 from django.utils import timezone
 
 from budgets import counters
 from budgets import service as budget_service
-from budgets.periods import counters_for
-from core import money
+from budgets.periods import Counter, counters_for
+from core import money, runtime
 from core.money import PriceInfo
 from gateway.admission import INPUT_MARGIN, INPUT_OVERHEAD_TOKENS
 from gateway.context import RequestContext
@@ -323,18 +323,11 @@ async def budget_used(key: KeyInfo) -> float:
     money = [c for c in counters_for(key, budgets, timezone.now()) if c.kind == "m" and c.limit]
     if not money:
         return 0.0
-    root = key.root_id
-
-    def peek() -> float:
-        used = 0.0
-        for counter in money:
-            value = counters.peek_sync(counter, root)
-            if value is not None and counter.limit:
-                used = max(used, value / counter.limit)
-        return used
-
-    result: float = await sync_to_async(peek, thread_sensitive=False)()
-    return result
+    used = 0.0
+    for counter, value in zip(money, await peek(money, key.root_id), strict=True):
+        if value is not None and counter.limit:
+            used = max(used, value / counter.limit)
+    return used
 
 
 async def budget_left(key: KeyInfo) -> int | None:
@@ -346,13 +339,22 @@ async def budget_left(key: KeyInfo) -> int | None:
     money_counters = [c for c in counters_for(key, budgets, timezone.now()) if c.kind == "m" and c.limit]
     if not money_counters:
         return None
-    root = key.root_id
-
-    def peek() -> int:
-        return min(c.limit - (counters.peek_sync(c, root) or 0) for c in money_counters if c.limit)
-
-    left: int = await sync_to_async(peek, thread_sensitive=False)()
+    values = await peek(money_counters, key.root_id)
+    left = min(c.limit - (v or 0) for c, v in zip(money_counters, values, strict=True) if c.limit)
     return max(left, 0)
+
+
+async def peek(found: list[Counter], root: int) -> list[int | None]:
+    """The live values of budget counters (None: not built yet, or Redis unreachable): one ``MGET``
+    on this event loop's Redis client (the counters of a tenant tree share a hash slot), no
+    thread and no new connection; in embedded mode the in-process store."""
+    if not settings.REDIS_URL:
+        return [counters.peek_sync(c, root) for c in found]
+    try:
+        raw = await runtime.redis_client().mget([counters.counter_key(root, c.name) for c in found])
+    except (redis.RedisError, OSError):
+        return [None] * len(found)
+    return [int(v) if v is not None else None for v in raw]
 
 
 def worst_case(ctx: RequestContext, route: ModelRoute, deployment: DeploymentRoute) -> int:
