@@ -206,7 +206,8 @@ async def probe(route: ModelRoute, deployment: DeploymentRoute, *, trigger: str 
     admission = await breaker.admit(deployment)
     if admission is None:
         fields.update(probe_result="skipped", probe_error="breaker open (or another probe in flight)")
-        await records.write(key, fields)
+        if trigger != "on demand":  # an on-demand probe that lost the lease to another leaves no trace
+            await records.write(key, fields)
         return fields
     started = time.monotonic()
     err: UpstreamError | None = None
