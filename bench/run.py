@@ -11,7 +11,10 @@ cell (non-streaming and streaming chat completions at each concurrency) it recor
 p50/p99 latency, the stream's time to first byte and the server's CPU time per request; after each
 concurrency level, its peak memory. The report gives every figure as a ratio to the ceiling's (and,
 with a baseline, ChittyCan's over the baseline's), checks that each gateway's ledger got exactly
-one row per answered request, and exits non-zero on errors. Markdown goes to stdout and to
+one row per answered request, and exits non-zero on errors. After the load, it times the routing
+policy's cost per request on the gateways' core (``bench.routing --timing-only``: the roadmap
+example policy's evaluation, and the route stage's decision with the policy attached and without;
+the issue's target: under 50 µs). Markdown goes to stdout and to
 ``bench/results/latest.md``, the figures to ``latest.json``.
 
 ``--baseline REF`` checks REF out into a temporary ``git worktree`` (removed at the end), gives it
@@ -52,7 +55,13 @@ PROBE_DIR = Path(__file__).resolve().parent / "probe"
 PY = sys.executable
 MODES = ("json", "stream")
 # The issue's targets: the ratios are to figures taken in the same run.
-GOALS = {"rps_vs_ceiling": 0.2, "rps_vs_baseline": 1.5, "added_p50_vs_ceiling": 3.0, "rss_streams_mib": 150.0}
+GOALS = {
+    "rps_vs_ceiling": 0.2,
+    "rps_vs_baseline": 1.5,
+    "added_p50_vs_ceiling": 3.0,
+    "rss_streams_mib": 150.0,
+    "policy_added_us": 50.0,
+}
 QUICK = {"rounds": 1, "duration": 1.0, "warmup": 0.3, "prewarm": 0.5}
 DEFAULTS = {"rounds": 3, "duration": 2.0, "warmup": 0.5, "prewarm": 1.0}
 
@@ -531,6 +540,16 @@ def summarise(report: dict[str, Any], levels: list[int]) -> None:
             comparisons.append({"target": t["name"], "baseline": base["name"], "server": t["server"], "ratios": ratios})
     report["vs_baseline"] = comparisons
     report["goals"] = goals(report, levels)
+    policy = report.get("policy") or {}
+    added = policy.get("policy_added_us")
+    report["goals"].append(
+        _goal_row(
+            "routing policy (examples/routing-policy.yaml)",
+            "the policy adds < 50 µs per request",
+            "not measured" if added is None else f"{added:.1f} µs",
+            None if added is None else added < GOALS["policy_added_us"],
+        )
+    )
 
 
 def _goal_row(target: str, goal: str, reached: str, met: bool | None) -> dict[str, Any]:
@@ -643,6 +662,28 @@ def render(report: dict[str, Any], levels: list[int]) -> str:
             verdict = "–" if row["met"] is None else ("met" if row["met"] else "**not met**")
             lines.append(f"| {row['target']} | {row['goal']} | {row['reached']} | {verdict} |")
         lines.append("")
+    policy = report.get("policy") or {}
+    if policy:
+        lines += ["## Routing policy cost per request", ""]
+        if "error" in policy:
+            lines += [f"Not measured: `{policy['error']}`", ""]
+        else:
+            lines += [
+                "The roadmap's example policy (`examples/routing-policy.yaml`: two CEL rules, a default and a"
+                " three-hop fallback chain) timed in one process pinned to the gateways' core after the load"
+                f" (`bench/routing.py`, median of {policy['rounds']} rounds of {policy['per_round']} requests).",
+                "",
+                "| what | µs per request |",
+                "|---|---:|",
+                "| facts built + policy evaluated (`request_facts` + `evaluate`)"
+                f" | {_f(policy['facts_and_evaluate_us'], 1)} |",
+                f"| policy evaluated alone | {_f(policy['evaluate_us'], 1)} |",
+                f"| route stage decision, policy attached (`decide`: facts, evaluation, route, explanation,"
+                f" budget check) | {_f(policy.get('decide_with_policy_us'), 1)} |",
+                f"| route stage decision, no policy | {_f(policy.get('decide_without_policy_us'), 1)} |",
+                f"| **added by attaching the policy** | **{_f(policy.get('policy_added_us'), 1)}** |",
+                "",
+            ]
     lines += [
         "## Every cell",
         "",
@@ -915,7 +956,30 @@ def bench(
             target.origin = read_probe(target)
             stop(target.proc)
             log(f"{target.name}: imported from {target.origin}")
+    report["policy"] = policy_cost(current, core, args.quick)
     return targets, trees
+
+
+def policy_cost(tree: Tree, core: int | None, quick: bool) -> dict[str, Any]:
+    """``bench.routing --timing-only`` of ``tree`` on the gateways' core, now idle: the roadmap
+    policy's evaluation per request and what attaching it adds to the route stage's decision."""
+
+    def pin() -> None:
+        if core is not None:
+            os.sched_setaffinity(0, {core})
+
+    rounds = "3" if quick else "7"
+    argv = [PY, "-m", "bench.routing", "--timing-only", "--json", "--rounds", rounds]
+    out = subprocess.run(argv, cwd=tree.path, env=tree.env, capture_output=True, text=True, timeout=600, preexec_fn=pin)
+    if out.returncode != 0:
+        log(f"policy timing failed: {(out.stdout + out.stderr)[-1000:]}")
+        return {"error": (out.stdout + out.stderr)[-300:]}
+    figures: dict[str, Any] = orjson.loads(out.stdout.strip().splitlines()[-1])
+    log(
+        f"policy: evaluation {figures['facts_and_evaluate_us']:.1f} us per request with the facts built;"
+        f" the route stage adds {_f(figures.get('policy_added_us'), 1)} us with it attached"
+    )
+    return figures
 
 
 def _suffixed(url: str, suffix: str) -> str:

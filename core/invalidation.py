@@ -10,6 +10,11 @@ tells the others:
   stamp file in ``VAR_DIR`` that the gateway checks several times a second, so a ``can keys revoke``
   run in another terminal takes effect as fast.
 
+Besides "configuration changed" (every cache drops everything), the channel carries *topic*
+messages, ``<topic>\t<payload>``, delivered only to the handlers of that topic
+(``subscribe_topic``): a circuit breaker's state change (``gateway.routing.breaker``) reaches
+every process in milliseconds and updates one cached entry, without dropping any other cache.
+
 This module sits at the bottom of the import graph: the caches import it, never the other way round.
 """
 
@@ -28,6 +33,10 @@ log = logging.getLogger(__name__)
 
 Dropper = Callable[[], None]
 _subscribers: list[Dropper] = []
+#: A topic message's handler: gets the payload (the bytes after the topic and its tab).
+TopicHandler = Callable[[bytes], None]
+_topics: dict[bytes, list[TopicHandler]] = {}
+TOPIC_SEPARATOR = b"\t"
 
 #: How often an embedded-mode gateway looks at the stamp file (seconds).
 STAMP_POLL_INTERVAL = 0.2
@@ -40,6 +49,35 @@ def subscribe(drop: Dropper) -> Dropper:
     if drop not in _subscribers:
         _subscribers.append(drop)
     return drop
+
+
+def subscribe_topic(topic: str, handler: TopicHandler) -> TopicHandler:
+    """Register a handler of the channel's ``topic`` messages (which then drop no cache)."""
+    handlers = _topics.setdefault(topic.encode(), [])
+    if handler not in handlers:
+        handlers.append(handler)
+    return handler
+
+
+def topic_message(topic: str, payload: bytes) -> bytes:
+    """The channel message that delivers ``payload`` to the handlers of ``topic``."""
+    return topic.encode() + TOPIC_SEPARATOR + payload
+
+
+def deliver(data: bytes | str) -> None:
+    """Act on one message of the channel: a topic message goes to its handlers; anything else
+    (``config``, or a topic no one here handles) drops every subscribed cache, as before topics."""
+    raw = data.encode() if isinstance(data, str) else data
+    topic, sep, payload = raw.partition(TOPIC_SEPARATOR)
+    handlers = _topics.get(topic) if sep else None
+    if not handlers:
+        drop_local()
+        return
+    for handler in list(handlers):
+        try:
+            handler(payload)
+        except Exception:  # one bad message must not stop the listener
+            log.exception("invalidation handler of topic %s failed", topic.decode(errors="replace"))
 
 
 def channel() -> str:

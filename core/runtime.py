@@ -225,7 +225,7 @@ async def _listen_for_invalidation() -> None:
         while True:
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.5)
             if message is not None:
-                invalidation.drop_local()
+                invalidation.deliver(message["data"])
     finally:
         await pubsub.aclose()
 

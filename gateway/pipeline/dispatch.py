@@ -1,5 +1,12 @@
 """Stage 7, dispatch: call the route's deployments in order with retries and fallback.
 
+A half-open deployment (its breaker's cool-down over) takes one probe request. A stream does not
+take it while a deployment this process last saw closed remains after it: a stream cut after its
+first chunk cannot fail over, so it skips the deployment (``breaker half-open`` in
+``X-ChittyCan-Route`` and the ledger's attempts) and asks for an on-demand health probe instead
+(``health.probe_soon``); a non-stream request, whose failed probe fails over, or a stream with no
+other deployment left, takes it.
+
 Only retryable errors are retried (with exponential backoff and jitter, honouring a short
 ``retry-after``) or failed over to the next deployment; a stream is retried only before its first
 chunk, that is before any byte could have reached the client.
@@ -217,11 +224,37 @@ async def _attempts(
         raise GatewayError(f"The model {ctx.route.name} has no active deployment.", status=503, code="no_deployment")
     last: UpstreamError | None = None
     skipped: list[str] = []
+    kept_off: list[str] = []  # half-open deployments a stream skipped (their probe is a non-stream's)
     why = "primary"
-    for index, deployment in enumerate(deployments):
-        admission = await breaker.admit(deployment)
+    # (index in the route, deployment, last resort): a half-open deployment a stream skipped comes
+    # again at the end, as the probe, if nothing after it served the request.
+    plan = [(index, deployment, False) for index, deployment in enumerate(deployments)]
+    later: list[tuple[int, DeploymentRoute, bool]] = []
+    pos = 0
+    while True:
+        if pos == len(plan):
+            if not later:
+                break
+            plan += later
+            later = []
+        index, deployment, last_resort = plan[pos]
+        pos += 1
+        may_probe = (
+            last_resort
+            or not stream
+            or not any(breaker.cached_state(d) in (None, "closed") for d in deployments[index + 1 :])
+        )
+        admission = await breaker.admit(deployment, may_probe=may_probe)
         if admission is None:
-            skipped.append(f"{deployment.provider.slug}:{deployment.upstream_model}")
+            name = f"{deployment.provider.slug}:{deployment.upstream_model}"
+            if not may_probe and breaker.cached_state(deployment) == "half_open":
+                kept_off.append(name)
+                later.append((index, deployment, True))
+                ctx.attempt_log.append(_attempt_entry(ctx, deployment, why, None, "skipped", error="breaker_half_open"))
+                why = "fallback: breaker half-open"
+                health.probe_soon(ctx.route, deployment)
+                continue
+            skipped.append(name)
             ctx.attempt_log.append(_attempt_entry(ctx, deployment, why, None, "skipped", error="breaker_open"))
             why = "fallback: breaker open"
             continue
@@ -287,6 +320,8 @@ async def _attempts(
             ctx.route_reason = "primary" if index == 0 else f"fallback:{index}"
             if skipped:
                 ctx.route_reason += f" (breaker open: {', '.join(skipped)})"
+            if kept_off:
+                ctx.route_reason += f" (breaker half-open, probe left to a non-stream request: {', '.join(kept_off)})"
             return result
     if last is None:
         raise GatewayError(

@@ -21,21 +21,21 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from asgiref.sync import sync_to_async
+import redis
 from django.conf import settings
 from django.utils import timezone
 
 from budgets import counters
 from budgets import service as budget_service
-from budgets.periods import counters_for
-from core import money
+from budgets.periods import Counter, counters_for
+from core import money, runtime
 from core.money import PriceInfo
 from gateway.admission import INPUT_MARGIN, INPUT_OVERHEAD_TOKENS
 from gateway.context import RequestContext
 from gateway.errors import GatewayError, NotFound, PermissionDenied
 from gateway.routing import breaker, inflight, latency, strategy
 from gateway.routing.experiments import ExperimentSpec, assign
-from gateway.routing.policy import LIVE_VARIABLES, Decision, Timeouts, evaluate
+from gateway.routing.policy import LIVE_VARIABLES, Decision, Policy, Timeouts, evaluate
 from gateway.routing.table import (
     DeploymentRoute,
     HopTimeouts,
@@ -194,7 +194,7 @@ async def decide(
     policies = table.policies.chain(t.id for t in key.lineage)
     if not policies:
         return None, None
-    wanted = table.policies.variables(policies)
+    wanted = _variables(table, policies)
     facts = request_facts(ctx)
     if wanted & LIVE_VARIABLES:
         facts.update(await live_facts(wanted, table, key))
@@ -214,7 +214,7 @@ async def decide(
         ctx.route_explanation = explanation
         ctx.route_header = f"rule={decision.rule}; rejected"
         return decision, None
-    routed, candidates, target_model = _plan(decision, table, base, kinds)
+    routed, candidates, target_model = _planned(decision, table, base, kinds)
     over, left = await _over_budget(ctx, routed, key)
     if over:
         routed, candidates, target_model = _plan(decision, table, base, kinds, over)
@@ -318,37 +318,43 @@ async def live_facts(wanted: Iterable[str], table: RouteTable, key: KeyInfo) -> 
 async def budget_used(key: KeyInfo) -> float:
     """The highest spent/limit fraction over the hard money budgets of the key and its tenant chain."""
     budgets = await budget_service.budgets_for(key)
+    if not budgets:
+        return 0.0
     money = [c for c in counters_for(key, budgets, timezone.now()) if c.kind == "m" and c.limit]
     if not money:
         return 0.0
-    root = key.root_id
-
-    def peek() -> float:
-        used = 0.0
-        for counter in money:
-            value = counters.peek_sync(counter, root)
-            if value is not None and counter.limit:
-                used = max(used, value / counter.limit)
-        return used
-
-    result: float = await sync_to_async(peek, thread_sensitive=False)()
-    return result
+    used = 0.0
+    for counter, value in zip(money, await peek(money, key.root_id), strict=True):
+        if value is not None and counter.limit:
+            used = max(used, value / counter.limit)
+    return used
 
 
 async def budget_left(key: KeyInfo) -> int | None:
     """The least money (micro-USD) left over the hard money budgets of the key and its tenant
     chain, as their counters stand (reservations in flight included); None without such a budget."""
     budgets = await budget_service.budgets_for(key)
+    if not budgets:
+        return None
     money_counters = [c for c in counters_for(key, budgets, timezone.now()) if c.kind == "m" and c.limit]
     if not money_counters:
         return None
-    root = key.root_id
-
-    def peek() -> int:
-        return min(c.limit - (counters.peek_sync(c, root) or 0) for c in money_counters if c.limit)
-
-    left: int = await sync_to_async(peek, thread_sensitive=False)()
+    values = await peek(money_counters, key.root_id)
+    left = min(c.limit - (v or 0) for c, v in zip(money_counters, values, strict=True) if c.limit)
     return max(left, 0)
+
+
+async def peek(found: list[Counter], root: int) -> list[int | None]:
+    """The live values of budget counters (None: not built yet, or Redis unreachable): one ``MGET``
+    on this event loop's Redis client (the counters of a tenant tree share a hash slot), no
+    thread and no new connection; in embedded mode the in-process store."""
+    if not settings.REDIS_URL:
+        return [counters.peek_sync(c, root) for c in found]
+    try:
+        raw = await runtime.redis_client().mget([counters.counter_key(root, c.name) for c in found])
+    except (redis.RedisError, OSError):
+        return [None] * len(found)
+    return [int(v) if v is not None else None for v in raw]
 
 
 def worst_case(ctx: RequestContext, route: ModelRoute, deployment: DeploymentRoute) -> int:
@@ -408,6 +414,77 @@ def _target(table: RouteTable, target: str) -> tuple[ModelRoute, tuple[Deploymen
     return None
 
 
+#: A planned route and its candidates, each with the deployment whose breaker may skip it (None:
+#: explained as skipped already, or no deployment), and the target model's name.
+Plan = tuple[ModelRoute, list[tuple[dict[str, Any], DeploymentRoute | None]], str]
+
+#: Plans of the current route table snapshot by decision (``_planned``); dropped with the snapshot.
+_plans: dict[tuple[Any, ...], Plan] = {}
+_plans_table: list[RouteTable] = []
+PLAN_CACHE_SIZE = 1024
+
+
+_variables_of: dict[tuple[int, ...], frozenset[str]] = {}
+
+
+def _variables(table: RouteTable, policies: list[Policy]) -> frozenset[str]:
+    """The variables a tenant's policies reference, once per route table snapshot and chain."""
+    _same_table(table)
+    key = tuple(id(p) for p in policies)
+    found = _variables_of.get(key)
+    if found is None:
+        if len(_variables_of) >= PLAN_CACHE_SIZE:
+            _variables_of.clear()
+        found = _variables_of[key] = table.policies.variables(policies)
+    return found
+
+
+def _same_table(table: RouteTable) -> None:
+    """Drop what was computed from an older route table snapshot."""
+    if not _plans_table or _plans_table[0] is not table:
+        _plans.clear()
+        _variables_of.clear()
+        _plans_table[:] = [table]
+
+
+def _live(plan: Plan) -> tuple[ModelRoute, list[dict[str, Any]], str]:
+    """A plan's candidates as this request sees them: each with its breaker's skip reason now."""
+    routed, template, target_model = plan
+    candidates = []
+    for entry, dep in template:
+        found = dict(entry)
+        if dep is not None and (skip := breaker.skip_reason(dep)) is not None:
+            found["skipped"], found["reason"] = skip
+        candidates.append(found)
+    return routed, candidates, target_model
+
+
+def _planned(
+    decision: Decision, table: RouteTable, base: ModelRoute, kinds: tuple[str, ...]
+) -> tuple[ModelRoute, list[dict[str, Any]], str]:
+    """``_plan`` of a decision, computed once per route table snapshot and decision (the route it
+    makes depends on nothing else; only the candidates' breaker state is read per request)."""
+    _same_table(table)
+    key = (
+        decision.policy,
+        decision.rule,
+        decision.targets,
+        decision.fallback,
+        decision.timeouts,
+        decision.retries,
+        decision.split,
+        base.name,
+        kinds,
+        settings.CHITTYCAN_MODE,
+    )
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) >= PLAN_CACHE_SIZE:
+            _plans.clear()
+        plan = _plans[key] = _plan_template(decision, table, base, kinds, {})
+    return _live(plan)
+
+
 def _plan(
     decision: Decision,
     table: RouteTable,
@@ -420,14 +497,25 @@ def _plan(
     dropped. Prices, context window and output cap are the first usable target's; the name, aliases
     and response-cache setting the requested model's. ``over_budget`` (breaker id -> worst case in
     micro-USD): deployments left out of the route, explained as skipped ``over budget``."""
-    over_budget = over_budget or {}
+    return _live(_plan_template(decision, table, base, kinds, over_budget or {}))
+
+
+def _plan_template(
+    decision: Decision,
+    table: RouteTable,
+    base: ModelRoute,
+    kinds: tuple[str, ...],
+    over_budget: Mapping[str, int],
+) -> Plan:
+    """``_plan`` without the live part: each candidate comes with the deployment whose breaker
+    state ``_live`` reads."""
     hops: list[tuple[str, Timeouts | None, int | None, str]] = [
         (t, decision.timeouts, decision.retries, "route") for t in decision.targets
     ]
     if not hops:
         hops.append(("", decision.timeouts, decision.retries, "route"))  # the requested model itself
     hops += [(h.target, h.timeouts, None, "fallback") for h in decision.fallback]
-    candidates: list[dict[str, Any]] = []
+    candidates: list[tuple[dict[str, Any], DeploymentRoute | None]] = []
     deployments: list[DeploymentRoute] = []
     seen: set[str] = set()
     owners: dict[tuple[int | None, str, str], tuple[PriceInfo, ...]] = {}  # each deployment's model's prices
@@ -436,14 +524,18 @@ def _plan(
         found = (base, base.deployments) if not target else _target(table, target)
         label = target or base.name
         if found is None:
-            candidates.append({"target": label, "role": role, "skipped": "unknown target"})
+            candidates.append(({"target": label, "role": role, "skipped": "unknown target"}, None))
             continue
         model, deps = found
         if model.kind not in kinds and settings.CHITTYCAN_MODE != "dev":
-            candidates.append({"target": label, "role": role, "model": model.name, "skipped": f"{model.kind} model"})
+            candidates.append(
+                ({"target": label, "role": role, "model": model.name, "skipped": f"{model.kind} model"}, None)
+            )
             continue
         if not deps:
-            candidates.append({"target": label, "role": role, "model": model.name, "skipped": "no active deployment"})
+            candidates.append(
+                ({"target": label, "role": role, "model": model.name, "skipped": "no active deployment"}, None)
+            )
             continue
         for dep in sorted(deps, key=lambda d: d.priority):
             ident = breaker.breaker_id(dep)
@@ -461,11 +553,8 @@ def _plan(
             if ident in over_budget:
                 entry["skipped"] = "over budget"
                 entry["worst_case_usd"] = money.format_usd(over_budget[ident])
-                candidates.append(entry)
+                candidates.append((entry, None))
                 continue  # not in the route: not tried, and not in the reservation's worst case
-            skip = breaker.skip_reason(dep)
-            if skip is not None:
-                entry["skipped"], entry["reason"] = skip
             provider = dep.provider
             if retries is not None and retries != provider.max_retries:
                 provider = dataclasses.replace(provider, max_retries=retries)
@@ -479,13 +568,13 @@ def _plan(
             owners[deployment_ident(routed_dep)] = model.prices
             if primary is None:
                 primary = model
-            candidates.append(entry)
+            candidates.append((entry, dep))
     for arm, weight in decision.split:
         if arm != decision.split_pick:
-            candidates.append({"target": arm, "role": "split", "weight": weight, "skipped": "weight"})
+            candidates.append(({"target": arm, "role": "split", "weight": weight, "skipped": "weight"}, None))
     if primary is None:
         # Nothing the rule names can serve this request: the requested model as it is.
-        candidates.append({"target": base.name, "role": "requested", "note": "no usable target in the rule"})
+        candidates.append(({"target": base.name, "role": "requested", "note": "no usable target in the rule"}, None))
         return base, candidates, base.name
     hop_prices = tuple((ident, prices) for ident, prices in owners.items() if prices is not primary.prices)
     # Named as the client asked (metrics, the response cache and its invalidation key on that name);

@@ -15,6 +15,18 @@ last ``window`` seconds (each process's own traffic, counted in memory). Failure
 counts (it says "slow down", not "broken"); a 4xx the upstream blames on the request shows that it
 is alive.
 
+Every process sees a state change at once: opening (by failures, the error rate, a failed probe,
+an ejection) and the probe's closing are published, from the Redis script that makes them, on the
+invalidation channel (``core.invalidation``, topic ``brk``), and each gateway process's listener
+puts the new state in its cache. The cache TTL only bounds how stale a process can be when a
+message is lost (a Redis reconnect).
+
+While a breaker is half-open, a stream request does not take the probe when another deployment
+it could use remains after this one (``admit(..., may_probe=False)``): a stream cut after its first
+chunk cannot fail over, so a failed stream probe would be a failed client request, where a
+failed non-stream probe is retried on the next deployment. The half-open deployment is then
+probed by a non-stream request or by a health probe (``gateway.routing.health.probe_soon``).
+
 Calm-weather cost: the state is read with one ``HMGET`` per deployment per
 ``CHITTYCAN_BREAKER_CACHE_TTL`` seconds per process (whatever the request rate), and a success
 writes nothing unless a failure was counted before it. Redis is written on failures, on opening
@@ -40,7 +52,7 @@ import redis
 from django.conf import settings
 from redis.commands.core import AsyncScript
 
-from core import runtime
+from core import invalidation, runtime
 from gateway.errors import UpstreamError
 from gateway.providers.base import BreakerSettings
 from gateway.routing.table import DeploymentRoute, route_table
@@ -111,26 +123,50 @@ class Admission:
 
 # --- the shared store: Redis, or this process (embedded mode) --------------------------------------
 
+#: The invalidation channel's topic of breaker state changes: ``brk\t<key>\t<s>\t<u>\t<f>\t<o>\t<r>``.
+TOPIC = "brk"
+
+# Publishes a state change on the invalidation channel (ARGV[ch]; "" publishes nothing) as
+# "brk\t<breaker key>\t" and the hash's fields s, u, f, o, r; r is the HMGET result.
+_PUBLISH = """
+local function publish(ch, key, r)
+  if ch == '' then return end
+  local parts = {'brk', key}
+  for i = 1, 5 do parts[#parts + 1] = tostring(r[i] or '') end
+  redis.call('PUBLISH', ch, table.concat(parts, '\t'))
+end
+"""
+
 # KEYS[1] the breaker's hash. ARGV: now (s), threshold, cooldown (s), force ("1" opens it now), ttl (ms),
-# the reason recorded when it opens
-_FAIL = """
+# the reason recorded when it opens, the channel to publish an opening on, the breaker's key
+_FAIL = (
+    _PUBLISH
+    + """
 local f = redis.call('HINCRBY', KEYS[1], 'f', 1)
 local s = redis.call('HGET', KEYS[1], 's')
 local u = tonumber(redis.call('HGET', KEYS[1], 'u') or '0')
 local now = tonumber(ARGV[1])
+local opened = false
 if ARGV[4] == '1' or (s ~= 'open' and f >= tonumber(ARGV[2])) then
   if s ~= 'open' or now >= u or ARGV[4] == '1' then
     u = now + tonumber(ARGV[3])
     redis.call('HSET', KEYS[1], 's', 'open', 'u', tostring(u), 'r', ARGV[6])
     redis.call('HINCRBY', KEYS[1], 'o', 1)
+    opened = true
   end
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return redis.call('HMGET', KEYS[1], 's', 'u', 'f', 'o', 'r')
+local r = redis.call('HMGET', KEYS[1], 's', 'u', 'f', 'o', 'r')
+if opened then publish(ARGV[7], ARGV[8], r) end
+return r
 """
+)
 
-# KEYS[1] the hash, KEYS[2] the probe lease. ARGV: "1" when the success is the probe's, lease token
-_SUCCEED = """
+# KEYS[1] the hash, KEYS[2] the probe lease. ARGV: "1" when the success is the probe's, lease token,
+# the channel to publish the closing on, the breaker's key
+_SUCCEED = (
+    _PUBLISH
+    + """
 local s = redis.call('HGET', KEYS[1], 's')
 if ARGV[1] == '1' then
   redis.call('HSET', KEYS[1], 's', 'closed', 'u', '0', 'f', '0')
@@ -138,8 +174,11 @@ if ARGV[1] == '1' then
 elseif s ~= 'open' then
   redis.call('HSET', KEYS[1], 'f', '0')
 end
-return redis.call('HMGET', KEYS[1], 's', 'u', 'f', 'o', 'r')
+local r = redis.call('HMGET', KEYS[1], 's', 'u', 'f', 'o', 'r')
+if ARGV[1] == '1' and s == 'open' then publish(ARGV[3], ARGV[4], r) end
+return r
 """
+)
 
 # KEYS[1] the hash, KEYS[2] the probe lease. ARGV: now (s), lease token, lease (ms). The lease is
 # refused while the breaker is open in Redis: a process whose cached state says half-open may be
@@ -204,12 +243,15 @@ class RedisStore:
             "1" if force else "0",
             _TTL_MS,
             reason or (OPENED_BY_ERROR_RATE if force else OPENED_BY_FAILURES),
+            invalidation.channel(),
+            key,
         ]
         raw = await self._script(0)(keys=[self._hash(key)], args=args)
         return _parse(list(raw))
 
     async def succeed(self, key: str, *, probe: bool, token: str) -> Snapshot:
-        raw = await self._script(1)(keys=[self._hash(key), self._lease(key)], args=["1" if probe else "0", token])
+        args = ["1" if probe else "0", token, invalidation.channel(), key]
+        raw = await self._script(1)(keys=[self._hash(key), self._lease(key)], args=args)
         return _parse(list(raw))
 
     async def acquire_probe(self, key: str, token: str, lease: float) -> bool:
@@ -329,6 +371,8 @@ _probe_busy: dict[str, float] = {}  # until when (monotonic) a probe is known to
 PROBE_BUSY_RECHECK = 0.25
 #: Redis round trips this process made to read breaker state (the calm-weather cost; tests read it).
 reads = 0
+#: State changes this process learnt from the invalidation channel, per breaker key (tests read it).
+transitions_seen: dict[str, int] = {}
 
 
 def reset_local() -> None:
@@ -339,6 +383,7 @@ def reset_local() -> None:
     _windows.clear()
     _buckets.clear()
     _probe_busy.clear()
+    transitions_seen.clear()
     _memory_store.states.clear()
     _memory_store.leases.clear()
     reads = 0
@@ -370,6 +415,30 @@ async def snapshot(key: str) -> Snapshot:
     return _remember(key, snap)
 
 
+def _on_transition(payload: bytes) -> None:
+    """Another process (or this one) changed a breaker's state: cache what it published."""
+    try:
+        key, *fields = payload.decode().split("\t")
+        if len(fields) != 5 or not key:
+            raise ValueError("expected a key and 5 fields")
+        snap = _parse(list(fields))
+    except ValueError:
+        shown = payload[:200].decode(errors="replace")
+        log.warning("malformed breaker state message ignored", extra={"payload": shown})
+        return
+    _remember(key, snap)
+    transitions_seen[key] = transitions_seen.get(key, 0) + 1
+
+
+invalidation.subscribe_topic(TOPIC, _on_transition)
+
+
+def cached_state(deployment: DeploymentRoute) -> State | None:
+    """The deployment's breaker state as this process last saw it (no I/O); None: never read."""
+    cached = _cache.get(breaker_id(deployment))
+    return None if cached is None else cached[1].state()
+
+
 def known_open(deployment: DeploymentRoute) -> bool:
     """Whether this process last saw the deployment's breaker open (no I/O)."""
     cached = _cache.get(breaker_id(deployment))
@@ -392,14 +461,16 @@ def _lease_seconds(deployment: DeploymentRoute) -> float:
     return min(cfg.connect_timeout + cfg.read_timeout, 60.0) + 1.0
 
 
-async def admit(deployment: DeploymentRoute) -> Admission | None:
-    """May this request try the deployment? ``None``: skip it (open, or another request probes)."""
+async def admit(deployment: DeploymentRoute, *, may_probe: bool = True) -> Admission | None:
+    """May this request try the deployment? ``None``: skip it (open, another request probes, or
+    half-open and this request may not be the probe: ``may_probe`` False, a stream with another
+    deployment left; ``cached_state`` then says ``half_open``)."""
     key = breaker_id(deployment)
     snap = await snapshot(key)
     state = snap.state()
     if state == "closed":
         return Admission(key)
-    if state == "open":
+    if state == "open" or not may_probe:
         return None
     if _probe_busy.get(key, 0.0) > time.monotonic():
         return None  # another request probes: do not ask Redis again on every request meanwhile
@@ -413,6 +484,11 @@ async def admit(deployment: DeploymentRoute) -> Admission | None:
         return None
     _probe_busy[key] = time.monotonic() + _lease_seconds(deployment)  # ours: this process waits for it
     return Admission(key, probe=True, token=token)
+
+
+def probe_busy(deployment: DeploymentRoute) -> bool:
+    """Whether this process knows a half-open probe of the deployment is in flight (no I/O)."""
+    return _probe_busy.get(breaker_id(deployment), 0.0) > time.monotonic()
 
 
 async def record(

@@ -8,6 +8,13 @@ while the breaker is open, the half-open probe when the cool-down is over (its s
 breaker), and its failure counts as a failure (enough of them open the breaker before any client
 request meets the outage).
 
+**On-demand probes** (``probe_soon``, called by dispatch): a stream request does not take a
+half-open breaker's probe while another deployment remains (``gateway.routing.breaker``), so a
+model whose traffic is all streams would leave the breaker half-open until a non-stream request
+comes. Dispatch then asks for a probe now, in the background: the same cheap request as an active
+probe, at most one per deployment per process at a time (and one across processes: the lease),
+whether the provider's periodic probes are on or off.
+
 **Passive outlier detection** (``observe``, called by dispatch after each successful attempt):
 each gateway process keeps a decaying average of every deployment's latency (an answer's, or a
 stream's first chunk). A deployment whose average exceeds ``outlier_latency_factor`` times the
@@ -112,6 +119,7 @@ def reset_local() -> None:
     """Forget this process's latency averages and local records (tests)."""
     _latency.clear()
     records.local.clear()
+    _on_demand.clear()
 
 
 def latency_of(deployment: DeploymentRoute) -> tuple[float, int]:
@@ -190,14 +198,16 @@ async def _send(route: ModelRoute, deployment: DeploymentRoute) -> dict[str, Any
         return await provider.chat(call)
 
 
-async def probe(route: ModelRoute, deployment: DeploymentRoute) -> dict[str, str]:
-    """Probe one deployment through its breaker; returns (and stores) the result's fields."""
+async def probe(route: ModelRoute, deployment: DeploymentRoute, *, trigger: str = "interval") -> dict[str, str]:
+    """Probe one deployment through its breaker; returns (and stores) the result's fields.
+    ``trigger``: ``interval`` (the periodic probes) or ``on demand`` (``probe_soon``)."""
     key = breaker.breaker_id(deployment)
-    fields = {"probe_at": f"{time.time():.3f}"}
+    fields = {"probe_at": f"{time.time():.3f}", "probe_trigger": trigger}
     admission = await breaker.admit(deployment)
     if admission is None:
         fields.update(probe_result="skipped", probe_error="breaker open (or another probe in flight)")
-        await records.write(key, fields)
+        if trigger != "on demand":  # an on-demand probe that lost the lease to another leaves no trace
+            await records.write(key, fields)
         return fields
     started = time.monotonic()
     err: UpstreamError | None = None
@@ -226,6 +236,30 @@ async def probe(route: ModelRoute, deployment: DeploymentRoute) -> dict[str, str
     )
     await records.write(key, fields)
     return fields
+
+
+_on_demand: dict[str, asyncio.Task[dict[str, str]]] = {}
+
+
+def probe_soon(route: ModelRoute, deployment: DeploymentRoute) -> bool:
+    """Probe a half-open deployment now, in the background of this event loop (dispatch calls it
+    when a stream skipped the deployment's half-open probe). At most one per deployment in this
+    process at a time, none while this process knows another probe is in flight. True when one
+    was started."""
+    key = breaker.breaker_id(deployment)
+    if key in _on_demand or breaker.probe_busy(deployment):
+        return False
+    task = asyncio.get_running_loop().create_task(probe(route, deployment, trigger="on demand"))
+    _on_demand[key] = task
+
+    def done(finished: asyncio.Task[dict[str, str]]) -> None:
+        if _on_demand.get(key) is finished:
+            del _on_demand[key]
+        if not finished.cancelled() and (exc := finished.exception()) is not None:
+            log.warning("on-demand probe failed", extra={"breaker": key, "error": repr(exc)})
+
+    task.add_done_callback(done)
+    return True
 
 
 async def probe_due(table: RouteTable, *, force: bool = False) -> list[dict[str, Any]]:
@@ -292,6 +326,7 @@ async def status(route_deployments: list[tuple[str, DeploymentRoute]]) -> list[d
             if probe_at is None
             else {
                 "result": rec.get("probe_result", ""),
+                "trigger": rec.get("probe_trigger", "interval"),
                 "seconds_ago": round(now - probe_at, 1),
                 "latency_ms": _number(rec.get("probe_ms")),
                 "error": rec.get("probe_error", ""),

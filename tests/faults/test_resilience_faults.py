@@ -9,11 +9,11 @@ primary's provider has short settings (tests/faults/seed.py ``RESILIENCE_PROVIDE
 open the breaker, 2 s cool-down, connect 0.5 s, first byte 1 s, one retry).
 
 Every scenario reports its figures (also in ``$CHITTYCAN_VAR_DIR/faults/resilience.json`` and
-``.md``) before it asserts: at least 99.9 % of the requests succeed (a reset mid-stream: see its
-test), the breaker opened, and once it was open the dead upstream received only the half-open
-probes (counted at the fake); after the upstream recovers, the probe closes the breaker again.
+``.md``) before it asserts: at least 99.9 % of the requests succeed (every scenario), the breaker
+opened, and once it was open the dead upstream received only the half-open probes (counted at the
+fake); after the upstream recovers, the probe closes the breaker again.
 
-    bash scripts/test.sh -m faults tests/faults/test_resilience_faults.py     # about 3 minutes
+    bash scripts/test.sh -m faults tests/faults/test_resilience_faults.py     # about 8 minutes
 """
 
 from __future__ import annotations
@@ -204,6 +204,13 @@ def scenario(
         "state_after_load": state["state"],
         "recovered": "-",
         "seconds": seconds,
+        # Which requests were not served and when (seconds into the load; the primary's first
+        # call and its breaker's opening are near 0), to tell the unavoidable from the avoidable.
+        "not_served": [
+            {"tag": o.tag, "gateway": o.gateway, "started_s": round(o.started, 3), "status": o.status, "code": o.code}
+            for o in outcomes
+            if not served(o)
+        ][:20],
     }
     return outcomes, figures
 
@@ -300,20 +307,17 @@ def test_r5_first_byte_stall(resil_env: FaultEnv, upstreams: Upstreams) -> None:
 
 
 def test_r6_reset_mid_stream(resil_env: FaultEnv, upstreams: Upstreams) -> None:
-    """Every 10th request streams; the primary cuts streams after 3 frames and non-stream
-    connections before any answer. A non-stream request fails over; a stream whose first chunk
-    reached the client is never retried, so the streams the primary started before its breaker
-    opened (and the half-open probes that were streams) end with the in-stream error event."""
+    """Every 10th request streams (the first one included); the primary cuts streams after 3 frames
+    and non-stream connections before any answer. A non-stream request fails over; a stream whose
+    first chunk reached the client is never retried, so a stream the primary started before its
+    breaker opened ends with the in-stream error event. Once it opened, no stream reaches the
+    primary: every gateway process learns the opening at once (published on the invalidation
+    channel), and a stream never takes a half-open probe while the fallback remains."""
     outcomes, figures = scenario(resil_env, upstreams, "r6", Fault("reset", after_frames=3), stream_every=10)
     figures["recovered"] = recover(resil_env, upstreams)
     record(resil_env, "r6. reset mid-stream (every 10th a stream)", figures)
     cut = [o for o in outcomes if not served(o)]
     assert all(o.status == 200 and o.code == "stream_error" for o in cut), figures["statuses"]
-    assert len(cut) <= THRESHOLD + CONCURRENCY + figures["probes_allowed"], figures
-    assert figures["success_pct"] >= 99.0, figures
-    # A half-open probe that is a stream closes the breaker at its first chunk (dispatch); cut
-    # later, it leaves a closed breaker that needs its threshold of failures again. So here the
-    # dead upstream sees, besides the probes, a few such rounds: at most twice the probes.
-    assert figures["times_opened"] >= 1, figures
-    assert figures["primary_calls_after_open"] <= 2 * figures["probes_allowed"], figures
+    assert_served(figures)
+    assert_only_probes(figures)
     assert figures["recovered"].startswith("closed")

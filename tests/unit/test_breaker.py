@@ -168,3 +168,57 @@ def test_an_unreachable_redis_lets_requests_through(settings: Any) -> None:
             await runtime.close_redis()
 
     run(scenario())
+
+
+def test_half_open_admits_the_probe_only_to_a_request_that_may_take_it() -> None:
+    async def scenario() -> None:
+        dep = deployment()
+        assert await breaker.admit(dep, may_probe=False) is not None  # closed: anyone goes through
+        for _ in range(3):
+            await breaker.record(dep, await breaker.admit(dep), DOWN)
+        assert await breaker.admit(dep, may_probe=False) is None
+        assert breaker.cached_state(dep) == "open"
+        await asyncio.sleep(0.25)
+        # Half-open: a request that may not probe (a stream with a fallback left) skips it and
+        # leaves the lease free ...
+        assert await breaker.admit(dep, may_probe=False) is None
+        assert breaker.cached_state(dep) == "half_open" and not breaker.probe_busy(dep)
+        # ... for the next request that may (negative control: the same call with may_probe True).
+        probe = await breaker.admit(dep)
+        assert probe is not None and probe.probe and breaker.probe_busy(dep)
+        await breaker.record(dep, probe, None)
+        assert breaker.cached_state(dep) == "closed"
+
+    run(scenario())
+
+
+def test_a_published_state_change_updates_only_the_breaker_cache() -> None:
+    from core import invalidation
+
+    dep = deployment(7)
+    ident = breaker.breaker_id(dep)
+    dropped: list[int] = []
+
+    def drop() -> None:
+        dropped.append(1)
+
+    invalidation.subscribe(drop)
+    try:
+        breaker._remember(ident, breaker.CLOSED)
+        until = time.time() + 30
+        invalidation.deliver(f"brk\t{ident}\topen\t{until!r}\t3\t1\tconsecutive failures".encode())
+        assert breaker.cached_state(dep) == "open" and dropped == []  # no other cache dropped
+        assert breaker.skip_reason(dep) == ("breaker open", "consecutive failures")
+        invalidation.deliver(f"brk\t{ident}\tclosed\t0\t0\t1\tconsecutive failures".encode())
+        assert breaker.cached_state(dep) == "closed" and breaker.transitions_seen == {ident: 2}
+        # Malformed: ignored (the cache keeps what it had), never raised into the listener.
+        invalidation.deliver(f"brk\t{ident}\topen".encode())
+        invalidation.deliver(b"brk\t\xff\xfe")
+        invalidation.deliver(f"brk\t{ident}\topen\tsoon\t3\t1\tx".encode())
+        assert breaker.cached_state(dep) == "closed" and breaker.transitions_seen == {ident: 2}
+        # A configuration change (or a topic nobody here handles) still drops every cache.
+        invalidation.deliver(b"config")
+        invalidation.deliver(b"nobody\tpayload")
+        assert dropped == [1, 1]
+    finally:
+        invalidation._subscribers.remove(drop)
