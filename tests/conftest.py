@@ -16,11 +16,13 @@ import time
 from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from django.conf import settings
+from django.contrib.auth.hashers import get_hashers, get_hashers_by_algorithm
 
+from tests import db_reset, hashing
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.fakes.server import ServerThread
 
@@ -32,6 +34,11 @@ UNIT_TESTS = Path(__file__).resolve().parent / "unit"
 TEST_EGRESS_ALLOW = "127.0.0.1,::1,localhost"
 os.environ["CHITTYCAN_EGRESS_ALLOW"] = TEST_EGRESS_ALLOW
 settings.CHITTYCAN_EGRESS_ALLOW = TEST_EGRESS_ALLOW
+
+# Test-only: users' passwords hashed at 1,000 PBKDF2 iterations, not 1,000,000 (tests/hashing.py).
+settings.PASSWORD_HASHERS = hashing.quick_first(list(settings.PASSWORD_HASHERS))
+for cached in (get_hashers, get_hashers_by_algorithm):
+    cast(Any, cached).cache_clear()  # lru_cache'd; override_settings would clear them the same way
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -46,6 +53,18 @@ def pytest_collection_finish(session: pytest.Session) -> None:
             "DATABASE_URL=postgres://... and REDIS_URL=redis://... yourself. "
             "`make test-unit` runs tests/unit/ without them."
         )
+
+
+db_reset.install()  # each transactional test ends with db_reset.fast_flush, not Django's flush
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None, django_db_blocker: Any) -> None:
+    """pytest-django's test database, with commits that do not wait for the disk and the content
+    types and permissions noted for the fast per-test reset (tests/db_reset.py)."""
+    with django_db_blocker.unblock():
+        db_reset.relax_commit_durability()
+        db_reset.take_registry_digest()
 
 
 @pytest.fixture(scope="session")

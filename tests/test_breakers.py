@@ -21,7 +21,7 @@ from django.core.management import call_command
 from tests.conftest import add_model
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.fakes.server import ServerThread
-from tests.processes import Gateway, services_env
+from tests.processes import services_env, start_together
 
 
 @pytest.fixture(scope="module")
@@ -312,7 +312,7 @@ def test_two_gateway_processes_share_breaker_state(pair, make_tenant, make_key):
     tenant = make_tenant("shared")
     key = make_key(tenant, name="k")
     env = {**services_env(), "CHITTYCAN_BREAKER_CACHE_TTL": "0.2"}
-    first, second = Gateway(env), Gateway(env)
+    first, second = start_together([env, env])
     try:
         primary.set_fault(Fault("down"))
         for _ in range(3):

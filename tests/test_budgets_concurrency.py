@@ -16,23 +16,35 @@ from django.conf import settings
 from ledger.models import UsageRecord
 from tests.conftest import wait_usage
 from tests.fakes.openai_upstream import Reply, usage_for
-from tests.processes import Gateway, free_port, services_env
+from tests.processes import Gateway, free_port, services_env, start_together
 from tests.test_budgets import counter_value, month_name
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def gateways(transactional_db):
-    started: list[Gateway] = []
+class Gateways:
+    """``gateways(**env)`` starts one gateway process on the test services (``env`` added);
+    ``gateways.pair(**env)`` starts two at once. All are stopped at the end of the test."""
 
-    def start(**env: str) -> Gateway:
+    def __init__(self) -> None:
+        self.started: list[Gateway] = []
+
+    def __call__(self, **env: str) -> Gateway:
         gw = Gateway({**services_env(), **env})
-        started.append(gw)
+        self.started.append(gw)
         return gw
 
-    yield start
-    for gw in started:
+    def pair(self, **env: str) -> list[Gateway]:
+        both = start_together([{**services_env(), **env}] * 2)
+        self.started.extend(both)
+        return both
+
+
+@pytest.fixture
+def gateways(transactional_db):
+    started = Gateways()
+    yield started
+    for gw in started.started:
         gw.stop()
 
 
@@ -106,7 +118,7 @@ def test_one_dollar_budget_holds_across_two_processes(upstream, gateways, make_t
     services.budget_set(tenant=tenant, period="month", limit_micro=LIMIT)
     total = 240
     upstream.push("/v1/chat/completions", *(chat_reply(3000, delay=0.02) for _ in range(total)))
-    procs = [gateways(), gateways()]
+    procs = gateways.pair()
     responses = fire([g.url for g in procs], key, total)
     statuses = Counter(r.status_code for r in responses)
     assert set(statuses) == {200, 402}, statuses
@@ -227,7 +239,7 @@ def test_redis_down_with_degrade_policy_enforces_in_postgres_then_recovers(upstr
         "CHITTYCAN_REDIS_FAILURE_POLICY": "degrade",
         "CHITTYCAN_USAGE_SPOOL_REPLAY_INTERVAL": "0.5",
     }
-    procs = [gateways(**env), gateways(**env)]
+    procs = gateways.pair(**env)
     total = 120
     upstream.push("/v1/chat/completions", *(chat_reply(3000, delay=0.02) for _ in range(total)))
     responses = fire([g.url for g in procs], key, total, concurrency=20)

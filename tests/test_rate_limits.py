@@ -80,7 +80,7 @@ def test_tpm_counts_the_output_cap_then_corrects_to_actual_usage(upstream, gatew
 def test_rate_limits_are_shared_by_two_gateway_processes(upstream, gateways, make_tenant, make_key):  # noqa: F811
     tenant = make_tenant("shared-rpm")
     key = make_key(tenant, rpm_limit=10)
-    procs = [gateways(), gateways()]
+    procs = gateways.pair()
     fresh_window(20)
     responses = fire([g.url for g in procs], key, 30, concurrency=10, max_tokens=10)
     statuses = Counter(r.status_code for r in responses)

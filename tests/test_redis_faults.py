@@ -232,7 +232,7 @@ def test_counters_converge_to_the_ledger_after_an_outage_and_the_budget_holds(
     monkeypatch.setattr(settings, "REDIS_URL", private_redis.url)
     tenant, key = _budgeted(make_tenant, make_key, f"converge-{policy}-{fault}", limit=LIMIT)
     env = {"REDIS_URL": private_redis.url, "CHITTYCAN_REDIS_FAILURE_POLICY": policy}
-    procs = [gateways(**env), gateways(**env)]
+    procs = gateways.pair(**env)
     upstream.push("/v1/chat/completions", *(chat_reply(3000, delay=0.05) for _ in range(3000)))
     with Load([g.url for g in procs], key, concurrency=6, max_tokens=4000) as load:
         time.sleep(1.0)
