@@ -185,8 +185,15 @@ def test_active_probes_open_the_breaker_before_any_client_and_close_it_on_recove
 
     primary.set_fault(None)
     time.sleep(2.1)  # the cool-down: the next probe is the half-open one, and it closes the breaker
-    assert "ok" in probe_now()
-    assert state_of("primary") == "closed" and chats(primary) == 5
+    # The gateway's embedded scheduler probes too (the provider asks every second), so the half-open
+    # probe may be its, not ours: ours then reports "skipped" (the lease is taken) or follows it.
+    deadline = time.monotonic() + 15
+    while state_of("primary") != "closed" and time.monotonic() < deadline:
+        probe_now()
+        time.sleep(0.2)
+    assert state_of("primary") == "closed"
+    after_outage = [r.body for r in primary.requests[4:] if r.path.endswith("/chat/completions")]
+    assert after_outage and all(body["max_tokens"] == 1 for body in after_outage)  # probes only
     time.sleep(1.1)
     assert chat(gateway_server.url, tenant_key[1]).headers["x-chittycan-route"] == "primary"
 
