@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cel
+from gateway.routing.celcore import core as cel
 
 #: The condition variables (flat names: see docs/routing.md), with what they hold.
 VARIABLES: dict[str, str] = {

@@ -3,6 +3,9 @@ includes, and the evaluator never raising whatever the request."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +26,8 @@ from gateway.routing.policy import (
     parse_policy,
     parse_rule,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 FACTS: dict[str, Any] = {
     "model": "gpt-4o",
@@ -260,3 +265,23 @@ def test_compiling_arbitrary_text_raises_only_policy_errors(condition: str) -> N
     except PolicyError:
         return
     evaluate([Policy(name="p", rules=(rule,))], FACTS)
+
+
+def test_the_cel_core_loads_without_the_packages_command_line_tool() -> None:
+    """The policy compiles with the Rust core alone: the package's CLI (typer, rich, prompt_toolkit,
+    pygments: ~26 MiB per gateway process) is never imported, and importing the package later
+    reuses the same core."""
+    code = (
+        "import sys\n"
+        "from gateway.routing.policy import compile_condition\n"
+        "program, names = compile_condition('tokens < 100 && model == \"m\"')\n"
+        "assert program is not None and names == frozenset({'tokens', 'model'}), names\n"
+        "cli = [m for m in ('typer', 'rich', 'prompt_toolkit', 'pygments') if m in sys.modules]\n"
+        "assert not cli, cli\n"
+        "from gateway.routing.celcore import core\n"
+        "import cel\n"
+        "assert cel.compile is core.compile\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
