@@ -6,8 +6,13 @@ without a real SECRET_KEY (core/preflight.py)."""
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chittycan.settings")
+# httpx imports its command-line tool (rich, pygments, click: ~6 MiB) whenever those happen to be
+# installed (here they come with the CEL package's CLI). A server process never runs it: marking
+# the module absent makes httpx fall back to its stub ``httpx.main``.
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
 from gateway import tokens  # noqa: E402  (no Django import: safe before setup)
 
