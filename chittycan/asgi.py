@@ -9,10 +9,14 @@ import os
 import sys
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chittycan.settings")
-# httpx imports its command-line tool (rich, pygments, click: ~6 MiB) whenever those happen to be
-# installed (here they come with the CEL package's CLI). A server process never runs it: marking
-# the module absent makes httpx fall back to its stub ``httpx.main``.
-sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+# Optional imports that libraries make whenever a package happens to be installed, for features a
+# gateway process never uses; marked absent, each library takes its documented fallback:
+#: httpx's command-line tool (rich, pygments, click: ~6 MiB; installed with the CEL package's CLI);
+#: redis-py's OpenTelemetry metrics through the OTel SDK's metrics package (~7 MiB; ChittyCan
+#: exports Prometheus metrics and OTel traces, docs/observability.md).
+LEFT_OUT = ("httpx._main", "opentelemetry.sdk.metrics")
+for _module in LEFT_OUT:
+    sys.modules.setdefault(_module, None)  # type: ignore[arg-type]
 
 from gateway import tokens  # noqa: E402  (no Django import: safe before setup)
 
