@@ -13,6 +13,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
@@ -47,6 +48,32 @@ def freeze_heap() -> None:
         gc.freeze()
 
 
+class _HiredisPacking:
+    """Commands packed into the Redis protocol by hiredis (C) instead of redis-py's asyncio
+    connection, which builds each command in Python byte string by byte string: with a dozen
+    arguments per budget script, that was ~4 % of a gateway's CPU per request. Same bytes out."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str) and " " in first:  # "CONFIG GET": the server wants two words
+            args = (*first.split(), *args[1:])
+        elif isinstance(first, bytes) and b" " in first:
+            args = (*first.split(), *args[1:])
+        return [hiredis.pack_command(args)]
+
+
+_packing_classes: dict[type[Any], type[Any]] = {}
+
+
+def _with_hiredis_packing(pool: aioredis.ConnectionPool) -> None:
+    """Give the pool's connection class (plain, TLS or Unix socket, as the URL chose) hiredis packing."""
+    base = pool.connection_class
+    fast = _packing_classes.get(base)
+    if fast is None:
+        fast = _packing_classes[base] = type(f"Hiredis{base.__name__}", (_HiredisPacking, base), {})
+    pool.connection_class = fast
+
+
 def redis_client() -> aioredis.Redis:
     """The async Redis client for this event loop. Only valid when REDIS_URL is set."""
     global _last_redis
@@ -66,6 +93,7 @@ def redis_client() -> aioredis.Redis:
             max_connections=settings.CHITTYCAN_REDIS_MAX_CONNECTIONS,
             timeout=settings.CHITTYCAN_REDIS_POOL_TIMEOUT,
         )
+        _with_hiredis_packing(pool)
         conn = _redis[loop] = aioredis.Redis(connection_pool=pool)
     _last_redis = (loop, conn)
     return conn

@@ -1,10 +1,13 @@
-"""``core``: the backoff rule and the invalidation registry (no services needed)."""
+"""``core``: the backoff rule, the invalidation registry, the Redis command packing (no services needed)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from core import backoff, invalidation
+import pytest
+import redis.asyncio as aioredis
+
+from core import backoff, invalidation, runtime
 from ledger import writer
 
 
@@ -37,3 +40,24 @@ def test_the_usage_writer_backoff_grows_and_is_capped(settings: Any) -> None:
     assert 0.5 <= writer.backoff_seconds(1) <= 1.0
     assert 2.0 <= writer.backoff_seconds(3) <= 4.0
     assert 4.0 <= writer.backoff_seconds(30) <= 8.0
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("SET", "key", "värde ✓", "EX", 30),
+        ("EVALSHA", "0" * 40, 3, b"a", b"\x00\xff", -7, 2**63 - 1, 0.1, 1e-9, 12.5),
+        ("CONFIG GET", "maxmemory"),
+        (b"CLIENT SETNAME", b"chittycan"),
+        ("XADD", "stream", "*", "row", b'{"request_id":"req_1"}' * 1000),
+    ],
+)
+def test_redis_commands_packed_by_hiredis_are_the_bytes_redis_py_sends(command: tuple[Any, ...]) -> None:
+    pool = aioredis.ConnectionPool.from_url("redis://127.0.0.1:6379/0")
+    plain = pool.make_connection()
+    runtime._with_hiredis_packing(pool)
+    fast = pool.make_connection()
+    assert type(fast).__name__ == "HiredisConnection" and isinstance(fast, type(plain))
+    assert b"".join(fast.pack_command(*command)) == b"".join(plain.pack_command(*command))
+    many = [command, ("GET", "k"), command]
+    assert b"".join(fast.pack_commands(many)) == b"".join(plain.pack_commands(many))
