@@ -71,7 +71,14 @@ def period_key(period: str, time_zone: str, when: datetime) -> str:
     """``d2026-11-22``, ``m2026-11`` or ``total``: the calendar period ``when`` falls in, locally."""
     if period == "total":
         return "total"
-    local = when.astimezone(_zone(time_zone))
+    # Every time zone's offset is a whole number of minutes, so a period never changes inside a
+    # UTC minute: the key is computed once per minute (each request asks for several).
+    return _period_key_at(period, time_zone, int(when.timestamp()) // 60)
+
+
+@lru_cache(maxsize=1024)
+def _period_key_at(period: str, time_zone: str, minute: int) -> str:
+    local = datetime.fromtimestamp(minute * 60, UTC).astimezone(_zone(time_zone))
     if period == "day":
         return f"d{local:%Y-%m-%d}"
     if period == "month":
