@@ -74,6 +74,42 @@ def _with_hiredis_packing(pool: aioredis.ConnectionPool) -> None:
     pool.connection_class = fast
 
 
+class _Pool(aioredis.BlockingConnectionPool):
+    """redis-py's bounded pool, with a fast path for the common case: a connection is free and
+    nobody is waiting, so it is taken (and given back) without the pool's condition, its timeout
+    and its wait-time bookkeeping (~5 % of a gateway's CPU per request, two commands each). A
+    connection is still checked (``ensure_connection``) before use. Whenever a request waits, both
+    ways go through the parent's condition, so waiters are served in order and always woken."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._waiting = 0
+
+    async def get_connection(self, command_name: Any = None, *keys: Any, **options: Any) -> Any:
+        if self._available_connections and not self._waiting:
+            connection = self.get_available_connection()  # no await since the check: still free
+            try:
+                await self.ensure_connection(connection)
+            except BaseException:
+                await self.release(connection)
+                raise
+            return connection
+        self._waiting += 1
+        try:
+            return await super().get_connection()  # (its arguments are deprecated and unused)
+        finally:
+            self._waiting -= 1
+
+    async def release(self, connection: Any) -> None:
+        if self._waiting:
+            await super().release(connection)  # under the condition, waking a waiter
+            return
+        await aioredis.ConnectionPool.release(self, connection)
+        if self._waiting:  # one started waiting while the connection was being put back
+            async with self._condition:
+                self._condition.notify()
+
+
 def redis_client() -> aioredis.Redis:
     """The async Redis client for this event loop. Only valid when REDIS_URL is set."""
     global _last_redis
@@ -85,7 +121,7 @@ def redis_client() -> aioredis.Redis:
     if conn is None:
         # A bounded pool: a request holds a connection for one short command at a time, so under a
         # burst requests briefly wait for one instead of each opening its own (memory, Redis fds).
-        pool = aioredis.BlockingConnectionPool.from_url(
+        pool = _Pool.from_url(
             settings.REDIS_URL,
             socket_timeout=1.0,
             socket_connect_timeout=1.0,
