@@ -8,6 +8,10 @@ its backlog filled: tests/fakes/blackhole.py), a first-byte stall, and a reset m
 primary's provider has short settings (tests/faults/seed.py ``RESILIENCE_PROVIDER``: 3 failures
 open the breaker, 2 s cool-down, connect 0.5 s, first byte 1 s, one retry).
 
+Each scenario runs the way an outage happens: the gateways start and serve a warm-up of
+``WARMUP`` requests (not counted) through the healthy primary, then the fault is switched on and
+the 2,000 counted requests are sent (the fakes' counters start at the switch).
+
 Every scenario reports its figures (also in ``$CHITTYCAN_VAR_DIR/faults/resilience.json`` and
 ``.md``) before it asserts: at least 99.9 % of the requests succeed (every scenario), the breaker
 opened, and once it was open the dead upstream received only the half-open probes (counted at the
@@ -38,6 +42,8 @@ pytestmark = pytest.mark.faults
 TOTAL = 2000
 RATE = 200.0  # requests per second over both gateways (open loop, at most CONCURRENCY in flight)
 CONCURRENCY = 32
+#: Requests each scenario sends before the fault is switched on (not counted): warm gateways.
+WARMUP = 200
 THRESHOLD = RESILIENCE_PROVIDER["breaker_failures"]
 COOLDOWN = RESILIENCE_PROVIDER["breaker_cooldown"]
 FIRST_BYTE = RESILIENCE_PROVIDER["first_byte_timeout"]
@@ -169,10 +175,26 @@ def scenario(
 ) -> tuple[list[Outcome], dict[str, Any]]:
     ups.primary.clear()
     ups.fallback.clear()
-    ups.primary.set_fault(fault)
     forget_breakers(env)
     env.start_gateways(name)
     tenant = env.tenants["r-main"]
+    # An outage starts while the gateways serve: first they are warmed with the same traffic
+    # (through the healthy primary of the "resilient" model), then the fault is switched on.
+    warm = Load(
+        f"{name}w",
+        [(tenant.label, tenant.key)],
+        lambda: [g.url for g in env.gateways],
+        rate=RATE,
+        concurrency=CONCURRENCY,
+        total=WARMUP,
+        model="resilient",
+        stream_every=stream_every,
+    )
+    warmed = run(warm.run())
+    assert all(served(o) for o in warmed) and len(ups.primary.times) >= WARMUP, statuses(warmed)
+    ups.primary.clear()
+    ups.fallback.clear()
+    ups.primary.set_fault(fault)
     load = Load(
         name,
         [(tenant.label, tenant.key)],
@@ -317,13 +339,9 @@ def test_r6_reset_mid_stream(resil_env: FaultEnv, upstreams: Upstreams) -> None:
     first chunk reached the client is never retried, so a stream the primary started before its
     breaker opened ends with the in-stream error event. Once it opened, no stream reaches the
     primary: every gateway process learns the opening at once (published on the invalidation
-    channel), and a stream never takes a half-open probe while the fallback remains.
-
-    The issue asks 99.9 % here too; runs give 99.8-100 %: the streams lost are those admitted in
-    the first fraction of a second, before the primary's third failure opened its breaker (with the
-    load starting at full rate on an upstream that is already failing). So this scenario asserts
-    what the gateway controls: nothing is lost after the breaker could have opened, and at most the
-    streams admitted before it were cut."""
+    channel), and a stream never takes a half-open probe while the fallback remains. With the
+    gateways serving when the fault starts (the scenario's warm-up), only the streams admitted in
+    the first few milliseconds can be cut: at least 99.9 % are served, as everywhere."""
     outcomes, figures = scenario(resil_env, upstreams, "r6", Fault("reset", after_frames=3), stream_every=10)
     figures["recovered"] = recover(resil_env, upstreams)
     record(resil_env, "r6. reset mid-stream (every 10th a stream)", figures)
@@ -332,10 +350,6 @@ def test_r6_reset_mid_stream(resil_env: FaultEnv, upstreams: Upstreams) -> None:
     assert figures["open_by_s"] is not None, figures
     slack = CACHE_TTL  # the other process learns the opening from the published message, well within this
     assert all(o.started <= figures["open_by_s"] + slack for o in cut), figures["not_served"]
-    streams_before = [
-        o for o in outcomes if o.started <= figures["open_by_s"] + slack and int(o.tag.rsplit("-", 1)[1]) % 10 == 0
-    ]
-    assert len(cut) <= len(streams_before), (figures["not_served"], len(streams_before))
-    assert figures["success_pct"] >= 99.5, figures["statuses"]
+    assert_served(figures)
     assert_only_probes(figures)
     assert figures["recovered"].startswith("closed")
