@@ -8,9 +8,10 @@ its backlog filled: tests/fakes/blackhole.py), a first-byte stall, and a reset m
 primary's provider has short settings (tests/faults/seed.py ``RESILIENCE_PROVIDER``: 3 failures
 open the breaker, 2 s cool-down, connect 0.5 s, first byte 1 s, one retry).
 
-Each scenario runs the way an outage happens: the gateways start and serve a warm-up of
-``WARMUP`` requests (not counted) through the healthy primary, then the fault is switched on and
-the 2,000 counted requests are sent (the fakes' counters start at the switch).
+Each scenario runs the way an outage happens: one load at a steady rate, whose first ``WARMUP``
+requests (not counted) go through the healthy primary; the fault is switched on just before the
+next request is sent, and the 2,000 requests from there on are counted (the fakes' counters and
+every time in the figures start at the switch).
 
 Every scenario reports its figures (also in ``$CHITTYCAN_VAR_DIR/faults/resilience.json`` and
 ``.md``) before it asserts: at least 99.9 % of the requests succeed (every scenario), the breaker
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -178,36 +179,37 @@ def scenario(
     forget_breakers(env)
     env.start_gateways(name)
     tenant = env.tenants["r-main"]
-    # An outage starts while the gateways serve: first they are warmed with the same traffic
-    # (through the healthy primary of the "resilient" model), then the fault is switched on.
-    warm = Load(
-        f"{name}w",
-        [(tenant.label, tenant.key)],
-        lambda: [g.url for g in env.gateways],
-        rate=RATE,
-        concurrency=CONCURRENCY,
-        total=WARMUP,
-        model="resilient",
-        stream_every=stream_every,
-    )
-    warmed = run(warm.run())
-    assert all(served(o) for o in warmed) and len(ups.primary.times) >= WARMUP, statuses(warmed)
-    ups.primary.clear()
-    ups.fallback.clear()
-    ups.primary.set_fault(fault)
+    # An outage starts while the gateways serve: one load, whose first WARMUP requests go through
+    # the healthy primary of the "resilient" model; then the fault is switched on (and the fakes'
+    # counters start) just before the first counted request is sent, the load going on at its rate.
+    marks: list[float] = []
+
+    def switch() -> None:
+        ups.primary.clear()
+        ups.fallback.clear()
+        ups.primary.set_fault(fault)
+        marks.append(time.monotonic())
+
     load = Load(
         name,
         [(tenant.label, tenant.key)],
         lambda: [g.url for g in env.gateways],
         rate=RATE,
         concurrency=CONCURRENCY,
-        total=TOTAL,
+        total=WARMUP + TOTAL,
         model=model,
+        model_before="resilient",
         stream_every=stream_every,
+        switch_at=WARMUP,
+        on_switch=switch,
     )
-    started = time.monotonic()
-    outcomes = run(load.run())
+    everything = run(load.run())
+    started = marks[0]
     seconds = round(time.monotonic() - started, 1)
+    # Times from the switch (the outage's start), like the fakes' counters.
+    shifted = [replace(o, started=o.started - load.switched_at, ended=o.ended - load.switched_at) for o in everything]
+    warm = [o for o in shifted if load.before_switch(o.tag)]
+    outcomes = [o for o in shifted if not load.before_switch(o.tag)]
     late, allowed, span = after_open(ups.primary.times, attempt_limit)
     state = breaker(env, "blackhole-up" if model == "unreachable" else "primary-up")
     ok = sum(1 for o in outcomes if served(o))
@@ -221,11 +223,17 @@ def scenario(
         "primary_calls_after_open": late,
         "probes_allowed": allowed,
         "after_open_span_s": span,
-        "fallback_calls": len(ups.fallback.times),
+        # The counted requests' calls (by the client's tag; a warm-up request still on its way at
+        # the switch is not one of them).
+        "fallback_calls": sum(n for tag, n in ups.fallback.calls(f"{name}-").items() if not load.before_switch(tag)),
         "times_opened": state["times_opened"],
         "state_after_load": state["state"],
         "recovered": "-",
         "seconds": seconds,
+        # The warm-up before the switch: requests, and those not served (ones still on their way
+        # to the primary when the fault began).
+        "warmup": len(warm),
+        "warmup_not_served": sum(1 for o in warm if not served(o)),
         # When the breaker could first have been open (the primary's THRESHOLD-th call plus the
         # attempt limit), in seconds into the load.
         "open_by_s": round(sorted(ups.primary.times)[THRESHOLD - 1] + attempt_limit - started, 3)
