@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.routing import breaker
 from tests.conftest import add_model, exact_usage
 from tests.fakes.openai_upstream import Fault, Reply
 from tests.test_breakers import breaker_rows, chat, chats, fallback_server, make_provider, pair  # noqa: F401
@@ -130,7 +131,10 @@ def test_a_stream_reset_mid_way_is_an_error_for_the_sdk_with_partial_usage_and_n
     assert {r["provider"]: r["consecutive_failures"] for r in breaker_rows()}["primary"] == 1
 
 
-def test_mid_stream_resets_count_against_the_breaker(gateway_server, pair, tenant_key):  # noqa: F811
+def test_mid_stream_resets_count_against_the_breaker(gateway_server, pair, tenant_key, monkeypatch):  # noqa: F811
+    # Every stream tries the deployment like the request before it (the failure-streak rule, which
+    # keeps a stream off a deployment that just failed, off here: docs/resilience.md).
+    monkeypatch.setattr(breaker, "FAILING_SECONDS", 0.0)
     primary, fallback, _ = pair
     primary.set_fault(Fault("reset", after_frames=2))
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}

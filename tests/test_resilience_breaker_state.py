@@ -19,6 +19,7 @@ import redis
 from django.conf import settings
 from django.core.management import call_command
 
+from gateway.routing import breaker
 from tests.conftest import add_model, exact_usage
 from tests.fakes.openai_upstream import FakeOpenAI, Fault
 from tests.processes import Gateway, services_env
@@ -259,3 +260,37 @@ def test_state_changes_are_published_on_the_invalidation_channel_and_update_the_
     assert breaker.skip_reason(dep) == ("breaker open", "consecutive failures")
     sub.close()
     conn.close()
+
+
+def test_a_stream_keeps_off_a_deployment_on_a_failure_streak_while_a_fallback_remains(
+    gateway_server,
+    pair,  # noqa: F811
+    tenant_key,
+    monkeypatch,
+):
+    primary, fallback, provider = pair
+    tenant, key = tenant_key
+    url = gateway_server.url
+    primary.set_fault(Fault("reset", after_frames=3))  # a non-stream is cut before its answer, a stream mid-way
+    assert chat(url, key).headers["x-chittycan-route"] == "fallback:1"  # the primary's first failure
+    assert row("primary")["state"] == "closed" and chats(primary) == 1
+    route, text = stream(url, key)  # would have been cut mid-way at the primary
+    assert text and route == f"fallback:1 (failing, kept off for a stream: {PRIMARY})", route
+    assert stream_calls(primary) == 0
+    # Non-stream requests still try the primary (they fail over): they decide whether it opens.
+    assert chat(url, key).headers["x-chittycan-route"] == "fallback:1" and chats(primary) == 2
+    # The primary answers again: the next success there ends the streak, and streams return.
+    primary.set_fault(None)
+    assert chat(url, key).headers["x-chittycan-route"] == "primary"
+    assert stream(url, key)[0] == "primary"
+    # A streak whose last failure is older than FAILING_SECONDS no longer keeps streams off.
+    monkeypatch.setattr(breaker, "FAILING_SECONDS", 0.3)
+    primary.set_fault(Fault("reset", after_frames=3))
+    assert chat(url, key).headers["x-chittycan-route"] == "fallback:1"
+    time.sleep(0.4)
+    with pytest.raises(openai.APIError):
+        stream(url, key)  # sent to the primary again, and cut there
+    assert stream_calls(primary) == 2 and row("primary")["state"] == "closed"
+    rows = exact_usage(tenant, 7)
+    skipped = [a for r in rows for a in r.attempts if a["outcome"] == "skipped"]
+    assert [a["error"] for a in skipped] == ["breaker_failing"], skipped

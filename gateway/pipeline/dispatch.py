@@ -225,6 +225,7 @@ async def _attempts(
     last: UpstreamError | None = None
     skipped: list[str] = []
     kept_off: list[str] = []  # half-open deployments a stream skipped (their probe is a non-stream's)
+    kept_off_failing: list[str] = []  # closed deployments on a failure streak a stream skipped
     why = "primary"
     # (index in the route, deployment, last resort): a half-open deployment a stream skipped comes
     # again at the end, as the probe, if nothing after it served the request.
@@ -244,6 +245,22 @@ async def _attempts(
             or not stream
             or not any(breaker.cached_state(d) in (None, "closed") for d in deployments[index + 1 :])
         )
+        if (
+            stream
+            and not last_resort
+            and breaker.failing(deployment)
+            and any(
+                breaker.cached_state(d) in (None, "closed") and not breaker.failing(d) for d in deployments[index + 1 :]
+            )
+        ):
+            # Its last attempts failed: a stream that started there could not be retried. It comes
+            # again at the end if nothing after it served the request.
+            name = f"{deployment.provider.slug}:{deployment.upstream_model}"
+            kept_off_failing.append(name)
+            later.append((index, deployment, True))
+            ctx.attempt_log.append(_attempt_entry(ctx, deployment, why, None, "skipped", error="breaker_failing"))
+            why = "fallback: failing"
+            continue
         admission = await breaker.admit(deployment, may_probe=may_probe)
         if admission is None:
             name = f"{deployment.provider.slug}:{deployment.upstream_model}"
@@ -322,6 +339,8 @@ async def _attempts(
                 ctx.route_reason += f" (breaker open: {', '.join(skipped)})"
             if kept_off:
                 ctx.route_reason += f" (breaker half-open, probe left to a non-stream request: {', '.join(kept_off)})"
+            if kept_off_failing:
+                ctx.route_reason += f" (failing, kept off for a stream: {', '.join(kept_off_failing)})"
             return result
     if last is None:
         raise GatewayError(

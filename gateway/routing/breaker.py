@@ -383,6 +383,7 @@ def reset_local() -> None:
     _windows.clear()
     _buckets.clear()
     _probe_busy.clear()
+    _failed_at.clear()
     transitions_seen.clear()
     _memory_store.states.clear()
     _memory_store.leases.clear()
@@ -437,6 +438,24 @@ def cached_state(deployment: DeploymentRoute) -> State | None:
     """The deployment's breaker state as this process last saw it (no I/O); None: never read."""
     cached = _cache.get(breaker_id(deployment))
     return None if cached is None else cached[1].state()
+
+
+#: How long after a failure (in this process) a stream keeps off a deployment whose breaker is still
+#: closed, when another deployment can serve it: see ``failing``.
+FAILING_SECONDS = 5.0
+_failed_at: dict[str, float] = {}
+
+
+def failing(deployment: DeploymentRoute) -> bool:
+    """Whether the deployment is on a failure streak below its threshold, as this process saw it
+    in the last ``FAILING_SECONDS`` (no I/O): its breaker closed with failures counted, the last one
+    recent. A stream cannot be retried once its first chunk went out, so dispatch sends a stream
+    elsewhere meanwhile; non-stream requests (which fail over) keep deciding whether it opens."""
+    key = breaker_id(deployment)
+    cached = _cache.get(key)
+    if cached is None or cached[1].open or not cached[1].failures:
+        return False
+    return time.monotonic() - _failed_at.get(key, float("-inf")) < FAILING_SECONDS
 
 
 def known_open(deployment: DeploymentRoute) -> bool:
@@ -517,6 +536,7 @@ async def record(
             return
         total, failed = window.add(outcome == "failure", cfg.window)
         if outcome == "success":
+            _failed_at.pop(key, None)
             cached = _cache.get(key)
             if probe or cached is None or cached[1].failures or cached[1].open:
                 _remember(key, await store().succeed(key, probe=probe, token=token))
@@ -528,6 +548,7 @@ async def record(
             reason = OPENED_BY_PROBE
         else:
             reason = OPENED_BY_ERROR_RATE if force else OPENED_BY_FAILURES
+        _failed_at[key] = time.monotonic()
         snap = _remember(key, await store().fail(key, cfg, force=force, reason=reason))
         if probe:
             await store().release_probe(key, token)

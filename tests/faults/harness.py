@@ -336,6 +336,12 @@ class Load:
     timeout: float = 60.0
     model: str = "gpt-4o"
     stream_every: int = 0  # with stream False: every n-th request streams (0: none)
+    # A change in the middle of the load (an outage starting): ``on_switch`` runs just before request
+    # ``switch_at`` is sent; the requests before it ask for ``model_before`` (when set).
+    switch_at: int | None = None
+    on_switch: Callable[[], None] | None = None
+    model_before: str = ""
+    switched_at: float = 0.0  # seconds on the load's clock when ``on_switch`` ran
     outcomes: list[Outcome] = field(default_factory=list)
     transport_errors: list[str] = field(default_factory=list)
     t0: float = 0.0
@@ -348,9 +354,12 @@ class Load:
             return True
         return self.stream_every > 0 and int(tag.rsplit("-", 1)[1]) % self.stream_every == 0
 
+    def before_switch(self, tag: str) -> bool:
+        return self.switch_at is not None and int(tag.rsplit("-", 1)[1]) < self.switch_at
+
     def body(self, tag: str) -> dict[str, Any]:
         body: dict[str, Any] = {
-            "model": self.model,
+            "model": self.model_before if self.model_before and self.before_switch(tag) else self.model,
             "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": self.max_tokens,
             "user": tag,
@@ -422,6 +431,9 @@ class Load:
                 if due > self.now():
                     await asyncio.sleep(due - self.now())
                 await sem.acquire()
+                if i == self.switch_at and self.on_switch is not None:
+                    self.on_switch()
+                    self.switched_at = self.now()
                 live = self.targets()
                 tasks.append(asyncio.ensure_future(guarded(i, live[i % len(live)])))
                 i += 1
