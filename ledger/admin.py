@@ -20,7 +20,7 @@ from django.http.response import HttpResponseBase
 from django.urls import URLPattern, path
 from django.utils import timezone
 
-from ledger.models import DailyUsage, Feedback, HourlyUsage, UsageRecord
+from ledger.models import DailyUsage, Feedback, HourlyUsage, ProbeRecord, UsageRecord
 from tenants.admin import ReadOnlyAdmin, usd
 from tenants.models import ApiKey, Tenant
 
@@ -217,3 +217,17 @@ class FeedbackAdmin(ReadOnlyAdmin[Feedback]):
     list_filter = [TenantFilter, "label"]
     search_fields = ["request_id", "label"]
     date_hierarchy = "created_at"
+
+
+@admin.register(ProbeRecord)
+class ProbeRecordAdmin(ReadOnlyAdmin[ProbeRecord]):
+    """Active health probes sent to providers, and what each cost the operator (no tenant's usage)."""
+
+    list_display = ["created_at", "provider", "model", "upstream_model", "trigger", "result", "latency_ms", "cost"]
+    list_filter = ["provider", "result", "trigger"]
+    search_fields = ["provider", "model", "upstream_model", "error"]
+    date_hierarchy = "created_at"
+
+    @admin.display(description="cost (USD)", ordering="cost_micro")
+    def cost(self, obj: ProbeRecord) -> str:
+        return usd(obj.cost_micro)

@@ -14,6 +14,7 @@ __all__ = [
     "DailyUsage",
     "Feedback",
     "HourlyUsage",
+    "ProbeRecord",
     "RollupCursor",
     "RollupHour",
     "UsageRecord",
@@ -232,3 +233,33 @@ class RollupCursor(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} @ {self.position:%Y-%m-%d %H:%M:%S}"
+
+
+class ProbeRecord(models.Model):
+    """One active health probe a gateway sent to a provider (``gateway.routing.health``): what it
+    cost the operator. It is nobody's usage: not in a tenant's budget, rollups or the Stripe export."""
+
+    class Result(models.TextChoices):
+        OK = "ok"
+        ANSWERED = "answered", "answered (the upstream refused the probe's request but is up)"
+        FAILED = "failed"
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    provider = models.CharField(max_length=100)
+    model = models.CharField(max_length=200, help_text="The public model whose deployment was probed")
+    upstream_model = models.CharField(max_length=200)
+    deployment_id = models.BigIntegerField(null=True, blank=True)
+    trigger = models.CharField(max_length=20, help_text="interval (periodic, or can providers probe) | on demand")
+    result = models.CharField(max_length=20, choices=Result.choices)
+    latency_ms = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    cost_micro = models.BigIntegerField(default=0, help_text="Integer micro-USD, at the model's price then")
+    error = models.CharField(max_length=300, blank=True, default="")
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["provider", "created_at"], name="ledger_probe_provider_at")]
+
+    def __str__(self) -> str:
+        return f"probe {self.provider}:{self.upstream_model} {self.result} at {self.created_at:%Y-%m-%d %H:%M:%S}"

@@ -16,7 +16,7 @@ from django_otp.plugins.otp_totp.models import TOTPDevice
 
 from budgets.models import Budget
 from gateway.models import LLMModel, Provider
-from ledger.models import UsageRecord
+from ledger.models import ProbeRecord, UsageRecord
 from tenants import keys, services
 from tenants.models import ApiKey, AuditEvent, Plan, Tenant
 
@@ -72,6 +72,16 @@ def rows(db):
         completion_tokens=7,
         cost_micro=95,
     )
+    ProbeRecord.objects.create(
+        provider="up",
+        model="gpt-4o",
+        upstream_model="gpt-4o",
+        trigger="interval",
+        result="ok",
+        prompt_tokens=8,
+        completion_tokens=1,
+        cost_micro=30,
+    )
     return {"org": org, "team": team, "key": api_key, "provider": provider}
 
 
@@ -100,6 +110,7 @@ def test_every_registered_model_changelist_add_and_change_pages_load(admin_clien
         "gateway.Provider",
         "gateway.LLMModel",
         "ledger.UsageRecord",
+        "ledger.ProbeRecord",
         "otp_totp.TOTPDevice",
     }
     assert ours <= set(checked)

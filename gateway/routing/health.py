@@ -41,15 +41,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import DatabaseError
 
-from core import runtime
+from core import money, runtime
+from core.money import Usage
 from gateway import http
 from gateway.errors import GatewayError, UpstreamError
 from gateway.providers import get_provider
 from gateway.providers.base import UpstreamCall
 from gateway.routing import breaker
 from gateway.routing.table import DeploymentRoute, ModelRoute, RouteTable
+from ledger import probes
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +216,13 @@ async def probe(route: ModelRoute, deployment: DeploymentRoute, *, trigger: str 
     started = time.monotonic()
     err: UpstreamError | None = None
     tokens = 0
+    usage: Usage | None = None
     try:
         answer = await _send(route, deployment)
-        usage = answer.get("usage")
-        if isinstance(usage, dict):
-            tokens = int(usage.get("total_tokens") or 0)
+        reported = answer.get("usage")
+        if isinstance(reported, dict):
+            tokens = int(reported.get("total_tokens") or 0)
+            usage = Usage.from_openai(reported)
     except TimeoutError:
         err = UpstreamError(f"probe timed out after {probe_limit(deployment):g} s", retryable=True, code="timeout")
     except UpstreamError as exc:
@@ -235,7 +241,33 @@ async def probe(route: ModelRoute, deployment: DeploymentRoute, *, trigger: str 
         probe_tokens=str(tokens),
     )
     await records.write(key, fields)
+    await _ledger_row(route, deployment, fields, usage)
     return fields
+
+
+async def _ledger_row(
+    route: ModelRoute, deployment: DeploymentRoute, fields: dict[str, str], usage: Usage | None
+) -> None:
+    """The probe's row in the ledger (``ledger.probes``): sent, so it cost something. A database
+    that cannot take it is logged, never a failed probe."""
+    usage = usage or Usage()
+    try:
+        await sync_to_async(probes.record, thread_sensitive=False)(
+            provider=deployment.provider.slug,
+            model=route.name,
+            upstream_model=deployment.upstream_model,
+            deployment_id=deployment.id,
+            trigger=fields["probe_trigger"],
+            result=fields["probe_result"],
+            latency_ms=int(float(fields["probe_ms"])),
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cost_micro=money.cost_micro(route.price_for(deployment), usage),
+            error=fields["probe_error"],
+        )
+    except DatabaseError as exc:
+        key = breaker.breaker_id(deployment)
+        log.warning("probe not recorded in the ledger", extra={"breaker": key, "error": str(exc)})
 
 
 _on_demand: dict[str, asyncio.Task[dict[str, str]]] = {}
@@ -310,7 +342,14 @@ async def status(route_deployments: list[tuple[str, DeploymentRoute]]) -> list[d
     average latency (this process's when it measured one, else the last one published)."""
     rows = await breaker.status(route_deployments)
     now = time.time()
-    for row, (_, dep) in zip(rows, route_deployments, strict=True):
+    keys = [(model, dep.provider.slug, dep.upstream_model) for model, dep in route_deployments]
+    try:
+        spent: dict[tuple[str, str, str], dict[str, int]] | None = await sync_to_async(
+            probes.spend, thread_sensitive=False
+        )(keys)
+    except DatabaseError:
+        spent = None
+    for row, (model, dep) in zip(rows, route_deployments, strict=True):
         key = breaker.breaker_id(dep)
         try:
             rec = await records.read(key)
@@ -340,6 +379,8 @@ async def status(route_deployments: list[tuple[str, DeploymentRoute]]) -> list[d
         }
         if "error" in rec:
             row["health"]["error"] = rec["error"]
+        # Probes sent in the last 24 h and what they cost (the ledger's ProbeRecord rows).
+        row["health"]["probes_24h"] = None if spent is None else spent[(model, dep.provider.slug, dep.upstream_model)]
     return rows
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
-from core import runtime
+from core import money, runtime
 from gateway.routing import health
 from gateway.routing.table import RouteTable, load_route_table
 
@@ -32,6 +32,13 @@ def _probe_cell(row: dict[str, Any]) -> str:
     if last["result"] == "ok" and last["latency_ms"] is not None:
         text += f" ({last['latency_ms']:.0f} ms)"
     return text
+
+
+def _spend_cell(row: dict[str, Any]) -> str:
+    spent = row["health"].get("probes_24h")
+    if spent is None:
+        return "?"  # the database did not answer
+    return f"{spent['probes']} (${money.format_usd_short(spent['cost_micro'])})" if spent["probes"] else "-"
 
 
 class Command(BaseCommand):
@@ -68,7 +75,17 @@ class Command(BaseCommand):
         if not rows:
             self.stdout.write("no active deployments")
             return
-        header = ("MODEL", "PROVIDER", "UPSTREAM MODEL", "STATE", "FAILURES", "OPENED", "RETRY IN", "LAST PROBE")
+        header = (
+            "MODEL",
+            "PROVIDER",
+            "UPSTREAM MODEL",
+            "STATE",
+            "FAILURES",
+            "OPENED",
+            "RETRY IN",
+            "LAST PROBE",
+            "PROBES 24H",
+        )
         lines = [header] + [
             (
                 r["model"],
@@ -79,6 +96,7 @@ class Command(BaseCommand):
                 str(r["times_opened"]),
                 f"{r['retry_in_seconds']:.1f}s" if r["state"] == "open" else "-",
                 _probe_cell(r),
+                _spend_cell(r),
             )
             for r in rows
         ]
