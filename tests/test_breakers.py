@@ -41,6 +41,16 @@ def _fresh_breakers() -> Iterator[None]:
     breaker.reset_local()
 
 
+@pytest.fixture
+def streams_try_failing_deployments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stream tries a deployment like the request before it: the failure-streak rule (a stream
+    keeps off a deployment that just failed, docs/resilience.md) off, for tests of a stream's own
+    failure at such a deployment."""
+    from gateway.routing import breaker
+
+    monkeypatch.setattr(breaker, "FAILING_SECONDS", 0.0)
+
+
 def make_provider(slug: str, url: str, **fields: Any) -> Any:
     from gateway.models import Provider
 

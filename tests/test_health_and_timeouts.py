@@ -20,7 +20,6 @@ import openai
 import pytest
 from django.core.management import call_command
 
-from gateway.routing import breaker
 from tests.anthropic_support import add_priced_model, fake_anthropic_server  # noqa: F401
 from tests.conftest import add_model, exact_usage
 from tests.fakes.anthropic_upstream import FakeAnthropic
@@ -36,6 +35,7 @@ from tests.test_breakers import (  # noqa: F401
     make_provider,
     pair,
     state_of,
+    streams_try_failing_deployments,
 )
 
 
@@ -74,11 +74,8 @@ def test_a_connect_that_never_completes_fails_over_within_the_connect_timeout(
     fallback_server,  # noqa: F811
     blackhole,
     tenant_key,
-    monkeypatch,
+    streams_try_failing_deployments,  # noqa: F811
 ):
-    # Every stream tries the deployment like the request before it (the failure-streak rule, which
-    # keeps a stream off a deployment that just failed, off here: docs/resilience.md).
-    monkeypatch.setattr(breaker, "FAILING_SECONDS", 0.0)
     fallback_app, fallback_srv = fallback_server
     fallback_app.reset()
     assert not blackhole.connect_completes(0.3)
@@ -100,11 +97,8 @@ def test_the_providers_first_byte_timeout_fails_over_before_its_read_timeout(
     gateway_server,
     pair,  # noqa: F811
     tenant_key,
-    monkeypatch,
+    streams_try_failing_deployments,  # noqa: F811
 ):
-    # Every stream tries the deployment like the request before it (the failure-streak rule, which
-    # keeps a stream off a deployment that just failed, off here: docs/resilience.md).
-    monkeypatch.setattr(breaker, "FAILING_SECONDS", 0.0)
     primary, fallback, provider = pair
     provider.first_byte_timeout = 0.5  # the read timeout stays 600 s
     provider.save()
@@ -352,13 +346,10 @@ def test_an_anthropic_request_falls_back_to_an_openai_deployment(
     fake_anthropic_server,  # noqa: F811
     anthropic_fake,
     tenant_key,
-    monkeypatch,
+    streams_try_failing_deployments,  # noqa: F811
 ):
     """claude-sonnet-4: Claude first, an OpenAI-compatible deployment second; the Anthropic SDK gets
     an Anthropic message (and stream) from the OpenAI fake through the bridge."""
-    # Every stream tries the deployment like the request before it (the failure-streak rule, which
-    # keeps a stream off a deployment that just failed, off here: docs/resilience.md).
-    monkeypatch.setattr(breaker, "FAILING_SECONDS", 0.0)
     from gateway.models import Deployment, LLMModel
 
     oa_app, oa_server = fake_openai

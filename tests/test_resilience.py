@@ -11,10 +11,17 @@ import httpx
 import openai
 import pytest
 
-from gateway.routing import breaker
 from tests.conftest import add_model, exact_usage
 from tests.fakes.openai_upstream import Fault, Reply
-from tests.test_breakers import breaker_rows, chat, chats, fallback_server, make_provider, pair  # noqa: F401
+from tests.test_breakers import (  # noqa: F401
+    breaker_rows,
+    chat,
+    chats,
+    fallback_server,
+    make_provider,
+    pair,
+    streams_try_failing_deployments,
+)
 
 
 async def _burst(url: str, key: str, total: int, concurrency: int, stream_every: int = 5) -> list[bool]:
@@ -131,10 +138,12 @@ def test_a_stream_reset_mid_way_is_an_error_for_the_sdk_with_partial_usage_and_n
     assert {r["provider"]: r["consecutive_failures"] for r in breaker_rows()}["primary"] == 1
 
 
-def test_mid_stream_resets_count_against_the_breaker(gateway_server, pair, tenant_key, monkeypatch):  # noqa: F811
-    # Every stream tries the deployment like the request before it (the failure-streak rule, which
-    # keeps a stream off a deployment that just failed, off here: docs/resilience.md).
-    monkeypatch.setattr(breaker, "FAILING_SECONDS", 0.0)
+def test_mid_stream_resets_count_against_the_breaker(
+    gateway_server,
+    pair,  # noqa: F811
+    tenant_key,
+    streams_try_failing_deployments,  # noqa: F811
+):
     primary, fallback, _ = pair
     primary.set_fault(Fault("reset", after_frames=2))
     body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True}
