@@ -1,7 +1,7 @@
-"""ASGI entry point: /static/ is answered by WhiteNoise (chittycan/staticfiles.py), the hot /v1
-routes go to Channels consumers, websockets (the dashboard's live feed) to theirs, everything else
-to Django. Outside dev mode it refuses to load
-without a real SECRET_KEY (core/preflight.py)."""
+"""ASGI entry point: the hot /v1 routes go straight to their consumers (chittycan/routing.py),
+/static/ is answered by WhiteNoise (chittycan/staticfiles.py), websockets (the dashboard's live
+feed) to theirs, everything else to Django. Outside dev mode it refuses to load without a real
+SECRET_KEY (core/preflight.py)."""
 
 from __future__ import annotations
 
@@ -40,18 +40,19 @@ if scheduler.enabled():
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
-from django.urls import re_path  # noqa: E402
 
-from chittycan.routing import hot_routes, websocket_routes  # noqa: E402
+from chittycan.routing import HotRoutes, websocket_routes  # noqa: E402
 from chittycan.staticfiles import StaticFilesApp  # noqa: E402
 
-application = StaticFilesApp(
-    ProtocolTypeRouter(
-        {
-            "http": URLRouter([*hot_routes, re_path(r"", django_asgi_app)]),  # type: ignore[arg-type]
-            # The dashboard's live feed: the session says who the user is; the Origin must be ours.
-            "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_routes))),
-        }
+application = HotRoutes(
+    StaticFilesApp(
+        ProtocolTypeRouter(
+            {
+                "http": django_asgi_app,
+                # The dashboard's live feed: the session says who the user is; the Origin must be ours.
+                "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_routes))),
+            }
+        )
     )
 )
 

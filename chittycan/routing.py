@@ -1,4 +1,4 @@
-"""Channels routes: the hot ``/v1`` consumers, reached before Django's URL resolver, and the
+"""The ASGI routes: the hot ``/v1`` consumers, found by exact path before anything else, and the
 websockets (the tenant dashboard's live feed, behind the session middleware in chittycan/asgi.py).
 """
 
@@ -11,21 +11,45 @@ from django.urls import path
 from dashboard.consumers import FeedConsumer
 from gateway import consumers
 
-hot_routes: list[Any] = [
-    path("v1/chat/completions", consumers.ChatCompletionsConsumer.as_asgi()),
-    path("v1/completions", consumers.CompletionsConsumer.as_asgi()),
-    path("v1/embeddings", consumers.EmbeddingsConsumer.as_asgi()),
-    path("v1/messages", consumers.MessagesConsumer.as_asgi()),
-    path("v1/messages/count_tokens", consumers.CountTokensConsumer.as_asgi()),
-    path("v1/responses", consumers.ResponsesConsumer.as_asgi()),
-    path("v1/images/generations", consumers.ImagesConsumer.as_asgi()),
-    path("v1/images/edits", consumers.ImageEditsConsumer.as_asgi()),
-    path("v1/audio/transcriptions", consumers.TranscriptionsConsumer.as_asgi()),
-    path("v1/audio/speech", consumers.SpeechConsumer.as_asgi()),
-    path("v1/moderations", consumers.ModerationsConsumer.as_asgi()),
-    path("v1/cache/invalidate", consumers.CacheInvalidateConsumer.as_asgi()),
-    path("v1/feedback", consumers.FeedbackConsumer.as_asgi()),
-]
+#: Path (without the leading slash) -> the consumer serving it. Matched exactly, as Django's
+#: ``path()`` would (a trailing slash or another method goes on to Django, whose 404 is JSON).
+HOT: dict[str, type[consumers.GatewayConsumer]] = {
+    "v1/chat/completions": consumers.ChatCompletionsConsumer,
+    "v1/completions": consumers.CompletionsConsumer,
+    "v1/embeddings": consumers.EmbeddingsConsumer,
+    "v1/messages": consumers.MessagesConsumer,
+    "v1/messages/count_tokens": consumers.CountTokensConsumer,
+    "v1/responses": consumers.ResponsesConsumer,
+    "v1/images/generations": consumers.ImagesConsumer,
+    "v1/images/edits": consumers.ImageEditsConsumer,
+    "v1/audio/transcriptions": consumers.TranscriptionsConsumer,
+    "v1/audio/speech": consumers.SpeechConsumer,
+    "v1/moderations": consumers.ModerationsConsumer,
+    "v1/cache/invalidate": consumers.CacheInvalidateConsumer,
+    "v1/feedback": consumers.FeedbackConsumer,
+}
+
+
+class HotRoutes:
+    """An HTTP request for a ``HOT`` path goes straight to a new instance of its consumer (one dict
+    lookup: no URL resolver, router scope copies or wrapper coroutines on the hot path); anything
+    else to ``app``. ``root_path`` is honoured as Channels' ``URLRouter`` does."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            root_path: str = scope.get("root_path", "")
+            if root_path and path.startswith(root_path):
+                path = path[len(root_path) :]
+            consumer = HOT.get(path.lstrip("/"))
+            if consumer is not None:
+                await consumer()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
 
 websocket_routes: list[Any] = [
     path("ws/dashboard/feed/<int:tenant_id>/", FeedConsumer.as_asgi()),

@@ -1,4 +1,5 @@
-"""The hot ``/v1`` routes as Channels ``AsyncHttpConsumer``s, reached before Django's handler.
+"""The hot ``/v1`` routes as Channels ``AsyncHttpConsumer``s, reached by exact path before anything
+else (``chittycan.routing.HotRoutes``).
 
 ``GatewayConsumer`` reads the body (refusing oversized ones early), runs the pipeline as a task and
 watches the connection meanwhile: if the client goes away, the task is cancelled, which closes the
@@ -113,23 +114,26 @@ class GatewayConsumer(AsyncHttpConsumer):
 
     # --- the Responder protocol the pipeline writes through ---------------------------------
 
+    # The ASGI messages go straight to the server (``base_send``): Channels' ``send_headers`` and
+    # ``send_body`` add two coroutine layers per message and nothing the gateway needs.
+
     async def send_json(self, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-        await self.send_headers(status=status, headers=[_JSON, *headers])
+        await self.base_send({"type": "http.response.start", "status": status, "headers": [_JSON, *headers]})
         self._started = True  # only now: if the headers were refused, an error response can still go out
-        await self.send_body(body)
+        await self.base_send({"type": "http.response.body", "body": body, "more_body": False})
         self._finished = True
 
     async def start_stream(self, headers: list[tuple[bytes, bytes]]) -> None:
-        await self.send_headers(status=200, headers=headers)
+        await self.base_send({"type": "http.response.start", "status": 200, "headers": headers})
         self._started = True
 
     async def write(self, data: bytes) -> None:
-        await self.send_body(data, more_body=True)
+        await self.base_send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def finish(self) -> None:
         if not self._finished:
             self._finished = True
-            await self.send_body(b"")
+            await self.base_send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class ChatCompletionsConsumer(GatewayConsumer):
