@@ -23,7 +23,7 @@ import httpx
 import orjson
 
 from gateway.errors import InvalidRequest, UpstreamError, upstream_status_error
-from gateway.http import client
+from gateway.http import aiohttp_session, client, post_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,13 +221,17 @@ def error_message_from_body(body: bytes) -> tuple[str, str | None]:
 
 
 def raise_for_status(response: httpx.Response, body: bytes) -> None:
-    if response.status_code < 400:
+    _raise_for_status(response.status_code, response.headers, body)
+
+
+def _raise_for_status(status: int, headers: Mapping[str, str], body: bytes) -> None:
+    if status < 400:
         return
     message, code = error_message_from_body(body)
-    err = upstream_status_error(response.status_code, message, code=code)
+    err = upstream_status_error(status, message, code=code)
     for header in ("retry-after", "retry-after-ms"):
-        if header in response.headers:
-            err.headers[header] = response.headers[header]
+        if header in headers:
+            err.headers[header] = headers[header]
     raise err
 
 
@@ -250,8 +254,15 @@ def connection_error(exc: Exception) -> UpstreamError:
 async def post_json(
     url: str | httpx.URL, body: Any, headers: Mapping[str, str], timeouts: httpx.Timeout
 ) -> dict[str, Any]:
-    """POST a JSON body to an upstream and return its JSON object; every failure is an ``UpstreamError``."""
+    """POST a JSON body to an upstream and return its JSON object; every failure is an ``UpstreamError``.
+
+    On the default aiohttp transport the call goes to aiohttp directly (``gateway.http.post_bytes``);
+    otherwise through the httpx client."""
     try:
+        session = aiohttp_session()
+        if session is not None:
+            answer = await post_bytes(session, url, orjson.dumps(body), headers, timeouts)
+            return _json_object(answer.status, answer.headers, answer.content)
         response = await client().post(url, content=orjson.dumps(body), headers=headers, timeout=timeouts)
     except httpx.HTTPError as exc:
         raise connection_error(exc) from exc
@@ -281,9 +292,13 @@ async def post_multipart(
 
 
 def _json_answer(response: httpx.Response) -> dict[str, Any]:
-    raise_for_status(response, response.content)
+    return _json_object(response.status_code, response.headers, response.content)
+
+
+def _json_object(status: int, headers: Mapping[str, str], content: bytes) -> dict[str, Any]:
+    _raise_for_status(status, headers, content)
     try:
-        data = orjson.loads(response.content)
+        data = orjson.loads(content)
     except orjson.JSONDecodeError as exc:
         raise UpstreamError("upstream returned a body that is not JSON", retryable=True) from exc
     if not isinstance(data, dict):
