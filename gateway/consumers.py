@@ -1,8 +1,8 @@
 """The hot ``/v1`` routes as Channels ``AsyncHttpConsumer``s, reached by exact path before anything
 else (``chittycan.routing.HotRoutes``).
 
-``GatewayConsumer`` reads the body (refusing oversized ones early), runs the pipeline as a task and
-watches the connection meanwhile: if the client goes away, the task is cancelled, which closes the
+``GatewayConsumer`` reads the body (refusing oversized ones early), runs the pipeline and watches
+the connection meanwhile: if the client goes away, the pipeline is cancelled, which closes the
 upstream request and still records the partial usage. It skips the channel layer and Django's
 per-message ``close_old_connections`` (the hot path runs no ORM query).
 """
@@ -38,6 +38,8 @@ class GatewayConsumer(AsyncHttpConsumer):
         self.headers: dict[bytes, bytes] = {}
         self._started = False
         self._finished = False
+        self._running = False
+        self._client_left = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         self.scope = scope
@@ -64,25 +66,27 @@ class GatewayConsumer(AsyncHttpConsumer):
             return
         if body is None:
             return  # the client left before sending the whole body
-        task = asyncio.ensure_future(self.run(ctx, body))
-        watcher = asyncio.ensure_future(self._wait_disconnect(receive))
+        # The pipeline runs in this task; a watcher task cancels it if the client goes away first.
+        current = asyncio.current_task()
+        assert current is not None
+        self._running = True
+        watcher = asyncio.ensure_future(self._wait_disconnect(receive, current))
         try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await self.run(ctx, body)
+        except asyncio.CancelledError:
+            if not self._client_left:
+                raise  # the server is cancelling us: not ours to swallow
+            current.uncancel()
+        except Exception as exc:  # never leak it as a hung connection
+            log.exception("pipeline failed", extra={"request_id": ctx.request_id})
+            if not self._started:
+                status, payload, headers = self.error_response(_unexpected(exc, ctx), ctx)
+                await self.send_json(status, payload, headers)
+            else:
+                await self.finish()
         finally:
-            if not task.done():
-                task.cancel()
+            self._running = False
             watcher.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception as exc:  # never leak it as a hung connection
-                log.exception("pipeline failed", extra={"request_id": ctx.request_id})
-                if not self._started:
-                    status, payload, headers = self.error_response(_unexpected(exc, ctx), ctx)
-                    await self.send_json(status, payload, headers)
-                else:
-                    await self.finish()
 
     async def _read_body(self, receive: Any, limit: int) -> bytes | None:
         chunks: list[bytes] = []
@@ -99,12 +103,16 @@ class GatewayConsumer(AsyncHttpConsumer):
             if not message.get("more_body"):
                 return b"".join(chunks)
 
-    @staticmethod
-    async def _wait_disconnect(receive: Any) -> None:
+    async def _wait_disconnect(self, receive: Any, pipeline_task: asyncio.Task[Any]) -> None:
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                break
+        # This task only runs while the pipeline's is suspended at an await: while the pipeline
+        # still runs, the cancellation lands inside it (whose settle and record are shielded).
+        if self._running:
+            self._client_left = True
+            pipeline_task.cancel()
 
     async def run(self, ctx: RequestContext, body: bytes) -> None:
         await pipeline.run(self.wire, self, ctx, body)
