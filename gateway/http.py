@@ -281,6 +281,19 @@ class Answer(typing.NamedTuple):
 _TIMEOUTS: dict[tuple[float | None, float | None, float | None], aiohttp.ClientTimeout] = {}
 
 
+def _client_timeout(timeouts: httpx.Timeout) -> aiohttp.ClientTimeout:
+    """httpx's timeouts as httpx-aiohttp maps them (connect, read between bytes, pool wait)."""
+    limits = (timeouts.connect, timeouts.read, timeouts.pool)
+    timeout = _TIMEOUTS.get(limits)
+    if timeout is None:
+        if len(_TIMEOUTS) > 256:
+            _TIMEOUTS.clear()
+        timeout = _TIMEOUTS[limits] = aiohttp.ClientTimeout(
+            sock_connect=timeouts.connect, sock_read=timeouts.read, connect=timeouts.pool
+        )
+    return timeout
+
+
 async def post_bytes(
     session: aiohttp.ClientSession,
     url: str | httpx.URL,
@@ -292,19 +305,62 @@ async def post_bytes(
     without httpx's request and response objects (~0.1 ms of CPU per call). Timeouts as
     httpx-aiohttp maps them; failures raised as the same httpx exceptions (the cause attached),
     so callers handle one family of errors whichever path served them."""
-    limits = (timeouts.connect, timeouts.read, timeouts.pool)
-    timeout = _TIMEOUTS.get(limits)
-    if timeout is None:
-        if len(_TIMEOUTS) > 256:
-            _TIMEOUTS.clear()
-        timeout = _TIMEOUTS[limits] = aiohttp.ClientTimeout(
-            sock_connect=timeouts.connect, sock_read=timeouts.read, connect=timeouts.pool
-        )
     with map_aiohttp_exceptions():
         async with session.post(
-            str(url), data=content, headers=headers, allow_redirects=False, timeout=timeout
+            str(url), data=content, headers=headers, allow_redirects=False, timeout=_client_timeout(timeouts)
         ) as response:
             return Answer(response.status, response.headers, await response.read())
+
+
+class Streamed:
+    """An upstream answer whose body is read as it arrives, straight from aiohttp (the streaming
+    hot path): ``aiter_bytes`` as httpx's, every byte received before a broken connection
+    included (``_WholeStream``), failures raised as httpx exceptions."""
+
+    __slots__ = ("_response", "headers", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status: int = response.status
+        self.headers: typing.Mapping[str, str] = response.headers
+
+    async def aread(self) -> bytes:
+        with map_aiohttp_exceptions():
+            return await self._response.read()
+
+    async def aiter_bytes(self) -> typing.AsyncIterator[bytes]:
+        content = self._response.content
+        with map_aiohttp_exceptions():
+            try:
+                async for chunk in content.iter_chunked(_WholeStream.CHUNK_SIZE):
+                    yield chunk
+            except aiohttp.ClientPayloadError:
+                rest = _unread(content)
+                if rest:
+                    yield rest
+                raise
+
+    async def aclose(self) -> None:
+        """Give the connection back (closed instead if the body was not read to its end)."""
+        with map_aiohttp_exceptions():
+            self._response.release()
+            await self._response.wait_for_close()
+
+
+async def open_stream(
+    session: aiohttp.ClientSession,
+    url: str | httpx.URL,
+    content: bytes,
+    headers: typing.Mapping[str, str],
+    timeouts: httpx.Timeout,
+) -> Streamed:
+    """POST ``content`` on aiohttp directly and return once the answer's headers are in; the caller
+    reads the body and must ``aclose`` it. Timeouts and errors as ``post_bytes``."""
+    with map_aiohttp_exceptions():
+        response = await session.post(
+            str(url), data=content, headers=headers, allow_redirects=False, timeout=_client_timeout(timeouts)
+        )
+    return Streamed(response)
 
 
 async def aclose() -> None:

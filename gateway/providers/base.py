@@ -23,7 +23,7 @@ import httpx
 import orjson
 
 from gateway.errors import InvalidRequest, UpstreamError, upstream_status_error
-from gateway.http import aiohttp_session, client, post_bytes
+from gateway.http import aiohttp_session, client, open_stream, post_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,15 +306,45 @@ def _json_object(status: int, headers: Mapping[str, str], content: bytes) -> dic
     return data
 
 
+class ByteStream(Protocol):
+    """A streamed upstream answer, as providers read it."""
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]: ...
+
+
 @asynccontextmanager
 async def streamed_post(
     url: str | httpx.URL, body: Any, headers: Mapping[str, str], timeouts: httpx.Timeout
-) -> AsyncIterator[httpx.Response]:
+) -> AsyncIterator[ByteStream]:
     """POST a JSON body and hold the streamed answer open for the ``async with`` block.
 
     Error statuses are raised before the block runs; transport errors inside it become
-    ``UpstreamError``; the response is always closed (client disconnects included).
+    ``UpstreamError``; the response is always closed (client disconnects included). On the
+    default aiohttp transport the answer is read from aiohttp directly (``gateway.http.open_stream``).
     """
+    session = aiohttp_session()
+    if session is None:
+        async with _httpx_streamed_post(url, body, headers, timeouts) as response:
+            yield response
+        return
+    try:
+        streamed = await open_stream(session, url, orjson.dumps(body), headers, timeouts)
+    except httpx.HTTPError as exc:
+        raise connection_error(exc) from exc
+    try:
+        if streamed.status >= 400:
+            _raise_for_status(streamed.status, streamed.headers, await streamed.aread())
+        yield streamed
+    except httpx.HTTPError as exc:
+        raise connection_error(exc) from exc
+    finally:
+        await streamed.aclose()
+
+
+@asynccontextmanager
+async def _httpx_streamed_post(
+    url: str | httpx.URL, body: Any, headers: Mapping[str, str], timeouts: httpx.Timeout
+) -> AsyncIterator[httpx.Response]:
     http = client()
     request = http.build_request("POST", url, content=orjson.dumps(body), headers=headers, timeout=timeouts)
     try:
