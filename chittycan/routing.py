@@ -4,6 +4,7 @@ websockets (the tenant dashboard's live feed, behind the session middleware in c
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from django.urls import path
@@ -35,8 +36,9 @@ class HotRoutes:
     lookup: no URL resolver, router scope copies or wrapper coroutines on the hot path); anything
     else to ``app``. ``root_path`` is honoured as Channels' ``URLRouter`` does."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, routes: Mapping[str, Callable[[], Any]] | None = None) -> None:
         self.app = app
+        self.routes: Mapping[str, Callable[[], Any]] = HOT if routes is None else routes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -44,7 +46,7 @@ class HotRoutes:
             root_path: str = scope.get("root_path", "")
             if root_path and path.startswith(root_path):
                 path = path[len(root_path) :]
-            consumer = HOT.get(path.lstrip("/"))
+            consumer = self.routes.get(path.lstrip("/"))
             if consumer is not None:
                 await consumer()(scope, receive, send)
                 return
