@@ -111,6 +111,12 @@ class EnforcementUnavailable(Exception):
     """Redis is unreachable and the failure policy is ``refuse``: nothing can be admitted."""
 
 
+class RedisIsBack(Exception):
+    """A degraded reservation found its PostgreSQL counter handed back: another process rebuilt
+    the Redis counter since this one lost Redis, so Redis answers again and enforces this budget.
+    Reserving in PostgreSQL too would let both stores admit the same money."""
+
+
 class CounterStore(ABC):
     """Where budget and quota counters and their open reservations live.
 
@@ -580,6 +586,7 @@ def _build_values(counters: list[Counter], open_ids: list[str]) -> tuple[list[in
     degraded does not miss that process's requests in flight (counted at their reserved amount,
     which the reconciler brings down to the actual once they are done)."""
     close_old_connections()
+    _hand_back([c.name for c in counters])
     unwritten = _unwritten_rows()
     pending_ids = {str(r["request_id"]) for r in unwritten}
     values = [ledger_value(c, unwritten) for c in counters]
@@ -597,6 +604,21 @@ def _build_values(counters: list[Counter], open_ids: list[str]) -> tuple[list[in
         if rid in wanted and rid not in done:
             done[rid] = int(row.get("cost_micro") or 0)
     return values, done
+
+
+def _hand_back(names: list[str]) -> None:
+    """Mark these PostgreSQL counters handed back to Redis, under their row locks, before a Redis
+    counter is built from what PostgreSQL holds. A degraded reservation takes the same locks: one
+    that committed first is in the build's sums; one that comes after sees the mark and goes back
+    to Redis (``RedisIsBack``) instead of admitting money the Redis counter does not count."""
+    now = datetime.now(UTC)
+    with transaction.atomic():
+        BudgetCounter.objects.bulk_create(
+            [BudgetCounter(name=n, value=0, synced_at=datetime(2000, 1, 1, tzinfo=UTC)) for n in names],
+            ignore_conflicts=True,
+        )
+        locked = list(BudgetCounter.objects.select_for_update().filter(name__in=names).order_by("name"))
+        BudgetCounter.objects.filter(pk__in=[row.pk for row in locked]).update(handed_back_at=now)
 
 
 def _add_amounts(amounts: dict[str, int], res: BudgetReservation) -> None:
@@ -667,6 +689,8 @@ class PostgresCounters(CounterStore):
             if BudgetReservation.objects.filter(request_id=request_id).exists():
                 return Reservation("postgres", root, request_id, names)
             rows = self._sync_rows(names, {p.counter.name: p.counter for p in parts})
+            if any(r.handed_back_at is not None and r.handed_back_at >= self.since for r in rows.values()):
+                raise RedisIsBack(request_id)
             for p in parts:
                 row = rows[p.counter.name]
                 if p.counter.limit is not None and row.value + p.amount > p.counter.limit:
@@ -1078,6 +1102,15 @@ async def _recover() -> None:
         await redis_recovered()
     except CounterUnavailable:
         log.warning("Redis answered the probe but not the recovery; counters are dropped on next use")
+
+
+async def redis_back() -> None:
+    """Another process found Redis answering (``RedisIsBack``): recover now, as the probe would on
+    its next ping, rather than go on reserving in PostgreSQL meanwhile."""
+    if health.state != "up":
+        health.state, health.failures, health.changed = "up", 0, time.monotonic()
+    note_incident()
+    await redis_recovered()
 
 
 async def redis_recovered() -> None:

@@ -84,11 +84,15 @@ class BudgetCounter(models.Model):
     """PostgreSQL-only budget enforcement (Redis unreachable, policy ``degrade``): one row per
     counter, e.g. ``t12:m2026-11`` (tenant 12, November in its time zone). ``value`` is settled
     spend plus open reservations, in micro-USD (or requests for ``q`` quota counters). Rows are
-    re-synced from the usage ledger the first time a process touches them in an outage."""
+    re-synced from the usage ledger the first time a process touches them in an outage, and
+    handed back to Redis (``handed_back_at``) when a Redis counter of the same name is built."""
 
     name = models.CharField(max_length=100, unique=True)
     value = models.BigIntegerField(default=0)
     synced_at = models.DateTimeField(default=timezone.now)
+    #: When a Redis counter of this name was last built. A process still degraded since before
+    #: then must not reserve here any more: Redis is back and counts this budget again.
+    handed_back_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         db_table = "tenants_budgetcounter"

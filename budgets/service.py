@@ -170,25 +170,34 @@ def _refusal(key: KeyInfo, refused: counters.Refused) -> Refusal:
 
 #: Attempts at a Redis reservation while the health probe says Redis is up (slow spell, busy pool).
 RETRIES_WHILE_UP = 3
+#: Times a degraded reservation goes back to Redis after finding its counter handed back there.
+HANDBACK_PASSES = 3
 
 
 async def _reserve_parts(request_id: str, root: int, parts: list[counters.Part]) -> Reservation | counters.Refused:
-    if settings.REDIS_URL and not counters.redis_suspect():
-        # A failed call is retried once if the health probe finds Redis up (a slow spell, a busy
-        # pool): the reservation is idempotent by request id, so a retry never reserves twice.
-        for _attempt in range(RETRIES_WHILE_UP):
-            try:
-                if counters.degraded():
-                    await counters.redis_recovered()
-                return await counters.primary().reserve(request_id, root, parts)
-            except counters.CounterUnavailable:
-                if not await counters.redis_verdict():
-                    _abandon(request_id, root, parts)
-                    break
-    if settings.REDIS_URL:
+    if not settings.REDIS_URL:
+        return await counters.primary().reserve(request_id, root, parts)
+    for _pass in range(HANDBACK_PASSES):
+        if not counters.redis_suspect():
+            # A failed call is retried once if the health probe finds Redis up (a slow spell, a busy
+            # pool): the reservation is idempotent by request id, so a retry never reserves twice.
+            for _attempt in range(RETRIES_WHILE_UP):
+                try:
+                    if counters.degraded():
+                        await counters.redis_recovered()
+                    return await counters.primary().reserve(request_id, root, parts)
+                except counters.CounterUnavailable:
+                    if not await counters.redis_verdict():
+                        _abandon(request_id, root, parts)
+                        break
         counters.degrade_or_refuse()
-        return await counters.postgres().reserve(request_id, root, parts)
-    return await counters.primary().reserve(request_id, root, parts)
+        try:
+            return await counters.postgres().reserve(request_id, root, parts)
+        except counters.RedisIsBack:
+            # Another process rebuilt this budget's Redis counter: Redis is back; reserve there.
+            await counters.redis_back()
+    # Redis is back for the other processes but will not take this reservation: neither store may.
+    raise counters.EnforcementUnavailable("Redis answers other processes but not this one")
 
 
 async def reserve(request_id: str, key: KeyInfo, when: datetime, amount_micro: int) -> Reservation | Refusal | None:

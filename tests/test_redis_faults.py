@@ -115,6 +115,52 @@ def test_a_counter_built_while_postgresql_reservations_run_includes_them(transac
     assert counter_value(tenant.pk, money.name) == 4_000
 
 
+def test_a_process_still_degraded_stops_reserving_in_postgresql_once_redis_counts_again(transactional_db, make_tenant):
+    tenant = make_tenant("handed-back")
+    money = _money(tenant.pk, limit=5_000)
+
+    async def go() -> None:
+        degraded = counters.PostgresCounters()  # this process lost Redis just now
+        first = await degraded.reserve("req_pg_1", tenant.pk, [counters.Part(money, 2_000)])
+        assert isinstance(first, counters.Reservation)
+        # Another process is back on Redis: it builds the counter, the 2,000 in flight included.
+        back = await counters.RedisCounters().reserve("req_redis", tenant.pk, [counters.Part(money, 2_500)])
+        assert isinstance(back, counters.Reservation)
+        # This process has not noticed yet. PostgreSQL alone would admit 2,000 + 2,500 here while
+        # Redis admitted its 2,500 too: 7,000 against a 5,000 limit. It must go back to Redis.
+        with pytest.raises(counters.RedisIsBack):
+            await degraded.reserve("req_pg_2", tenant.pk, [counters.Part(money, 2_500)])
+
+    run(go)
+    assert counter_value(tenant.pk, money.name) == 4_500
+
+
+def test_a_degraded_reservation_that_finds_redis_back_is_made_in_redis(transactional_db, make_tenant, monkeypatch):
+    from budgets import service
+
+    tenant = make_tenant("back-to-redis")
+    money = _money(tenant.pk, limit=5_000)
+    monkeypatch.setattr(settings, "CHITTYCAN_REDIS_FAILURE_POLICY", "degrade")
+    monkeypatch.setattr(counters.health, "_ensure_probe", lambda: None)  # this process's probe is slow
+    monkeypatch.setattr(counters.health, "state", "down")
+    counters._went_down()  # this process lost Redis
+
+    async def go() -> tuple[counters.Reservation | counters.Refused, counters.Reservation | counters.Refused]:
+        during = await service._reserve_parts("req_during", tenant.pk, [counters.Part(money, 1_000)])
+        await counters.RedisCounters().reserve("req_other", tenant.pk, [counters.Part(money, 1_000)])
+        after = await service._reserve_parts("req_after", tenant.pk, [counters.Part(money, 1_000)])
+        return during, after
+
+    try:
+        during, after = run(go)
+    finally:
+        counters._degraded_since = None
+    assert isinstance(during, counters.Reservation) and during.store == "postgres"
+    assert isinstance(after, counters.Reservation) and after.store == "redis"
+    assert counters.health.state == "up" and not counters.degraded()
+    assert counter_value(tenant.pk, money.name) == 3_000  # 1,000 built in from PostgreSQL, 2 x 1,000 in Redis
+
+
 # --- a slow spell, an outage, and recovery (gateway processes, a Redis of the test's own) -------
 
 
