@@ -127,17 +127,22 @@ class _WholeStream(AiohttpResponseStream):
     upstream billed for, and the usage row would count fewer output tokens than were sent.
     """
 
-    async def __aiter__(self) -> typing.AsyncIterator[bytes]:
-        content = self._aiohttp_response.content
-        with map_aiohttp_exceptions():
-            try:
-                async for chunk in content.iter_chunked(self.CHUNK_SIZE):
-                    yield chunk
-            except aiohttp.ClientPayloadError:
-                rest = _unread(content)
-                if rest:
-                    yield rest
-                raise
+    def __aiter__(self) -> typing.AsyncIterator[bytes]:
+        return _whole_body(self._aiohttp_response.content)
+
+
+async def _whole_body(content: aiohttp.StreamReader) -> typing.AsyncIterator[bytes]:
+    """A body's chunks as they arrive, then what was received before a broken connection
+    (``_WholeStream``); aiohttp's failures raised as httpx's."""
+    with map_aiohttp_exceptions():
+        try:
+            async for chunk in content.iter_chunked(_WholeStream.CHUNK_SIZE):
+                yield chunk
+        except aiohttp.ClientPayloadError:
+            rest = _unread(content)
+            if rest:
+                yield rest
+            raise
 
 
 class _Session:
@@ -328,17 +333,8 @@ class Streamed:
         with map_aiohttp_exceptions():
             return await self._response.read()
 
-    async def aiter_bytes(self) -> typing.AsyncIterator[bytes]:
-        content = self._response.content
-        with map_aiohttp_exceptions():
-            try:
-                async for chunk in content.iter_chunked(_WholeStream.CHUNK_SIZE):
-                    yield chunk
-            except aiohttp.ClientPayloadError:
-                rest = _unread(content)
-                if rest:
-                    yield rest
-                raise
+    def aiter_bytes(self) -> typing.AsyncIterator[bytes]:
+        return _whole_body(self._response.content)
 
     async def aclose(self) -> None:
         """Give the connection back (closed instead if the body was not read to its end)."""
