@@ -108,9 +108,11 @@ class GatewayConsumer(AsyncHttpConsumer):
             message = await receive()
             if message["type"] == "http.disconnect":
                 break
+        # The server also says "disconnect" once the response is complete (uvicorn does): what
+        # the pipeline does after its answer went out (cache store, settle, record) must go on.
         # This task only runs while the pipeline's is suspended at an await: while the pipeline
         # still runs, the cancellation lands inside it (whose settle and record are shielded).
-        if self._running:
+        if self._running and not self._finished:
             self._client_left = True
             pipeline_task.cancel()
 
