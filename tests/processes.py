@@ -44,7 +44,7 @@ def services_env() -> dict[str, str]:
         "REDIS_URL": settings.REDIS_URL,
         "CHITTYCAN_REDIS_PREFIX": settings.REDIS_PREFIX,
         "CHITTYCAN_AUTH_CACHE_TTL": "30",
-        "LOG_LEVEL": "CRITICAL",
+        "LOG_LEVEL": os.environ.get("TEST_GATEWAY_LOG_LEVEL", "CRITICAL"),  # e.g. INFO to debug a test
     }
 
 
