@@ -258,6 +258,12 @@ def _abandon(request_id: str, root: int, parts: list[counters.Part]) -> None:
 def _outcome(request_id: str, key: KeyInfo, outcome: Reservation | counters.Refused) -> Reservation | Refusal:
     if isinstance(outcome, counters.Refused):
         return _refusal(key, outcome)
+    abandoned = _unsettled.get(request_id)
+    if outcome.store == "redis" and abandoned is not None and abandoned.abandoned:
+        # An earlier call for this request failed and was queued for release; this retry holds the
+        # same reservation (idempotent by request id), live now: it settles with its request.
+        # Released to zero, it would drop the money the request is about to spend.
+        del _unsettled[request_id]
     _active[request_id] = outcome
     return outcome
 
@@ -333,12 +339,15 @@ async def retry_settlements() -> int:
                 log.warning("could not settle a reservation's PostgreSQL copy; retried", exc_info=True)
         if res.store == "redis" and counters.redis_suspect():
             continue
+        if _unsettled.get(rid) is not item:
+            continue  # taken back meanwhile: an abandoned call's request reserved again (``_outcome``)
         try:
             await counters.store_by_name(res.store).settle(res, item.actual_micro, item.requests)
         except counters.CounterUnavailable:
             counters.redis_failed()
             continue
-        _unsettled.pop(rid, None)
+        if _unsettled.get(rid) is item:
+            del _unsettled[rid]
         landed += 1
     return landed
 

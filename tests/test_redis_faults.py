@@ -9,6 +9,7 @@ import threading
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -159,6 +160,30 @@ def test_a_degraded_reservation_that_finds_redis_back_is_made_in_redis(transacti
     assert isinstance(after, counters.Reservation) and after.store == "redis"
     assert counters.health.state == "up" and not counters.degraded()
     assert counter_value(tenant.pk, money.name) == 3_000  # 1,000 built in from PostgreSQL, 2 x 1,000 in Redis
+
+
+def test_a_reservation_taken_again_after_a_failed_call_is_not_released_for_that_call(transactional_db, make_tenant):
+    from budgets import service
+
+    tenant = make_tenant("taken-again")
+    money = _money(tenant.pk, limit=5_000)
+    parts = [counters.Part(money, 2_000)]
+
+    async def go() -> None:
+        # The first call timed out (Redis paused: it may still land); it is queued for release.
+        service._abandon("req_again", tenant.pk, parts)
+        # Redis answers again and the request's retry holds the reservation (same request id).
+        res = await counters.RedisCounters().reserve("req_again", tenant.pk, parts)
+        assert isinstance(res, counters.Reservation)
+        service._outcome("req_again", cast(Any, None), res)  # a reservation's outcome needs no key
+        await service.retry_settlements()  # the queued release must leave the live reservation alone
+
+    try:
+        run(go)
+    finally:
+        service._active.pop("req_again", None)
+        service._unsettled.pop("req_again", None)
+    assert counter_value(tenant.pk, money.name) == 2_000  # released to zero, the request's spend would go uncounted
 
 
 # --- a slow spell, an outage, and recovery (gateway processes, a Redis of the test's own) -------
