@@ -617,8 +617,9 @@ def _hand_back(names: list[str]) -> None:
             [BudgetCounter(name=n, value=0, synced_at=datetime(2000, 1, 1, tzinfo=UTC)) for n in names],
             ignore_conflicts=True,
         )
-        locked = list(BudgetCounter.objects.select_for_update().filter(name__in=names).order_by("name"))
-        BudgetCounter.objects.filter(pk__in=[row.pk for row in locked]).update(handed_back_at=now)
+        # Locked in name order, as reservations take them (an UPDATE alone may lock in any order).
+        list(BudgetCounter.objects.select_for_update().filter(name__in=names).order_by("name"))
+        BudgetCounter.objects.filter(name__in=names).update(handed_back_at=now)
 
 
 def _add_amounts(amounts: dict[str, int], res: BudgetReservation) -> None:
@@ -974,10 +975,9 @@ class RedisHealth:
         try:
             while self.state != "up":
                 if await self._ping(conn):
-                    self.failures = 0
                     if self.state == "down":
                         await _recover()
-                    self.state, self.changed = "up", time.monotonic()
+                    self.answered()
                     log.info("Redis answers")
                     return
                 self.failures += 1
@@ -988,6 +988,12 @@ class RedisHealth:
                 await asyncio.sleep(PROBE_INTERVAL)
         finally:
             await conn.aclose()
+
+    def answered(self) -> None:
+        """Redis answered: up, its failure count cleared (a running probe then stops)."""
+        self.failures = 0
+        if self.state != "up":
+            self.state, self.changed = "up", time.monotonic()
 
     async def verdict(self) -> bool:
         """After a failed call: wait for the probe to decide. True if Redis is up."""
@@ -1107,10 +1113,8 @@ async def _recover() -> None:
 async def redis_back() -> None:
     """Another process found Redis answering (``RedisIsBack``): recover now, as the probe would on
     its next ping, rather than go on reserving in PostgreSQL meanwhile."""
-    if health.state != "up":
-        health.state, health.failures, health.changed = "up", 0, time.monotonic()
-    note_incident()
-    await redis_recovered()
+    await _recover()
+    health.answered()
 
 
 async def redis_recovered() -> None:

@@ -38,7 +38,6 @@ class GatewayConsumer(AsyncHttpConsumer):
         self.headers: dict[bytes, bytes] = {}
         self._started = False
         self._finished = False
-        self._running = False
         self._client_left = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -69,7 +68,6 @@ class GatewayConsumer(AsyncHttpConsumer):
         # The pipeline runs in this task; a watcher task cancels it if the client goes away first.
         current = asyncio.current_task()
         assert current is not None
-        self._running = True
         watcher = asyncio.ensure_future(self._wait_disconnect(receive, current))
         try:
             await self.run(ctx, body)
@@ -78,6 +76,7 @@ class GatewayConsumer(AsyncHttpConsumer):
                 raise  # the server is cancelling us: not ours to swallow
             current.uncancel()
         except Exception as exc:  # never leak it as a hung connection
+            watcher.cancel()  # the pipeline is over: nothing left for a disconnect to cancel
             log.exception("pipeline failed", extra={"request_id": ctx.request_id})
             if not self._started:
                 status, payload, headers = self.error_response(_unexpected(exc, ctx), ctx)
@@ -85,7 +84,6 @@ class GatewayConsumer(AsyncHttpConsumer):
             else:
                 await self.finish()
         finally:
-            self._running = False
             watcher.cancel()
 
     async def _read_body(self, receive: Any, limit: int) -> bytes | None:
@@ -110,9 +108,9 @@ class GatewayConsumer(AsyncHttpConsumer):
                 break
         # The server also says "disconnect" once the response is complete (uvicorn does): what
         # the pipeline does after its answer went out (cache store, settle, record) must go on.
-        # This task only runs while the pipeline's is suspended at an await: while the pipeline
-        # still runs, the cancellation lands inside it (whose settle and record are shielded).
-        if self._running and not self._finished:
+        # This task only runs while the pipeline's is suspended at an await, and is cancelled as
+        # soon as the pipeline ends: the cancellation lands inside it (settle and record are shielded).
+        if not self._finished:
             self._client_left = True
             pipeline_task.cancel()
 

@@ -147,7 +147,7 @@ async def _whole_body(content: aiohttp.StreamReader) -> typing.AsyncIterator[byt
 
 class _Session:
     """The aiohttp session under one upstream client, built on first use inside the running loop;
-    shared by httpx-aiohttp's transport and the JSON fast path (``post_bytes``)."""
+    shared by httpx-aiohttp's transport and the direct path (``open_stream``)."""
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
@@ -277,50 +277,17 @@ def aiohttp_session() -> aiohttp.ClientSession | None:
     return session() if session is not None else None
 
 
-class Answer(typing.NamedTuple):
-    status: int
-    headers: typing.Mapping[str, str]
-    content: bytes
-
-
-_TIMEOUTS: dict[tuple[float | None, float | None, float | None], aiohttp.ClientTimeout] = {}
-
-
 def _client_timeout(timeouts: httpx.Timeout) -> aiohttp.ClientTimeout:
     """httpx's timeouts as httpx-aiohttp maps them (connect, read between bytes, pool wait)."""
-    limits = (timeouts.connect, timeouts.read, timeouts.pool)
-    timeout = _TIMEOUTS.get(limits)
-    if timeout is None:
-        if len(_TIMEOUTS) > 256:
-            _TIMEOUTS.clear()
-        timeout = _TIMEOUTS[limits] = aiohttp.ClientTimeout(
-            sock_connect=timeouts.connect, sock_read=timeouts.read, connect=timeouts.pool
-        )
-    return timeout
-
-
-async def post_bytes(
-    session: aiohttp.ClientSession,
-    url: str | httpx.URL,
-    content: bytes,
-    headers: typing.Mapping[str, str],
-    timeouts: httpx.Timeout,
-) -> Answer:
-    """POST ``content`` on aiohttp directly and read the whole answer: the non-streaming hot path,
-    without httpx's request and response objects (~0.1 ms of CPU per call). Timeouts as
-    httpx-aiohttp maps them; failures raised as the same httpx exceptions (the cause attached),
-    so callers handle one family of errors whichever path served them."""
-    with map_aiohttp_exceptions():
-        async with session.post(
-            str(url), data=content, headers=headers, allow_redirects=False, timeout=_client_timeout(timeouts)
-        ) as response:
-            return Answer(response.status, response.headers, await response.read())
+    return aiohttp.ClientTimeout(sock_connect=timeouts.connect, sock_read=timeouts.read, connect=timeouts.pool)
 
 
 class Streamed:
-    """An upstream answer whose body is read as it arrives, straight from aiohttp (the streaming
-    hot path): ``aiter_bytes`` as httpx's, every byte received before a broken connection
-    included (``_WholeStream``), failures raised as httpx exceptions."""
+    """An upstream answer read straight from aiohttp (the hot path, without httpx's request and
+    response objects: ~0.1 ms of CPU per call): whole (``aread``) or as it arrives
+    (``aiter_bytes``, every byte received before a broken connection included, as
+    ``_WholeStream``); failures raised as the httpx exceptions httpx-aiohttp raises, so callers
+    handle one family of errors whichever path served them."""
 
     __slots__ = ("_response", "headers", "status")
 
@@ -351,7 +318,7 @@ async def open_stream(
     timeouts: httpx.Timeout,
 ) -> Streamed:
     """POST ``content`` on aiohttp directly and return once the answer's headers are in; the caller
-    reads the body and must ``aclose`` it. Timeouts and errors as ``post_bytes``."""
+    reads the body and must ``aclose`` it. Timeouts as httpx-aiohttp maps them."""
     with map_aiohttp_exceptions():
         response = await session.post(
             str(url), data=content, headers=headers, allow_redirects=False, timeout=_client_timeout(timeouts)

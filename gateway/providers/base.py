@@ -23,7 +23,7 @@ import httpx
 import orjson
 
 from gateway.errors import InvalidRequest, UpstreamError, upstream_status_error
-from gateway.http import aiohttp_session, client, open_stream, post_bytes
+from gateway.http import aiohttp_session, client, open_stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,13 +256,17 @@ async def post_json(
 ) -> dict[str, Any]:
     """POST a JSON body to an upstream and return its JSON object; every failure is an ``UpstreamError``.
 
-    On the default aiohttp transport the call goes to aiohttp directly (``gateway.http.post_bytes``);
+    On the default aiohttp transport the call goes to aiohttp directly (``gateway.http.open_stream``);
     otherwise through the httpx client."""
     try:
         session = aiohttp_session()
         if session is not None:
-            answer = await post_bytes(session, url, orjson.dumps(body), headers, timeouts)
-            return _json_object(answer.status, answer.headers, answer.content)
+            answer = await open_stream(session, url, orjson.dumps(body), headers, timeouts)
+            try:
+                content = await answer.aread()
+            finally:
+                await answer.aclose()
+            return _json_object(answer.status, answer.headers, content)
         response = await client().post(url, content=orjson.dumps(body), headers=headers, timeout=timeouts)
     except httpx.HTTPError as exc:
         raise connection_error(exc) from exc
