@@ -63,9 +63,11 @@ class _HiredisPacking:
         return [hiredis.pack_command(args)]
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        """redis-py's, with the write bounded by ``asyncio.timeout`` rather than ``asyncio.wait_for``,
-        which wraps the write in a task of its own: one task less per command. Same outcomes: a
-        write that times out or fails drops the connection and raises redis-py's error."""
+        """redis-py's, with the write bounded only when it can wait: once the kernel has taken
+        every byte (the usual case: a few hundred bytes on an idle socket), the stream's drain
+        returns at once, so it needs no timer; otherwise ``asyncio.timeout`` (not
+        ``asyncio.wait_for``, which wraps the write in a task of its own). Same outcomes: a write
+        that times out or fails drops the connection and raises redis-py's error."""
         conn: Any = self
         if not conn.is_connected:
             await conn.connect_check_health(check_health=False)
@@ -76,8 +78,14 @@ class _HiredisPacking:
         if isinstance(command, bytes):
             command = [command]
         try:
-            async with asyncio.timeout(conn.socket_timeout or None):
-                await conn._send_packed_command(command)
+            writer = conn._writer
+            writer.writelines(command)
+            transport = writer.transport
+            if transport.get_write_buffer_size() or transport.is_closing():
+                async with asyncio.timeout(conn.socket_timeout or None):
+                    await writer.drain()
+            else:
+                await writer.drain()  # cannot wait (nothing is buffered); raises a reader's error
         except TimeoutError:
             await conn.disconnect(nowait=True)
             raise redis.TimeoutError("Timeout writing to socket") from None
