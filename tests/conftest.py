@@ -85,8 +85,10 @@ def gateway_server(django_db_setup: Any, django_db_blocker: Any) -> Iterator[Ser
 
     call_command("collectstatic", interactive=False, verbosity=0)
     from chittycan.asgi import application
+    from chittycan.http_protocol import CoalescingHttpToolsProtocol
 
-    server = ServerThread(application, name="gateway").start()
+    # The HTTP protocol `can serve` gives uvicorn (writes of one loop turn sent together).
+    server = ServerThread(application, name="gateway", http=CoalescingHttpToolsProtocol).start()
     RUNNING_GATEWAYS.append(server)
     yield server
     RUNNING_GATEWAYS.remove(server)

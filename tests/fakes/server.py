@@ -12,7 +12,7 @@ import uvicorn
 
 
 class ServerThread:
-    def __init__(self, app: Any, *, name: str = "server") -> None:
+    def __init__(self, app: Any, *, name: str = "server", http: Any = "httptools") -> None:
         self.app = app
         self.name = name
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -25,7 +25,7 @@ class ServerThread:
             log_level="warning",
             lifespan="off",
             loop="asyncio",
-            http="httptools",
+            http=http,
             access_log=False,
             timeout_keep_alive=30,
         )

@@ -47,7 +47,7 @@ class Command(BaseCommand):
                 "--loop",
                 "uvloop",
                 "--http",
-                "httptools",
+                "chittycan.http_protocol:CoalescingHttpToolsProtocol",
                 "--lifespan",
                 "off",
                 "--no-server-header",
