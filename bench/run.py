@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import http.client
 import os
 import platform
 import shutil
@@ -352,6 +353,32 @@ def one_request(port: int, key: str) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
+#: What an orchestrator and a Prometheus server ask every gateway process, every few seconds.
+OPERATIONAL_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+def probe_like_an_orchestrator(target: Target) -> dict[str, int]:
+    """GET the liveness and readiness probes and a metrics scrape once, as a deployed gateway is
+    asked all the time, so that the memory measured is that of a process in service (whatever
+    these paths load stays loaded). The status of each: an older baseline may not serve one (404),
+    a server error stops the run."""
+    port = int(target.url.rsplit(":", 1)[1].split("/", 1)[0])
+    statuses: dict[str, int] = {}
+    for path in OPERATIONAL_PATHS:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            statuses[path] = response.status
+        finally:
+            conn.close()
+    log(f"{target.name}: " + ", ".join(f"GET {path} {status}" for path, status in statuses.items()))
+    if any(status >= 500 for status in statuses.values()):
+        raise RuntimeError(f"{target.name}: the operational endpoints answered {statuses}")
+    return statuses
+
+
 def spawn(
     argv: list[str], cwd: Path, env: dict[str, str] | None, core: int | None, logfile: Path
 ) -> subprocess.Popen[bytes]:
@@ -653,7 +680,12 @@ def render(report: dict[str, Any], levels: list[int]) -> str:
         "",
         "Direct: CPU and memory are the fake upstream's. Peak RSS is VmHWM summed over the server's process"
         f" tree, read after every target ran all cells up to c={max(below) if below else top} (json and"
-        f" stream), then after c={top}" + (f" ({top} concurrent streams)." if "stream" in meta["modes"] else "."),
+        f" stream), then after c={top}"
+        + (f" ({top} concurrent streams)." if "stream" in meta["modes"] else ".")
+        + " Each gateway was first asked GET "
+        + ", ".join(OPERATIONAL_PATHS)
+        + " once, as an orchestrator's"
+        " probes and a Prometheus scrape ask a deployed one, so what those load is in its memory.",
         "",
     ]
     if report["goals"]:
@@ -931,6 +963,8 @@ def bench(
         wait_ready(target)
         assert target.proc is not None
         log(f"{target.name} ready at {target.url} (pid {target.proc.pid}, log {target.logfile})")
+        if target.kind == "gateway":
+            probe_like_an_orchestrator(target)
 
     for target in targets:  # first requests, pools, gc.freeze: not in the first measured cell
         for mode in modes:

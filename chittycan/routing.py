@@ -1,5 +1,6 @@
-"""The ASGI routes: the hot ``/v1`` consumers, found by exact path before anything else, and the
-websockets (the tenant dashboard's live feed, behind the session middleware in chittycan/asgi.py).
+"""The ASGI routes: the hot ``/v1`` consumers and the probes (``/healthz``, ``/readyz``,
+``/metrics``), found by exact path before anything else, and the websockets (the tenant
+dashboard's live feed, behind the session middleware in chittycan/asgi.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Any
 
 from django.urls import path
 
+from chittycan import probes
 from dashboard.consumers import FeedConsumer
 from gateway import consumers
 
@@ -30,15 +32,30 @@ HOT: dict[str, type[consumers.GatewayConsumer]] = {
     "v1/feedback": consumers.FeedbackConsumer,
 }
 
+#: The operational probes, answered without Django's URLconf for ``GET`` and ``HEAD`` (any other
+#: method goes on to Django's views of the same paths). chittycan/probes.py says why.
+PROBES: dict[str, Callable[[], Any]] = {
+    "healthz": probes.HealthzProbe,
+    "readyz": probes.ReadyzProbe,
+    "metrics": probes.MetricsProbe,
+}
+_PROBE_METHODS = frozenset({"GET", "HEAD"})
+
 
 class HotRoutes:
     """An HTTP request for a ``HOT`` path goes straight to a new instance of its consumer (one dict
     lookup: no URL resolver, router scope copies or wrapper coroutines on the hot path); anything
     else to ``app``. ``root_path`` is honoured as Channels' ``URLRouter`` does."""
 
-    def __init__(self, app: Any, routes: Mapping[str, Callable[[], Any]] | None = None) -> None:
+    def __init__(
+        self,
+        app: Any,
+        routes: Mapping[str, Callable[[], Any]] | None = None,
+        probes: Mapping[str, Callable[[], Any]] | None = None,
+    ) -> None:
         self.app = app
         self.routes: Mapping[str, Callable[[], Any]] = HOT if routes is None else routes
+        self.probes: Mapping[str, Callable[[], Any]] = PROBES if probes is None else probes
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -46,7 +63,10 @@ class HotRoutes:
             root_path: str = scope.get("root_path", "")
             if root_path and path.startswith(root_path):
                 path = path[len(root_path) :]
-            consumer = self.routes.get(path.lstrip("/"))
+            name = path.lstrip("/")
+            consumer = self.routes.get(name)
+            if consumer is None and scope["method"] in _PROBE_METHODS:
+                consumer = self.probes.get(name)
             if consumer is not None:
                 await consumer()(scope, receive, send)
                 return

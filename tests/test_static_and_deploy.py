@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -453,3 +454,58 @@ def test_the_https_settings_from_the_environment_satisfy_check_deploy(tmp_path: 
     assert result.returncode == 0, output
     for check_id in ("security.W004", "security.W008", "security.W012", "security.W016"):
         assert check_id not in output, output
+
+
+_PROBE_SCRIPT = """
+import asyncio, json, sys
+import chittycan.asgi
+
+async def get(path, method="GET"):
+    sent, asked = [], []
+    async def receive():
+        if asked:
+            await asyncio.Future()  # the client stays: no disconnect until the answer is out
+        asked.append(1)
+        return {"type": "http.request", "body": b"", "more_body": False}
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1")], "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 80)}
+    await chittycan.asgi.application(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], body
+
+async def main():
+    out = {}
+    for path in ("/healthz", "/readyz", "/metrics"):
+        status, body = await get(path)
+        out[path] = [status, body.decode()[:2000]]
+    out["urlconf_after_probes"] = "chittycan.urls" in sys.modules
+    status, _ = await get("/healthz", "POST")  # not a probe method: Django answers (its CSRF check)
+    out["post"] = status
+    out["urlconf_after_post"] = "chittycan.urls" in sys.modules
+    print(json.dumps(out))
+
+asyncio.run(main())
+"""
+
+
+def test_probes_are_answered_without_loading_the_urlconf(tmp_path: Path, transactional_db) -> None:
+    """An orchestrator's probes (GET /healthz, /readyz, /metrics) never make a serving gateway load
+    Django's URLconf and what it imports (the admin, the REST and management APIs); another method
+    on the same path still reaches Django's view."""
+    env = base_env(tmp_path, SECRET_KEY=STRONG_SECRET, CHITTYCAN_SERVING="uvicorn")
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    out = orjson.loads(result.stdout.strip().splitlines()[-1])
+    assert out["/healthz"] == [200, '{"status":"ok"}']
+    status, body = out["/readyz"]
+    assert status == 200 and orjson.loads(body)["status"] == "ready", body
+    status, body = out["/metrics"]
+    assert status == 200 and "# HELP chittycan_" in body, body
+    assert out["urlconf_after_probes"] is False
+    assert out["post"] == 403  # a POST without a CSRF token, refused by Django's middleware
+    assert out["urlconf_after_post"] is True

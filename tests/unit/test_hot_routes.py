@@ -6,8 +6,9 @@ import asyncio
 from typing import Any
 
 import pytest
+from django.urls import resolve
 
-from chittycan.routing import HOT, HotRoutes
+from chittycan.routing import HOT, PROBES, HotRoutes
 
 
 class _Recorder:
@@ -23,11 +24,13 @@ class _Recorder:
         return app
 
 
-def _route(path: str, *, kind: str = "http", root_path: str = "") -> list[tuple[str, str]]:
+def _route(path: str, *, kind: str = "http", root_path: str = "", method: str = "POST") -> list[tuple[str, str]]:
     seen: list[tuple[str, str]] = []
     behind = _Recorder("django", seen)()
-    router = HotRoutes(behind, {"v1/chat/completions": _Recorder("chat", seen)})
-    scope = {"type": kind, "path": path, "root_path": root_path}
+    router = HotRoutes(behind, {"v1/chat/completions": _Recorder("chat", seen)}, {"healthz": _Recorder("probe", seen)})
+    scope: dict[str, Any] = {"type": kind, "path": path, "root_path": root_path}
+    if kind == "http":
+        scope["method"] = method
     asyncio.run(router(scope, None, None))
     return seen
 
@@ -45,6 +48,25 @@ def _route(path: str, *, kind: str = "http", root_path: str = "") -> list[tuple[
 )
 def test_only_exact_hot_paths_skip_the_routers(path: str, kind: str, root_path: str, served_by: str) -> None:
     assert _route(path, kind=kind, root_path=root_path) == [(served_by, path)]
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "served_by"),
+    [
+        ("/healthz", "GET", "probe"),
+        ("/healthz", "HEAD", "probe"),
+        ("/healthz", "POST", "django"),  # the probes answer GET and HEAD; Django's views the rest
+        ("/healthz/", "GET", "django"),
+        ("/v1/chat/completions", "GET", "chat"),  # the consumer answers 405 in the API's envelope
+    ],
+)
+def test_probes_skip_the_routers_for_get_and_head(path: str, method: str, served_by: str) -> None:
+    assert _route(path, method=method) == [(served_by, path)]
+
+
+def test_every_probe_has_a_django_view_of_the_same_path() -> None:
+    for name in PROBES:
+        assert resolve(f"/{name}").func.__module__ == "chittycan.probes"
 
 
 def test_every_hot_path_is_a_v1_route_with_its_own_consumer() -> None:
