@@ -5,6 +5,7 @@ SECRET_KEY (core/preflight.py)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -55,6 +56,12 @@ application = HotRoutes(
         )
     )
 )
+
+# Serving: the JSON log lines (chittycan/logging.py) carry no caller, thread or process fields, so
+# no record looks them up (the logging HOWTO's "Optimization": a frame walk and three lookups per
+# record, on a line per request).
+logging._srcfile = None
+logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
 
 from core.runtime import freeze_heap  # noqa: E402
 
