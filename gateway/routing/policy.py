@@ -23,9 +23,12 @@ import random
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.routing.celcore import core as cel
+from gateway.routing import celcore
+
+if TYPE_CHECKING:
+    import cel  # the types of the package's stubs; the module itself is loaded by celcore.core()
 
 #: The condition variables (flat names: see docs/routing.md), with what they hold.
 VARIABLES: dict[str, str] = {
@@ -192,7 +195,7 @@ def compile_condition(condition: str, *, rule: str = "") -> tuple[cel.Program | 
     if not text:
         return None, frozenset()
     try:
-        program = cel.compile(text)
+        program: cel.Program = celcore.core().compile(text)
     except (ValueError, RuntimeError, TypeError) as exc:
         raise PolicyError(f"CEL syntax error: {_one_line(str(exc))}", field="condition", rule=rule) from None
     names = frozenset(program.variables())

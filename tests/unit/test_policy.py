@@ -280,7 +280,21 @@ def test_the_cel_core_loads_without_the_packages_command_line_tool() -> None:
         "assert not cli, cli\n"
         "from gateway.routing.celcore import core\n"
         "import cel\n"
-        "assert cel.compile is core.compile\n"
+        "assert cel.compile is core().compile\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_the_cel_core_is_loaded_by_the_first_compiled_condition() -> None:
+    """A gateway without routing policies never maps the CEL extension (about 2 MiB resident)."""
+    code = (
+        "import sys\n"
+        "from gateway.routing.policy import compile_condition\n"
+        "assert 'cel.cel' not in sys.modules\n"
+        "compile_condition('tokens < 100')\n"
+        "assert 'cel.cel' in sys.modules\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
