@@ -184,10 +184,18 @@ async def close_redis() -> None:
 OnError = Callable[[BaseException], Awaitable[None] | None]
 
 
+Call = tuple[AsyncScript | None, list[Any], list[Any], OnError]
+
+
 class RedisBatch:
     """Commands one request sends to Redis together, in one round trip (a pipeline, not a
     transaction): each keeps its own outcome, and a command that fails calls its ``on_error``
     (with the whole batch's error if Redis could not be reached).
+
+    The batches of requests that send in the same turn of the event loop leave together, as one
+    pipeline on one connection (``_SendGroup``): under load several requests close at once, and
+    each round trip saved is a write, a read and two wake-ups of the loop. Each batch still gets
+    its own commands' outcomes.
 
     Scripts go by their SHA; one the server does not know yet (first use, a restarted Redis) is
     run again on its own, which loads it.
@@ -196,7 +204,7 @@ class RedisBatch:
     __slots__ = ("_calls",)
 
     def __init__(self) -> None:
-        self._calls: list[tuple[AsyncScript | None, list[Any], list[Any], OnError]] = []
+        self._calls: list[Call] = []
 
     def __len__(self) -> int:
         return len(self._calls)
@@ -211,17 +219,7 @@ class RedisBatch:
         calls, self._calls = self._calls, []
         if not calls:
             return
-        pipe = redis_client().pipeline(transaction=False)
-        for script, keys, args, _ in calls:
-            if script is None:
-                pipe.execute_command(*args)
-            else:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-        results: list[Any]
-        try:
-            results = await pipe.execute(raise_on_error=False)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            results = [exc] * len(calls)
+        results = await _send_group().join(calls)
         for (script, keys, args, on_error), result in zip(calls, results, strict=True):
             if isinstance(result, redis.exceptions.NoScriptError) and script is not None:
                 try:
@@ -232,6 +230,73 @@ class RedisBatch:
                 outcome = on_error(result)
                 if outcome is not None:
                     await outcome
+
+
+class _SendGroup:
+    """The ``RedisBatch`` sends of one event loop that arrive in the same turn of it: the first
+    schedules the flush (``call_soon``, so it runs once the requests ready now have run), the
+    others join; the flush sends them all as one pipeline and hands each batch its results."""
+
+    __slots__ = ("loop", "waiting", "sending")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.waiting: list[tuple[list[Call], asyncio.Future[list[Any]]]] = []
+        self.sending: set[asyncio.Task[None]] = set()
+
+    def join(self, calls: list[Call]) -> asyncio.Future[list[Any]]:
+        future: asyncio.Future[list[Any]] = self.loop.create_future()
+        if not self.waiting:
+            self.loop.call_soon(self._flush)
+        self.waiting.append((calls, future))
+        return future
+
+    def _flush(self) -> None:
+        batches, self.waiting = self.waiting, []
+        task = self.loop.create_task(_send_batches(batches))
+        self.sending.add(task)  # held until done: the loop keeps only a weak reference to tasks
+        task.add_done_callback(self.sending.discard)
+
+
+async def _send_batches(batches: list[tuple[list[Call], asyncio.Future[list[Any]]]]) -> None:
+    results: list[Any]
+    try:
+        pipe = redis_client().pipeline(transaction=False)
+        for calls, _ in batches:
+            for script, keys, args, _ in calls:
+                if script is None:
+                    pipe.execute_command(*args)
+                else:
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            results = [exc] * sum(len(calls) for calls, _ in batches)
+    except asyncio.CancelledError:  # the loop is closing: so are the sends waiting on it
+        for _, future in batches:
+            future.cancel()
+        raise
+    except Exception as exc:  # not Redis being away (that is a result above): each send raises it
+        for _, future in batches:
+            if not future.done():
+                future.set_exception(exc)
+        return
+    start = 0
+    for calls, future in batches:
+        if not future.done():  # (its request was cancelled meanwhile)
+            future.set_result(results[start : start + len(calls)])
+        start += len(calls)
+
+
+_send_groups: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SendGroup] = weakref.WeakKeyDictionary()
+
+
+def _send_group() -> _SendGroup:
+    loop = asyncio.get_running_loop()
+    group = _send_groups.get(loop)
+    if group is None:
+        group = _send_groups[loop] = _SendGroup(loop)
+    return group
 
 
 def background(

@@ -61,3 +61,62 @@ def test_an_unreachable_redis_reaches_every_on_error(settings: Any) -> None:
 
     _run(go)
     assert errors == ["ConnectionError"] and spooled == ["ConnectionError"]
+
+
+def test_batches_sent_in_one_turn_of_the_loop_share_one_round_trip(monkeypatch: Any) -> None:
+    """Requests closing together send one pipeline, and each still gets only its own outcomes:
+    a failing command, a script the server has never seen, and a cancelled sender included."""
+    key = f"{settings.REDIS_PREFIX}:batch:{os.urandom(4).hex()}"
+    lua = f"-- {os.urandom(8).hex()}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])"
+    round_trips: list[int] = []
+    execute = runtime.aioredis.client.Pipeline.execute
+
+    async def counting_execute(pipe: Any, raise_on_error: bool = True) -> Any:
+        round_trips.append(len(pipe.command_stack))
+        return await execute(pipe, raise_on_error)
+
+    monkeypatch.setattr(runtime.aioredis.client.Pipeline, "execute", counting_execute)
+    errors: dict[str, list[str]] = {"a": [], "b": [], "c": []}
+
+    def on_error(name: str) -> Any:
+        return lambda exc: errors[name].append(str(exc))
+
+    async def go() -> list[Any]:
+        conn = runtime.redis_client()
+        await conn.set(f"{key}:text", "not a number")
+        a, b, c = runtime.RedisBatch(), runtime.RedisBatch(), runtime.RedisBatch()
+        a.command("INCRBY", f"{key}:a", 2, on_error=on_error("a"))
+        a.command("INCR", f"{key}:text", on_error=on_error("a"))  # fails: only a hears of it
+        b.script(conn.register_script(lua), [f"{key}:b"], [7], on_error=on_error("b"))
+        b.command("XADD", f"{key}:stream", "*", b"row", b"{}", on_error=on_error("b"))
+        c.command("INCRBY", f"{key}:c", 3, on_error=on_error("c"))
+        round_trips.clear()
+        cancelled = asyncio.ensure_future(c.send())
+        sent = asyncio.gather(a.send(), b.send())
+        await asyncio.sleep(0)  # all three have joined the group; c's request goes away
+        cancelled.cancel()
+        await sent
+        found = [await conn.get(f"{key}:{name}") for name in "abc"] + [await conn.xlen(f"{key}:stream")]
+        await conn.delete(*(f"{key}:{name}" for name in ("a", "b", "c", "text", "stream")))
+        return found
+
+    # One pipeline of five commands (then the unknown script alone, which loads it); c's command
+    # still went: a request cancelled while its batch is on the wire does not take it back.
+    assert _run(go) == [b"2", b"7", b"3", 1]
+    assert round_trips[0] == 5 and len(round_trips) == 1
+    assert errors["b"] == [] and errors["c"] == []
+    assert len(errors["a"]) == 1 and "not an integer" in errors["a"][0]
+
+
+def test_an_unreachable_redis_reaches_every_batch_of_the_group(settings: Any) -> None:
+    settings.REDIS_URL = "redis://127.0.0.1:9/0"
+    failed: list[str] = []
+
+    async def go() -> None:
+        batches = [runtime.RedisBatch() for _ in range(3)]
+        for n, batch in enumerate(batches):
+            batch.command("XADD", "s", "*", b"row", b"{}", on_error=lambda exc, n=n: failed.append(f"{n}"))
+        await asyncio.gather(*(batch.send() for batch in batches))
+
+    _run(go)
+    assert sorted(failed) == ["0", "1", "2"]
