@@ -8,6 +8,7 @@ import asyncio
 import os
 from typing import Any
 
+import redis.asyncio as aioredis
 from django.conf import settings
 
 from core import runtime
@@ -69,13 +70,13 @@ def test_batches_sent_in_one_turn_of_the_loop_share_one_round_trip(monkeypatch: 
     key = f"{settings.REDIS_PREFIX}:batch:{os.urandom(4).hex()}"
     lua = f"-- {os.urandom(8).hex()}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])"
     round_trips: list[int] = []
-    execute = runtime.aioredis.client.Pipeline.execute
+    execute = aioredis.client.Pipeline.execute
 
     async def counting_execute(pipe: Any, raise_on_error: bool = True) -> Any:
         round_trips.append(len(pipe.command_stack))
         return await execute(pipe, raise_on_error)
 
-    monkeypatch.setattr(runtime.aioredis.client.Pipeline, "execute", counting_execute)
+    monkeypatch.setattr(aioredis.client.Pipeline, "execute", counting_execute)
     errors: dict[str, list[str]] = {"a": [], "b": [], "c": []}
 
     def on_error(name: str) -> Any:
@@ -115,7 +116,11 @@ def test_an_unreachable_redis_reaches_every_batch_of_the_group(settings: Any) ->
     async def go() -> None:
         batches = [runtime.RedisBatch() for _ in range(3)]
         for n, batch in enumerate(batches):
-            batch.command("XADD", "s", "*", b"row", b"{}", on_error=lambda exc, n=n: failed.append(f"{n}"))
+
+            def on_error(exc: BaseException, n: int = n) -> None:
+                failed.append(f"{n}")
+
+            batch.command("XADD", "s", "*", b"row", b"{}", on_error=on_error)
         await asyncio.gather(*(batch.send() for batch in batches))
 
     _run(go)
