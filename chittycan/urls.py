@@ -5,10 +5,13 @@ from django.contrib import admin
 from django.urls import include, path, re_path, reverse_lazy
 from django.views.generic import RedirectView
 
+from chittycan.apps import discover_admin
 from chittycan.probes import healthz, metrics_view, readyz
 from control.health import ProviderHealthView
 from gateway.api import api as v1_api
 from gateway.api import unknown_url
+
+discover_admin()  # done at start except in a serving gateway, which loads the admin here (chittycan/apps.py)
 
 urlpatterns = [
     # `/` (and so the admin's "View site" link) leads to the control plane: the admin.

@@ -119,7 +119,7 @@ def generic_models() -> list[type[Model]]:
 
 
 def connect() -> None:
-    """Called from ``TenantsConfig.ready()`` (after the admin's autodiscovery). Receivers are
+    """Called by ``chittycan.apps.discover_admin`` (after the admin's autodiscovery). Receivers are
     connected per model, never for every sender: a delete receiver on a model turns off Django's
     fast delete for it, which the ledger's retention relies on."""
     for model in {*generic_models(), get_user_model()}:

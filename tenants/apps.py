@@ -2,11 +2,8 @@ from django.apps import AppConfig
 
 
 class TenantsConfig(AppConfig):
+    """The audit receivers of the admin's generic writes (tenants/admin_audit.py) are connected with
+    the admin's discovery (``chittycan.apps.discover_admin``), once every ``ModelAdmin`` is known."""
+
     name = "tenants"
     verbose_name = "Tenants and keys"
-
-    def ready(self) -> None:
-        # noqa reason: the admin classes need the app registry, which is not ready at import time.
-        from tenants import admin_audit  # noqa: PLC0415
-
-        admin_audit.connect()

@@ -476,8 +476,13 @@ async def get(path, method="GET"):
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
     return sent[0]["status"], body
 
+def audit_receivers():
+    from django.db.models.signals import post_save
+
+    return sum("chittycan_admin_audit_" in str(lookup[0]) for lookup, *_ in post_save.receivers)
+
 async def main():
-    out = {}
+    out = {"admin_at_start": "tenants.admin" in sys.modules, "audit_at_start": audit_receivers()}
     for path in ("/healthz", "/readyz", "/metrics"):
         status, body = await get(path)
         out[path] = [status, body.decode()[:2000]]
@@ -485,6 +490,10 @@ async def main():
     status, _ = await get("/healthz", "POST")  # not a probe method: Django answers (its CSRF check)
     out["post"] = status
     out["urlconf_after_post"] = "chittycan.urls" in sys.modules
+    from django.contrib import admin
+
+    out["admin_after_post"] = sorted(m._meta.label for m in admin.site._registry)
+    out["audit_after_post"] = audit_receivers()
     print(json.dumps(out))
 
 asyncio.run(main())
@@ -494,7 +503,8 @@ asyncio.run(main())
 def test_probes_are_answered_without_loading_the_urlconf(tmp_path: Path, transactional_db) -> None:
     """An orchestrator's probes (GET /healthz, /readyz, /metrics) never make a serving gateway load
     Django's URLconf and what it imports (the admin, the REST and management APIs); another method
-    on the same path still reaches Django's view."""
+    on the same path still reaches Django's view. The admin's modules are not imported at start
+    either: the URLconf registers them, and connects the admin's audit receivers."""
     env = base_env(tmp_path, SECRET_KEY=STRONG_SECRET, CHITTYCAN_SERVING="uvicorn")
     result = subprocess.run(
         [sys.executable, "-c", _PROBE_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
@@ -509,3 +519,7 @@ def test_probes_are_answered_without_loading_the_urlconf(tmp_path: Path, transac
     assert out["urlconf_after_probes"] is False
     assert out["post"] == 403  # a POST without a CSRF token, refused by Django's middleware
     assert out["urlconf_after_post"] is True
+    # The admin's modules come with the URLconf, not at start; then the admin is whole, audited.
+    assert out["admin_at_start"] is False and out["audit_at_start"] == 0
+    assert {"tenants.Tenant", "tenants.ApiKey", "auth.User", "budgets.Budget"} <= set(out["admin_after_post"])
+    assert out["audit_after_post"] > 0

@@ -56,3 +56,33 @@ def test_a_cut_stream_yields_every_byte_sent_before_the_cut_then_fails(settings,
     body, failure = asyncio.run(main())
     assert body == b"".join(FRAMES)
     assert isinstance(failure, httpx.HTTPError)
+
+
+def test_the_aiohttp_client_loads_one_set_of_ca_certificates(settings, monkeypatch):
+    """Each TLS context holds its own copy of the CA bundle (~1.9 MiB for certifi's): the httpx
+    face and the aiohttp session under it share one, and requests use it."""
+    settings.CHITTYCAN_HTTP_TRANSPORT = "aiohttp"
+    built: list[object] = []
+    real = httpx.create_ssl_context
+
+    def counting(*args: object, **kwargs: object) -> object:
+        made = real(*args, **kwargs)  # type: ignore[arg-type]
+        if made not in built:
+            built.append(made)
+        return made
+
+    monkeypatch.setattr(httpx, "create_ssl_context", counting)
+
+    async def main() -> tuple[object, object]:
+        try:
+            client = http.client()
+            session = http.aiohttp_session()
+            assert session is not None
+            transport = client._transport
+            return transport.ssl_context, session.connector._ssl  # type: ignore[attr-defined,union-attr]
+        finally:
+            await http.aclose()
+
+    transport_tls, session_tls = asyncio.run(main())
+    assert len(built) == 1
+    assert transport_tls is session_tls is built[0]
