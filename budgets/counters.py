@@ -48,7 +48,7 @@ from django.db.models import F
 from budgets.models import BudgetCounter, BudgetReservation
 from budgets.periods import Counter
 from budgets.spend import in_ledger, ledger_value
-from core.runtime import OnError, RedisBatch, redis_client
+from core.runtime import OnError, RedisBatch, key_prefix, redis_client
 from ledger import writer
 from ledger.models import UsageRecord
 from tenants.models import ApiKey, Tenant
@@ -146,7 +146,7 @@ class CounterStore(ABC):
 
 
 def _tree(root: int) -> str:
-    return f"{settings.REDIS_PREFIX}:bud:{{{root}}}"
+    return f"{key_prefix()}:bud:{{{root}}}"
 
 
 def counter_key(root: int, name: str) -> str:

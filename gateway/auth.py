@@ -8,6 +8,7 @@ runs no database query. Budgets are not loaded here: the reserve stage asks ``bu
 
 from __future__ import annotations
 
+import hmac
 import time
 
 from asgiref.sync import sync_to_async
@@ -29,6 +30,11 @@ _cache: TTLCache[str, KeyInfo | None] = TTLCache(maxsize=100_000, ttl=settings.C
 #: Bumped by every invalidation: a key read from the database before a change (a revocation) that
 #: lands after it is not cached, or the revoked key would be served from the cache for a TTL.
 _generation = 0
+#: The token that last verified against each cached key, by prefix, with the ``KeyInfo`` it verified
+#: against: the same key again (every request of a client) skips the format check and the HMAC
+#: (~7 µs) for a constant-time comparison. Valid only while that ``KeyInfo`` is still the cached
+#: one (a reload, a TTL expiry or an invalidation makes a new one); cleared with the cache.
+_verified: dict[str, tuple[bytes, KeyInfo]] = {}
 
 
 @invalidation.subscribe
@@ -36,6 +42,7 @@ def invalidate() -> None:
     global _generation
     _generation += 1
     _cache.clear()
+    _verified.clear()
 
 
 def bearer_token(headers: dict[bytes, bytes]) -> str:
@@ -51,18 +58,38 @@ def bearer_token(headers: dict[bytes, bytes]) -> str:
 async def authenticate(token: str) -> KeyInfo:
     if not token:
         raise AuthenticationFailed(_MISSING, code="missing_api_key")
-    if not keys.looks_valid(token):
-        raise AuthenticationFailed(_INVALID)
     prefix = keys.key_prefix(token)
     try:
         info = _cache[prefix]
+        cached = True
     except KeyError:
+        info, cached = None, False
+    raw = token.encode()
+    if info is not None:
+        seen = _verified.get(prefix)
+        if seen is not None and seen[1] is info and hmac.compare_digest(seen[0], raw):
+            return _unexpired(info)
+    if not keys.looks_valid(token):
+        raise AuthenticationFailed(_INVALID)
+    if not cached:
         generation = _generation
         info = await sync_to_async(load_key, thread_sensitive=False)(prefix)
-        if generation == _generation:
+        cached = generation == _generation  # else a change landed meanwhile: served, not kept
+        if cached:
             _cache[prefix] = info
     if info is None or not keys.verify_key(token, info.hashed):
         raise AuthenticationFailed(_INVALID)
+    if cached:
+        if len(_verified) >= _MAX_VERIFIED:
+            _verified.clear()
+        _verified[prefix] = (raw, info)
+    return _unexpired(info)
+
+
+_MAX_VERIFIED = 100_000  # as the cache's size
+
+
+def _unexpired(info: KeyInfo) -> KeyInfo:
     if info.expires_at is not None and info.expires_at <= time.time():
         raise AuthenticationFailed("This API key has expired.", code="expired_api_key")
     return info

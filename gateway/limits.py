@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from django.conf import settings
 
 from budgets.counters import CounterUnavailable, Gate, Gated, redis_failed
-from core.runtime import RedisBatch, redis_client
+from core.runtime import RedisBatch, key_prefix, redis_client
 from tenants.keyinfo import KeyInfo
 
 WINDOW = 60
@@ -72,7 +71,7 @@ def windows_for(key: KeyInfo, tokens: int) -> list[Window]:
 
 
 def _redis_key(root: int, name: str, window: int) -> str:
-    return f"{settings.REDIS_PREFIX}:rl:{{{root}}}:{name}:{window}"
+    return f"{key_prefix()}:rl:{{{root}}}:{name}:{window}"
 
 
 # KEYS: token windows. ARGV[1] delta. Existing windows only.

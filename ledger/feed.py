@@ -26,7 +26,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from core.money import format_usd
-from core.runtime import redis_client
+from core.runtime import key_prefix, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _watch_key(tenant_id: int) -> str:
-    return f"{settings.REDIS_PREFIX}:feed:watch:{tenant_id}"
+    return f"{key_prefix()}:feed:watch:{tenant_id}"
 
 
 async def watch(tenant_id: int) -> None:

@@ -53,7 +53,7 @@ from django.db import DatabaseError, InterfaceError, OperationalError, close_old
 from django.db.models import Field
 
 from core import backoff
-from core.runtime import RedisBatch, background, redis_client
+from core.runtime import RedisBatch, background, key_prefix, redis_client
 from ledger.models import UsageRecord
 
 log = logging.getLogger(__name__)
@@ -67,11 +67,11 @@ TRANSIENT_DB_ERRORS: tuple[type[BaseException], ...] = (OperationalError, Interf
 
 
 def stream_key() -> str:
-    return f"{settings.REDIS_PREFIX}:usage"
+    return f"{key_prefix()}:usage"
 
 
 def dead_letter_key() -> str:
-    return f"{settings.REDIS_PREFIX}:usage:dead"
+    return f"{key_prefix()}:usage:dead"
 
 
 def consumer_name() -> str:

@@ -201,7 +201,7 @@ def _parse(raw: list[Any]) -> Snapshot:
 
 def state_key(key: str) -> str:
     """The Redis hash of a breaker's shared state (fields s, u, f, o); read at scrape time too."""
-    return f"{settings.REDIS_PREFIX}:brk:{{{key}}}"
+    return f"{runtime.key_prefix()}:brk:{{{key}}}"
 
 
 def parse_state(raw: list[Any]) -> Snapshot:
@@ -217,7 +217,7 @@ class RedisStore:
         return state_key(key)
 
     def _lease(self, key: str) -> str:
-        return f"{settings.REDIS_PREFIX}:brk:{{{key}}}:probe"
+        return f"{runtime.key_prefix()}:brk:{{{key}}}:probe"
 
     def _script(self, index: int) -> AsyncScript:
         loop = asyncio.get_running_loop()

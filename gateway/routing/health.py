@@ -82,7 +82,7 @@ class _Records:
 
     @staticmethod
     def _key(key: str) -> str:
-        return f"{settings.REDIS_PREFIX}:hlth:{{{key}}}"
+        return f"{runtime.key_prefix()}:hlth:{{{key}}}"
 
     async def write(self, key: str, fields: dict[str, str]) -> None:
         if not settings.REDIS_URL:

@@ -42,7 +42,7 @@ class Slot:
 
 
 def redis_key(key: str) -> str:
-    return f"{settings.REDIS_PREFIX}:inflight:{{{key}}}"
+    return f"{runtime.key_prefix()}:inflight:{{{key}}}"
 
 
 async def start(key: str, lease: float | None = None) -> Slot:

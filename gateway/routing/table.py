@@ -12,12 +12,11 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.utils import timezone
 
 from core import invalidation
 from core.money import PriceInfo
@@ -70,7 +69,7 @@ class ModelRoute:
     cache_ttl_setting: int = 86_400  # the model's TTL even when off (a tenant or key may turn it on)
 
     def price_at(self, when: datetime | None = None) -> PriceInfo | None:
-        return _price_at(self.prices, when or timezone.now())
+        return _price_at(self.prices, when or datetime.now(UTC))
 
     def price_for(self, deployment: DeploymentRoute | None, when: datetime | None = None) -> PriceInfo | None:
         """The price of the model the deployment serves (a fallback hop's own), else this model's."""
@@ -78,13 +77,13 @@ class ModelRoute:
             ident = deployment_ident(deployment)
             for key, prices in self.hop_prices:
                 if key == ident:
-                    return _price_at(prices, when or timezone.now())
+                    return _price_at(prices, when or datetime.now(UTC))
         return self.price_at(when)
 
     def worst_price(self, when: datetime | None = None) -> PriceInfo | None:
         """The highest price per token kind and per unit over every deployment (what a reservation
         must cover)."""
-        when = when or timezone.now()
+        when = when or datetime.now(UTC)
         found = [p for p in (self.price_at(when), *(_price_at(ps, when) for _, ps in self.hop_prices)) if p]
         if len(found) <= 1:
             return found[0] if found else None
