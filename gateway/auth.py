@@ -24,17 +24,24 @@ _MISSING = "Missing API key. Send it as 'Authorization: Bearer <key>' or 'x-api-
 _INVALID = "Incorrect API key provided."
 
 
-#: Verified keys (and unknown prefixes, as None) by prefix: an LRU bounded in size, each entry
-#: kept for CHITTYCAN_AUTH_CACHE_TTL seconds, dropped at once when configuration changes.
-_cache: TTLCache[str, KeyInfo | None] = TTLCache(maxsize=100_000, ttl=settings.CHITTYCAN_AUTH_CACHE_TTL)
+class _Entry:
+    """A cached key (None: no key has this prefix), and the token that last verified against it:
+    the same token again (every request of a client) is recognised by a constant-time comparison
+    instead of the format check and the HMAC (~7 µs). It lives and dies with the entry."""
+
+    __slots__ = ("info", "verified")
+
+    def __init__(self, info: KeyInfo | None) -> None:
+        self.info = info
+        self.verified = b""
+
+
+#: Keys by prefix: an LRU bounded in size, each entry kept for CHITTYCAN_AUTH_CACHE_TTL seconds,
+#: dropped at once when configuration changes.
+_cache: TTLCache[str, _Entry] = TTLCache(maxsize=100_000, ttl=settings.CHITTYCAN_AUTH_CACHE_TTL)
 #: Bumped by every invalidation: a key read from the database before a change (a revocation) that
 #: lands after it is not cached, or the revoked key would be served from the cache for a TTL.
 _generation = 0
-#: The token that last verified against each cached key, by prefix, with the ``KeyInfo`` it verified
-#: against: the same key again (every request of a client) skips the format check and the HMAC
-#: (~7 µs) for a constant-time comparison. Valid only while that ``KeyInfo`` is still the cached
-#: one (a reload, a TTL expiry or an invalidation makes a new one); cleared with the cache.
-_verified: dict[str, tuple[bytes, KeyInfo]] = {}
 
 
 @invalidation.subscribe
@@ -42,7 +49,6 @@ def invalidate() -> None:
     global _generation
     _generation += 1
     _cache.clear()
-    _verified.clear()
 
 
 def bearer_token(headers: dict[bytes, bytes]) -> str:
@@ -59,34 +65,25 @@ async def authenticate(token: str) -> KeyInfo:
     if not token:
         raise AuthenticationFailed(_MISSING, code="missing_api_key")
     prefix = keys.key_prefix(token)
-    try:
-        info = _cache[prefix]
-        cached = True
-    except KeyError:
-        info, cached = None, False
     raw = token.encode()
-    if info is not None:
-        seen = _verified.get(prefix)
-        if seen is not None and seen[1] is info and hmac.compare_digest(seen[0], raw):
-            return _unexpired(info)
+    try:
+        entry: _Entry | None = _cache[prefix]
+    except KeyError:
+        entry = None
+    if entry is not None and entry.info is not None and hmac.compare_digest(entry.verified, raw):
+        return _unexpired(entry.info)
     if not keys.looks_valid(token):
         raise AuthenticationFailed(_INVALID)
-    if not cached:
+    if entry is None:
         generation = _generation
-        info = await sync_to_async(load_key, thread_sensitive=False)(prefix)
-        cached = generation == _generation  # else a change landed meanwhile: served, not kept
-        if cached:
-            _cache[prefix] = info
+        entry = _Entry(await sync_to_async(load_key, thread_sensitive=False)(prefix))
+        if generation == _generation:  # else a change landed meanwhile: served, not kept
+            _cache[prefix] = entry
+    info = entry.info
     if info is None or not keys.verify_key(token, info.hashed):
         raise AuthenticationFailed(_INVALID)
-    if cached:
-        if len(_verified) >= _MAX_VERIFIED:
-            _verified.clear()
-        _verified[prefix] = (raw, info)
+    entry.verified = raw
     return _unexpired(info)
-
-
-_MAX_VERIFIED = 100_000  # as the cache's size
 
 
 def _unexpired(info: KeyInfo) -> KeyInfo:
