@@ -504,7 +504,7 @@ class RedisCounters(CounterStore):
         released = 0
         try:
             expired: list[tuple[int, str, str]] = []
-            async for raw_key in conn.scan_iter(match=f"{settings.REDIS_PREFIX}:bud:*:lease", count=500):
+            async for raw_key in conn.scan_iter(match=f"{key_prefix()}:bud:*:lease", count=500):
                 lease = raw_key.decode() if isinstance(raw_key, bytes) else str(raw_key)
                 root = int(lease.split("{", 1)[1].split("}", 1)[0])
                 for rid_raw in await conn.zrangebyscore(lease, "-inf", now_ms, start=0, num=500):
@@ -531,7 +531,7 @@ class RedisCounters(CounterStore):
         conn = redis_client()
         dropped = 0
         try:
-            async for key in conn.scan_iter(match=f"{settings.REDIS_PREFIX}:bud:*:c:*", count=1000):
+            async for key in conn.scan_iter(match=f"{key_prefix()}:bud:*:c:*", count=1000):
                 dropped += int(await conn.delete(key))
         except (redis.RedisError, OSError) as exc:
             raise CounterUnavailable(str(exc)) from exc

@@ -43,7 +43,7 @@ from budgets.periods import BudgetInfo, Counter, budget_counter, counters_for, p
 from budgets.reconcile import Drift, reconcile
 from budgets.spend import ledger_value
 from core import invalidation
-from core.runtime import RedisBatch, background
+from core.runtime import RedisBatch, background, key_prefix
 from ledger import writer
 from tenants.keyinfo import KeyInfo, TenantInfo
 
@@ -432,7 +432,7 @@ CONVERGE_WINDOW = 60.0
 def _reconcile_locked() -> list[Drift]:
     """One repairing reconcile pass, unless another process is running one (a Redis lock)."""
     conn = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=5)
-    lock = f"{settings.REDIS_PREFIX}:budgets:reconciling"
+    lock = f"{key_prefix()}:budgets:reconciling"
     try:
         if not conn.set(lock, os.getpid(), nx=True, ex=60):
             return []

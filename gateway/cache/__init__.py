@@ -25,7 +25,7 @@ from cachetools import TLRUCache
 from django.conf import settings
 
 from core.money import Usage
-from core.runtime import redis_client
+from core.runtime import key_prefix, redis_client
 from gateway.cache import coalesce
 from gateway.errors import AuthenticationFailed, InvalidRequest
 from tenants.keyinfo import KeyInfo
@@ -135,7 +135,7 @@ def _model_part(model: str) -> str:
 
 
 def _key(space: str, model: str, digest: str) -> str:
-    return f"{settings.REDIS_PREFIX}:rc:{space}:{_model_part(model)}:{digest}"
+    return f"{key_prefix()}:rc:{space}:{_model_part(model)}:{digest}"
 
 
 def lease_key(space: str, model: str, digest: str) -> str:
@@ -233,7 +233,7 @@ class Selection:
     def key_patterns(self) -> list[str]:
         model = _model_part(self.model) if self.model is not None else "*"
         tail = f"{model}:{self.key_prefix}*"
-        base = f"{settings.REDIS_PREFIX}:rc:"
+        base = f"{key_prefix()}:rc:"
         if self.tenant_ids is None:
             return [f"{base}*:{tail}"]
         # A tenant's own entries, and those of its keys narrowed to their own (``<tenant>.k<key>``).

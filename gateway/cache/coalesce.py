@@ -30,7 +30,7 @@ import redis
 from django.conf import settings
 
 from core.money import Usage
-from core.runtime import redis_client
+from core.runtime import key_prefix, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -221,11 +221,11 @@ class Flight:
 
 
 def _stream_key(token: str) -> str:
-    return f"{settings.REDIS_PREFIX}:rcf:{token}"
+    return f"{key_prefix()}:rcf:{token}"
 
 
 def lease_key(space: str, model_part: str, digest: str) -> str:
-    return f"{settings.REDIS_PREFIX}:rcl:{space}:{model_part}:{digest}"
+    return f"{key_prefix()}:rcl:{space}:{model_part}:{digest}"
 
 
 def _local(key: str) -> Flight | None:
