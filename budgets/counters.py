@@ -48,7 +48,7 @@ from django.db.models import F
 from budgets.models import BudgetCounter, BudgetReservation
 from budgets.periods import Counter
 from budgets.spend import in_ledger, ledger_value
-from core.runtime import OnError, RedisBatch, key_prefix, redis_client
+from core.runtime import OnError, RedisBatch, key_prefix, redis_client, run_script
 from ledger import writer
 from ledger.models import UsageRecord
 from tenants.models import ApiKey, Tenant
@@ -385,7 +385,7 @@ class RedisCounters(CounterStore):
         deadline: float | None = None
         while True:
             try:
-                return await self._script(lua)(keys=keys, args=args)
+                return await run_script(self._script(lua), keys, args)
             except redis.ConnectionError as exc:
                 if str(exc) == POOL_BUSY:
                     # Every pooled connection is in use: Redis is busy, not down. Wait on.

@@ -250,27 +250,54 @@ class RedisBatch:
                     await outcome
 
 
+async def run_script(script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+    """One script call, sent with every other call ready in this turn of the event loop (one
+    pipeline on one connection, ``_SendGroup``): under load, requests admitted together share a
+    round trip instead of each taking a pooled connection of its own. Returns what the script
+    returned; raises what it raised, a Redis error as redis-py would (``redis.ConnectionError``,
+    ``redis.TimeoutError``, ``OSError``, ``redis.ResponseError``).
+
+    A call whose awaiting task is cancelled before the pipeline leaves is not sent at all, as a
+    direct call cancelled before sending would not be; once sent, it ran (the caller's lease
+    covers that, as it does for a direct call)."""
+    results = await _send_group().join([(script, keys, args, _unused)], droppable=True)
+    result = results[0]
+    if isinstance(result, redis.exceptions.NoScriptError):
+        return await script(keys=keys, args=args)  # loads it, then runs it
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _unused(exc: BaseException) -> None:
+    """(``run_script`` raises instead of calling ``on_error``.)"""
+
+
 class _SendGroup:
-    """The ``RedisBatch`` sends of one event loop that arrive in the same turn of it: the first
-    schedules the flush (``call_soon``, so it runs once the requests ready now have run), the
-    others join; the flush sends them all as one pipeline and hands each batch its results."""
+    """The ``RedisBatch`` sends and ``run_script`` calls of one event loop that arrive in the same
+    turn of it: the first schedules the flush (``call_soon``, so it runs once the requests ready
+    now have run), the others join; the flush sends them all as one pipeline and hands each its
+    results. A droppable join whose future was cancelled before the flush is left out."""
 
     __slots__ = ("loop", "waiting", "sending")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.waiting: list[tuple[list[Call], asyncio.Future[list[Any]]]] = []
+        self.waiting: list[tuple[list[Call], asyncio.Future[list[Any]], bool]] = []
         self.sending: set[asyncio.Task[None]] = set()
 
-    def join(self, calls: list[Call]) -> asyncio.Future[list[Any]]:
+    def join(self, calls: list[Call], *, droppable: bool = False) -> asyncio.Future[list[Any]]:
         future: asyncio.Future[list[Any]] = self.loop.create_future()
         if not self.waiting:
             self.loop.call_soon(self._flush)
-        self.waiting.append((calls, future))
+        self.waiting.append((calls, future, droppable))
         return future
 
     def _flush(self) -> None:
-        batches, self.waiting = self.waiting, []
+        waiting, self.waiting = self.waiting, []
+        batches = [(calls, future) for calls, future, droppable in waiting if not (droppable and future.done())]
+        if not batches:
+            return
         task = self.loop.create_task(_send_batches(batches))
         self.sending.add(task)  # held until done: the loop keeps only a weak reference to tasks
         task.add_done_callback(self.sending.discard)

@@ -170,3 +170,28 @@ def test_celery_tasks_sweep_and_reconcile(transactional_db, settings, paused_gat
     assert sweep_reservations.apply().get() == 1
     assert counters.peek_sync(counter, 931) == 0
     assert reconcile_budgets.apply().get() == []  # no budget rows: nothing live to compare
+
+
+def test_concurrent_redis_reservations_share_connections_and_never_overrun(transactional_db):
+    """Requests admitted in the same turn of the event loop reserve in one pipeline: 60 at once
+    take one pooled connection, not one each, and the limit still holds exactly."""
+    from core import runtime
+
+    store = counters.RedisCounters()
+    tenant = Counter("t941:m2026-11", "m", 1_000, 3600, "UTC")
+
+    async def go():
+        first = await store.reserve("req_c_first", 941, [counters.Part(tenant, 10)])  # builds the counter
+        assert isinstance(first, counters.Reservation)
+        pool = runtime.redis_client().connection_pool
+        outcomes = await asyncio.gather(
+            *(store.reserve(f"req_c{n}", 941, [counters.Part(tenant, 30)]) for n in range(60))
+        )
+        return outcomes, len(pool._available_connections) + len(pool._in_use_connections)
+
+    outcomes, connections = run(go)
+    admitted = [o for o in outcomes if isinstance(o, counters.Reservation)]
+    assert len(admitted) == 33  # 10 + 33 * 30 = 1,000: not a micro-dollar over
+    assert all(isinstance(o, counters.Refused) for o in outcomes if o not in admitted)
+    assert value(store, 941, tenant) == 1_000
+    assert connections == 1

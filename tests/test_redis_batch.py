@@ -125,3 +125,82 @@ def test_an_unreachable_redis_reaches_every_batch_of_the_group(settings: Any) ->
 
     _run(go)
     assert sorted(failed) == ["0", "1", "2"]
+
+
+def _connections() -> int:
+    pool = runtime.redis_client().connection_pool
+    return len(pool._available_connections) + len(pool._in_use_connections)
+
+
+def test_scripts_run_in_one_turn_share_one_round_trip_and_keep_their_own_outcome(monkeypatch: Any) -> None:
+    """``run_script``: concurrent calls (requests admitted together) leave as one pipeline on one
+    connection; each caller gets its own result or its own error, and a script the server has
+    never seen is loaded and run."""
+    key = f"{settings.REDIS_PREFIX}:script:{os.urandom(4).hex()}"
+    known = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+    fresh = f"-- {os.urandom(8).hex()}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])"
+    round_trips: list[int] = []
+    execute = aioredis.client.Pipeline.execute
+
+    async def counting_execute(pipe: Any, raise_on_error: bool = True) -> Any:
+        round_trips.append(len(pipe.command_stack))
+        return await execute(pipe, raise_on_error)
+
+    monkeypatch.setattr(aioredis.client.Pipeline, "execute", counting_execute)
+
+    async def go() -> tuple[list[Any], int]:
+        conn = runtime.redis_client()
+        await conn.set(f"{key}:text", "not a number")
+        await conn.script_load(known)
+        script = conn.register_script(known)
+        connections_before = _connections()
+        round_trips.clear()
+        calls = [runtime.run_script(script, [f"{key}:n"], [1]) for _ in range(40)]
+        calls.append(runtime.run_script(script, [f"{key}:text"], [1]))  # fails: not an integer
+        calls.append(runtime.run_script(conn.register_script(fresh), [f"{key}:fresh"], [7]))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        opened = _connections() - connections_before
+        await conn.delete(f"{key}:n", f"{key}:text", f"{key}:fresh")
+        return results, opened
+
+    results, opened = _run(go)
+    assert sorted(results[:40]) == list(range(1, 41))  # each call its own INCRBY result
+    assert "not an integer" in str(results[40])
+    assert results[41] == 7
+    assert round_trips[0] == 42  # one pipeline for all of them (then the unknown script on its own)
+    assert opened <= 1
+
+
+def test_a_script_cancelled_before_its_round_trip_leaves_is_not_sent() -> None:
+    """A request that goes away while its admission waits for the turn's pipeline takes nothing:
+    its script is left out, so no reservation is made for it (the others still run)."""
+    key = f"{settings.REDIS_PREFIX}:script:{os.urandom(4).hex()}"
+
+    async def go() -> list[Any]:
+        conn = runtime.redis_client()
+        script = conn.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+        await script(keys=[f"{key}:warm"], args=[0])  # loaded: the pipeline runs it by SHA
+        gone = asyncio.ensure_future(runtime.run_script(script, [f"{key}:gone"], [5]))
+        kept = asyncio.ensure_future(runtime.run_script(script, [f"{key}:kept"], [3]))
+        await asyncio.sleep(0)  # both joined this turn's group; the flush is scheduled
+        gone.cancel()
+        assert await kept == 3
+        found = [await conn.get(f"{key}:gone"), await conn.get(f"{key}:kept")]
+        await conn.delete(f"{key}:gone", f"{key}:kept", f"{key}:warm")
+        return found
+
+    assert _run(go) == [None, b"3"]
+
+
+def test_run_script_raises_what_redis_py_raises_when_redis_is_unreachable(settings: Any) -> None:
+    settings.REDIS_URL = "redis://127.0.0.1:9/0"
+
+    async def go() -> BaseException | None:
+        script = runtime.redis_client().register_script("return 1")
+        try:
+            await runtime.run_script(script, [], [])
+        except Exception as exc:  # noqa: BLE001 (the test looks at what was raised)
+            return exc
+        return None
+
+    assert type(_run(go)).__name__ == "ConnectionError"
