@@ -305,8 +305,10 @@ CHITTYCAN_PASSTHROUGH = env_bool("CHITTYCAN_PASSTHROUGH", False)
 CHITTYCAN_PASSTHROUGH_TENANT = env_str("CHITTYCAN_PASSTHROUGH_TENANT", "passthrough")
 CHITTYCAN_PASSTHROUGH_PROVIDER = env_str("CHITTYCAN_PASSTHROUGH_PROVIDER", "openai")
 
-# Usage ledger writer.
-CHITTYCAN_USAGE_BATCH_SIZE = env_int("CHITTYCAN_USAGE_BATCH_SIZE", 500)
+# Usage ledger writer. A batch's rows, their decoded and column forms and the driver's buffers are
+# all in memory at once: 500-row batches raised a busy gateway's peak memory by ~3 MiB over 100,
+# for no measurable throughput (docs/benchmark.md).
+CHITTYCAN_USAGE_BATCH_SIZE = env_int("CHITTYCAN_USAGE_BATCH_SIZE", 100)
 CHITTYCAN_USAGE_FLUSH_INTERVAL = env_float("CHITTYCAN_USAGE_FLUSH_INTERVAL", 0.2)
 CHITTYCAN_USAGE_SPOOL_DIR = Path(env_str("CHITTYCAN_USAGE_SPOOL_DIR", str(VAR_DIR / "spool")))
 CHITTYCAN_USAGE_RETENTION_DAYS = env_int("CHITTYCAN_USAGE_RETENTION_DAYS", 90)
