@@ -259,8 +259,19 @@ async def run_script(script: AsyncScript, keys: list[Any], args: list[Any]) -> A
 
     A call whose awaiting task is cancelled before the pipeline leaves is not sent at all, as a
     direct call cancelled before sending would not be; once sent, it ran (the caller's lease
-    covers that, as it does for a direct call)."""
-    results = await _send_group().join([(script, keys, args, _unused)], droppable=True)
+    covers that, as it does for a direct call).
+
+    With nothing else on its way to Redis (an idle gateway, one request at a time) the call goes
+    at once on its own: there is nobody to share the round trip with, and waiting for the end of
+    the turn would only add latency. One such call at a time; the others join the group."""
+    group = _send_group()
+    if not group.busy():
+        group.alone += 1
+        try:
+            return await script(keys=keys, args=args)
+        finally:
+            group.alone -= 1
+    results = await group.join([(script, keys, args, _unused)], droppable=True)
     result = results[0]
     if isinstance(result, redis.exceptions.NoScriptError):
         return await script(keys=keys, args=args)  # loads it, then runs it
@@ -279,12 +290,17 @@ class _SendGroup:
     now have run), the others join; the flush sends them all as one pipeline and hands each its
     results. A droppable join whose future was cancelled before the flush is left out."""
 
-    __slots__ = ("loop", "waiting", "sending")
+    __slots__ = ("loop", "waiting", "sending", "alone")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.waiting: list[tuple[list[Call], asyncio.Future[list[Any]], bool]] = []
         self.sending: set[asyncio.Task[None]] = set()
+        self.alone = 0  # ``run_script`` calls sent on their own, not answered yet
+
+    def busy(self) -> bool:
+        """Whether anything of this loop is on its way to Redis through here."""
+        return bool(self.waiting or self.sending or self.alone)
 
     def join(self, calls: list[Call], *, droppable: bool = False) -> asyncio.Future[list[Any]]:
         future: asyncio.Future[list[Any]] = self.loop.create_future()

@@ -134,8 +134,8 @@ def _connections() -> int:
 
 def test_scripts_run_in_one_turn_share_one_round_trip_and_keep_their_own_outcome(monkeypatch: Any) -> None:
     """``run_script``: concurrent calls (requests admitted together) leave as one pipeline on one
-    connection; each caller gets its own result or its own error, and a script the server has
-    never seen is loaded and run."""
+    connection (the first alone: nothing was on its way when it came); each caller gets its own
+    result or its own error, and a script the server has never seen is loaded and run."""
     key = f"{settings.REDIS_PREFIX}:script:{os.urandom(4).hex()}"
     known = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
     fresh = f"-- {os.urandom(8).hex()}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])"
@@ -167,8 +167,8 @@ def test_scripts_run_in_one_turn_share_one_round_trip_and_keep_their_own_outcome
     assert sorted(results[:40]) == list(range(1, 41))  # each call its own INCRBY result
     assert "not an integer" in str(results[40])
     assert results[41] == 7
-    assert round_trips[0] == 42  # one pipeline for all of them (then the unknown script on its own)
-    assert opened <= 1
+    assert round_trips[0] == 41  # one pipeline for all but the first (then the unknown script alone)
+    assert opened <= 2
 
 
 def test_a_script_cancelled_before_its_round_trip_leaves_is_not_sent() -> None:
@@ -180,11 +180,12 @@ def test_a_script_cancelled_before_its_round_trip_leaves_is_not_sent() -> None:
         conn = runtime.redis_client()
         script = conn.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
         await script(keys=[f"{key}:warm"], args=[0])  # loaded: the pipeline runs it by SHA
+        first = asyncio.ensure_future(runtime.run_script(script, [f"{key}:warm"], [1]))  # goes alone
         gone = asyncio.ensure_future(runtime.run_script(script, [f"{key}:gone"], [5]))
         kept = asyncio.ensure_future(runtime.run_script(script, [f"{key}:kept"], [3]))
         await asyncio.sleep(0)  # both joined this turn's group; the flush is scheduled
         gone.cancel()
-        assert await kept == 3
+        assert await kept == 3 and await first == 1
         found = [await conn.get(f"{key}:gone"), await conn.get(f"{key}:kept")]
         await conn.delete(f"{key}:gone", f"{key}:kept", f"{key}:warm")
         return found
@@ -204,3 +205,23 @@ def test_run_script_raises_what_redis_py_raises_when_redis_is_unreachable(settin
         return None
 
     assert type(_run(go)).__name__ == "ConnectionError"
+
+
+def test_a_lone_script_goes_at_once_without_a_pipeline(monkeypatch: Any) -> None:
+    """One request at a time: nothing to share a round trip with, so no waiting for the end of
+    the turn and no pipeline (the latency of an idle gateway)."""
+    pipelines: list[int] = []
+    execute = aioredis.client.Pipeline.execute
+
+    async def counting_execute(pipe: Any, raise_on_error: bool = True) -> Any:
+        pipelines.append(len(pipe.command_stack))
+        return await execute(pipe, raise_on_error)
+
+    monkeypatch.setattr(aioredis.client.Pipeline, "execute", counting_execute)
+
+    async def go() -> list[Any]:
+        script = runtime.redis_client().register_script("return ARGV[1]")
+        return [await runtime.run_script(script, [], [n]) for n in range(3)]
+
+    assert _run(go) == [b"0", b"1", b"2"]
+    assert pipelines == []
