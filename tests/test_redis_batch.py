@@ -24,6 +24,19 @@ def _run(coro_fn: Any) -> Any:
     return asyncio.run(main())
 
 
+def _count_pipelines(monkeypatch: Any) -> list[int]:
+    """The number of commands of every pipeline sent from now on."""
+    sizes: list[int] = []
+    execute = aioredis.client.Pipeline.execute
+
+    async def counting_execute(pipe: Any, raise_on_error: bool = True) -> Any:
+        sizes.append(len(pipe.command_stack))
+        return await execute(pipe, raise_on_error)
+
+    monkeypatch.setattr(aioredis.client.Pipeline, "execute", counting_execute)
+    return sizes
+
+
 def test_commands_keep_their_own_outcome_and_unknown_scripts_are_loaded() -> None:
     key = f"{settings.REDIS_PREFIX}:batch:{os.urandom(4).hex()}"
     # A script this server has never seen (a fresh comment makes a fresh SHA): NOSCRIPT, then loaded.
@@ -69,14 +82,7 @@ def test_batches_sent_in_one_turn_of_the_loop_share_one_round_trip(monkeypatch: 
     a failing command, a script the server has never seen, and a cancelled sender included."""
     key = f"{settings.REDIS_PREFIX}:batch:{os.urandom(4).hex()}"
     lua = f"-- {os.urandom(8).hex()}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])"
-    round_trips: list[int] = []
-    execute = aioredis.client.Pipeline.execute
-
-    async def counting_execute(pipe: Any, raise_on_error: bool = True) -> Any:
-        round_trips.append(len(pipe.command_stack))
-        return await execute(pipe, raise_on_error)
-
-    monkeypatch.setattr(aioredis.client.Pipeline, "execute", counting_execute)
+    round_trips = _count_pipelines(monkeypatch)
     errors: dict[str, list[str]] = {"a": [], "b": [], "c": []}
 
     def on_error(name: str) -> Any:
@@ -139,14 +145,7 @@ def test_scripts_run_in_one_turn_share_one_round_trip_and_keep_their_own_outcome
     key = f"{settings.REDIS_PREFIX}:script:{os.urandom(4).hex()}"
     known = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
     fresh = f"-- {os.urandom(8).hex()}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])"
-    round_trips: list[int] = []
-    execute = aioredis.client.Pipeline.execute
-
-    async def counting_execute(pipe: Any, raise_on_error: bool = True) -> Any:
-        round_trips.append(len(pipe.command_stack))
-        return await execute(pipe, raise_on_error)
-
-    monkeypatch.setattr(aioredis.client.Pipeline, "execute", counting_execute)
+    round_trips = _count_pipelines(monkeypatch)
 
     async def go() -> tuple[list[Any], int]:
         conn = runtime.redis_client()
@@ -210,14 +209,7 @@ def test_run_script_raises_what_redis_py_raises_when_redis_is_unreachable(settin
 def test_a_lone_script_goes_at_once_without_a_pipeline(monkeypatch: Any) -> None:
     """One request at a time: nothing to share a round trip with, so no waiting for the end of
     the turn and no pipeline (the latency of an idle gateway)."""
-    pipelines: list[int] = []
-    execute = aioredis.client.Pipeline.execute
-
-    async def counting_execute(pipe: Any, raise_on_error: bool = True) -> Any:
-        pipelines.append(len(pipe.command_stack))
-        return await execute(pipe, raise_on_error)
-
-    monkeypatch.setattr(aioredis.client.Pipeline, "execute", counting_execute)
+    pipelines = _count_pipelines(monkeypatch)
 
     async def go() -> list[Any]:
         script = runtime.redis_client().register_script("return ARGV[1]")
