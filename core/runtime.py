@@ -250,6 +250,10 @@ class RedisBatch:
                     await outcome
 
 
+#: ``run_script`` calls sent on their own at once, at most; more in flight share pipelines.
+ALONE_MAX = 8
+
+
 async def run_script(script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
     """One script call, sent with every other call ready in this turn of the event loop (one
     pipeline on one connection, ``_SendGroup``): under load, requests admitted together share a
@@ -261,9 +265,11 @@ async def run_script(script: AsyncScript, keys: list[Any], args: list[Any]) -> A
     direct call cancelled before sending would not be; once sent, it ran (the caller's lease
     covers that, as it does for a direct call).
 
-    With nothing else on its way to Redis (an idle gateway, one request at a time) the call goes
-    at once on its own: there is nobody to share the round trip with, and waiting for the end of
-    the turn would only add latency. One such call at a time; the others join the group."""
+    With no other call waiting to leave and fewer than ``ALONE_MAX`` sent on their own still
+    unanswered (an idle or moderately busy gateway), the call goes at once on its own: a pipeline
+    of one or two commands costs more than the commands (a task, a future, redis-py's pipeline
+    machinery) and the wait for the end of the turn only adds latency. Past that, the calls of a
+    turn share one pipeline, so a burst holds a few connections, not one per request."""
     group = _send_group()
     if not group.busy():
         group.alone += 1
@@ -299,8 +305,10 @@ class _SendGroup:
         self.alone = 0  # ``run_script`` calls sent on their own, not answered yet
 
     def busy(self) -> bool:
-        """Whether anything of this loop is on its way to Redis through here."""
-        return bool(self.waiting or self.sending or self.alone)
+        """Whether a call made now should join the group: calls are already waiting for this
+        turn's pipeline, or ``ALONE_MAX`` calls sent on their own are still unanswered (a burst).
+        A pipeline already on the wire does not count: nothing can join it."""
+        return bool(self.waiting) or self.alone >= ALONE_MAX
 
     def join(self, calls: list[Call], *, droppable: bool = False) -> asyncio.Future[list[Any]]:
         future: asyncio.Future[list[Any]] = self.loop.create_future()
