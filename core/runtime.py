@@ -239,11 +239,8 @@ class RedisBatch:
             return
         results = await _send_group().join(calls)
         for (script, keys, args, on_error), result in zip(calls, results, strict=True):
-            if isinstance(result, redis.exceptions.NoScriptError) and script is not None:
-                try:
-                    result = await script(keys=keys, args=args)
-                except (redis.RedisError, OSError) as exc:
-                    result = exc
+            if script is not None:
+                result = await _loaded_if_unknown(script, keys, args, result)
             if isinstance(result, BaseException):
                 outcome = on_error(result)
                 if outcome is not None:
@@ -277,17 +274,26 @@ async def run_script(script: AsyncScript, keys: list[Any], args: list[Any]) -> A
             return await script(keys=keys, args=args)
         finally:
             group.alone -= 1
-    results = await group.join([(script, keys, args, _unused)], droppable=True)
-    result = results[0]
-    if isinstance(result, redis.exceptions.NoScriptError):
-        return await script(keys=keys, args=args)  # loads it, then runs it
+    results = await group.join([(script, keys, args, _raised_instead)], droppable=True)
+    result = await _loaded_if_unknown(script, keys, args, results[0])
     if isinstance(result, BaseException):
         raise result
     return result
 
 
-def _unused(exc: BaseException) -> None:
-    """(``run_script`` raises instead of calling ``on_error``.)"""
+def _raised_instead(exc: BaseException) -> None:
+    """The ``on_error`` of a ``run_script`` call, never called: its error is raised to its caller."""
+
+
+async def _loaded_if_unknown(script: AsyncScript, keys: list[Any], args: list[Any], result: Any) -> Any:
+    """A pipelined script's result; if the server did not know the script (first use, a restarted
+    Redis), the script run again on its own, which loads it, and that outcome (value or error)."""
+    if not isinstance(result, redis.exceptions.NoScriptError):
+        return result
+    try:
+        return await script(keys=keys, args=args)
+    except (redis.RedisError, OSError) as exc:
+        return exc
 
 
 class _SendGroup:

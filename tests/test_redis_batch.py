@@ -8,6 +8,7 @@ import asyncio
 import os
 from typing import Any
 
+import pytest
 import redis.asyncio as aioredis
 from django.conf import settings
 
@@ -194,8 +195,12 @@ def test_a_script_cancelled_before_its_round_trip_leaves_is_not_sent(monkeypatch
     assert _run(go) == [None, b"3"]
 
 
-def test_run_script_raises_what_redis_py_raises_when_redis_is_unreachable(settings: Any) -> None:
+@pytest.mark.parametrize("alone_max", [runtime.ALONE_MAX, 0], ids=["alone", "in-a-pipeline"])
+def test_run_script_raises_what_redis_py_raises_when_redis_is_unreachable(
+    settings: Any, monkeypatch: Any, alone_max: int
+) -> None:
     settings.REDIS_URL = "redis://127.0.0.1:9/0"
+    monkeypatch.setattr(runtime, "ALONE_MAX", alone_max)  # 0: the call goes through the group
 
     async def go() -> BaseException | None:
         script = runtime.redis_client().register_script("return 1")
